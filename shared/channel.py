@@ -1,0 +1,53 @@
+"""The channel from each worker to the ledger: one Unix SOCK_SEQPACKET
+connection per worker, on an abstract-namespace address private to one
+supervisor instance.
+
+Why not one shared multiprocessing.Queue: its writers share a lock and a pipe,
+and a writer killed mid-send can leave the lock held or half a message in the
+pipe, wedging or corrupting the channel for every other worker. Here each
+worker owns its connection; SEQPACKET delivers whole messages or nothing, and
+a worker's death is an end-of-file on its own connection only. A death costs
+at most that worker's unsent records, which redelivery covers.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+
+from shared.records import CompletionRecord
+
+SEND_BUFFER_BYTES = 1 << 20
+
+
+def ledger_address(instance: str) -> str:
+    # A leading NUL makes the name abstract: nothing on disk to clean up after a crash.
+    return f"\0image-result-worker-{instance}"
+
+
+def listen(address: str) -> socket.socket:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    server.bind(address)
+    server.listen(256)
+    return server
+
+
+def connect(address: str) -> socket.socket:
+    """Connect to the ledger; ConnectionRefusedError/FileNotFoundError while it is not up."""
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        client.connect(address)
+    except OSError:
+        client.close()
+        raise
+    return client
+
+
+def send_record(sock: socket.socket, record: CompletionRecord) -> None:
+    sock.sendall(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def decode_record(datagram: bytes) -> CompletionRecord:
+    # Only our own forked workers can reach this abstract address (same instance id).
+    return pickle.loads(datagram)

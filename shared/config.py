@@ -1,0 +1,193 @@
+"""Settings: read once from the environment and `.env`, validated, frozen.
+
+The environment wins over `.env` in the working directory. Every problem is a
+`ConfigError` whose message names the variable and what it accepts, so the
+supervisor can print one line and exit 2 (systemd's RestartPreventExitStatus).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+from dotenv import dotenv_values
+
+T = TypeVar("T")
+
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("auto", "json", "console")
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message is the one line shown to the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = "redis://localhost:6379"
+    queue: str = "hosting_tasks"
+    output_dir: Path = Path("./output/translated")
+    jpeg_quality: int = 80
+    log_level: str = "INFO"
+    log_format: str = "auto"
+    workers: int = 1
+    shutdown_grace: float = 30.0
+    unlink_shm: bool = True
+    max_attempts: int = 5
+    task_timeout: float = 300.0
+    dead_letter_max: int = 10_000
+    max_message_bytes: int = 65_536
+    max_pixels: int = 100_000_000
+    url_connect_timeout: float = 5.0
+    url_read_timeout: float = 30.0
+    url_max_bytes: int = 50 * 1024 * 1024
+    url_max_redirects: int = 3
+    lease_ttl: float = 15.0
+
+    @classmethod
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        dotenv_path: Path | None = Path(".env"),
+        workers_override: int | None = None,
+    ) -> Settings:
+        """Build settings from `.env` overlaid by `environ` (default: os.environ)."""
+        merged: dict[str, str] = {}
+        if dotenv_path is not None and dotenv_path.is_file():
+            merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        merged.update(os.environ if environ is None else environ)
+        return _parse(merged, workers_override)
+
+    def redacted_redis_url(self) -> str:
+        return redact_url(self.redis_url)
+
+
+DEFAULTS = Settings()
+
+
+def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
+    def get(name: str, parse: Callable[[str, str], T], default: T) -> T:
+        raw = env.get(name, "").strip()
+        return default if raw == "" else parse(name, raw)
+
+    workers = get("WORKERS", _int_in(1, 256), os.cpu_count() or 1)
+    if workers_override is not None:
+        workers = _int_in(1, 256)("--workers", str(workers_override))
+    return Settings(
+        redis_url=get("REDIS_URL", _redis_url, DEFAULTS.redis_url),
+        queue=get("HOSTING_TASKS_QUEUE", _queue_name, DEFAULTS.queue),
+        output_dir=get("OUTPUT_DIR", _path, DEFAULTS.output_dir).resolve(),
+        jpeg_quality=get("JPEG_QUALITY", _int_in(1, 100), DEFAULTS.jpeg_quality),
+        log_level=get("LOG_LEVEL", _choice(LOG_LEVELS, upper=True), DEFAULTS.log_level),
+        log_format=get("LOG_FORMAT", _choice(LOG_FORMATS), DEFAULTS.log_format),
+        workers=workers,
+        shutdown_grace=get("SHUTDOWN_GRACE", _float_in(0, 3600), DEFAULTS.shutdown_grace),
+        unlink_shm=get("UNLINK_SHM", _bool, DEFAULTS.unlink_shm),
+        max_attempts=get("MAX_ATTEMPTS", _int_in(1, 100), DEFAULTS.max_attempts),
+        task_timeout=get("TASK_TIMEOUT", _float_in(1, 86_400), DEFAULTS.task_timeout),
+        dead_letter_max=get("DEAD_LETTER_MAX", _int_in(1, 10_000_000), DEFAULTS.dead_letter_max),
+        max_message_bytes=get("MAX_MESSAGE_BYTES", _int_in(1024, 131_072), DEFAULTS.max_message_bytes),
+        max_pixels=get("MAX_PIXELS", _int_in(1, 1_000_000_000), DEFAULTS.max_pixels),
+        url_connect_timeout=get("URL_CONNECT_TIMEOUT", _float_in(0.1, 600), DEFAULTS.url_connect_timeout),
+        url_read_timeout=get("URL_READ_TIMEOUT", _float_in(0.1, 3600), DEFAULTS.url_read_timeout),
+        url_max_bytes=get("URL_MAX_BYTES", _int_in(1, 2**31), DEFAULTS.url_max_bytes),
+        url_max_redirects=get("URL_MAX_REDIRECTS", _int_in(0, 20), DEFAULTS.url_max_redirects),
+        lease_ttl=get("LEASE_TTL", _float_in(2, 3600), DEFAULTS.lease_ttl),
+    )
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, safe for logs and error messages."""
+    try:
+        parts = urlsplit(url)
+        password, port = parts.password, parts.port
+    except ValueError:
+        return "<unparsable URL>"
+    if password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if port is not None:
+        host = f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def _int_in(low: int, high: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer; expected {low}..{high}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value} is out of range; expected {low}..{high}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number; expected {low:g}..{high:g} seconds") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name}={value:g} is out of range; expected {low:g}..{high:g} seconds")
+        return value
+
+    return parse
+
+
+def _choice(choices: tuple[str, ...], *, upper: bool = False) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.upper() if upper else raw.lower()
+        if value not in choices:
+            raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _bool(name: str, raw: str) -> bool:
+    word = raw.lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; expected true or false")
+
+
+def _path(name: str, raw: str) -> Path:
+    if "\0" in raw:
+        raise ConfigError(f"{name} contains a NUL byte; expected a directory path")
+    return Path(raw).expanduser()
+
+
+def _queue_name(name: str, raw: str) -> str:
+    if len(raw) > 200 or any(c.isspace() for c in raw):
+        raise ConfigError(f"{name}={raw!r} is not a valid list name; expected 1..200 characters, no spaces")
+    return raw
+
+
+def _redis_url(name: str, raw: str) -> str:
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"{name}={redact_url(raw)!r} is not a valid URL; expected redis://host:port/db") from None
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(
+            f"{name}={redact_url(raw)!r} has an unknown scheme; expected one of "
+            + ", ".join(f"{s}://" for s in REDIS_SCHEMES)
+        )
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"{name}={redact_url(raw)!r} has no host; expected redis://host:port/db")
+    return raw

@@ -1,0 +1,195 @@
+"""The wire format: hosting task messages and the envelope we keep them in.
+
+Producers RPUSH the seed's JSON messages. When a worker claims one, a Lua script
+wraps it in an envelope (`irw1 <task_id> <deliveries> <original_length>\\n<body>`)
+inside the worker's processing list, so the task keeps one identity and a
+delivery count across redeliveries. Everything in a message is untrusted: this
+module turns bytes into a `Task` or raises `InvalidMessage` with a reason a
+person can act on, and never lets another exception escape.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+ENVELOPE_MAGIC = b"irw1 "
+# The old producer form: shm_info was a bare segment name of a 1024x1024 BGR frame.
+LEGACY_SHAPE = (1024, 1024, 3)
+LEGACY_DTYPE = "uint8"
+MAX_ID_LENGTH = 512
+MAX_URL_LENGTH = 8192
+MAX_DIMENSION = 65_535
+SUPPORTED_DTYPES = ("uint8", "uint16", "float32", "float64")
+ITEM_SIZES = {"uint8": 1, "uint16": 2, "float32": 4, "float64": 8}
+# POSIX shm names are file names in /dev/shm; this keeps them from being anything else.
+SEGMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
+# Task ids are made by our claim script; one read back from Redis is checked all the same,
+# because it becomes part of a file name.
+TASK_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
+class InvalidMessage(ValueError):
+    """The message can never succeed; the reason goes into the failed record."""
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    task_id: str
+    deliveries: int
+    body: bytes
+    truncated: bool
+    raw: bytes  # the exact bytes in the processing list, needed to acknowledge
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRef:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    legacy: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * ITEM_SIZES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    request_id: str
+    image_id: str
+    segment: SegmentRef | None
+    image_url: str | None
+    # Why shm_info was unusable when a URL fallback exists; reported if the URL fails too.
+    segment_error: str | None = None
+
+    @property
+    def source(self) -> str:
+        return "shm" if self.segment is not None else "url"
+
+
+def parse_envelope(raw: bytes) -> Envelope:
+    """Split an envelope written by the claim script. Raises InvalidMessage."""
+    header, sep, body = raw.partition(b"\n")
+    fields = header.split(b" ")
+    if not raw.startswith(ENVELOPE_MAGIC) or not sep or len(fields) != 4:
+        raise InvalidMessage("processing list holds an entry that is not an envelope")
+    try:
+        task_id = fields[1].decode("ascii")
+        deliveries = int(fields[2])
+        original_length = int(fields[3])
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidMessage("envelope header is malformed") from None
+    if not TASK_ID.fullmatch(task_id) or deliveries < 1:
+        raise InvalidMessage("envelope header is malformed")
+    return Envelope(task_id, deliveries, body, len(body) < original_length, raw)
+
+
+def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
+    """Validate a task message. Raises InvalidMessage, nothing else."""
+    if envelope.truncated:
+        raise InvalidMessage(f"message is larger than MAX_MESSAGE_BYTES ({len(envelope.body)} bytes kept)")
+    try:
+        message = json.loads(envelope.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessage(f"message is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidMessage("message is not valid JSON: nested too deeply") from None
+    if not isinstance(message, dict):
+        raise InvalidMessage(f"message is a JSON {type(message).__name__}, expected an object")
+    request_id = _identifier(message, "request_id")
+    image_id = _identifier(message, "image_id")
+    image_url = _image_url(message)
+    segment, segment_error = None, None
+    if "shm_info" in message:
+        try:
+            segment = _segment_ref(message["shm_info"], max_pixels=max_pixels)
+        except InvalidMessage as exc:
+            if image_url is None:
+                raise
+            segment_error = str(exc)
+    elif image_url is None:
+        raise InvalidMessage("message has neither shm_info nor image_url")
+    return Task(request_id, image_id, segment, image_url, segment_error)
+
+
+def identifiers_of(body: bytes) -> tuple[str | None, str | None]:
+    """Best-effort request_id and image_id of a message that failed validation."""
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(message, dict):
+        return None, None
+    found = []
+    for key in ("request_id", "image_id"):
+        value = message.get(key)
+        found.append(str(value)[:MAX_ID_LENGTH] if isinstance(value, str | int) else None)
+    return found[0], found[1]
+
+
+def _identifier(message: dict, key: str) -> str:
+    if key not in message:
+        raise InvalidMessage(f"message is missing {key!r}")
+    value = message[key]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidMessage(f"{key} must be a string, got {type(value).__name__}")
+    text = str(value)
+    if not text or len(text) > MAX_ID_LENGTH:
+        raise InvalidMessage(f"{key} must be 1..{MAX_ID_LENGTH} characters long")
+    return text
+
+
+def _image_url(message: dict) -> str | None:
+    url = message.get("image_url")
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
+        raise InvalidMessage(f"image_url must be a string of 1..{MAX_URL_LENGTH} characters")
+    return url
+
+
+def _segment_ref(info: object, *, max_pixels: int) -> SegmentRef:
+    if isinstance(info, str):
+        return SegmentRef(segment_name(info), LEGACY_SHAPE, LEGACY_DTYPE, legacy=True)
+    if not isinstance(info, dict):
+        raise InvalidMessage("shm_info must be an object (or, from old producers, a segment name)")
+    name = segment_name(info.get("shm_name"))
+    shape = _shape(info.get("shape"), max_pixels=max_pixels)
+    dtype = info.get("dtype")
+    if dtype not in SUPPORTED_DTYPES:
+        raise InvalidMessage(f"shm_info.dtype {dtype!r} is not supported; expected one of {', '.join(SUPPORTED_DTYPES)}")
+    ref = SegmentRef(name, shape, dtype)
+    size = info.get("size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size != ref.nbytes):
+        raise InvalidMessage(f"shm_info.size {size!r} does not match shape {list(shape)} of {dtype} ({ref.nbytes} bytes)")
+    return ref
+
+
+def segment_name(value: object) -> str:
+    """The segment's name without its optional leading '/'; anything odd is refused."""
+    if not isinstance(value, str):
+        raise InvalidMessage("shm_info.shm_name must be a string")
+    name = value[1:] if value.startswith("/") else value
+    if not SEGMENT_NAME.fullmatch(name):
+        raise InvalidMessage(f"shm_info.shm_name {value[:80]!r} is not a valid segment name")
+    return name
+
+
+def _shape(value: object, *, max_pixels: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) not in (2, 3):
+        raise InvalidMessage("shm_info.shape must be [height, width] or [height, width, channels]")
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise InvalidMessage("shm_info.shape must hold integers")
+    height, width = value[0], value[1]
+    if not (0 < height <= MAX_DIMENSION and 0 < width <= MAX_DIMENSION):
+        raise InvalidMessage(f"shm_info.shape {value} has a dimension outside 1..{MAX_DIMENSION}")
+    if height * width > max_pixels:
+        raise InvalidMessage(f"shm_info.shape {value} has more than MAX_PIXELS={max_pixels} pixels")
+    if len(value) == 3 and value[2] not in (1, 3, 4):
+        raise InvalidMessage(f"shm_info.shape {value} has {value[2]} channels; expected 1, 3 or 4")
+    return tuple(value)

@@ -1,0 +1,90 @@
+"""Files in OUTPUT_DIR: safe names, durable partial files, publication.
+
+A worker writes each JPEG as OUTPUT_DIR/.partial/<task_id>.<delivery>.jpg and
+makes it durable (fdatasync). Only the ledger gives it its final name, after
+the record naming it is durable, with link(2), which never replaces an existing
+file and never follows a symlink planted under the final name. One delivery,
+one partial file: a redelivered task never touches the file of an earlier
+delivery that the ledger may be publishing at that very moment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from datetime import datetime
+from pathlib import Path
+
+PARTIAL_DIR = ".partial"
+RESULTS_NAME = "results.json"
+LOCK_NAME = ".lock"
+# Leaves room for "_YYYYMMDD_HHMMSS_NNN.jpg" within the 255-byte name limit.
+MAX_STEM_BYTES = 160
+UNSAFE_CHARS = re.compile(r"[^\w.\-]+")
+
+
+def safe_stem(image_id: str) -> str:
+    """A file-name stem from an untrusted image_id: one path component, never hidden."""
+    text = unicodedata.normalize("NFC", image_id)
+    stem = UNSAFE_CHARS.sub("_", text).strip("._")
+    encoded = stem.encode("utf-8")[:MAX_STEM_BYTES]
+    stem = encoded.decode("utf-8", errors="ignore").rstrip("._")
+    return stem or "image"
+
+
+def final_name(image_id: str, when: datetime, collision: int = 0) -> str:
+    """`{image_id}_{YYYYMMDD_HHMMSS}.jpg`, with `_N` before the suffix on a collision."""
+    name = f"{safe_stem(image_id)}_{when:%Y%m%d_%H%M%S}"
+    if collision:
+        name += f"_{collision}"
+    return name + ".jpg"
+
+
+def partial_path(output_dir: Path, task_id: str, delivery: int) -> Path:
+    return output_dir / PARTIAL_DIR / f"{task_id}.{delivery}.jpg"
+
+
+def prepare_output_dir(output_dir: Path) -> None:
+    """Create OUTPUT_DIR and its partial-file folder; raises OSError if unusable."""
+    (output_dir / PARTIAL_DIR).mkdir(parents=True, exist_ok=True)
+    probe = output_dir / PARTIAL_DIR / f".probe-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write a new file and fdatasync it; an old file at `path` is replaced."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Give a durable partial file its final name. FileExistsError if taken."""
+    os.link(partial, final, follow_symlinks=False)
+    os.unlink(partial)
+
+
+def fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,77 @@
+"""The completion record: what a worker sends the ledger for each task it ends.
+
+It carries both the results.json line and what the ledger needs to finish the
+task after that line is durable: the partial file to publish, the envelope to
+acknowledge, the segment to unlink and, for a failure, the dead letter.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from datetime import datetime
+
+COMPLETED = "completed"
+FAILED = "failed"
+
+
+@dataclass(slots=True)
+class CompletionRecord:
+    task_id: str | None
+    delivery: int
+    envelope: bytes
+    processing_key: str
+    request_id: str | None
+    image_id: str | None
+    status: str
+    finished_at: datetime
+    error: str | None = None
+    source: str | None = None
+    width: int | None = None
+    height: int | None = None
+    bytes: int | None = None
+    duration_ms: float | None = None
+    partial_path: str | None = None
+    segment_name: str | None = None
+    file_path: str | None = None  # chosen by the ledger
+
+    def results_line(self) -> dict:
+        """The record as results.json holds it; the seed's five fields come first."""
+        line = {
+            "timestamp": self.finished_at.isoformat(),
+            "request_id": self.request_id,
+            "image_id": self.image_id,
+            "file_path": self.file_path,
+            "status": self.status,
+        }
+        if self.error is not None:
+            line["error"] = self.error
+        line.update(
+            task_id=self.task_id,
+            attempts=self.delivery,
+            source=self.source,
+            width=self.width,
+            height=self.height,
+            bytes=self.bytes,
+            duration_ms=self.duration_ms,
+        )
+        return line
+
+    def dead_letter(self) -> bytes:
+        """The dead-letter list entry: the raw message and why it failed."""
+        entry: dict = {
+            "failed_at": self.finished_at.isoformat(),
+            "task_id": self.task_id,
+            "request_id": self.request_id,
+            "image_id": self.image_id,
+            "attempts": self.delivery,
+            "error": self.error,
+        }
+        # The message as the producer sent it: the envelope's body.
+        raw = self.envelope.partition(b"\n")[2]
+        try:
+            entry["message"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            entry["message_base64"] = base64.b64encode(raw).decode("ascii")
+        return json.dumps(entry, ensure_ascii=True).encode()

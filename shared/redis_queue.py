@@ -1,0 +1,164 @@
+"""The reliable queue in Redis: keys, connection, and the atomic moves.
+
+    HOSTING_TASKS_QUEUE  --claim (Lua) / BLMOVE-->  {queue}:processing:{instance}:{worker}
+          ^                                                 |
+          +---- requeue (Lua), when that worker is dead ----+---- LREM by the ledger,
+                                                                 once the record is durable
+
+A task is always in exactly one list. Claiming wraps a producer's message in an
+envelope (see shared.messages) carrying a task id and a delivery count, so a
+redelivered task keeps its identity. Each supervisor renews a lease key; the
+processing lists of an instance whose lease expired (the whole tree was killed)
+are requeued by whichever supervisor notices first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from shared.config import Settings
+
+# Blocking waits stay well under the socket timeout so a silent dead peer
+# (Redis restarted behind a NAT, say) is noticed instead of hanging forever.
+BLOCK_SECONDS = 2
+SOCKET_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 5.0
+
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+
+_STAMP = """
+local function stamp(raw, id, max_bytes)
+  local task_id, deliveries, length, body = string.match(raw, '^irw1 ([%w%-]+) (%d+) (%d+)\\n(.*)$')
+  if task_id then
+    return 'irw1 ' .. task_id .. ' ' .. (tonumber(deliveries) + 1) .. ' ' .. length .. '\\n' .. body
+  end
+  return 'irw1 ' .. id .. ' 1 ' .. #raw .. '\\n' .. string.sub(raw, 1, max_bytes)
+end
+"""
+
+# KEYS: queue, processing. ARGV: count, id prefix, max message bytes.
+CLAIM_SCRIPT = _STAMP + """
+local claimed = {}
+for i = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('LPOP', KEYS[1])
+  if not raw then break end
+  local envelope = stamp(raw, ARGV[2] .. '-' .. i, tonumber(ARGV[3]))
+  redis.call('RPUSH', KEYS[2], envelope)
+  claimed[#claimed + 1] = envelope
+end
+return claimed
+"""
+
+# After a BLMOVE put a raw message at the tail of the processing list. KEYS: processing.
+# ARGV: task id, max message bytes.
+STAMP_TAIL_SCRIPT = _STAMP + """
+local raw = redis.call('LINDEX', KEYS[1], -1)
+if not raw then return false end
+local envelope = stamp(raw, ARGV[1], tonumber(ARGV[2]))
+redis.call('LSET', KEYS[1], -1, envelope)
+return envelope
+"""
+
+# Back to the head of the queue, in the order they were claimed. KEYS: processing,
+# queue, registry.
+REQUEUE_SCRIPT = """
+local moved = 0
+while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do
+  moved = moved + 1
+end
+redis.call('SREM', KEYS[3], KEYS[1])
+return moved
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueKeys:
+    queue: str
+
+    @property
+    def registry(self) -> str:
+        """The set of every processing list in use, so orphans can be found without SCAN."""
+        return f"{self.queue}:processing"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.queue}:dead"
+
+    def processing(self, instance: str, worker: str) -> str:
+        return f"{self.queue}:processing:{instance}:{worker}"
+
+    def lease(self, instance: str) -> str:
+        return f"{self.queue}:lease:{instance}"
+
+    def instance_of(self, processing_key: str) -> str | None:
+        prefix = f"{self.queue}:processing:"
+        if not processing_key.startswith(prefix):
+            return None
+        return processing_key[len(prefix):].split(":", 1)[0]
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client for this process; build one per process, after fork.
+
+    Retries are ours (capped backoff in each loop), not the client's, so a
+    blocking call is never silently repeated.
+    """
+    return redis.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=SOCKET_TIMEOUT,
+        socket_connect_timeout=CONNECT_TIMEOUT,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=False,
+    )
+
+
+class ReliableQueue:
+    """The queue operations, on one client."""
+
+    def __init__(self, client: redis.Redis, keys: QueueKeys, *, max_message_bytes: int) -> None:
+        self.client = client
+        self.keys = keys
+        self._max_bytes = max_message_bytes
+        self._claim = client.register_script(CLAIM_SCRIPT)
+        self._stamp_tail = client.register_script(STAMP_TAIL_SCRIPT)
+        self._requeue = client.register_script(REQUEUE_SCRIPT)
+
+    def register(self, processing_key: str) -> None:
+        self.client.sadd(self.keys.registry, processing_key)
+
+    def claim(self, processing_key: str, *, count: int, id_prefix: str) -> list[bytes]:
+        """Up to `count` envelopes moved into `processing_key`, without waiting."""
+        return self._claim(keys=[self.keys.queue, processing_key], args=[count, id_prefix, self._max_bytes])
+
+    def wait_and_claim(self, processing_key: str, *, task_id: str) -> bytes | None:
+        """Block up to BLOCK_SECONDS for one message; None when none came."""
+        moved = self.client.blmove(self.keys.queue, processing_key, BLOCK_SECONDS, "LEFT", "RIGHT")
+        if moved is None:
+            return None
+        return self._stamp_tail(keys=[processing_key], args=[task_id, self._max_bytes]) or None
+
+    def requeue(self, processing_key: str) -> int:
+        """Return every task in a processing list to the head of the queue."""
+        return int(self._requeue(keys=[processing_key, self.keys.queue, self.keys.registry]))
+
+    def renew_lease(self, instance: str, ttl: float) -> None:
+        self.client.set(self.keys.lease(instance), b"1", px=int(ttl * 1000))
+
+    def drop_lease(self, instance: str) -> None:
+        self.client.delete(self.keys.lease(instance))
+
+    def orphaned_lists(self) -> list[str]:
+        """Processing lists whose owner's lease has expired."""
+        orphans = []
+        for raw_key in self.client.smembers(self.keys.registry):
+            key = raw_key.decode()
+            instance = self.keys.instance_of(key)
+            if instance is None or not self.client.exists(self.keys.lease(instance)):
+                orphans.append(key)
+        return orphans

@@ -1,0 +1,161 @@
+"""results.json as an append-only JSON array: one record per line.
+
+    [
+    {"timestamp": ..., "status": "completed"},
+    {"timestamp": ..., "status": "failed", "error": ...}
+    ]
+
+An append overwrites only the closing "\\n]\\n" with ",\\n<records>\\n]\\n", so
+its cost does not grow with the file. A crash mid-append leaves a torn tail;
+`open()` repairs it before anything new is written: it truncates after the last
+complete record line and writes the closing bracket again. Records after that
+point were never acknowledged, so their tasks are redelivered.
+
+A reader that races an append may see a torn tail for a moment; it should
+retry, as tests/helpers.read_results does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from shared.output import fsync_directory
+
+OPENING = b"[\n"
+CLOSING = b"\n]\n"
+EMPTY = OPENING + b"]\n"
+# How much of the end of the file is read at start for repair and for the
+# ids of recent records (about 30,000 records).
+TAIL_WINDOW = 8 * 1024 * 1024
+
+
+class ResultsFileError(Exception):
+    """results.json exists but is not a JSON array we can append to."""
+
+
+class ResultsFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self._size = 0
+        self._has_records = False
+
+    def open(self) -> list[dict]:
+        """Open (creating or repairing) the file; returns the records at its end."""
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        size = os.fstat(self._fd).st_size
+        if size == 0:
+            self._rewrite_empty()
+            fsync_directory(self.path.parent)
+            return []
+        head = os.pread(self._fd, 3, 0)
+        if not (head.startswith(b"[\n{") or head == b"[\n]"):
+            self._migrate_foreign_array()
+            size = os.fstat(self._fd).st_size
+        return self._repair_tail(size)
+
+    def append(self, records: list[dict]) -> None:
+        """Append records durably (written and fdatasync'ed) before returning."""
+        if not records:
+            return
+        lines = ",\n".join(json.dumps(r, ensure_ascii=True) for r in records).encode()
+        text = (b",\n" if self._has_records else b"\n") + lines + CLOSING
+        offset = self._size - len(CLOSING)
+        try:
+            _pwrite_all(self._fd, text, offset)
+            os.fdatasync(self._fd)
+        except OSError:
+            self._restore_closing(offset)
+            raise
+        self._size = offset + len(text)
+        self._has_records = True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _repair_tail(self, size: int) -> list[dict]:
+        window = min(size, TAIL_WINDOW)
+        tail = os.pread(self._fd, window, size - window)
+        records, end_of_last = _complete_records(tail)
+        if end_of_last is None:
+            if window < size:
+                raise ResultsFileError(f"{self.path}: no complete record in its last {window} bytes")
+            self._rewrite_empty()
+            return []
+        good_size = size - window + end_of_last
+        if good_size + len(CLOSING) != size or not tail.endswith(CLOSING):
+            os.ftruncate(self._fd, good_size)
+            _pwrite_all(self._fd, CLOSING, good_size)
+            os.fsync(self._fd)
+        self._size = good_size + len(CLOSING)
+        self._has_records = True
+        return records
+
+    def _rewrite_empty(self) -> None:
+        os.ftruncate(self._fd, 0)
+        _pwrite_all(self._fd, EMPTY, 0)
+        os.fsync(self._fd)
+        self._size = len(EMPTY)
+        self._has_records = False
+
+    def _restore_closing(self, offset: int) -> None:
+        """After a failed append (ENOSPC, EIO), put the file back as it was."""
+        try:
+            os.ftruncate(self._fd, offset)
+            _pwrite_all(self._fd, CLOSING, offset)
+        except OSError:
+            pass  # open() repairs it on the next start
+
+    def _migrate_foreign_array(self) -> None:
+        """Rewrite a results.json from the original module (indented, whole-file)
+        into our line format, once, atomically."""
+        try:
+            with open(self.path, "rb") as existing:
+                records = json.load(existing)
+        except (ValueError, OSError) as exc:
+            raise ResultsFileError(f"{self.path} is not a JSON array of records: {exc}") from None
+        if not isinstance(records, list):
+            raise ResultsFileError(f"{self.path} holds JSON but not an array")
+        staging = self.path.with_name(self.path.name + ".migrating")
+        body = b"".join([OPENING, ",\n".join(json.dumps(r, ensure_ascii=True) for r in records).encode(), CLOSING])
+        staging.write_bytes(EMPTY if not records else body)
+        fd = os.open(staging, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        os.replace(staging, self.path)
+        fsync_directory(self.path.parent)
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+
+def _complete_records(tail: bytes) -> tuple[list[dict], int | None]:
+    """Records on the complete lines of `tail`, and the offset just past the last one."""
+    records: list[dict] = []
+    end_of_last: int | None = None
+    position = 0
+    for line in tail.split(b"\n"):
+        start = position
+        position += len(line) + 1
+        text = line[:-1] if line.endswith(b",") else line
+        if not text.startswith(b"{") or not text.endswith(b"}"):
+            continue
+        try:
+            record = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+            end_of_last = start + len(text)
+    return records, end_of_last
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written

@@ -1,0 +1,101 @@
+"""Download an image over http(s) with every limit a hostile URL needs.
+
+Redirects are followed by hand so that each hop's scheme is checked again;
+the body is read in pieces against both a byte cap and an overall deadline,
+so neither a huge file nor a server trickling bytes can hold a worker.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+
+from shared.config import Settings
+from shared.images import ImageError
+
+ALLOWED_SCHEMES = ("http", "https")
+CHUNK_BYTES = 256 * 1024
+
+
+class UrlFetcher:
+    """One connection pool per worker process, made after fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._pool = urllib3.PoolManager(
+            num_pools=16,
+            retries=False,
+            timeout=urllib3.Timeout(connect=settings.url_connect_timeout, read=settings.url_read_timeout),
+            headers={"User-Agent": "image-result-worker"},
+        )
+
+    def fetch(self, url: str) -> bytes:
+        """The body at `url`, or ImageError saying what went wrong."""
+        for _ in range(self._settings.url_max_redirects + 1):
+            _check_scheme(url)
+            response = self._request(url)
+            try:
+                if response.status in (301, 302, 303, 307, 308):
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise ImageError(f"HTTP {response.status} redirect without a Location from {_short(url)}")
+                    url = urljoin(url, location)
+                    continue
+                if response.status != 200:
+                    raise ImageError(f"HTTP {response.status} from {_short(url)}")
+                return self._read_body(response, url)
+            finally:
+                response.release_conn()
+        raise ImageError(f"more than URL_MAX_REDIRECTS={self._settings.url_max_redirects} redirects")
+
+    def _request(self, url: str) -> urllib3.BaseHTTPResponse:
+        try:
+            return self._pool.request("GET", url, preload_content=False, redirect=False)
+        except (urllib3.exceptions.HTTPError, ValueError) as exc:
+            raise ImageError(f"cannot download {_short(url)}: {_reason(exc)}") from None
+
+    def _read_body(self, response: urllib3.BaseHTTPResponse, url: str) -> bytes:
+        limit = self._settings.url_max_bytes
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ImageError(f"{_short(url)} is {declared} bytes; URL_MAX_BYTES is {limit}")
+        deadline = time.monotonic() + self._settings.url_read_timeout
+        body = bytearray()
+        try:
+            while chunk := response.read1(CHUNK_BYTES):
+                body += chunk
+                if len(body) > limit:
+                    raise ImageError(f"{_short(url)} is larger than URL_MAX_BYTES={limit}")
+                if time.monotonic() > deadline:
+                    raise ImageError(f"{_short(url)} took longer than URL_READ_TIMEOUT={self._settings.url_read_timeout:g}s")
+        except urllib3.exceptions.HTTPError as exc:
+            raise ImageError(f"download of {_short(url)} failed: {_reason(exc)}") from None
+        return bytes(body)
+
+
+def _check_scheme(url: str) -> None:
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError:
+        raise ImageError("image_url is not a valid URL") from None
+    if scheme not in ALLOWED_SCHEMES:
+        raise ImageError(f"image_url scheme {scheme or '(none)'!r} is not allowed; expected http or https")
+
+
+def _short(url: str) -> str:
+    """The URL without query or credentials, for errors and logs."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "(unparsable URL)"
+    if port:
+        host = f"{host}:{port}"
+    return f"{parts.scheme}://{host}{parts.path}"[:200]
+
+
+def _reason(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc.__class__.__name__)[:200]

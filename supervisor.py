@@ -1,0 +1,428 @@
+"""image-result-worker: the supervisor, parent of the worker pool and the ledger.
+
+    producers --RPUSH--> HOSTING_TASKS_QUEUE (Redis)
+        --claim--> worker N's processing list --> worker N (encode, partial JPEG)
+        --record over worker N's socket--> ledger (results.json, publish, ack, unlink)
+
+The supervisor only forks, signals, reaps and reconciles. Each wakeup of its
+loop is one reconcile pass: reap the dead (requeueing their processing lists),
+kill the hung, renew this instance's lease, recover lists orphaned by a dead
+instance, restart the ledger if needed, and bring the workers to the desired
+count (with backoff when they keep dying at boot).
+
+Hazards handled here:
+- Signals are only recorded (the wakeup pipe); the loop acts on them.
+- Signals are blocked around fork so a child never runs our handler.
+- Ctrl-C reaches the whole process group: children ignore SIGINT, we decide.
+- A dead worker's tasks go back to the queue; a dead ledger takes the records
+  it had not acknowledged with it, so all workers are recycled and their
+  lists requeued (the new ledger drops any duplicate that had been recorded).
+- Shutdown order: workers first (they finish in-flight tasks within
+  SHUTDOWN_GRACE), then the ledger (it makes every record durable and
+  acknowledges it), then whatever is still unfinished goes back to the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
+from typing import NoReturn
+
+from shared import exitcodes
+from shared.config import ConfigError, Settings
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+LOOP_SECONDS = 1.0
+# A worker that dies sooner than this after its start counts as a boot failure.
+MIN_HEALTHY_UPTIME = 2.0
+LEDGER_STOP_TIMEOUT = 15.0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"image-result-worker: {message}; see --help", file=sys.stderr)
+        sys.exit(exitcodes.CONFIG_ERROR)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog="supervisor.py", description="Run the image-result worker pool.")
+    parser.add_argument("--workers", metavar="N", help="worker processes (default: WORKERS, else CPU count)")
+    return parser.parse_args(argv)
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    environ = dict(os.environ)
+    if args.workers is not None:
+        environ["WORKERS"] = args.workers
+    return Settings.from_env(environ)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = load_settings(parse_args(argv))
+    except ConfigError as exc:
+        print(f"image-result-worker: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG_ERROR
+    # OpenCV reads its decode pixel limit once, when it loads, so it is set before
+    # the heavy imports; those happen here, once, so that every fork shares them.
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(settings.max_pixels)
+    from shared.logs import configure_logging
+
+    configure_logging(settings, role="supervisor")
+    try:
+        lock_fd = lock_output_dir(settings)
+    except OSError as exc:
+        print(f"image-result-worker: {exc}", file=sys.stderr)
+        return exitcodes.OUTPUT_DIR_BUSY if isinstance(exc, BlockingIOError) else exitcodes.BOOT_FAILED
+    try:
+        return Supervisor(settings).run()
+    finally:
+        os.close(lock_fd)
+
+
+def lock_output_dir(settings: Settings) -> int:
+    """Hold OUTPUT_DIR for this supervisor: results.json must have one writer."""
+    from shared.output import LOCK_NAME, prepare_output_dir
+
+    prepare_output_dir(settings.output_dir)
+    fd = os.open(settings.output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise BlockingIOError(f"OUTPUT_DIR {settings.output_dir} is in use by another supervisor") from None
+    return fd
+
+
+@dataclass(eq=False)
+class Child:
+    role: str
+    slot: int
+    process: BaseProcess
+    pid: int
+    heartbeat: Synchronized
+    started_at: float = field(default_factory=time.monotonic)
+    processing_key: str | None = None
+
+    @property
+    def booted(self) -> bool:
+        return self.heartbeat.value > 0.0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        import structlog
+
+        from shared.redis_queue import QueueKeys, ReliableQueue, connect
+        from shared.sdnotify import Notifier
+        from workers.ledger import ledger_main
+        from workers.worker import processing_name, worker_main
+
+        self.settings = settings
+        self.log = structlog.get_logger()
+        self.context = multiprocessing.get_context("fork")
+        self.instance = uuid.uuid4().hex[:12]
+        self.keys = QueueKeys(settings.queue)
+        self.queue = ReliableQueue(connect(settings), self.keys, max_message_bytes=settings.max_message_bytes)
+        self.notifier = Notifier()
+        self.worker_main, self.ledger_main, self.processing_name = worker_main, ledger_main, processing_name
+        self.desired = settings.workers
+        self.workers: dict[int, Child] = {}
+        self.ledger: Child | None = None
+        self.lists_to_requeue: list[str] = []
+        self.stopping = False
+        self.fast_stop = False
+        self.ready = False
+        self.boot_failures = 0
+        self.respawn_not_before = 0.0
+        self.lease_due = 0.0
+        self.orphan_scan_due = 0.0
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.signal_methods = {
+            signal.SIGTERM: self.handle_term,
+            signal.SIGINT: self.handle_term,
+            signal.SIGQUIT: self.handle_quit,
+            signal.SIGHUP: self.handle_hup,
+            signal.SIGTTIN: self.handle_ttin,
+            signal.SIGTTOU: self.handle_ttou,
+        }
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self) -> int:
+        self.install_signal_handlers()
+        self.log.info(
+            "supervisor_starting",
+            workers=self.desired,
+            queue=self.settings.queue,
+            redis=self.settings.redacted_redis_url(),
+            output_dir=str(self.settings.output_dir),
+            instance=self.instance,
+        )
+        self.wait_for_redis()
+        while not self.stopping:
+            self.reconcile()
+            self.announce_ready_once()
+            self.sleep(LOOP_SECONDS)
+        self.shutdown()
+        return exitcodes.OK
+
+    def reconcile(self) -> None:
+        self.reap()
+        self.kill_hung_workers()
+        self.renew_lease()
+        self.requeue_lists()
+        self.recover_orphaned_lists()
+        self.ensure_ledger()
+        self.scale_workers()
+
+    # -- signals -----------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        # The handler does nothing: set_wakeup_fd writes the signal number to
+        # our pipe, and the loop reads and dispatches it.
+        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, lambda *_: None)
+
+    def sleep(self, seconds: float) -> None:
+        """Wait for a signal, a child's death or the timeout; then dispatch signals."""
+        sentinels = [child.process.sentinel for child in self.children()]
+        multiprocessing.connection.wait([self.wakeup_r, *sentinels], timeout=seconds)
+        try:
+            received = os.read(self.wakeup_r, 64)
+        except BlockingIOError:
+            received = b""
+        for number in received:
+            self.signal_methods.get(signal.Signals(number), lambda: None)()
+
+    def handle_term(self) -> None:
+        if self.stopping:
+            self.log.warning("shutdown_hurried")
+            self.fast_stop = True
+        self.stopping = True
+
+    def handle_quit(self) -> None:
+        self.stopping = self.fast_stop = True
+
+    def handle_hup(self) -> None:
+        self.log.info("workers_recycling", reason="SIGHUP")
+        for child in self.workers.values():
+            self.signal_child(child, signal.SIGTERM)
+
+    def handle_ttin(self) -> None:
+        self.desired = min(256, self.desired + 1)
+        self.log.info("workers_scaled", desired=self.desired)
+
+    def handle_ttou(self) -> None:
+        self.desired = max(1, self.desired - 1)
+        self.log.info("workers_scaled", desired=self.desired)
+
+    # -- reconcile steps ---------------------------------------------------
+
+    def reap(self) -> None:
+        for child in list(self.children()):
+            code = child.process.exitcode
+            if code is None:
+                continue
+            child.process.join()
+            child.process.close()
+            self.log_exit(child, code)
+            if child.role == "ledger":
+                self.on_ledger_exit()
+            else:
+                del self.workers[child.slot]
+                self.lists_to_requeue.append(child.processing_key)
+                self.note_boot_outcome(child, code)
+
+    def on_ledger_exit(self) -> None:
+        self.ledger = None
+        if self.stopping:
+            return
+        # Records the ledger had not acknowledged died with it; recycle every
+        # worker so their processing lists are requeued.
+        for child in self.workers.values():
+            self.signal_child(child, signal.SIGTERM)
+
+    def note_boot_outcome(self, child: Child, code: int) -> None:
+        died_young = time.monotonic() - child.started_at < MIN_HEALTHY_UPTIME
+        if self.stopping or code == exitcodes.OK or not (died_young or code == exitcodes.BOOT_FAILED):
+            self.boot_failures = 0
+            return
+        from shared.backoff import compute_backoff
+
+        self.boot_failures += 1
+        delay = compute_backoff(self.boot_failures, base=0.5, cap=30.0)
+        self.respawn_not_before = time.monotonic() + delay
+        self.log.warning("respawn_throttled", failures=self.boot_failures, retry_in=round(delay, 2))
+
+    def kill_hung_workers(self) -> None:
+        now = time.monotonic()
+        for child in self.workers.values():
+            last_sign = max(child.heartbeat.value, child.started_at)
+            if now - last_sign > self.settings.task_timeout:
+                self.log.error("worker_hung", worker=child.slot, pid=child.pid, silent_for=round(now - last_sign, 1))
+                self.signal_child(child, signal.SIGKILL)
+
+    def renew_lease(self) -> None:
+        if time.monotonic() < self.lease_due:
+            return
+        if self.redis_call("lease_renewal_failed", self.queue.renew_lease, self.instance, self.settings.lease_ttl):
+            self.lease_due = time.monotonic() + self.settings.lease_ttl / 3
+
+    def requeue_lists(self) -> None:
+        while self.lists_to_requeue:
+            key = self.lists_to_requeue[0]
+            moved = self.redis_call("requeue_failed", self.queue.requeue, key)
+            if moved is None:
+                return  # Redis is away; try again next pass
+            self.lists_to_requeue.pop(0)
+            if moved:
+                self.log.warning("tasks_requeued", processing_list=key, tasks=moved)
+
+    def recover_orphaned_lists(self) -> None:
+        if time.monotonic() < self.orphan_scan_due:
+            return
+        orphans = self.redis_call("orphan_scan_failed", self.queue.orphaned_lists)
+        if orphans is None:
+            return
+        self.orphan_scan_due = time.monotonic() + self.settings.lease_ttl
+        for key in orphans:
+            self.log.warning("orphaned_list_found", processing_list=key)
+        self.lists_to_requeue.extend(orphans)
+        self.requeue_lists()
+
+    def ensure_ledger(self) -> None:
+        if self.ledger is None:
+            self.ledger = self.spawn("ledger", 0, self.ledger_main)
+
+    def scale_workers(self) -> None:
+        if self.ledger is None or time.monotonic() < self.respawn_not_before:
+            return
+        for slot in range(self.desired):
+            if slot not in self.workers:
+                child = self.spawn("worker", slot, self.worker_main)
+                child.processing_key = self.keys.processing(self.instance, self.processing_name(child.pid))
+                self.workers[slot] = child
+        for slot in [s for s in self.workers if s >= self.desired]:
+            self.signal_child(self.workers[slot], signal.SIGTERM)
+
+    def announce_ready_once(self) -> None:
+        if self.ready or self.ledger is None or not self.ledger.booted:
+            return
+        if len(self.workers) < self.desired or not all(c.booted for c in self.workers.values()):
+            return
+        self.ready = True
+        self.log.info("pool_ready", workers=len(self.workers))
+        self.notifier.notify("READY=1", f"STATUS=serving {self.settings.queue} with {len(self.workers)} workers")
+
+    # -- shutdown ----------------------------------------------------------
+
+    def shutdown(self) -> None:
+        self.notifier.notify("STOPPING=1", "STATUS=draining")
+        self.log.info("shutdown_started", grace=self.settings.shutdown_grace, fast=self.fast_stop)
+        for child in self.workers.values():
+            self.signal_child(child, signal.SIGKILL if self.fast_stop else signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.shutdown_grace
+        while self.workers and time.monotonic() < deadline and not self.fast_stop:
+            self.sleep(min(LOOP_SECONDS, max(0.0, deadline - time.monotonic())))
+            self.reap()
+        self.stop_children(list(self.workers.values()), timeout=5.0)
+        if self.ledger is not None:
+            self.signal_child(self.ledger, signal.SIGTERM)
+            self.stop_children([self.ledger], timeout=LEDGER_STOP_TIMEOUT)
+        self.requeue_lists()
+        self.redis_call("lease_drop_failed", self.queue.drop_lease, self.instance)
+        self.log.info("shutdown_complete", left_for_next_start=len(self.lists_to_requeue))
+
+    def stop_children(self, children: list[Child], *, timeout: float) -> None:
+        """Wait up to `timeout` for children to exit, then SIGKILL and reap them."""
+        for child in children:
+            child.process.join(max(0.0, timeout))
+            if child.process.exitcode is None:
+                self.log.warning("child_killed", role=child.role, pid=child.pid, reason="did not stop in time")
+                self.signal_child(child, signal.SIGKILL)
+        for child in children:
+            child.process.join()
+        self.reap()
+
+    # -- helpers -----------------------------------------------------------
+
+    def children(self) -> list[Child]:
+        return [*self.workers.values(), *([self.ledger] if self.ledger else [])]
+
+    def spawn(self, role: str, slot: int, target) -> Child:
+        heartbeat = self.context.Value("d", 0.0, lock=False)
+        kwargs = {"instance": self.instance, "heartbeat": heartbeat}
+        if role == "worker":
+            kwargs["slot"] = slot
+        # daemon=True: should the supervisor itself fail, multiprocessing's exit hook
+        # terminates the children instead of waiting on them forever.
+        process = self.context.Process(
+            target=target, args=(self.settings,), kwargs=kwargs, name=f"{role}-{slot}", daemon=True
+        )
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        child = Child(role, slot, process, process.pid, heartbeat)
+        self.log.info("child_started", role=role, slot=slot, pid=child.pid)
+        return child
+
+    def signal_child(self, child: Child, sig: signal.Signals) -> None:
+        try:
+            os.kill(child.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def log_exit(self, child: Child, code: int) -> None:
+        fields = {"role": child.role, "slot": child.slot, "pid": child.pid, "exit_code": code}
+        if code < 0:
+            name = signal.Signals(-code).name
+            cause = f"killed by {name}"
+            if -code == signal.SIGKILL:
+                cause += " (the out-of-memory killer, if nobody here sent it)"
+            self.log.error("child_died", cause=cause, **fields)
+        elif code == exitcodes.OK:
+            self.log.info("child_exited", cause=exitcodes.describe(code), **fields)
+        else:
+            self.log.error("child_died", cause=exitcodes.describe(code), **fields)
+
+    def wait_for_redis(self) -> None:
+        """Block start-up until Redis answers, with capped backoff; a stop signal ends the wait."""
+        from shared.backoff import compute_backoff
+
+        attempt = 0
+        while not self.stopping:
+            if self.redis_call("redis_unavailable", self.queue.client.ping):
+                if attempt:
+                    self.log.info("redis_reconnected", after_attempts=attempt)
+                return
+            attempt += 1
+            self.sleep(compute_backoff(attempt, base=0.2, cap=10.0))
+
+    def redis_call(self, failure_event: str, func, *args):
+        """Run one Redis command; on a connection problem log it and return None."""
+        from shared.redis_queue import REDIS_ERRORS
+
+        try:
+            result = func(*args)
+        except REDIS_ERRORS as exc:
+            self.log.warning(failure_event, error=str(exc), redis=self.settings.redacted_redis_url())
+            return None
+        return True if result is None else result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Fixtures that own every real resource a test touches.
+
+Each resource is released in a `finally` (or fixture teardown), so a failing or
+timed-out test never leaves a redis-server, a pool process, a listening socket or
+a /dev/shm segment behind.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from tests.helpers import HttpServer, Pool, SegmentTracker, load_photos
+from tools.local_redis import LocalRedis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """A private redis-server for the whole session, on a free port.
+
+    persist=True so restart() keeps queued messages, as a real Redis with AOF would.
+    """
+    server = LocalRedis(data_dir=tmp_path_factory.mktemp("redis"), persist=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_client(redis_server: LocalRedis) -> Iterator[redis.Redis]:
+    """A client on an empty database; restarts the server if a previous test left it stopped."""
+    redis_server.start()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=False)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def queue_name() -> str:
+    return "hosting_tasks_" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """astronaut, chelsea, coffee (BGR uint8) and camera (2-D grayscale); read-only."""
+    return load_photos()
+
+
+@pytest.fixture(autouse=True)
+def segments() -> Iterator[SegmentTracker]:
+    """Tracks segments made during the test and unlinks leftovers afterwards.
+
+    Autouse so a test that calls make_segment/shm_message directly is covered too.
+    """
+    tracker = SegmentTracker()
+    try:
+        yield tracker
+    finally:
+        tracker.cleanup()
+
+
+@pytest.fixture
+def http_server() -> Iterator[HttpServer]:
+    server = HttpServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+PoolFactory = Callable[..., Pool]
+
+
+@pytest.fixture
+def pool_factory(tmp_path: Path, redis_server: LocalRedis, queue_name: str) -> Iterator[PoolFactory]:
+    """Starts pools (not yet ready: call wait_ready()); every one is killed at teardown.
+
+    Pools of one test share tmp_path/"out", so a restarted pool appends to the same ledger.
+    """
+    pools: list[Pool] = []
+
+    def start(
+        *,
+        workers: int | None = 2,
+        env: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        output_dir: Path | None = None,
+        queue: str | None = None,
+        script: str = "supervisor.py",
+    ) -> Pool:
+        pool = Pool(
+            workdir=tmp_path / f"pool{len(pools)}",
+            output_dir=output_dir or tmp_path / "out",
+            redis_url=redis_server.url,
+            queue=queue or queue_name,
+            workers=workers,
+            env=dict(env or {}),
+            args=tuple(args),
+            script=script,
+        )
+        pools.append(pool)
+        return pool.start()
+
+    try:
+        yield start
+    finally:
+        for pool in pools:
+            pool.kill_all()

@@ -1,0 +1,1 @@
+"""The child process roles: `worker` (task loop) and `ledger` (sole owner of results.json)."""

@@ -1,0 +1,309 @@
+"""The ledger writer: the only process that touches results.json.
+
+Data flow, in the order that makes a task durable (the crash-safety contract):
+
+    worker socket -> batch of completion records
+      1. the JPEGs are already durable (each worker fdatasync'ed its partial file)
+      2. append the batch to results.json, fdatasync        <- the commit point
+      3. publish each partial file under its final name (link, never replace),
+         fsync the directory
+      4. acknowledge in Redis: LREM from the processing lists, dead letters
+         pushed, in one MULTI/EXEC
+      5. unlink the tasks' shared-memory segments
+
+A crash before 2 loses nothing: the tasks are still in their processing lists
+and are redelivered. A crash between 2 and 3 is repaired at the next start
+(the records at the end of results.json name their partial files). A crash
+between 2 and 4 redelivers tasks that are already recorded: the ledger knows
+the ids of the records it holds (the end of results.json, read at start, and
+everything since) and drops such a duplicate, deleting its partial file and
+acknowledging it. So each task ends as exactly one record and one file.
+
+Hazards handled here:
+- A torn results.json tail (kill -9 mid-append) is repaired before any append.
+- ENOSPC or EIO while appending: the batch is kept and retried with backoff,
+  and no worker socket is read meanwhile, so the pool slows down instead of
+  acknowledging anything that is not durable.
+- Redis away: acknowledgements wait, with backoff; records keep being made
+  durable. Nothing is acknowledged twice or before its record is durable.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import struct
+import sys
+import time
+from collections import deque
+from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
+
+import structlog
+
+from shared import channel, exitcodes, output, process
+from shared.backoff import compute_backoff
+from shared.config import Settings
+from shared.images import unlink_segment
+from shared.logs import configure_logging
+from shared.records import COMPLETED, FAILED, CompletionRecord
+from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
+from shared.results_file import ResultsFile, ResultsFileError
+
+log = structlog.get_logger()
+
+MAX_BATCH = 1024
+MAX_DATAGRAM = 1 << 20
+# Task ids remembered for dropping redelivered duplicates; redeliveries go to
+# the head of the queue, so they come back long before this many records.
+REMEMBERED_IDS = 200_000
+UCRED = struct.Struct("3i")
+
+
+class Ledger:
+    def __init__(self, settings: Settings, *, instance: str, heartbeat: Synchronized) -> None:
+        self.settings = settings
+        self.instance = instance
+        self.heartbeat = heartbeat
+        self.parent = os.getppid()
+        self.stopping = False
+        self.keys = QueueKeys(settings.queue)
+        self.results = ResultsFile(settings.output_dir / output.RESULTS_NAME)
+        self.selector = selectors.DefaultSelector()
+        self.connections = 0
+        self.unwritten: list[CompletionRecord] = []  # read but not yet durable
+        self.unacknowledged: list[CompletionRecord] = []  # durable, not yet acknowledged
+        self.recorded_ids: set[str] = set()
+        self.recorded_order: deque[str] = deque()
+        self.write_failures = 0
+        self.write_retry_at = 0.0
+        self.ack_failures = 0
+        self.ack_retry_at = 0.0
+
+    def run(self) -> int:
+        try:
+            output.prepare_output_dir(self.settings.output_dir)
+            recent = self.results.open()
+        except (OSError, ResultsFileError) as exc:
+            log.error("ledger_boot_failed", reason=str(exc))
+            return exitcodes.BOOT_FAILED
+        self._finish_interrupted_publications(recent)
+        self.redis = connect(self.settings)
+        listener = channel.listen(channel.ledger_address(self.instance))
+        listener.setblocking(False)
+        self.selector.register(listener, selectors.EVENT_READ, None)
+        log.info("ledger_started", results=str(self.results.path), recent_records=len(recent))
+        deadline: float | None = None
+        while True:
+            self.heartbeat.value = time.monotonic()
+            if not process.parent_alive(self.parent):
+                log.warning("ledger_orphaned")
+                break
+            if self.stopping and deadline is None:
+                deadline = time.monotonic() + self.settings.shutdown_grace
+            if self.stopping and (self.connections == 0 or time.monotonic() > deadline):
+                break
+            self._receive(timeout=self._wait_time())
+            self._commit()
+            self._acknowledge()
+        self._drain_before_exit()
+        self.results.close()
+        log.info("ledger_stopped", unacknowledged=len(self.unacknowledged))
+        return exitcodes.OK
+
+    # -- receiving ---------------------------------------------------------
+
+    def _wait_time(self) -> float:
+        """Wake for the next retry that is due, else for the heartbeat."""
+        due = []
+        if self.unwritten:
+            due.append(self.write_retry_at)
+        if self.unacknowledged:
+            due.append(self.ack_retry_at)
+        return max(0.0, min(due) - time.monotonic()) if due else 1.0
+
+    def _receive(self, *, timeout: float) -> None:
+        if self.unwritten:
+            time.sleep(timeout)  # back-pressure: nothing new until the last batch is durable
+            return
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                self._accept(key.fileobj)
+            else:
+                self._read(key.fileobj)
+            if len(self.unwritten) >= MAX_BATCH:
+                break
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        _pid, uid, _gid = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+        if uid != os.getuid():
+            log.warning("ledger_refused_connection", uid=uid)
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.selector.register(conn, selectors.EVENT_READ, "worker")
+        self.connections += 1
+
+    def _read(self, conn: socket.socket) -> None:
+        while len(self.unwritten) < MAX_BATCH:
+            try:
+                datagram = conn.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError:
+                datagram = b""
+            if not datagram:
+                # The worker exited or died: whatever it did not send is redelivered.
+                self.selector.unregister(conn)
+                conn.close()
+                self.connections -= 1
+                return
+            self.unwritten.append(channel.decode_record(datagram))
+
+    # -- making durable ----------------------------------------------------
+
+    def _commit(self) -> None:
+        if not self.unwritten or time.monotonic() < self.write_retry_at:
+            return
+        fresh, duplicates = self._split_duplicates(self.unwritten)
+        published = self._choose_file_names(fresh)
+        try:
+            self.results.append([record.results_line() for record in fresh])
+        except OSError as exc:
+            self.write_failures += 1
+            self.write_retry_at = time.monotonic() + compute_backoff(self.write_failures, base=0.5, cap=30.0)
+            log.error("results_write_failed", error=str(exc), records=len(fresh), attempt=self.write_failures)
+            return
+        self.write_failures = 0
+        self._publish(published)
+        for record in fresh:
+            self._remember(record.task_id)
+        for record in duplicates:
+            if record.partial_path:
+                output.remove_quietly(Path(record.partial_path))
+            log.info("duplicate_dropped", task_id=record.task_id, request_id=record.request_id)
+        self.unacknowledged.extend(self.unwritten)
+        self.unwritten = []
+
+    def _split_duplicates(self, records: list[CompletionRecord]) -> tuple[list, list]:
+        fresh, duplicates, seen = [], [], set()
+        for record in records:
+            task_id = record.task_id
+            if task_id is not None and (task_id in self.recorded_ids or task_id in seen):
+                duplicates.append(record)
+            else:
+                fresh.append(record)
+                if task_id is not None:
+                    seen.add(task_id)
+        return fresh, duplicates
+
+    def _choose_file_names(self, records: list[CompletionRecord]) -> list[CompletionRecord]:
+        """Pick a free final name for each completed record (never an existing file)."""
+        taken: set[Path] = set()
+        completed = [r for r in records if r.status == COMPLETED]
+        for record in completed:
+            collision = 0
+            while True:
+                name = output.final_name(record.image_id or "image", record.finished_at, collision)
+                path = self.settings.output_dir / name
+                if path not in taken and not os.path.lexists(path):
+                    break
+                collision += 1
+            taken.add(path)
+            record.file_path = str(path)
+        return completed
+
+    def _publish(self, records: list[CompletionRecord]) -> None:
+        for record in records:
+            try:
+                output.publish(Path(record.partial_path), Path(record.file_path))
+            except OSError as exc:
+                # The record is durable; the partial stays for the next start to publish.
+                log.error("publish_failed", file_path=record.file_path, error=str(exc))
+        if records:
+            output.fsync_directory(self.settings.output_dir)
+
+    def _remember(self, task_id: str | None) -> None:
+        if task_id is None or task_id in self.recorded_ids:
+            return
+        self.recorded_ids.add(task_id)
+        self.recorded_order.append(task_id)
+        if len(self.recorded_order) > REMEMBERED_IDS:
+            self.recorded_ids.discard(self.recorded_order.popleft())
+
+    def _finish_interrupted_publications(self, recent: list[dict]) -> None:
+        """Step 3 for records that were durable when the last ledger died."""
+        for line in recent:
+            task_id, attempts = line.get("task_id"), line.get("attempts")
+            self._remember(task_id if isinstance(task_id, str) else None)
+            if line.get("status") != COMPLETED or not isinstance(task_id, str) or not isinstance(attempts, int):
+                continue
+            partial = output.partial_path(self.settings.output_dir, task_id, attempts)
+            if not partial.exists():
+                continue
+            final = Path(line.get("file_path") or "")
+            if final.parent == self.settings.output_dir and not os.path.lexists(final):
+                output.publish(partial, final)
+                log.info("publication_finished", file_path=str(final), task_id=task_id)
+            else:
+                output.remove_quietly(partial)
+
+    # -- acknowledging -----------------------------------------------------
+
+    def _acknowledge(self) -> None:
+        if not self.unacknowledged or time.monotonic() < self.ack_retry_at:
+            return
+        batch = self.unacknowledged
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                for record in batch:
+                    pipe.lrem(record.processing_key, 1, record.envelope)
+                    if record.status == FAILED:
+                        pipe.rpush(self.keys.dead, record.dead_letter())
+                if any(record.status == FAILED for record in batch):
+                    pipe.ltrim(self.keys.dead, -self.settings.dead_letter_max, -1)
+                pipe.execute()
+        except REDIS_ERRORS as exc:
+            self.ack_failures += 1
+            self.ack_retry_at = time.monotonic() + compute_backoff(self.ack_failures, base=0.2, cap=10.0)
+            log.warning("redis_unavailable", error=str(exc), pending_acks=len(batch), attempt=self.ack_failures)
+            return
+        if self.ack_failures:
+            log.info("redis_reconnected", after_attempts=self.ack_failures)
+            self.ack_failures = 0
+        self.unacknowledged = []
+        if self.settings.unlink_shm:
+            self._unlink_segments(batch)
+
+    def _unlink_segments(self, records: list[CompletionRecord]) -> None:
+        for record in records:
+            if record.segment_name and unlink_segment(record.segment_name):
+                log.debug("segment_unlinked", segment=record.segment_name, task_id=record.task_id)
+
+    def _drain_before_exit(self) -> None:
+        """Make durable and acknowledge what is left, for a bounded time."""
+        deadline = time.monotonic() + min(10.0, self.settings.shutdown_grace + 1)
+        while (self.unwritten or self.unacknowledged) and time.monotonic() < deadline:
+            self._commit()
+            self._acknowledge()
+            if self.unwritten or self.unacknowledged:
+                time.sleep(min(1.0, max(0.05, self._wait_time())))
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+
+def ledger_main(settings: Settings, *, instance: str, heartbeat: Synchronized) -> None:
+    """Entry point of the forked ledger-writer process."""
+    ledger = Ledger(settings, instance=instance, heartbeat=heartbeat)
+    process.reset_signals_in_child(ledger.request_stop)
+    process.die_with_parent(ledger.parent)
+    process.set_title("ledger")
+    configure_logging(settings, role="ledger")
+    structlog.contextvars.bind_contextvars(pid=os.getpid())
+    sys.exit(ledger.run())

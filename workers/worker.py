@@ -1,0 +1,261 @@
+"""The worker process: one task at a time, CPU-bound, as many as there are cores.
+
+Data flow of one task:
+
+    HOSTING_TASKS_QUEUE --claim--> my processing list
+      -> validate the message
+      -> pixels: a read-only view on the shared-memory mapping (or a URL download)
+      -> JPEG -> OUTPUT_DIR/.partial/<task>.<delivery>.jpg, fdatasync'ed
+      -> completion record over my own socket to the ledger
+    The ledger then makes the record durable, publishes the file, removes the
+    task from my processing list and unlinks the segment.
+
+Hazards handled here:
+- Bad input of any kind ends as a failed record, never as a dead worker.
+- Redis going away: capped backoff, then carry on; nothing claimed is lost
+  because it sits in my processing list until the ledger acknowledges it.
+- The ledger going away: records already sent may be lost with it, so this
+  worker exits (LEDGER_LOST) and its processing list is requeued on reaping.
+- A task whose deliveries exceed MAX_ATTEMPTS (it killed its worker each time)
+  is failed without being run again.
+- The supervisor dying: PDEATHSIG plus a getppid() check each turn.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import uuid
+from datetime import datetime
+from multiprocessing.sharedctypes import Synchronized
+
+import cv2
+import structlog
+
+from shared import channel, exitcodes, output, process
+from shared.backoff import compute_backoff
+from shared.config import Settings
+from shared.images import EncodedImage, ImageError, encode_pixels, encode_segment, decode_image
+from shared.logs import configure_logging
+from shared.messages import Envelope, InvalidMessage, Task, identifiers_of, parse_envelope, parse_task
+from shared.records import COMPLETED, FAILED, CompletionRecord
+from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
+from shared.url_fetch import UrlFetcher
+
+log = structlog.get_logger()
+
+
+def processing_name(pid: int) -> str:
+    """This worker's part of its processing list key; the supervisor derives it too."""
+    return f"w{pid}"
+
+
+class Worker:
+    def __init__(self, settings: Settings, *, slot: int, instance: str, heartbeat: Synchronized) -> None:
+        self.settings = settings
+        self.slot = slot
+        self.instance = instance
+        self.heartbeat = heartbeat
+        self.parent = os.getppid()
+        self.stopping = False
+        self.processing_key = QueueKeys(settings.queue).processing(instance, processing_name(os.getpid()))
+        # Task ids: unique without asking Redis, and never reused after Redis loses its data.
+        self._id_prefix = uuid.uuid4().hex[:16]
+        self._claims = 0
+        self._redis_failures = 0
+
+    def run(self) -> int:
+        """Boot, then loop until told to stop. Returns the exit code."""
+        try:
+            output.prepare_output_dir(self.settings.output_dir)
+        except OSError as exc:
+            log.error("worker_boot_failed", reason=f"OUTPUT_DIR unusable: {exc}")
+            return exitcodes.BOOT_FAILED
+        self.queue = ReliableQueue(
+            connect(self.settings), QueueKeys(self.settings.queue), max_message_bytes=self.settings.max_message_bytes
+        )
+        self.fetcher = UrlFetcher(self.settings)
+        self.ledger = self._connect_ledger()
+        if self.ledger is None:
+            return exitcodes.LEDGER_LOST
+        log.info("worker_started", processing_list=self.processing_key)
+        while not self.stopping:
+            self.heartbeat.value = time.monotonic()
+            if not process.parent_alive(self.parent):
+                log.warning("worker_orphaned")
+                return exitcodes.ORPHANED
+            for envelope in self._fetch():
+                record = self._handle(envelope)
+                if not self._send(record):
+                    return exitcodes.LEDGER_LOST
+        log.info("worker_stopped")
+        return exitcodes.OK
+
+    def _connect_ledger(self) -> socket.socket | None:
+        """The ledger may still be starting; give it a few seconds."""
+        address = channel.ledger_address(self.instance)
+        for attempt in range(1, 50):
+            try:
+                return channel.connect(address)
+            except OSError:
+                if self.stopping:
+                    return None
+                time.sleep(compute_backoff(attempt, base=0.01, cap=0.5))
+        log.error("ledger_unreachable")
+        return None
+
+    def _fetch(self) -> list[bytes]:
+        """Claimed envelopes; [] after a quiet wait or while Redis is away."""
+        try:
+            if self._claims == 0:
+                self.queue.register(self.processing_key)
+            self._claims += 1
+            prefix = f"{self._id_prefix}-{self._claims}"
+            envelopes = self.queue.claim(self.processing_key, count=1, id_prefix=prefix)
+            if not envelopes:
+                one = self.queue.wait_and_claim(self.processing_key, task_id=f"{prefix}-0")
+                envelopes = [one] if one is not None else []
+        except REDIS_ERRORS as exc:
+            self._redis_failures += 1
+            delay = compute_backoff(self._redis_failures, base=0.2, cap=10.0)
+            log.warning("redis_unavailable", error=str(exc), retry_in=round(delay, 2), attempt=self._redis_failures)
+            self._sleep(delay)
+            self._claims = 0  # register again: Redis may have come back empty
+            return []
+        if self._redis_failures:
+            log.info("redis_reconnected", after_attempts=self._redis_failures)
+            self._redis_failures = 0
+        return envelopes
+
+    def _handle(self, raw: bytes) -> CompletionRecord:
+        """Run one task to a completion record. Never raises for bad input."""
+        started = time.perf_counter()
+        try:
+            envelope = parse_envelope(raw)
+        except InvalidMessage as exc:
+            return self._failed(None, raw, None, str(exc), started)
+        structlog.contextvars.bind_contextvars(task_id=envelope.task_id)
+        try:
+            return self._run_task(envelope, started)
+        except Exception as exc:  # the one place an unforeseen error becomes a failed task
+            log.exception("task_crashed")
+            return self._failed(envelope, raw, None, f"internal error: {exc.__class__.__name__}: {exc}", started)
+        finally:
+            structlog.contextvars.unbind_contextvars("task_id", "request_id", "image_id")
+
+    def _run_task(self, envelope: Envelope, started: float) -> CompletionRecord:
+        if envelope.deliveries > self.settings.max_attempts:
+            reason = (
+                f"gave up after {envelope.deliveries - 1} deliveries: its worker died each time "
+                f"(MAX_ATTEMPTS={self.settings.max_attempts})"
+            )
+            return self._failed(envelope, envelope.raw, None, reason, started)
+        try:
+            task = parse_task(envelope, max_pixels=self.settings.max_pixels)
+        except InvalidMessage as exc:
+            return self._failed(envelope, envelope.raw, None, str(exc), started)
+        structlog.contextvars.bind_contextvars(request_id=task.request_id, image_id=task.image_id)
+        log.info("task_started", source=task.source, attempt=envelope.deliveries)
+        try:
+            image, source = self._load_and_encode(task)
+            partial = output.partial_path(self.settings.output_dir, envelope.task_id, envelope.deliveries)
+            output.write_durably(partial, image.jpeg)
+        except (ImageError, OSError) as exc:
+            return self._failed(envelope, envelope.raw, task, _reason(exc), started)
+        duration_ms = round((time.perf_counter() - started) * 1000, 2)
+        log.info("task_finished", status=COMPLETED, source=source, duration_ms=duration_ms)
+        return CompletionRecord(
+            task_id=envelope.task_id,
+            delivery=envelope.deliveries,
+            envelope=envelope.raw,
+            processing_key=self.processing_key,
+            request_id=task.request_id,
+            image_id=task.image_id,
+            status=COMPLETED,
+            finished_at=datetime.now(),
+            source=source,
+            width=image.width,
+            height=image.height,
+            bytes=len(image.jpeg),
+            duration_ms=duration_ms,
+            partial_path=str(partial),
+            segment_name=task.segment.name if task.segment else None,
+        )
+
+    def _load_and_encode(self, task: Task) -> tuple[EncodedImage, str]:
+        """SHM first; the URL when there is no segment or the segment failed."""
+        quality = self.settings.jpeg_quality
+        if task.segment is not None:
+            try:
+                return encode_segment(task.segment, quality=quality), "shm"
+            except ImageError as exc:
+                if task.image_url is None:
+                    raise
+                log.warning("shm_failed_trying_url", error=str(exc))
+        elif task.segment_error:
+            log.warning("shm_info_invalid_trying_url", error=task.segment_error)
+        assert task.image_url is not None  # parse_task guarantees one source
+        body = self.fetcher.fetch(task.image_url)
+        frame = decode_image(body, max_pixels=self.settings.max_pixels)
+        return encode_pixels(frame, quality=quality), "url"
+
+    def _failed(
+        self, envelope: Envelope | None, raw: bytes, task: Task | None, reason: str, started: float
+    ) -> CompletionRecord:
+        if task is not None:
+            request_id, image_id = task.request_id, task.image_id
+        else:
+            request_id, image_id = identifiers_of(envelope.body if envelope else b"")
+        log.warning("task_failed", error=reason, request_id=request_id, image_id=image_id)
+        return CompletionRecord(
+            task_id=envelope.task_id if envelope else None,
+            delivery=envelope.deliveries if envelope else 1,
+            envelope=raw,
+            processing_key=self.processing_key,
+            request_id=request_id,
+            image_id=image_id,
+            status=FAILED,
+            finished_at=datetime.now(),
+            error=reason,
+            source=task.source if task else None,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            segment_name=task.segment.name if task and task.segment else None,
+        )
+
+    def _send(self, record: CompletionRecord) -> bool:
+        try:
+            channel.send_record(self.ledger, record)
+        except OSError as exc:
+            log.error("ledger_lost", error=str(exc))
+            return False
+        return True
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            self.heartbeat.value = time.monotonic()
+            time.sleep(min(left, 0.5))
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, ImageError):
+        return f"cannot write the JPEG: {exc.strerror or exc}"
+    return str(exc)
+
+
+def worker_main(settings: Settings, *, slot: int, instance: str, heartbeat: Synchronized) -> None:
+    """Entry point of a forked worker process."""
+    worker = Worker(settings, slot=slot, instance=instance, heartbeat=heartbeat)
+    process.reset_signals_in_child(worker.request_stop)
+    process.die_with_parent(worker.parent)
+    process.set_title(f"worker {slot}")
+    configure_logging(settings, role="worker")
+    structlog.contextvars.bind_contextvars(worker=slot, pid=os.getpid())
+    # One core per worker: the pool, not OpenCV's thread pool, spreads the load.
+    cv2.setNumThreads(1)
+    sys.exit(worker.run())
