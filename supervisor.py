@@ -56,15 +56,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="supervisor.py", description="Run the image-result worker pool.")
-    parser.add_argument("--workers", metavar="N", help="worker processes (default: WORKERS, else CPU count)")
+    parser.add_argument(
+        "--workers", metavar="N", type=int, help="worker processes, 1..256 (default: WORKERS, else CPU count)"
+    )
     return parser.parse_args(argv)
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
-    environ = dict(os.environ)
-    if args.workers is not None:
-        environ["WORKERS"] = args.workers
-    return Settings.from_env(environ)
+    return Settings.from_env(workers_override=args.workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +172,8 @@ class Supervisor:
         while not self.stopping:
             self.reconcile()
             self.announce_ready_once()
-            self.sleep(LOOP_SECONDS)
+            # Until READY, look again soon: the children boot in milliseconds.
+            self.sleep(LOOP_SECONDS if self.ready else 0.02)
         self.shutdown()
         return exitcodes.OK
 
@@ -337,7 +337,9 @@ class Supervisor:
         while self.workers and time.monotonic() < deadline and not self.fast_stop:
             self.sleep(min(LOOP_SECONDS, max(0.0, deadline - time.monotonic())))
             self.reap()
-        self.stop_children(list(self.workers.values()), timeout=5.0)
+        # Past the grace period (or on a second signal) unfinished tasks are killed;
+        # their processing lists are requeued below.
+        self.stop_children(list(self.workers.values()), timeout=0.0)
         if self.ledger is not None:
             self.signal_child(self.ledger, signal.SIGTERM)
             self.stop_children([self.ledger], timeout=LEDGER_STOP_TIMEOUT)

@@ -78,9 +78,10 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         raw = env.get(name, "").strip()
         return default if raw == "" else parse(name, raw)
 
-    workers = get("WORKERS", _int_in(1, 256), os.cpu_count() or 1)
     if workers_override is not None:
         workers = _int_in(1, 256)("--workers", str(workers_override))
+    else:
+        workers = get("WORKERS", _int_in(1, 256), os.cpu_count() or 1)
     return Settings(
         redis_url=get("REDIS_URL", _redis_url, DEFAULTS.redis_url),
         queue=get("HOSTING_TASKS_QUEUE", _queue_name, DEFAULTS.queue),

@@ -95,7 +95,7 @@ def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
         raise InvalidMessage(f"message is larger than MAX_MESSAGE_BYTES ({len(envelope.body)} bytes kept)")
     try:
         message = json.loads(envelope.body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # also huge integers, which json refuses with a plain ValueError
         raise InvalidMessage(f"message is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidMessage("message is not valid JSON: nested too deeply") from None
@@ -117,19 +117,35 @@ def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
     return Task(request_id, image_id, segment, image_url, segment_error)
 
 
-def identifiers_of(body: bytes) -> tuple[str | None, str | None]:
-    """Best-effort request_id and image_id of a message that failed validation."""
+@dataclass(frozen=True, slots=True)
+class Salvage:
+    """What can still be read from a message that failed validation."""
+
+    request_id: str | None = None
+    image_id: str | None = None
+    segment_name: str | None = None
+
+
+def salvage(body: bytes) -> Salvage:
+    """Best-effort ids for the failed record, and the segment the producer handed
+    over, which must be unlinked even though the message was unusable."""
     try:
         message = json.loads(body)
     except (ValueError, RecursionError):
-        return None, None
+        return Salvage()
     if not isinstance(message, dict):
-        return None, None
-    found = []
+        return Salvage()
+    ids = []
     for key in ("request_id", "image_id"):
         value = message.get(key)
-        found.append(str(value)[:MAX_ID_LENGTH] if isinstance(value, str | int) else None)
-    return found[0], found[1]
+        ids.append(str(value)[:MAX_ID_LENGTH] if isinstance(value, str | int) and not isinstance(value, bool) else None)
+    info = message.get("shm_info")
+    raw_name = info.get("shm_name") if isinstance(info, dict) else info
+    try:
+        name = segment_name(raw_name) if raw_name is not None else None
+    except InvalidMessage:
+        name = None
+    return Salvage(ids[0], ids[1], name)
 
 
 def _identifier(message: dict, key: str) -> str:

@@ -121,10 +121,13 @@ def connect(settings: Settings) -> redis.Redis:
 class ReliableQueue:
     """The queue operations, on one client."""
 
-    def __init__(self, client: redis.Redis, keys: QueueKeys, *, max_message_bytes: int) -> None:
+    def __init__(
+        self, client: redis.Redis, keys: QueueKeys, *, max_message_bytes: int, block_seconds: float = BLOCK_SECONDS
+    ) -> None:
         self.client = client
         self.keys = keys
         self._max_bytes = max_message_bytes
+        self._block_seconds = block_seconds
         self._claim = client.register_script(CLAIM_SCRIPT)
         self._stamp_tail = client.register_script(STAMP_TAIL_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
@@ -137,8 +140,8 @@ class ReliableQueue:
         return self._claim(keys=[self.keys.queue, processing_key], args=[count, id_prefix, self._max_bytes])
 
     def wait_and_claim(self, processing_key: str, *, task_id: str) -> bytes | None:
-        """Block up to BLOCK_SECONDS for one message; None when none came."""
-        moved = self.client.blmove(self.keys.queue, processing_key, BLOCK_SECONDS, "LEFT", "RIGHT")
+        """Block up to block_seconds for one message; None when none came."""
+        moved = self.client.blmove(self.keys.queue, processing_key, self._block_seconds, "LEFT", "RIGHT")
         if moved is None:
             return None
         return self._stamp_tail(keys=[processing_key], args=[task_id, self._max_bytes]) or None

@@ -51,7 +51,8 @@ class ResultsFile:
             fsync_directory(self.path.parent)
             return []
         head = os.pread(self._fd, 3, 0)
-        if not (head.startswith(b"[\n{") or head == b"[\n]"):
+        # A torn first append can leave just "[" or "[\n": ours, to be repaired.
+        if not (head.startswith(b"[\n{") or EMPTY.startswith(head)):
             self._migrate_foreign_array()
             size = os.fstat(self._fd).st_size
         return self._repair_tail(size)
@@ -140,7 +141,8 @@ def _complete_records(tail: bytes) -> tuple[list[dict], int | None]:
     for line in tail.split(b"\n"):
         start = position
         position += len(line) + 1
-        text = line[:-1] if line.endswith(b",") else line
+        # A record line ends with "}"; a torn append may leave "," or ",]" after it.
+        text = line.rstrip(b",]")
         if not text.startswith(b"{") or not text.endswith(b"}"):
             continue
         try:

@@ -187,6 +187,8 @@ class Ledger:
             if record.partial_path:
                 output.remove_quietly(Path(record.partial_path))
             log.info("duplicate_dropped", task_id=record.task_id, request_id=record.request_id)
+        for record in self.unwritten:
+            self._remove_earlier_partials(record)
         self.unacknowledged.extend(self.unwritten)
         self.unwritten = []
 
@@ -227,6 +229,14 @@ class Ledger:
                 log.error("publish_failed", file_path=record.file_path, error=str(exc))
         if records:
             output.fsync_directory(self.settings.output_dir)
+
+    def _remove_earlier_partials(self, record: CompletionRecord) -> None:
+        """A worker killed between writing its partial file and sending the record
+        leaves that file behind; the task's later delivery clears it."""
+        if record.task_id is None:
+            return
+        for delivery in range(1, record.delivery):
+            output.remove_quietly(output.partial_path(self.settings.output_dir, record.task_id, delivery))
 
     def _remember(self, task_id: str | None) -> None:
         if task_id is None or task_id in self.recorded_ids:

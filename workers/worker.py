@@ -39,9 +39,9 @@ from shared.backoff import compute_backoff
 from shared.config import Settings
 from shared.images import EncodedImage, ImageError, encode_pixels, encode_segment, decode_image
 from shared.logs import configure_logging
-from shared.messages import Envelope, InvalidMessage, Task, identifiers_of, parse_envelope, parse_task
+from shared.messages import Envelope, InvalidMessage, Task, parse_envelope, parse_task, salvage
 from shared.records import COMPLETED, FAILED, CompletionRecord
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
+from shared.redis_queue import BLOCK_SECONDS, REDIS_ERRORS, QueueKeys, ReliableQueue, connect
 from shared.url_fetch import UrlFetcher
 
 log = structlog.get_logger()
@@ -63,7 +63,8 @@ class Worker:
         self.processing_key = QueueKeys(settings.queue).processing(instance, processing_name(os.getpid()))
         # Task ids: unique without asking Redis, and never reused after Redis loses its data.
         self._id_prefix = uuid.uuid4().hex[:16]
-        self._claims = 0
+        self._claims = 0  # never reset: it makes every task id of this process unique
+        self._registered = False
         self._redis_failures = 0
 
     def run(self) -> int:
@@ -74,7 +75,11 @@ class Worker:
             log.error("worker_boot_failed", reason=f"OUTPUT_DIR unusable: {exc}")
             return exitcodes.BOOT_FAILED
         self.queue = ReliableQueue(
-            connect(self.settings), QueueKeys(self.settings.queue), max_message_bytes=self.settings.max_message_bytes
+            connect(self.settings),
+            QueueKeys(self.settings.queue),
+            max_message_bytes=self.settings.max_message_bytes,
+            # An idle worker must beat well within TASK_TIMEOUT or it looks hung.
+            block_seconds=min(BLOCK_SECONDS, self.settings.task_timeout / 4),
         )
         self.fetcher = UrlFetcher(self.settings)
         self.ledger = self._connect_ledger()
@@ -109,8 +114,10 @@ class Worker:
     def _fetch(self) -> list[bytes]:
         """Claimed envelopes; [] after a quiet wait or while Redis is away."""
         try:
-            if self._claims == 0:
+            if not self._registered:
+                self._hand_back_unanswered_claims()
                 self.queue.register(self.processing_key)
+                self._registered = True
             self._claims += 1
             prefix = f"{self._id_prefix}-{self._claims}"
             envelopes = self.queue.claim(self.processing_key, count=1, id_prefix=prefix)
@@ -122,12 +129,21 @@ class Worker:
             delay = compute_backoff(self._redis_failures, base=0.2, cap=10.0)
             log.warning("redis_unavailable", error=str(exc), retry_in=round(delay, 2), attempt=self._redis_failures)
             self._sleep(delay)
-            self._claims = 0  # register again: Redis may have come back empty
+            self._registered = False  # Redis may come back empty: register again
             return []
         if self._redis_failures:
             log.info("redis_reconnected", after_attempts=self._redis_failures)
             self._redis_failures = 0
         return envelopes
+
+    def _hand_back_unanswered_claims(self) -> None:
+        """A claim whose reply was lost when Redis went away sits in my processing
+        list unseen; requeue the list (records already sent are dropped as
+        duplicates by the ledger)."""
+        if self._redis_failures:
+            moved = self.queue.requeue(self.processing_key)
+            if moved:
+                log.warning("tasks_requeued", processing_list=self.processing_key, tasks=moved)
 
     def _handle(self, raw: bytes) -> CompletionRecord:
         """Run one task to a completion record. Never raises for bad input."""
@@ -181,8 +197,15 @@ class Worker:
             bytes=len(image.jpeg),
             duration_ms=duration_ms,
             partial_path=str(partial),
-            segment_name=task.segment.name if task.segment else None,
+            segment_name=self._segment_to_unlink(task, envelope),
         )
+
+    @staticmethod
+    def _segment_to_unlink(task: Task, envelope: Envelope) -> str | None:
+        """The producer handed the segment over even if its shm_info was unusable."""
+        if task.segment is not None:
+            return task.segment.name
+        return salvage(envelope.body).segment_name if task.segment_error else None
 
     def _load_and_encode(self, task: Task) -> tuple[EncodedImage, str]:
         """SHM first; the URL when there is no segment or the segment failed."""
@@ -204,10 +227,9 @@ class Worker:
     def _failed(
         self, envelope: Envelope | None, raw: bytes, task: Task | None, reason: str, started: float
     ) -> CompletionRecord:
-        if task is not None:
-            request_id, image_id = task.request_id, task.image_id
-        else:
-            request_id, image_id = identifiers_of(envelope.body if envelope else b"")
+        found = salvage(envelope.body if envelope else b"")
+        request_id = task.request_id if task else found.request_id
+        image_id = task.image_id if task else found.image_id
         log.warning("task_failed", error=reason, request_id=request_id, image_id=image_id)
         return CompletionRecord(
             task_id=envelope.task_id if envelope else None,
@@ -221,7 +243,7 @@ class Worker:
             error=reason,
             source=task.source if task else None,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            segment_name=task.segment.name if task and task.segment else None,
+            segment_name=found.segment_name,
         )
 
     def _send(self, record: CompletionRecord) -> bool:
