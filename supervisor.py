@@ -43,9 +43,8 @@ from shared.config import ConfigError, Settings
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 LOOP_SECONDS = 1.0
-# A worker that dies sooner than this after its start counts as a boot failure.
-MIN_HEALTHY_UPTIME = 2.0
 LEDGER_STOP_TIMEOUT = 15.0
+REDIS_FAILED = object()
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -139,6 +138,7 @@ class Supervisor:
         self.workers: dict[int, Child] = {}
         self.ledger: Child | None = None
         self.lists_to_requeue: list[str] = []
+        self.redis_failing: set[str] = set()
         self.stopping = False
         self.fast_stop = False
         self.ready = False
@@ -183,6 +183,7 @@ class Supervisor:
         self.renew_lease()
         self.requeue_lists()
         self.recover_orphaned_lists()
+        self.promote_due_retries()
         self.ensure_ledger()
         self.scale_workers()
 
@@ -238,12 +239,12 @@ class Supervisor:
             child.process.join()
             child.process.close()
             self.log_exit(child, code)
+            self.note_boot_outcome(child, code)
             if child.role == "ledger":
                 self.on_ledger_exit()
             else:
                 del self.workers[child.slot]
                 self.lists_to_requeue.append(child.processing_key)
-                self.note_boot_outcome(child, code)
 
     def on_ledger_exit(self) -> None:
         self.ledger = None
@@ -255,8 +256,9 @@ class Supervisor:
             self.signal_child(child, signal.SIGTERM)
 
     def note_boot_outcome(self, child: Child, code: int) -> None:
-        died_young = time.monotonic() - child.started_at < MIN_HEALTHY_UPTIME
-        if self.stopping or code == exitcodes.OK or not (died_young or code == exitcodes.BOOT_FAILED):
+        """Back off respawning while children die before they ever get going
+        (OUTPUT_DIR unwritable, say); a child that had booted resets the count."""
+        if self.stopping or (child.booted and code != exitcodes.BOOT_FAILED):
             self.boot_failures = 0
             return
         from shared.backoff import compute_backoff
@@ -277,14 +279,15 @@ class Supervisor:
     def renew_lease(self) -> None:
         if time.monotonic() < self.lease_due:
             return
-        if self.redis_call("lease_renewal_failed", self.queue.renew_lease, self.instance, self.settings.lease_ttl):
+        renewed = self.redis_call("lease_renewal_failed", self.queue.renew_lease, self.instance, self.settings.lease_ttl)
+        if renewed is not REDIS_FAILED:
             self.lease_due = time.monotonic() + self.settings.lease_ttl / 3
 
     def requeue_lists(self) -> None:
         while self.lists_to_requeue:
             key = self.lists_to_requeue[0]
             moved = self.redis_call("requeue_failed", self.queue.requeue, key)
-            if moved is None:
+            if moved is REDIS_FAILED:
                 return  # Redis is away; try again next pass
             self.lists_to_requeue.pop(0)
             if moved:
@@ -294,7 +297,7 @@ class Supervisor:
         if time.monotonic() < self.orphan_scan_due:
             return
         orphans = self.redis_call("orphan_scan_failed", self.queue.orphaned_lists)
-        if orphans is None:
+        if orphans is REDIS_FAILED:
             return
         self.orphan_scan_due = time.monotonic() + self.settings.lease_ttl
         for key in orphans:
@@ -302,8 +305,13 @@ class Supervisor:
         self.lists_to_requeue.extend(orphans)
         self.requeue_lists()
 
+    def promote_due_retries(self) -> None:
+        moved = self.redis_call("retry_promotion_failed", self.queue.promote_due_retries, time.time())
+        if moved is not REDIS_FAILED and moved:
+            self.log.info("retries_due", tasks=moved)
+
     def ensure_ledger(self) -> None:
-        if self.ledger is None:
+        if self.ledger is None and time.monotonic() >= self.respawn_not_before:
             self.ledger = self.spawn("ledger", 0, self.ledger_main)
 
     def scale_workers(self) -> None:
@@ -404,26 +412,48 @@ class Supervisor:
     def wait_for_redis(self) -> None:
         """Block start-up until Redis answers, with capped backoff; a stop signal ends the wait."""
         from shared.backoff import compute_backoff
+        from shared.redis_queue import REDIS_ERRORS
 
         attempt = 0
         while not self.stopping:
-            if self.redis_call("redis_unavailable", self.queue.client.ping):
-                if attempt:
-                    self.log.info("redis_reconnected", after_attempts=attempt)
-                return
-            attempt += 1
-            self.sleep(compute_backoff(attempt, base=0.2, cap=10.0))
+            try:
+                self.queue.client.ping()
+            except REDIS_ERRORS as exc:
+                attempt += 1
+                delay = compute_backoff(attempt, base=0.2, cap=10.0)
+                self.log.warning(
+                    "redis_unavailable",
+                    error=str(exc),
+                    redis=self.settings.redacted_redis_url(),
+                    attempt=attempt,
+                    retry_in=round(delay, 2),
+                )
+                self.notifier.notify(f"STATUS=waiting for Redis at {self.settings.redacted_redis_url()}")
+                self.sleep(delay)
+                continue
+            if attempt:
+                self.log.info("redis_reconnected", after_attempts=attempt)
+            return
 
     def redis_call(self, failure_event: str, func, *args):
-        """Run one Redis command; on a connection problem log it and return None."""
+        """Run one Redis command; on a connection problem log it and return REDIS_FAILED.
+
+        The supervisor never blocks on Redis for long and never dies of it: each
+        step that needs Redis is simply tried again on the next pass."""
         from shared.redis_queue import REDIS_ERRORS
 
         try:
             result = func(*args)
         except REDIS_ERRORS as exc:
-            self.log.warning(failure_event, error=str(exc), redis=self.settings.redacted_redis_url())
-            return None
-        return True if result is None else result
+            # One warning per outage and step, not one per second.
+            level = self.log.debug if failure_event in self.redis_failing else self.log.warning
+            level(failure_event, error=str(exc), redis=self.settings.redacted_redis_url())
+            self.redis_failing.add(failure_event)
+            return REDIS_FAILED
+        if self.redis_failing:
+            self.log.info("redis_reconnected", recovered=sorted(self.redis_failing))
+            self.redis_failing.clear()
+        return result
 
 
 if __name__ == "__main__":

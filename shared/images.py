@@ -28,7 +28,17 @@ SHM_DIR = Path("/dev/shm")
 
 
 class ImageError(Exception):
-    """The image could not be loaded or encoded; the message says why."""
+    """The image could not be loaded or encoded; the message says why.
+
+    `transient` errors (timeouts, connection resets, HTTP 5xx and 429) may
+    succeed later and are retried; the others fail the task at once.
+    `retry_after` is a server's Retry-After, in seconds, when it gave one.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)

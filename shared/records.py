@@ -14,6 +14,8 @@ from datetime import datetime
 
 COMPLETED = "completed"
 FAILED = "failed"
+# Not a results.json status: the task goes to the delayed-retry set instead.
+RETRY = "retry"
 
 
 @dataclass(slots=True)
@@ -34,7 +36,9 @@ class CompletionRecord:
     duration_ms: float | None = None
     partial_path: str | None = None
     segment_name: str | None = None
+    retry_at: float | None = None  # epoch seconds, for RETRY
     file_path: str | None = None  # chosen by the ledger
+    duplicate: bool = False  # set by the ledger: this task already has its record
 
     def results_line(self) -> dict:
         """The record as results.json holds it; the seed's five fields come first."""

@@ -75,6 +75,17 @@ return moved
 """
 
 
+# Due retries move to the tail of the queue. KEYS: delayed, queue. ARGV: now, limit.
+PROMOTE_SCRIPT = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, envelope in ipairs(due) do
+  redis.call('RPUSH', KEYS[2], envelope)
+  redis.call('ZREM', KEYS[1], envelope)
+end
+return #due
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class QueueKeys:
     queue: str
@@ -87,6 +98,11 @@ class QueueKeys:
     @property
     def dead(self) -> str:
         return f"{self.queue}:dead"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set of envelopes waiting for a retry, scored by when they are due."""
+        return f"{self.queue}:delayed"
 
     def processing(self, instance: str, worker: str) -> str:
         return f"{self.queue}:processing:{instance}:{worker}"
@@ -131,6 +147,7 @@ class ReliableQueue:
         self._claim = client.register_script(CLAIM_SCRIPT)
         self._stamp_tail = client.register_script(STAMP_TAIL_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
+        self._promote = client.register_script(PROMOTE_SCRIPT)
 
     def register(self, processing_key: str) -> None:
         self.client.sadd(self.keys.registry, processing_key)
@@ -149,6 +166,10 @@ class ReliableQueue:
     def requeue(self, processing_key: str) -> int:
         """Return every task in a processing list to the head of the queue."""
         return int(self._requeue(keys=[processing_key, self.keys.queue, self.keys.registry]))
+
+    def promote_due_retries(self, now: float, *, limit: int = 1000) -> int:
+        """Move retries whose time has come back onto the queue."""
+        return int(self._promote(keys=[self.keys.delayed, self.keys.queue], args=[now, limit]))
 
     def renew_lease(self, instance: str, ttl: float) -> None:
         self.client.set(self.keys.lease(instance), b"1", px=int(ttl * 1000))

@@ -44,7 +44,7 @@ class UrlFetcher:
                     url = urljoin(url, location)
                     continue
                 if response.status != 200:
-                    raise ImageError(f"HTTP {response.status} from {_short(url)}")
+                    raise _status_error(response, url)
                 return self._read_body(response, url)
             finally:
                 response.release_conn()
@@ -53,8 +53,12 @@ class UrlFetcher:
     def _request(self, url: str) -> urllib3.BaseHTTPResponse:
         try:
             return self._pool.request("GET", url, preload_content=False, redirect=False)
-        except (urllib3.exceptions.HTTPError, ValueError) as exc:
-            raise ImageError(f"cannot download {_short(url)}: {_reason(exc)}") from None
+        except urllib3.exceptions.LocationValueError as exc:
+            raise ImageError(f"image_url is not a valid URL: {_reason(exc)}") from None
+        except urllib3.exceptions.HTTPError as exc:
+            raise ImageError(f"cannot download {_short(url)}: {_reason(exc)}", transient=True) from None
+        except ValueError as exc:
+            raise ImageError(f"image_url is not a valid URL: {exc}") from None
 
     def _read_body(self, response: urllib3.BaseHTTPResponse, url: str) -> bytes:
         limit = self._settings.url_max_bytes
@@ -69,10 +73,22 @@ class UrlFetcher:
                 if len(body) > limit:
                     raise ImageError(f"{_short(url)} is larger than URL_MAX_BYTES={limit}")
                 if time.monotonic() > deadline:
-                    raise ImageError(f"{_short(url)} took longer than URL_READ_TIMEOUT={self._settings.url_read_timeout:g}s")
+                    raise ImageError(
+                        f"{_short(url)} took longer than URL_READ_TIMEOUT={self._settings.url_read_timeout:g}s",
+                        transient=True,
+                    )
         except urllib3.exceptions.HTTPError as exc:
-            raise ImageError(f"download of {_short(url)} failed: {_reason(exc)}") from None
+            raise ImageError(f"download of {_short(url)} failed: {_reason(exc)}", transient=True) from None
         return bytes(body)
+
+
+def _status_error(response: urllib3.BaseHTTPResponse, url: str) -> ImageError:
+    """5xx, 408 and 429 may pass; any other status will not."""
+    status = response.status
+    transient = status >= 500 or status in (408, 429)
+    retry_after = response.headers.get("Retry-After", "")
+    seconds = float(retry_after) if retry_after.strip().isdigit() else None
+    return ImageError(f"HTTP {status} from {_short(url)}", transient=transient, retry_after=seconds)
 
 
 def _check_scheme(url: str) -> None:

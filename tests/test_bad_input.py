@@ -40,6 +40,9 @@ LIMITS = {
     "URL_READ_TIMEOUT": "2",
     "MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
     "URL_MAX_REDIRECTS": "3",
+    # Transient failures (HTTP 500, the trickle's timeout) fail at the first
+    # attempt here; test_retries.py covers their retries.
+    "MAX_ATTEMPTS": "1",
 }
 WORKER_TITLE = re.compile(r": worker \d+$")
 

@@ -47,7 +47,7 @@ from shared.backoff import compute_backoff
 from shared.config import Settings
 from shared.images import unlink_segment
 from shared.logs import configure_logging
-from shared.records import COMPLETED, FAILED, CompletionRecord
+from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
 from shared.results_file import ResultsFile, ResultsFileError
 
@@ -173,7 +173,7 @@ class Ledger:
         fresh, duplicates = self._split_duplicates(self.unwritten)
         published = self._choose_file_names(fresh)
         try:
-            self.results.append([record.results_line() for record in fresh])
+            self.results.append([record.results_line() for record in fresh if record.status != RETRY])
         except OSError as exc:
             self.write_failures += 1
             self.write_retry_at = time.monotonic() + compute_backoff(self.write_failures, base=0.5, cap=30.0)
@@ -182,8 +182,10 @@ class Ledger:
         self.write_failures = 0
         self._publish(published)
         for record in fresh:
-            self._remember(record.task_id)
+            if record.status != RETRY:
+                self._remember(record.task_id)
         for record in duplicates:
+            record.duplicate = True
             if record.partial_path:
                 output.remove_quietly(Path(record.partial_path))
             log.info("duplicate_dropped", task_id=record.task_id, request_id=record.request_id)
@@ -200,7 +202,7 @@ class Ledger:
                 duplicates.append(record)
             else:
                 fresh.append(record)
-                if task_id is not None:
+                if task_id is not None and record.status != RETRY:
                     seen.add(task_id)
         return fresh, duplicates
 
@@ -272,9 +274,7 @@ class Ledger:
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 for record in batch:
-                    pipe.lrem(record.processing_key, 1, record.envelope)
-                    if record.status == FAILED:
-                        pipe.rpush(self.keys.dead, record.dead_letter())
+                    self._queue_acknowledgement(pipe, record)
                 if any(record.status == FAILED for record in batch):
                     pipe.ltrim(self.keys.dead, -self.settings.dead_letter_max, -1)
                 pipe.execute()
@@ -290,8 +290,21 @@ class Ledger:
         if self.settings.unlink_shm:
             self._unlink_segments(batch)
 
+    def _queue_acknowledgement(self, pipe, record: CompletionRecord) -> None:
+        """The task leaves its processing list; a failure also becomes a dead
+        letter, a transient failure a delayed retry, in the same transaction."""
+        pipe.lrem(record.processing_key, 1, record.envelope)
+        if record.duplicate:
+            return
+        if record.status == FAILED:
+            pipe.rpush(self.keys.dead, record.dead_letter())
+        elif record.status == RETRY:
+            pipe.zadd(self.keys.delayed, {record.envelope: record.retry_at})
+
     def _unlink_segments(self, records: list[CompletionRecord]) -> None:
         for record in records:
+            if record.status == RETRY and not record.duplicate:
+                continue  # the retry still needs the pixels
             if record.segment_name and unlink_segment(record.segment_name):
                 log.debug("segment_unlinked", segment=record.segment_name, task_id=record.task_id)
 

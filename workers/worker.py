@@ -29,6 +29,7 @@ import sys
 import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 from multiprocessing.sharedctypes import Synchronized
 
 import cv2
@@ -40,7 +41,7 @@ from shared.config import Settings
 from shared.images import EncodedImage, ImageError, encode_pixels, encode_segment, decode_image
 from shared.logs import configure_logging
 from shared.messages import Envelope, InvalidMessage, Task, parse_envelope, parse_task, salvage
-from shared.records import COMPLETED, FAILED, CompletionRecord
+from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import BLOCK_SECONDS, REDIS_ERRORS, QueueKeys, ReliableQueue, connect
 from shared.url_fetch import UrlFetcher
 
@@ -92,7 +93,10 @@ class Worker:
                 log.warning("worker_orphaned")
                 return exitcodes.ORPHANED
             for envelope in self._fetch():
-                record = self._handle(envelope)
+                try:
+                    record = self._handle(envelope)
+                except StopRequested:
+                    break
                 if not self._send(record):
                     return exitcodes.LEDGER_LOST
         log.info("worker_stopped")
@@ -155,6 +159,8 @@ class Worker:
         structlog.contextvars.bind_contextvars(task_id=envelope.task_id)
         try:
             return self._run_task(envelope, started)
+        except StopRequested:
+            raise
         except Exception as exc:  # the one place an unforeseen error becomes a failed task
             log.exception("task_crashed")
             return self._failed(envelope, raw, None, f"internal error: {exc.__class__.__name__}: {exc}", started)
@@ -176,10 +182,16 @@ class Worker:
         log.info("task_started", source=task.source, attempt=envelope.deliveries)
         try:
             image, source = self._load_and_encode(task)
-            partial = output.partial_path(self.settings.output_dir, envelope.task_id, envelope.deliveries)
-            output.write_durably(partial, image.jpeg)
-        except (ImageError, OSError) as exc:
-            return self._failed(envelope, envelope.raw, task, _reason(exc), started)
+        except ImageError as exc:
+            if exc.transient and envelope.deliveries < self.settings.max_attempts:
+                return self._retry_later(envelope, task, exc, started)
+            reason = str(exc)
+            if exc.transient:
+                reason = f"gave up after {envelope.deliveries} attempts: {reason}"
+            return self._failed(envelope, envelope.raw, task, reason, started)
+        partial = output.partial_path(self.settings.output_dir, envelope.task_id, envelope.deliveries)
+        if not self._write_partial(partial, image.jpeg):
+            raise StopRequested  # the task stays in my processing list and is requeued
         duration_ms = round((time.perf_counter() - started) * 1000, 2)
         log.info("task_finished", status=COMPLETED, source=source, duration_ms=duration_ms)
         return CompletionRecord(
@@ -198,6 +210,44 @@ class Worker:
             duration_ms=duration_ms,
             partial_path=str(partial),
             segment_name=self._segment_to_unlink(task, envelope),
+        )
+
+    def _write_partial(self, partial: Path, jpeg: bytes) -> bool:
+        """Write the JPEG durably, waiting out a full disk or an I/O error: the pool
+        slows down rather than failing tasks. False if told to stop meanwhile."""
+        failures = 0
+        while True:
+            try:
+                output.write_durably(partial, jpeg)
+                return True
+            except OSError as exc:
+                output.remove_quietly(partial)
+                failures += 1
+                delay = compute_backoff(failures, base=0.5, cap=30.0)
+                log.error("jpeg_write_failed", error=str(exc), path=str(partial), retry_in=round(delay, 2))
+                self._sleep(delay)
+                if self.stopping:
+                    return False
+
+    def _retry_later(self, envelope: Envelope, task: Task, exc: ImageError, started: float) -> CompletionRecord:
+        """A transient failure: back to Redis's delayed-retry set, not holding this worker."""
+        delay = compute_backoff(envelope.deliveries, base=1.0, cap=300.0, jitter=0.25)
+        if exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, 3600.0))
+        log.warning("task_retry_scheduled", error=str(exc), retry_in=round(delay, 2), attempt=envelope.deliveries)
+        return CompletionRecord(
+            task_id=envelope.task_id,
+            delivery=envelope.deliveries,
+            envelope=envelope.raw,
+            processing_key=self.processing_key,
+            request_id=task.request_id,
+            image_id=task.image_id,
+            status=RETRY,
+            finished_at=datetime.now(),
+            error=str(exc),
+            source=task.source,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            retry_at=time.time() + delay,
         )
 
     @staticmethod
@@ -264,10 +314,8 @@ class Worker:
         self.stopping = True
 
 
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, OSError) and not isinstance(exc, ImageError):
-        return f"cannot write the JPEG: {exc.strerror or exc}"
-    return str(exc)
+class StopRequested(Exception):
+    """Stop was asked for while a task could not be finished; it is left to redelivery."""
 
 
 def worker_main(settings: Settings, *, slot: int, instance: str, heartbeat: Synchronized) -> None:
