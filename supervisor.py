@@ -111,6 +111,7 @@ class Child:
     heartbeat: Synchronized
     started_at: float = field(default_factory=time.monotonic)
     processing_key: str | None = None
+    killed_because: str | None = None  # set when we SIGKILL it, for the exit log
 
     @property
     def booted(self) -> bool:
@@ -135,6 +136,8 @@ class Supervisor:
         self.notifier = Notifier()
         self.worker_main, self.ledger_main, self.processing_name = worker_main, ledger_main, processing_name
         self.desired = settings.workers
+        # Wake often enough to renew the lease several times within its TTL.
+        self.loop_seconds = min(LOOP_SECONDS, settings.lease_ttl / 4)
         self.workers: dict[int, Child] = {}
         self.ledger: Child | None = None
         self.lists_to_requeue: list[str] = []
@@ -173,7 +176,7 @@ class Supervisor:
             self.reconcile()
             self.announce_ready_once()
             # Until READY, look again soon: the children boot in milliseconds.
-            self.sleep(LOOP_SECONDS if self.ready else 0.02)
+            self.sleep(self.loop_seconds if self.ready else 0.02)
         self.shutdown()
         return exitcodes.OK
 
@@ -274,7 +277,7 @@ class Supervisor:
             last_sign = max(child.heartbeat.value, child.started_at)
             if now - last_sign > self.settings.task_timeout:
                 self.log.error("worker_hung", worker=child.slot, pid=child.pid, silent_for=round(now - last_sign, 1))
-                self.signal_child(child, signal.SIGKILL)
+                self.kill_child(child, because="it was silent longer than TASK_TIMEOUT")
 
     def renew_lease(self) -> None:
         if time.monotonic() < self.lease_due:
@@ -340,31 +343,34 @@ class Supervisor:
         self.notifier.notify("STOPPING=1", "STATUS=draining")
         self.log.info("shutdown_started", grace=self.settings.shutdown_grace, fast=self.fast_stop)
         for child in self.workers.values():
-            self.signal_child(child, signal.SIGKILL if self.fast_stop else signal.SIGTERM)
-        deadline = time.monotonic() + self.settings.shutdown_grace
-        while self.workers and time.monotonic() < deadline and not self.fast_stop:
-            self.sleep(min(LOOP_SECONDS, max(0.0, deadline - time.monotonic())))
-            self.reap()
+            self.signal_child(child, signal.SIGTERM)
+        self.wait_for_children(lambda: not self.workers or self.fast_stop, self.settings.shutdown_grace)
         # Past the grace period (or on a second signal) unfinished tasks are killed;
         # their processing lists are requeued below.
-        self.stop_children(list(self.workers.values()), timeout=0.0)
+        for child in self.workers.values():
+            self.kill_child(child, because="shutdown could not wait any longer")
+        self.wait_for_children(lambda: not self.workers, None)
         if self.ledger is not None:
             self.signal_child(self.ledger, signal.SIGTERM)
-            self.stop_children([self.ledger], timeout=LEDGER_STOP_TIMEOUT)
+            if not self.wait_for_children(lambda: self.ledger is None, LEDGER_STOP_TIMEOUT):
+                self.kill_child(self.ledger, because="it did not stop in time")
+                self.wait_for_children(lambda: self.ledger is None, None)
         self.requeue_lists()
         self.redis_call("lease_drop_failed", self.queue.drop_lease, self.instance)
         self.log.info("shutdown_complete", left_for_next_start=len(self.lists_to_requeue))
 
-    def stop_children(self, children: list[Child], *, timeout: float) -> None:
-        """Wait up to `timeout` for children to exit, then SIGKILL and reap them."""
-        for child in children:
-            child.process.join(max(0.0, timeout))
-            if child.process.exitcode is None:
-                self.log.warning("child_killed", role=child.role, pid=child.pid, reason="did not stop in time")
-                self.signal_child(child, signal.SIGKILL)
-        for child in children:
-            child.process.join()
-        self.reap()
+    def wait_for_children(self, done, timeout: float | None) -> bool:
+        """Reap until done() or the timeout (None: no limit), still renewing the
+        lease so that no other supervisor takes our lists for orphans meanwhile."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            left = self.loop_seconds if deadline is None else min(self.loop_seconds, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self.sleep(left)
+            self.reap()
+            self.renew_lease()
+        return True
 
     # -- helpers -----------------------------------------------------------
 
@@ -396,13 +402,20 @@ class Supervisor:
         except ProcessLookupError:
             pass
 
+    def kill_child(self, child: Child, *, because: str) -> None:
+        child.killed_because = because
+        self.signal_child(child, signal.SIGKILL)
+
     def log_exit(self, child: Child, code: int) -> None:
         fields = {"role": child.role, "slot": child.slot, "pid": child.pid, "exit_code": code}
         if code < 0:
             name = signal.Signals(-code).name
-            cause = f"killed by {name}"
-            if -code == signal.SIGKILL:
-                cause += " (the out-of-memory killer, if nobody here sent it)"
+            if child.killed_because:
+                cause = f"killed by the supervisor because {child.killed_because}"
+            elif -code == signal.SIGKILL:
+                cause = "killed by SIGKILL from outside (the out-of-memory killer, if no operator sent it)"
+            else:
+                cause = f"killed by {name}"
             self.log.error("child_died", cause=cause, **fields)
         elif code == exitcodes.OK:
             self.log.info("child_exited", cause=exitcodes.describe(code), **fields)

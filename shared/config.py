@@ -8,6 +8,7 @@ supervisor can print one line and exit 2 (systemd's RestartPreventExitStatus).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class Settings:
     url_read_timeout: float = 30.0
     url_max_bytes: int = 50 * 1024 * 1024
     url_max_redirects: int = 3
+    url_allowed_hosts: tuple[str, ...] = ()  # empty: any host
     lease_ttl: float = 15.0
 
     @classmethod
@@ -101,6 +103,7 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         url_read_timeout=get("URL_READ_TIMEOUT", _float_in(0.1, 3600), DEFAULTS.url_read_timeout),
         url_max_bytes=get("URL_MAX_BYTES", _int_in(1, 2**31), DEFAULTS.url_max_bytes),
         url_max_redirects=get("URL_MAX_REDIRECTS", _int_in(0, 20), DEFAULTS.url_max_redirects),
+        url_allowed_hosts=get("URL_ALLOWED_HOSTS", _host_list, DEFAULTS.url_allowed_hosts),
         lease_ttl=get("LEASE_TTL", _float_in(2, 3600), DEFAULTS.lease_ttl),
     )
 
@@ -170,6 +173,13 @@ def _path(name: str, raw: str) -> Path:
     if "\0" in raw:
         raise ConfigError(f"{name} contains a NUL byte; expected a directory path")
     return Path(raw).expanduser()
+
+
+def _host_list(name: str, raw: str) -> tuple[str, ...]:
+    hosts = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    if any(not re.fullmatch(r"[a-z0-9.\-:\[\]]{1,253}", h) for h in hosts):
+        raise ConfigError(f"{name}={raw!r} is not a comma-separated list of host names")
+    return hosts
 
 
 def _queue_name(name: str, raw: str) -> str:

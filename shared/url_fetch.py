@@ -7,6 +7,8 @@ so neither a huge file nor a server trickling bytes can hold a worker.
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import time
 from urllib.parse import urljoin, urlsplit
 
@@ -35,6 +37,7 @@ class UrlFetcher:
         """The body at `url`, or ImageError saying what went wrong."""
         for _ in range(self._settings.url_max_redirects + 1):
             _check_scheme(url)
+            self._check_host(url)
             response = self._request(url)
             try:
                 if response.status in (301, 302, 303, 307, 308):
@@ -49,6 +52,26 @@ class UrlFetcher:
             finally:
                 response.release_conn()
         raise ImageError(f"more than URL_MAX_REDIRECTS={self._settings.url_max_redirects} redirects")
+
+    def _check_host(self, url: str) -> None:
+        """Refuse hosts outside URL_ALLOWED_HOSTS and link-local addresses (a cloud's
+        metadata service lives at 169.254.169.254), for every hop of a redirect."""
+        host = (urlsplit(url).hostname or "").lower()
+        allowed = self._settings.url_allowed_hosts
+        if allowed and host not in allowed:
+            raise ImageError(f"host {host!r} is not in URL_ALLOWED_HOSTS")
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+        except (OSError, UnicodeError) as exc:
+            # EAI_AGAIN is a DNS server's hiccup; "no such name" will not change.
+            transient = getattr(exc, "errno", None) == socket.EAI_AGAIN
+            raise ImageError(f"cannot resolve {host!r}: {exc}", transient=transient) from None
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+            if getattr(ip, "ipv4_mapped", None):
+                ip = ip.ipv4_mapped
+            if ip.is_link_local:
+                raise ImageError(f"{host!r} resolves to the link-local address {address}, which is refused")
 
     def _request(self, url: str) -> urllib3.BaseHTTPResponse:
         try:

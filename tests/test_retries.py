@@ -63,3 +63,30 @@ def test_client_error_fails_at_once(pool_factory, redis_client, queue_name, http
     assert record["status"] == "failed" and record["attempts"] == 1 and "HTTP 404" in record["error"]
     assert not pool.events("task_retry_scheduled")
     assert redis_client.zcard(f"{queue_name}:delayed") == 0
+
+
+def test_link_local_address_is_refused(pool_factory, redis_client, queue_name):
+    """Cloud metadata (169.254.169.254) is never fetched, whatever the settings."""
+    push(redis_client, queue_name, url_task("metadata", "http://169.254.169.254/latest/meta-data/"))
+    push(redis_client, queue_name, url_task("mapped", "http://[::ffff:169.254.169.254]/latest/"))
+    pool = pool_factory(workers=1)
+    records = {r["request_id"]: r for r in wait_for_records(pool.output_dir, 2, timeout=30, pool=pool)}
+    assert pool.stop() == 0
+    assert all("link-local" in record["error"] and record["attempts"] == 1 for record in records.values())
+
+
+def test_hosts_outside_the_allowlist_are_refused_also_after_a_redirect(
+    pool_factory, redis_client, queue_name, http_server, photos
+):
+    good = http_server.add("/ok.png", png_of(photos["coffee"]), content_type="image/png")
+    bounce = http_server.redirect("/bounce", good.replace("127.0.0.1", "localhost"))
+    push(redis_client, queue_name, url_task("unlisted", good.replace("127.0.0.1", "localhost")))
+    push(redis_client, queue_name, url_task("redirected", bounce))
+    push(redis_client, queue_name, url_task("listed", good))
+    pool = pool_factory(workers=1, env={"URL_ALLOWED_HOSTS": "127.0.0.1"})
+    records = {r["request_id"]: r for r in wait_for_records(pool.output_dir, 3, timeout=30, pool=pool)}
+    assert pool.stop() == 0
+    assert "URL_ALLOWED_HOSTS" in records["unlisted"]["error"]
+    assert "URL_ALLOWED_HOSTS" in records["redirected"]["error"]
+    assert records["listed"]["status"] == "completed"
+    assert http_server.hits("/ok.png") == 1

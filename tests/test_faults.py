@@ -1,0 +1,104 @@
+"""Faults of the machine around the pool: a full disk, children that cannot
+boot, and a second supervisor on the same queue."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import photo_of_size, push, read_results, wait_for_records, wait_until
+from tests.test_reliability import assert_exactly_once, push_photos, worker_pids
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 4 MiB tmpfs: a real file system that really fills up (needs root)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free byte of the file system that holds `directory`."""
+    filler = directory / "filler.bin"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for block_size in (65536, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * block_size)
+            except OSError:
+                continue  # full at this block size; try smaller ones
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_full_disk_slows_the_pool_down_and_loses_nothing(pool_factory, redis_client, queue_name, segments, small_disk):
+    output_dir = small_disk / "out"
+    pool = pool_factory(workers=2, output_dir=output_dir)
+    pool.wait_ready()
+    filler = fill(small_disk)
+    request_ids = push_photos(redis_client, queue_name, segments, 6, size=(512, 512))
+    wait_until(lambda: len(pool.events("jpeg_write_failed")) >= 2, 20, "workers never hit the full disk")
+    assert read_results(output_dir) == [], "a record was written although its JPEG could not be"
+    assert not pool.events("task_failed")
+    filler.unlink()
+    wait_for_records(output_dir, len(request_ids), timeout=60, pool=pool)
+    assert pool.stop() == 0
+    records = assert_exactly_once(output_dir, request_ids, redis_client, queue_name)
+    assert all(record["status"] == "completed" for record in records)
+
+
+def test_workers_that_cannot_boot_are_respawned_with_backoff(pool_factory, redis_client, queue_name, segments, tmp_path):
+    output_dir = tmp_path / "out"
+    pool = pool_factory(workers=1, output_dir=output_dir)
+    pool.wait_ready()
+    # A file where the partial-file folder should be: a new worker cannot boot.
+    shutil.rmtree(output_dir / ".partial")
+    (output_dir / ".partial").write_bytes(b"in the way")
+    (victim,) = worker_pids(pool)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(pool.events("respawn_throttled")) >= 3, 30, "no respawn backoff")
+    delays = [event["retry_in"] for event in pool.events("respawn_throttled")]
+    assert delays[2] > delays[0], "the backoff did not grow"
+    assert len(pool.events("worker_boot_failed")) < 10, "respawning at full speed"
+    (output_dir / ".partial").unlink()
+    push(redis_client, queue_name, segments.message("after", "after", photo_of_size(256, 256)))
+    (record,) = wait_for_records(output_dir, 1, timeout=60, pool=pool)
+    assert record["status"] == "completed"
+    assert pool.stop() == 0
+
+
+def test_two_supervisors_on_one_queue_share_it_without_stealing(pool_factory, redis_client, queue_name, segments, tmp_path):
+    env = {"LEASE_TTL": "2"}  # orphan scans every 2 s: any theft would show
+    first = pool_factory(workers=1, env=env, output_dir=tmp_path / "out-a")
+    second = pool_factory(workers=1, env=env, output_dir=tmp_path / "out-b")
+    first.wait_ready()
+    second.wait_ready()
+    request_ids = push_photos(redis_client, queue_name, segments, 300, size=(1024, 1024))
+    wait_until(
+        lambda: len(read_results(tmp_path / "out-a")) + len(read_results(tmp_path / "out-b")) >= len(request_ids),
+        120,
+        "the two pools did not finish the queue",
+    )
+    assert first.stop() == 0 and second.stop() == 0
+    records = read_results(tmp_path / "out-a") + read_results(tmp_path / "out-b")
+    counts = Counter(record["request_id"] for record in records)
+    assert sorted(counts) == sorted(request_ids) and max(counts.values()) == 1
+    assert read_results(tmp_path / "out-a") and read_results(tmp_path / "out-b"), "one pool did all the work"
+    assert not first.events("orphaned_list_found") and not second.events("orphaned_list_found")
