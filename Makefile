@@ -2,6 +2,7 @@
 #   make run WORKERS=8   set up .venv, make sure a Redis answers, run the pool
 #   make test            set up .venv and run the whole suite (private Redis)
 #   make bench           the throughput benchmark (not part of make test)
+#   make soak            20,000 tasks under random kills (not part of make test)
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 WORKERS ?=
 RUN_DIR := .run
 
-.PHONY: run test bench venv stop-redis clean
+.PHONY: run test bench soak venv stop-redis clean
 
 venv: $(STAMP)
 
@@ -30,6 +31,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+soak: $(STAMP)
+	$(BIN)/python soak/soak.py
 
 stop-redis: $(STAMP)
 	$(BIN)/python -m tools.local_redis stop --data-dir $(RUN_DIR)/redis

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,12 @@ def test_supervisor_rejects_bad_input_with_one_line_and_exit_2(
     assert "Traceback" not in stderr
     assert seconds < 5
     assert not (tmp_path / "out").exists()  # refused before touching OUTPUT_DIR
+
+
+def test_example_env_lists_every_setting_with_its_default() -> None:
+    """configs/example.env is the documented list: it must parse to the defaults
+    and name every field of Settings."""
+    example = Path(__file__).resolve().parent.parent / "configs" / "example.env"
+    assert Settings.from_env({}, dotenv_path=example) == Settings.from_env({}, dotenv_path=None)
+    names = {line.split("=", 1)[0] for line in example.read_text().splitlines() if "=" in line and not line.startswith("#")}
+    assert len(names) == len(fields(Settings))

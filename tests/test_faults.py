@@ -3,6 +3,7 @@ boot, and a second supervisor on the same queue."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,6 +11,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import pytest
 
 from tests.helpers import photo_of_size, push, read_results, wait_for_records, wait_until
@@ -102,3 +104,24 @@ def test_two_supervisors_on_one_queue_share_it_without_stealing(pool_factory, re
     assert sorted(counts) == sorted(request_ids) and max(counts.values()) == 1
     assert read_results(tmp_path / "out-a") and read_results(tmp_path / "out-b"), "one pool did all the work"
     assert not first.events("orphaned_list_found") and not second.events("orphaned_list_found")
+
+
+def test_record_durable_but_file_unpublished_is_published_at_start(pool_factory, tmp_path, photos):
+    """The ledger died between its commit point (the record) and publishing the
+    JPEG: the next ledger finishes the publication from the record."""
+    output_dir = tmp_path / "out"
+    (output_dir / ".partial").mkdir(parents=True)
+    ok, jpeg = cv2.imencode(".jpg", photos["astronaut"])
+    (output_dir / ".partial" / "0123abcd-1-0.2.jpg").write_bytes(jpeg.tobytes())
+    final = output_dir / "image_001_20241201_143022.jpg"
+    record = {
+        "timestamp": "2024-12-01T14:30:22.123456", "request_id": "req_001", "image_id": "image_001",
+        "file_path": str(final), "status": "completed", "task_id": "0123abcd-1-0", "attempts": 2,
+    }
+    (output_dir / "results.json").write_text("[\n" + json.dumps(record) + "\n]\n")
+    pool = pool_factory(workers=1, output_dir=output_dir)
+    pool.wait_ready()
+    assert pool.stop() == 0
+    assert final.read_bytes() == jpeg.tobytes()
+    assert list((output_dir / ".partial").iterdir()) == []
+    assert read_results(output_dir) == [record]

@@ -12,12 +12,18 @@ Data flow of one task:
 
 Hazards handled here:
 - Bad input of any kind ends as a failed record, never as a dead worker.
+- A transient failure (timeout, connection reset, HTTP 5xx or 429) becomes a
+  retry record: the ledger parks the task in the delayed-retry set, so the
+  wait holds no worker. After MAX_ATTEMPTS deliveries it fails for good.
+- A full disk (or an I/O error) while writing the JPEG is waited out with
+  backoff: the pool slows down; nothing is recorded that is not durable.
 - Redis going away: capped backoff, then carry on; nothing claimed is lost
-  because it sits in my processing list until the ledger acknowledges it.
+  because it sits in my processing list until the ledger acknowledges it,
+  and a claim whose reply was lost is handed back after the outage.
 - The ledger going away: records already sent may be lost with it, so this
   worker exits (LEDGER_LOST) and its processing list is requeued on reaping.
-- A task whose deliveries exceed MAX_ATTEMPTS (it killed its worker each time)
-  is failed without being run again.
+- A task whose deliveries exceed MAX_ATTEMPTS (it killed or hung its worker
+  each time) is failed without being run again.
 - The supervisor dying: PDEATHSIG plus a getppid() check each turn.
 """
 
