@@ -38,8 +38,15 @@ from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 from typing import NoReturn
 
+import structlog
+
 from shared import exitcodes
+from shared.backoff import compute_backoff
 from shared.config import ConfigError, Settings
+from shared.logs import configure_logging
+from shared.output import LOCK_NAME, prepare_output_dir
+from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
+from shared.sdnotify import Notifier
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 LOOP_SECONDS = 1.0
@@ -71,11 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"image-result-worker: {exc}", file=sys.stderr)
         return exitcodes.CONFIG_ERROR
-    # OpenCV reads its decode pixel limit once, when it loads, so it is set before
-    # the heavy imports; those happen here, once, so that every fork shares them.
+    # OpenCV reads its decode pixel limit once, when it loads: set it before the
+    # Supervisor imports the worker modules (once, so that every fork shares them).
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(settings.max_pixels)
-    from shared.logs import configure_logging
-
     configure_logging(settings, role="supervisor")
     try:
         lock_fd = lock_output_dir(settings)
@@ -90,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def lock_output_dir(settings: Settings) -> int:
     """Hold OUTPUT_DIR for this supervisor: results.json must have one writer."""
-    from shared.output import LOCK_NAME, prepare_output_dir
-
     prepare_output_dir(settings.output_dir)
     fd = os.open(settings.output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -120,10 +123,8 @@ class Child:
 
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
-        import structlog
-
-        from shared.redis_queue import QueueKeys, ReliableQueue, connect
-        from shared.sdnotify import Notifier
+        # Imported here, not at the top: they load OpenCV, which must see
+        # OPENCV_IO_MAX_IMAGE_PIXELS first (set in main()).
         from workers.ledger import ledger_main
         from workers.worker import processing_name, worker_main
 
@@ -264,8 +265,6 @@ class Supervisor:
         if self.stopping or (child.booted and code != exitcodes.BOOT_FAILED):
             self.boot_failures = 0
             return
-        from shared.backoff import compute_backoff
-
         self.boot_failures += 1
         delay = compute_backoff(self.boot_failures, base=0.5, cap=30.0)
         self.respawn_not_before = time.monotonic() + delay
@@ -424,9 +423,6 @@ class Supervisor:
 
     def wait_for_redis(self) -> None:
         """Block start-up until Redis answers, with capped backoff; a stop signal ends the wait."""
-        from shared.backoff import compute_backoff
-        from shared.redis_queue import REDIS_ERRORS
-
         attempt = 0
         while not self.stopping:
             try:
@@ -453,8 +449,6 @@ class Supervisor:
 
         The supervisor never blocks on Redis for long and never dies of it: each
         step that needs Redis is simply tried again on the next pass."""
-        from shared.redis_queue import REDIS_ERRORS
-
         try:
             result = func(*args)
         except REDIS_ERRORS as exc:

@@ -121,7 +121,8 @@ class Ledger:
             due.append(self.write_retry_at)
         if self.unacknowledged:
             due.append(self.ack_retry_at)
-        return max(0.0, min(due) - time.monotonic()) if due else 1.0
+        # At most a second: the heartbeat and a stop request are looked at each turn.
+        return min(1.0, max(0.0, min(due) - time.monotonic())) if due else 1.0
 
     def _receive(self, *, timeout: float) -> None:
         if self.unwritten:
