@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from shared.faults import armed, crash_point
 from shared.output import fsync_directory
 
 OPENING = b"[\n"
@@ -65,6 +66,9 @@ class ResultsFile:
         text = (b",\n" if self._has_records else b"\n") + lines + CLOSING
         offset = self._size - len(CLOSING)
         try:
+            if armed("ledger_torn_append"):
+                _pwrite_all(self._fd, text[: len(text) // 2], offset)
+                crash_point("ledger_torn_append")
             _pwrite_all(self._fd, text, offset)
             os.fdatasync(self._fd)
         except OSError:

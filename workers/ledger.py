@@ -9,7 +9,8 @@ Data flow, in the order that makes a task durable (the crash-safety contract):
          fsync the directory
       4. acknowledge in Redis: LREM from the processing lists, dead letters
          pushed, in one MULTI/EXEC
-      5. unlink the tasks' shared-memory segments
+      5. unlink the tasks' shared-memory segments (listed in OUTPUT_DIR/.unlink-pending
+         before step 4, so a crash between 4 and 5 leaks none)
 
 A crash before 2 loses nothing: the tasks are still in their processing lists
 and are redelivered. A crash between 2 and 3 is repaired at the next start
@@ -45,8 +46,10 @@ import structlog
 from shared import channel, exitcodes, output, process
 from shared.backoff import compute_backoff
 from shared.config import Settings
+from shared.faults import crash_point
 from shared.images import unlink_segment
 from shared.logs import configure_logging
+from shared.messages import InvalidMessage, segment_name
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
 from shared.results_file import ResultsFile, ResultsFileError
@@ -70,6 +73,7 @@ class Ledger:
         self.stopping = False
         self.keys = QueueKeys(settings.queue)
         self.results = ResultsFile(settings.output_dir / output.RESULTS_NAME)
+        self.pending_unlinks = settings.output_dir / ".unlink-pending"
         self.selector = selectors.DefaultSelector()
         self.connections = 0
         self.unwritten: list[CompletionRecord] = []  # read but not yet durable
@@ -89,6 +93,7 @@ class Ledger:
             log.error("ledger_boot_failed", reason=str(exc))
             return exitcodes.BOOT_FAILED
         self._finish_interrupted_publications(recent)
+        self._finish_interrupted_unlinks()
         self.redis = connect(self.settings)
         listener = channel.listen(channel.ledger_address(self.instance))
         listener.setblocking(False)
@@ -181,6 +186,7 @@ class Ledger:
             log.error("results_write_failed", error=str(exc), records=len(fresh), attempt=self.write_failures)
             return
         self.write_failures = 0
+        crash_point("ledger_after_append")
         self._publish(published)
         for record in fresh:
             if record.status != RETRY:
@@ -272,12 +278,15 @@ class Ledger:
         if not self.unacknowledged or time.monotonic() < self.ack_retry_at:
             return
         batch = self.unacknowledged
+        doomed = self._segments_to_unlink(batch)
+        self._note_pending_unlinks(doomed)
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 for record in batch:
                     self._queue_acknowledgement(pipe, record)
                 if any(record.status == FAILED for record in batch):
                     pipe.ltrim(self.keys.dead, -self.settings.dead_letter_max, -1)
+                crash_point("ledger_before_ack")
                 pipe.execute()
         except REDIS_ERRORS as exc:
             self.ack_failures += 1
@@ -288,8 +297,8 @@ class Ledger:
             log.info("redis_reconnected", after_attempts=self.ack_failures)
             self.ack_failures = 0
         self.unacknowledged = []
-        if self.settings.unlink_shm:
-            self._unlink_segments(batch)
+        crash_point("ledger_after_ack")
+        self._unlink_segments(doomed)
 
     def _queue_acknowledgement(self, pipe, record: CompletionRecord) -> None:
         """The task leaves its processing list; a failure also becomes a dead
@@ -302,12 +311,40 @@ class Ledger:
         elif record.status == RETRY:
             pipe.zadd(self.keys.delayed, {record.envelope: record.retry_at})
 
-    def _unlink_segments(self, records: list[CompletionRecord]) -> None:
-        for record in records:
-            if record.status == RETRY and not record.duplicate:
-                continue  # the retry still needs the pixels
-            if record.segment_name and unlink_segment(record.segment_name):
-                log.debug("segment_unlinked", segment=record.segment_name, task_id=record.task_id)
+    def _segments_to_unlink(self, records: list[CompletionRecord]) -> list[str]:
+        if not self.settings.unlink_shm:
+            return []
+        # A retry still needs its pixels; a duplicate's segment went with its first record.
+        return [r.segment_name for r in records if r.segment_name and (r.status != RETRY or r.duplicate)]
+
+    def _note_pending_unlinks(self, names: list[str]) -> None:
+        """Write down the segments about to be unlinked, so that a ledger killed
+        between acknowledging and unlinking does not leak them: the next ledger
+        unlinks what is listed. No fsync: /dev/shm does not survive a power cut."""
+        if names:
+            self.pending_unlinks.write_text("\n".join(names))
+
+    def _unlink_segments(self, names: list[str]) -> None:
+        for name in names:
+            if unlink_segment(name):
+                log.debug("segment_unlinked", segment=name)
+        if names:
+            self.pending_unlinks.write_text("")
+
+    def _finish_interrupted_unlinks(self) -> None:
+        """Step 5 for the batch the last ledger acknowledged but did not finish."""
+        try:
+            listed = self.pending_unlinks.read_text().split()
+        except FileNotFoundError:
+            return
+        for value in listed:
+            try:
+                name = segment_name(value)
+            except InvalidMessage:
+                continue
+            if unlink_segment(name):
+                log.info("segment_unlinked_after_crash", segment=name)
+        self.pending_unlinks.write_text("")
 
     def _drain_before_exit(self) -> None:
         """Make durable and acknowledge what is left, for a bounded time."""

@@ -35,8 +35,8 @@ import sys
 import time
 import uuid
 from datetime import datetime
-from pathlib import Path
 from multiprocessing.sharedctypes import Synchronized
+from pathlib import Path
 
 import cv2
 import structlog
@@ -44,11 +44,31 @@ import structlog
 from shared import channel, exitcodes, output, process
 from shared.backoff import compute_backoff
 from shared.config import Settings
-from shared.images import EncodedImage, ImageError, encode_pixels, encode_segment, decode_image
+from shared.faults import crash_point
+from shared.images import (
+    EncodedImage,
+    ImageError,
+    decode_image,
+    encode_pixels,
+    encode_segment,
+)
 from shared.logs import configure_logging
-from shared.messages import Envelope, InvalidMessage, Task, parse_envelope, parse_task, salvage
+from shared.messages import (
+    Envelope,
+    InvalidMessage,
+    Task,
+    parse_envelope,
+    parse_task,
+    salvage,
+)
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
-from shared.redis_queue import BLOCK_SECONDS, REDIS_ERRORS, QueueKeys, ReliableQueue, connect
+from shared.redis_queue import (
+    BLOCK_SECONDS,
+    REDIS_ERRORS,
+    QueueKeys,
+    ReliableQueue,
+    connect,
+)
 from shared.url_fetch import UrlFetcher
 
 log = structlog.get_logger()
@@ -99,12 +119,14 @@ class Worker:
                 log.warning("worker_orphaned")
                 return exitcodes.ORPHANED
             for envelope in self._fetch():
+                crash_point("worker_after_claim")
                 try:
                     record = self._handle(envelope)
                 except StopRequested:
                     break
                 if not self._send(record):
                     return exitcodes.LEDGER_LOST
+                crash_point("worker_after_send")
         log.info("worker_stopped")
         return exitcodes.OK
 
@@ -198,6 +220,7 @@ class Worker:
         partial = output.partial_path(self.settings.output_dir, envelope.task_id, envelope.deliveries)
         if not self._write_partial(partial, image.jpeg):
             raise StopRequested  # the task stays in my processing list and is requeued
+        crash_point("worker_after_partial")
         duration_ms = round((time.perf_counter() - started) * 1000, 2)
         log.info("task_finished", status=COMPLETED, source=source, duration_ms=duration_ms)
         return CompletionRecord(

@@ -1,0 +1,44 @@
+"""A kill -9 at each point of the durable-step order still ends every task
+exactly once, with one file, no stray partial file and no leaked segment.
+
+The order (workers/ledger.py): the worker writes and syncs the JPEG, sends its
+record; the ledger appends the record (the commit point), publishes the file,
+acknowledges in Redis, unlinks the segment. shared/faults.py arms one point;
+the first process to reach it dies there, once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import segment_exists, wait_for_records
+from tests.test_reliability import assert_exactly_once, push_photos
+
+CRASH_POINTS = [
+    "worker_after_claim",  # claimed, nothing done
+    "worker_after_partial",  # JPEG durable under .partial, no record sent
+    "worker_after_send",  # record sent, not yet durable
+    "ledger_torn_append",  # half a batch written to results.json
+    "ledger_after_append",  # records durable, files not published
+    "ledger_before_ack",  # files published, Redis not told
+    "ledger_after_ack",  # acknowledged, segments not unlinked
+]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_kill_at_each_durable_step_ends_each_task_exactly_once(
+    point, pool_factory, redis_client, queue_name, segments, tmp_path
+):
+    marker = tmp_path / "crashed"
+    request_ids = push_photos(redis_client, queue_name, segments, 12, size=(512, 512))
+    pool = pool_factory(workers=2, env={"IRW_CRASH_AT": point, "IRW_CRASH_MARKER": str(marker)})
+    wait_for_records(pool.output_dir, len(request_ids), timeout=60, pool=pool)
+    assert pool.stop() == 0
+    assert marker.exists(), f"nothing reached {point}"
+    first, *rest = pool.events("child_died")
+    assert first["role"] == point.split("_", 1)[0]
+    # After the ledger's death, workers whose records it took along exit and are replaced.
+    assert all(e["cause"] == "lost its channel to the ledger" for e in rest)
+    records = assert_exactly_once(pool.output_dir, request_ids, redis_client, queue_name)
+    assert all(record["status"] == "completed" for record in records)
+    assert [name for name in segments.names if segment_exists(name)] == []
