@@ -86,6 +86,48 @@ return #due
 """
 
 
+# Acknowledge a batch in one atomic step. KEYS: dead, dead-ids, delayed, then one
+# processing list per task. ARGV: dead max, now, then per task: envelope, kind,
+# payload, task id. Kinds: "ack" (completed, or a duplicate), "dead" (failed:
+# payload is the dead letter), "retry" (payload is when it is due).
+# A dead letter is pushed once per task id, whichever delivery gets here: a
+# ledger killed with acknowledgements pending leaves the task to be redelivered,
+# and its duplicate then brings the dead letter. A retry is scheduled only by
+# the delivery that still held the task, so a requeued task is not also retried.
+ACK_SCRIPT = """
+local dead_max = tonumber(ARGV[1])
+local now = tonumber(ARGV[2])
+local pushed = false
+for i = 4, #KEYS do
+  local at = 3 + (i - 4) * 4
+  local envelope, kind, payload, task_id = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local removed = redis.call('LREM', KEYS[i], 1, envelope)
+  if kind == 'dead' then
+    if redis.call('ZADD', KEYS[2], 'NX', now, task_id) == 1 then
+      redis.call('RPUSH', KEYS[1], payload)
+      pushed = true
+    end
+  elseif kind == 'retry' and removed == 1 then
+    redis.call('ZADD', KEYS[3], tonumber(payload), envelope)
+  end
+end
+if pushed then
+  redis.call('LTRIM', KEYS[1], -dead_max, -1)
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(dead_max + 1))
+end
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledgement:
+    processing_key: str
+    envelope: bytes
+    kind: str  # "ack", "dead" or "retry"
+    payload: bytes | float = b""
+    task_id: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class QueueKeys:
     queue: str
@@ -98,6 +140,11 @@ class QueueKeys:
     @property
     def dead(self) -> str:
         return f"{self.queue}:dead"
+
+    @property
+    def dead_ids(self) -> str:
+        """Sorted set of task ids that have their dead letter, so it is pushed once."""
+        return f"{self.queue}:dead-ids"
 
     @property
     def delayed(self) -> str:
@@ -148,6 +195,7 @@ class ReliableQueue:
         self._stamp_tail = client.register_script(STAMP_TAIL_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
         self._promote = client.register_script(PROMOTE_SCRIPT)
+        self._ack = client.register_script(ACK_SCRIPT)
 
     def register(self, processing_key: str) -> None:
         self.client.sadd(self.keys.registry, processing_key)
@@ -166,6 +214,16 @@ class ReliableQueue:
     def requeue(self, processing_key: str) -> int:
         """Return every task in a processing list to the head of the queue."""
         return int(self._requeue(keys=[processing_key, self.keys.queue, self.keys.registry]))
+
+    def acknowledge(self, acks: list[Acknowledgement], *, dead_letter_max: int, now: float) -> None:
+        """Remove tasks from their processing lists, with their dead letters and
+        retries, atomically."""
+        keys = [self.keys.dead, self.keys.dead_ids, self.keys.delayed]
+        args: list = [dead_letter_max, now]
+        for ack in acks:
+            keys.append(ack.processing_key)
+            args.extend([ack.envelope, ack.kind, ack.payload, ack.task_id])
+        self._ack(keys=keys, args=args)
 
     def promote_due_retries(self, now: float, *, limit: int = 1000) -> int:
         """Move retries whose time has come back onto the queue."""

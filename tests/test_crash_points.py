@@ -9,9 +9,11 @@ the first process to reach it dies there, once.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tests.helpers import segment_exists, wait_for_records
+from tests.helpers import push, segment_exists, wait_for_records
 from tests.test_reliability import assert_exactly_once, push_photos
 
 CRASH_POINTS = [
@@ -30,7 +32,13 @@ def test_kill_at_each_durable_step_ends_each_task_exactly_once(
     point, pool_factory, redis_client, queue_name, segments, tmp_path
 ):
     marker = tmp_path / "crashed"
-    request_ids = push_photos(redis_client, queue_name, segments, 12, size=(512, 512))
+    # Failures first, so that the first batch the ledger handles (where a ledger
+    # crash point fires) holds them: each must still get exactly one dead letter.
+    bad = {"bad_missing_segment": {"shm_name": "img_shm_gone", "shape": [8, 8, 3], "dtype": "uint8", "size": 192},
+           "bad_dtype": {"shm_name": "img_shm_x", "shape": [8, 8, 3], "dtype": "int64"}}
+    for request_id, shm_info in bad.items():
+        push(redis_client, queue_name, {"request_id": request_id, "image_id": request_id, "shm_info": shm_info})
+    request_ids = list(bad) + push_photos(redis_client, queue_name, segments, 12, size=(512, 512))
     pool = pool_factory(workers=2, env={"IRW_CRASH_AT": point, "IRW_CRASH_MARKER": str(marker)})
     wait_for_records(pool.output_dir, len(request_ids), timeout=60, pool=pool)
     assert pool.stop() == 0
@@ -40,5 +48,7 @@ def test_kill_at_each_durable_step_ends_each_task_exactly_once(
     # After the ledger's death, workers whose records it took along exit and are replaced.
     assert all(e["cause"] == "lost its channel to the ledger" for e in rest)
     records = assert_exactly_once(pool.output_dir, request_ids, redis_client, queue_name)
-    assert all(record["status"] == "completed" for record in records)
+    assert sorted(r["request_id"] for r in records if r["status"] == "failed") == sorted(bad)
+    dead = [json.loads(entry)["request_id"] for entry in redis_client.lrange(f"{queue_name}:dead", 0, -1)]
+    assert sorted(dead) == sorted(bad), "each failed task has exactly one dead letter"
     assert [name for name in segments.names if segment_exists(name)] == []

@@ -31,6 +31,7 @@ Hazards handled here:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import selectors
 import socket
@@ -51,7 +52,7 @@ from shared.images import unlink_segment
 from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
+from shared.redis_queue import REDIS_ERRORS, Acknowledgement, QueueKeys, ReliableQueue, connect
 from shared.results_file import ResultsFile, ResultsFileError
 
 log = structlog.get_logger()
@@ -78,7 +79,8 @@ class Ledger:
         self.connections = 0
         self.unwritten: list[CompletionRecord] = []  # read but not yet durable
         self.unacknowledged: list[CompletionRecord] = []  # durable, not yet acknowledged
-        self.recorded_ids: set[str] = set()
+        # Task id -> status of its record, for telling redelivered duplicates apart.
+        self.recorded: dict[str, str] = {}
         self.recorded_order: deque[str] = deque()
         self.write_failures = 0
         self.write_retry_at = 0.0
@@ -94,7 +96,7 @@ class Ledger:
             return exitcodes.BOOT_FAILED
         self._finish_interrupted_publications(recent)
         self._finish_interrupted_unlinks()
-        self.redis = connect(self.settings)
+        self.queue = ReliableQueue(connect(self.settings), self.keys, max_message_bytes=self.settings.max_message_bytes)
         listener = channel.listen(channel.ledger_address(self.instance))
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, None)
@@ -190,7 +192,7 @@ class Ledger:
         self._publish(published)
         for record in fresh:
             if record.status != RETRY:
-                self._remember(record.task_id)
+                self._remember(record.task_id, record.status)
         for record in duplicates:
             record.duplicate = True
             if record.partial_path:
@@ -205,7 +207,7 @@ class Ledger:
         fresh, duplicates, seen = [], [], set()
         for record in records:
             task_id = record.task_id
-            if task_id is not None and (task_id in self.recorded_ids or task_id in seen):
+            if task_id is not None and (task_id in self.recorded or task_id in seen):
                 duplicates.append(record)
             else:
                 fresh.append(record)
@@ -247,19 +249,19 @@ class Ledger:
         for delivery in range(1, record.delivery):
             output.remove_quietly(output.partial_path(self.settings.output_dir, record.task_id, delivery))
 
-    def _remember(self, task_id: str | None) -> None:
-        if task_id is None or task_id in self.recorded_ids:
+    def _remember(self, task_id: str | None, status: str) -> None:
+        if task_id is None or task_id in self.recorded:
             return
-        self.recorded_ids.add(task_id)
+        self.recorded[task_id] = status
         self.recorded_order.append(task_id)
         if len(self.recorded_order) > REMEMBERED_IDS:
-            self.recorded_ids.discard(self.recorded_order.popleft())
+            self.recorded.pop(self.recorded_order.popleft(), None)
 
     def _finish_interrupted_publications(self, recent: list[dict]) -> None:
         """Step 3 for records that were durable when the last ledger died."""
         for line in recent:
             task_id, attempts = line.get("task_id"), line.get("attempts")
-            self._remember(task_id if isinstance(task_id, str) else None)
+            self._remember(task_id if isinstance(task_id, str) else None, str(line.get("status")))
             if line.get("status") != COMPLETED or not isinstance(task_id, str) or not isinstance(attempts, int):
                 continue
             partial = output.partial_path(self.settings.output_dir, task_id, attempts)
@@ -281,13 +283,9 @@ class Ledger:
         doomed = self._segments_to_unlink(batch)
         self._note_pending_unlinks(doomed)
         try:
-            with self.redis.pipeline(transaction=True) as pipe:
-                for record in batch:
-                    self._queue_acknowledgement(pipe, record)
-                if any(record.status == FAILED for record in batch):
-                    pipe.ltrim(self.keys.dead, -self.settings.dead_letter_max, -1)
-                crash_point("ledger_before_ack")
-                pipe.execute()
+            acks = [self._acknowledgement(record) for record in batch]
+            crash_point("ledger_before_ack")
+            self.queue.acknowledge(acks, dead_letter_max=self.settings.dead_letter_max, now=time.time())
         except REDIS_ERRORS as exc:
             self.ack_failures += 1
             self.ack_retry_at = time.monotonic() + compute_backoff(self.ack_failures, base=0.2, cap=10.0)
@@ -300,16 +298,18 @@ class Ledger:
         crash_point("ledger_after_ack")
         self._unlink_segments(doomed)
 
-    def _queue_acknowledgement(self, pipe, record: CompletionRecord) -> None:
-        """The task leaves its processing list; a failure also becomes a dead
-        letter, a transient failure a delayed retry, in the same transaction."""
-        pipe.lrem(record.processing_key, 1, record.envelope)
-        if record.duplicate:
-            return
-        if record.status == FAILED:
-            pipe.rpush(self.keys.dead, record.dead_letter())
-        elif record.status == RETRY:
-            pipe.zadd(self.keys.delayed, {record.envelope: record.retry_at})
+    def _acknowledgement(self, record: CompletionRecord) -> Acknowledgement:
+        """What Redis must do for this record: a failure becomes a dead letter and
+        a transient failure a delayed retry, unless the task already has its record."""
+        kind, payload = "ack", b""
+        final_status = self.recorded.get(record.task_id or "") if record.duplicate else record.status
+        if final_status == FAILED:
+            kind, payload = "dead", record.dead_letter()
+        elif record.status == RETRY and not record.duplicate:
+            kind, payload = "retry", record.retry_at
+        # An envelope too broken to carry a task id is identified by its bytes.
+        task_id = record.task_id or "raw-" + hashlib.sha1(record.envelope).hexdigest()
+        return Acknowledgement(record.processing_key, record.envelope, kind, payload, task_id)
 
     def _segments_to_unlink(self, records: list[CompletionRecord]) -> list[str]:
         if not self.settings.unlink_shm:
