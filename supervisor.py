@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -51,6 +53,8 @@ from shared.sdnotify import Notifier
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 LOOP_SECONDS = 1.0
 LEDGER_STOP_TIMEOUT = 15.0
+# A ledger silent this long is wedged: stop pinging systemd's watchdog.
+LEDGER_STALE_SECONDS = 30.0
 REDIS_FAILED = object()
 
 
@@ -61,7 +65,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = OneLineParser(prog="supervisor.py", description="Run the image-result worker pool.")
+    parser = OneLineParser(
+        prog="supervisor.py",
+        description="Run the image-result worker pool.",
+        epilog="Operator commands: supervisor.py status [--json] | check | dead list|requeue|purge",
+    )
     parser.add_argument(
         "--workers", metavar="N", type=int, help="worker processes, 1..256 (default: WORKERS, else CPU count)"
     )
@@ -72,7 +80,15 @@ def load_settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(workers_override=args.workers)
 
 
+OPERATOR_COMMANDS = ("status", "check", "dead")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in OPERATOR_COMMANDS:
+        from control.commands import main as run_command
+
+        return run_command(argv)
     try:
         settings = load_settings(parse_args(argv))
     except ConfigError as exc:
@@ -82,19 +98,21 @@ def main(argv: list[str] | None = None) -> int:
     # Supervisor imports the worker modules (once, so that every fork shares them).
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(settings.max_pixels)
     configure_logging(settings, role="supervisor")
+    instance = uuid.uuid4().hex[:12]
     try:
-        lock_fd = lock_output_dir(settings)
+        lock_fd = lock_output_dir(settings, instance)
     except OSError as exc:
         print(f"image-result-worker: {exc}", file=sys.stderr)
         return exitcodes.OUTPUT_DIR_BUSY if isinstance(exc, BlockingIOError) else exitcodes.BOOT_FAILED
     try:
-        return Supervisor(settings).run()
+        return Supervisor(settings, instance=instance).run()
     finally:
         os.close(lock_fd)
 
 
-def lock_output_dir(settings: Settings) -> int:
-    """Hold OUTPUT_DIR for this supervisor: results.json must have one writer."""
+def lock_output_dir(settings: Settings, instance: str) -> int:
+    """Hold OUTPUT_DIR for this supervisor: results.json must have one writer.
+    The lock file names the holder, which is how `check` finds its supervisor."""
     prepare_output_dir(settings.output_dir)
     fd = os.open(settings.output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
@@ -102,6 +120,8 @@ def lock_output_dir(settings: Settings) -> int:
     except BlockingIOError:
         os.close(fd)
         raise BlockingIOError(f"OUTPUT_DIR {settings.output_dir} is in use by another supervisor") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"instance": instance, "pid": os.getpid()}).encode(), 0)
     return fd
 
 
@@ -122,7 +142,7 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, instance: str) -> None:
         # Imported here, not at the top: they load OpenCV, which must see
         # OPENCV_IO_MAX_IMAGE_PIXELS first (set in main()).
         from workers.ledger import ledger_main
@@ -131,7 +151,9 @@ class Supervisor:
         self.settings = settings
         self.log = structlog.get_logger()
         self.context = multiprocessing.get_context("fork")
-        self.instance = uuid.uuid4().hex[:12]
+        self.instance = instance
+        self.started_at = time.time()
+        self.watchdog = "WATCHDOG_USEC" in os.environ
         self.keys = QueueKeys(settings.queue)
         self.queue = ReliableQueue(connect(settings), self.keys, max_message_bytes=settings.max_message_bytes)
         self.notifier = Notifier()
@@ -176,6 +198,7 @@ class Supervisor:
         while not self.stopping:
             self.reconcile()
             self.announce_ready_once()
+            self.ping_watchdog()
             # Until READY, look again soon: the children boot in milliseconds.
             self.sleep(self.loop_seconds if self.ready else 0.02)
         self.shutdown()
@@ -281,7 +304,9 @@ class Supervisor:
     def renew_lease(self) -> None:
         if time.monotonic() < self.lease_due:
             return
-        renewed = self.redis_call("lease_renewal_failed", self.queue.renew_lease, self.instance, self.settings.lease_ttl)
+        renewed = self.redis_call(
+            "lease_renewal_failed", self.queue.renew_lease, self.instance, self.settings.lease_ttl, self.state()
+        )
         if renewed is not REDIS_FAILED:
             self.lease_due = time.monotonic() + self.settings.lease_ttl / 3
 
@@ -326,6 +351,38 @@ class Supervisor:
                 self.workers[slot] = child
         for slot in [s for s in self.workers if s >= self.desired]:
             self.signal_child(self.workers[slot], signal.SIGTERM)
+
+    def ping_watchdog(self) -> None:
+        """WATCHDOG=1 for systemd, only while the loop turns and the ledger is alive
+        and beating: a wedged supervisor or ledger gets the service restarted."""
+        ledger = self.ledger
+        if self.watchdog and ledger is not None and time.monotonic() - ledger.heartbeat.value < LEDGER_STALE_SECONDS:
+            self.notifier.notify("WATCHDOG=1")
+
+    def state(self) -> bytes:
+        """What `status` and `check` read from the lease: who runs, and how recently each child beat."""
+        now = time.monotonic()
+
+        def describe(child: Child) -> dict:
+            beat = child.heartbeat.value
+            age = round(now - beat, 2) if beat > 0 else None
+            return {"slot": child.slot, "pid": child.pid, "heartbeat_age": age, "processing_list": child.processing_key}
+
+        return json.dumps(
+            {
+                "instance": self.instance,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_at": self.started_at,
+                "updated_at": time.time(),
+                "ready": self.ready,
+                "desired_workers": self.desired,
+                "task_timeout": self.settings.task_timeout,
+                "lease_ttl": self.settings.lease_ttl,
+                "workers": [describe(child) for child in sorted(self.workers.values(), key=lambda c: c.slot)],
+                "ledger": describe(self.ledger) if self.ledger else None,
+            }
+        ).encode()
 
     def announce_ready_once(self) -> None:
         if self.ready or self.ledger is None or not self.ledger.booted:

@@ -86,8 +86,9 @@ return #due
 """
 
 
-# Acknowledge a batch in one atomic step. KEYS: dead, dead-ids, delayed, then one
-# processing list per task. ARGV: dead max, now, then per task: envelope, kind,
+# Acknowledge a batch in one atomic step. KEYS: dead, dead-ids, delayed, the
+# stats bucket, then one processing list per task. ARGV: dead max, now, the
+# batch's completed, failed and retried counts, then per task: envelope, kind,
 # payload, task id. Kinds: "ack" (completed, or a duplicate), "dead" (failed:
 # payload is the dead letter), "retry" (payload is when it is due).
 # A dead letter is pushed once per task id, whichever delivery gets here: a
@@ -98,8 +99,8 @@ ACK_SCRIPT = """
 local dead_max = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local pushed = false
-for i = 4, #KEYS do
-  local at = 3 + (i - 4) * 4
+for i = 5, #KEYS do
+  local at = 6 + (i - 5) * 4
   local envelope, kind, payload, task_id = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local removed = redis.call('LREM', KEYS[i], 1, envelope)
   if kind == 'dead' then
@@ -115,7 +116,23 @@ if pushed then
   redis.call('LTRIM', KEYS[1], -dead_max, -1)
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(dead_max + 1))
 end
+redis.call('HINCRBY', KEYS[4], 'completed', ARGV[3])
+redis.call('HINCRBY', KEYS[4], 'failed', ARGV[4])
+redis.call('HINCRBY', KEYS[4], 'retried', ARGV[5])
+redis.call('EXPIRE', KEYS[4], 120)
 return 1
+"""
+# Stats buckets are this many seconds wide; `status` sums the last minute's.
+STATS_BUCKET_SECONDS = 10
+
+# A dead letter back onto the queue, unless someone else already moved it.
+# KEYS: dead, queue. ARGV: the dead-letter entry, the raw message.
+REQUEUE_DEAD_SCRIPT = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
 """
 
 
@@ -145,6 +162,10 @@ class QueueKeys:
     def dead_ids(self) -> str:
         """Sorted set of task ids that have their dead letter, so it is pushed once."""
         return f"{self.queue}:dead-ids"
+
+    def stats(self, epoch_seconds: float) -> str:
+        """Hash of counts for one STATS_BUCKET_SECONDS-wide slice of time."""
+        return f"{self.queue}:stats:{int(epoch_seconds) // STATS_BUCKET_SECONDS}"
 
     @property
     def delayed(self) -> str:
@@ -196,6 +217,7 @@ class ReliableQueue:
         self._requeue = client.register_script(REQUEUE_SCRIPT)
         self._promote = client.register_script(PROMOTE_SCRIPT)
         self._ack = client.register_script(ACK_SCRIPT)
+        self._requeue_dead = client.register_script(REQUEUE_DEAD_SCRIPT)
 
     def register(self, processing_key: str) -> None:
         self.client.sadd(self.keys.registry, processing_key)
@@ -215,11 +237,13 @@ class ReliableQueue:
         """Return every task in a processing list to the head of the queue."""
         return int(self._requeue(keys=[processing_key, self.keys.queue, self.keys.registry]))
 
-    def acknowledge(self, acks: list[Acknowledgement], *, dead_letter_max: int, now: float) -> None:
+    def acknowledge(
+        self, acks: list[Acknowledgement], *, counts: dict[str, int], dead_letter_max: int, now: float
+    ) -> None:
         """Remove tasks from their processing lists, with their dead letters and
-        retries, atomically."""
-        keys = [self.keys.dead, self.keys.dead_ids, self.keys.delayed]
-        args: list = [dead_letter_max, now]
+        retries, and count the batch for `status`, atomically."""
+        keys = [self.keys.dead, self.keys.dead_ids, self.keys.delayed, self.keys.stats(now)]
+        args: list = [dead_letter_max, now, counts.get("completed", 0), counts.get("failed", 0), counts.get("retry", 0)]
         for ack in acks:
             keys.append(ack.processing_key)
             args.extend([ack.envelope, ack.kind, ack.payload, ack.task_id])
@@ -229,8 +253,12 @@ class ReliableQueue:
         """Move retries whose time has come back onto the queue."""
         return int(self._promote(keys=[self.keys.delayed, self.keys.queue], args=[now, limit]))
 
-    def renew_lease(self, instance: str, ttl: float) -> None:
-        self.client.set(self.keys.lease(instance), b"1", px=int(ttl * 1000))
+    def requeue_dead_letter(self, entry: bytes, message: bytes) -> bool:
+        return bool(self._requeue_dead(keys=[self.keys.dead, self.keys.queue], args=[entry, message]))
+
+    def renew_lease(self, instance: str, ttl: float, state: bytes = b"{}") -> None:
+        """Renew this instance's lease; its value is the supervisor's state for `status`."""
+        self.client.set(self.keys.lease(instance), state, px=int(ttl * 1000))
 
     def drop_lease(self, instance: str) -> None:
         self.client.delete(self.keys.lease(instance))

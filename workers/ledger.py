@@ -38,7 +38,7 @@ import socket
 import struct
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
@@ -284,8 +284,11 @@ class Ledger:
         self._note_pending_unlinks(doomed)
         try:
             acks = [self._acknowledgement(record) for record in batch]
+            counts = Counter(record.status for record in batch if not record.duplicate)
             crash_point("ledger_before_ack")
-            self.queue.acknowledge(acks, dead_letter_max=self.settings.dead_letter_max, now=time.time())
+            self.queue.acknowledge(
+                acks, counts=counts, dead_letter_max=self.settings.dead_letter_max, now=time.time()
+            )
         except REDIS_ERRORS as exc:
             self.ack_failures += 1
             self.ack_retry_at = time.monotonic() + compute_backoff(self.ack_failures, base=0.2, cap=10.0)

@@ -1,0 +1,1 @@
+"""Operator commands run as `python supervisor.py <command>`: status, check, dead."""
