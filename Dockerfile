@@ -1,15 +1,31 @@
 # image-result-worker: reads image tasks from Redis, writes JPEGs and results.json.
 #
-# Run it in the producers' IPC namespace so /dev/shm is shared with them, and give it
-# longer than SHUTDOWN_GRACE (30 s) to drain before Docker sends SIGKILL:
-#   docker run --ipc=host --stop-timeout 60 -v results:/app/output \
-#     -e REDIS_URL=redis://redis:6379 image-result-worker
-# (or --ipc=container:PRODUCER). Segments are created with mode 0600 by the producer,
-# so run as its uid (--user UID:GID) unless the producer makes them readable to us.
-FROM python:3.11-slim
+#   docker build -t image-result-worker .
+#   docker run -d --name irw --ipc=host --stop-timeout 60 \
+#     -v irw-output:/app/output -e REDIS_URL=redis://redis:6379 image-result-worker
+#
+# Shared memory. Tasks name POSIX segments in /dev/shm, and every container gets a
+# private /dev/shm by default, where the producers' segments do not exist. Pick one:
+#   --ipc=host                 use the host's /dev/shm (producers on the host or also
+#                              run with --ipc=host);
+#   --ipc=container:PRODUCER   join the IPC namespace of a producer container started
+#                              with --ipc=shareable (compose: ipc: "service:producer");
+#   --shm-size=1g              sizes /dev/shm of the container that owns the namespace
+#                              (the shareable producer; it does not apply with host or
+#                              container:NAME). Docker's 64 MB default holds ~20 frames
+#                              of 1024x1024x3, and a full /dev/shm stops the producers.
+# Segments are created mode 0600 by the producer's uid: run both as the same uid
+# (this image runs as 10001; override with --user) or set UNLINK_SHM=false.
+#
+# Stopping. `docker stop` sends SIGTERM, then SIGKILL after 10 s unless told otherwise.
+# The supervisor drains for up to SHUTDOWN_GRACE (30 s) and then flushes the ledger,
+# so give it longer: --stop-timeout 60 (compose: stop_grace_period: 60s), or tasks in
+# flight are killed and redelivered (never lost, but the work is done twice).
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    OUTPUT_DIR=/app/output/translated
 
 WORKDIR /app
 
@@ -25,11 +41,15 @@ RUN groupadd --system --gid 10001 worker \
 COPY supervisor.py ./
 COPY workers/ ./workers/
 COPY shared/ ./shared/
+# Operator commands (status, check for the HEALTHCHECK, dead), imported on demand.
+COPY control/ ./control/
 
-ENV OUTPUT_DIR=/app/output/translated
+# A named volume mounted here starts as a copy of this directory, owned by the worker.
 VOLUME /app/output
 USER 10001:10001
 
-# The supervisor drains its workers on SIGTERM; exec form makes it PID 1 so it gets it.
+# Exec form: the supervisor is PID 1 and receives SIGTERM itself (it installs its own
+# handlers, so PID 1's default of ignoring signals does not apply), then drains.
 STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 CMD ["python", "supervisor.py", "check"]
 ENTRYPOINT ["python", "supervisor.py"]
