@@ -3,6 +3,7 @@
 #   make test            set up .venv and run the whole suite (private Redis)
 #   make bench           the throughput benchmark (not part of make test)
 #   make soak            20,000 tasks under random kills (not part of make test)
+#   make demo            a private Redis and pool, a few real photos through shm and a URL
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 WORKERS ?=
 RUN_DIR := .run
 
-.PHONY: run test bench soak venv stop-redis clean
+.PHONY: run test bench soak demo venv stop-redis clean
 
 venv: $(STAMP)
 
@@ -31,6 +32,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+demo: $(STAMP)
+	$(BIN)/python tools/demo.py
 
 soak: $(STAMP)
 	$(BIN)/python soak/soak.py

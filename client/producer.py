@@ -1,0 +1,377 @@
+"""A producer client for upstream stages: hand frames to image-result-worker.
+
+    import numpy as np
+    from pathlib import Path
+    from client import Producer
+
+    with Producer.from_url("redis://localhost:6379", queue="hosting_tasks") as producer:
+        frame = np.zeros((720, 1280, 3), np.uint8)               # BGR uint8, or any supported frame
+        a = producer.submit_array(frame, image_id="page_001")     # through POSIX shared memory
+        b = producer.submit_url("https://example.com/p.jpg", image_id="page_002")
+        records = producer.wait([a, b], output_dir=Path("output/translated"), timeout=60)
+        for record in records:                                    # results.json records, in order
+            print(record["status"], record["file_path"] or record["error"])
+
+Data flow:
+
+    frame -> new segment /dev/shm/<prefix><uuid4> (copy, mapping closed)
+          -> RPUSH the seed's JSON message onto the queue -> the pool encodes,
+             records, and unlinks the segment -> a line in OUTPUT_DIR/results.json
+          -> wait() finds it by request_id
+
+Hazards handled here:
+- On 3.11/3.12 `SharedMemory(create=True)` registers the segment with the
+  resource tracker, which unlinks it when this process exits, possibly before
+  the pool has read it. The segment's ownership passes to the pool, so it is
+  unregistered at once (3.13+: created with track=False).
+- When the RPUSH fails (Redis down, a timeout, Ctrl-C), the segment is unlinked
+  before the error rises: a pool that never saw the message cannot free it.
+  Nothing is retried: a retried RPUSH whose first attempt did land would
+  deliver the task twice.
+- wait() reads results.json while the ledger appends to it: only complete
+  lines are parsed, and the offset already scanned is kept, so each poll reads
+  only what was appended since (see shared/results_file.py for the format).
+
+Depends on redis, numpy and the standard library only (no OpenCV).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+from urllib.parse import urlsplit
+
+import numpy as np
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from shared.config import DEFAULTS
+from shared.messages import (
+    MAX_DIMENSION,
+    MAX_ID_LENGTH,
+    MAX_URL_LENGTH,
+    SEGMENT_NAME,
+    SUPPORTED_DTYPES,
+)
+
+SHM_DIR = Path("/dev/shm")
+RESULTS_NAME = "results.json"  # in OUTPUT_DIR, written by the ledger alone
+DEFAULT_PREFIX = "img_shm_"
+URL_SCHEMES = ("http", "https")
+CONNECT_TIMEOUT = 5.0
+SOCKET_TIMEOUT = 10.0
+POLL_SECONDS = 0.05
+# results.json is read in pieces of at most this many bytes, so a first scan of
+# a large file never holds all of it in memory.
+READ_CHUNK = 4 * 1024 * 1024
+
+Progress = Callable[[list[dict[str, Any]], int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    request_id: str
+    image_id: str
+    source: Literal["shm", "url"]
+    segment: str | None  # the segment's name, for "shm"
+
+
+class WaitTimeout(TimeoutError):
+    """Not every submission has a record yet; `records` holds those that do."""
+
+    def __init__(self, message: str, *, records: list[dict[str, Any]], missing: list[str]) -> None:
+        super().__init__(message)
+        self.records = records
+        self.missing = missing
+
+
+class Producer:
+    """Submits hosting tasks onto one queue; waits for their results.json records."""
+
+    def __init__(self, client: redis.Redis, *, queue: str = DEFAULTS.queue) -> None:
+        self.client = client
+        self.queue = queue
+        self._owns_client = False
+        self._readers: dict[Path, ResultsReader] = {}
+
+    @classmethod
+    def from_url(cls, redis_url: str, *, queue: str = DEFAULTS.queue) -> Producer:
+        """A producer with its own client; close() (or `with`) releases it."""
+        client = redis.Redis.from_url(
+            redis_url,
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+            # No retries: an RPUSH retried after a lost reply may deliver a task twice.
+            retry=Retry(NoBackoff(), 0),
+        )
+        producer = cls(client, queue=queue)
+        producer._owns_client = True
+        return producer
+
+    def close(self) -> None:
+        if self._owns_client:
+            self.client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- submitting ----------------------------------------------------------
+
+    def submit_array(
+        self, frame: np.ndarray, *, request_id: str | None = None, image_id: str, prefix: str = DEFAULT_PREFIX
+    ) -> Submission:
+        """Copy `frame` into a new shared-memory segment and queue it.
+
+        The pool unlinks the segment once the task is recorded. Raises ValueError
+        for a frame, id or prefix the pool would refuse, and redis errors when the
+        message could not be pushed (the segment is unlinked first).
+        """
+        dtype, shape = validate_frame(frame)
+        request_id = _new_or_checked_id(request_id, "request_id")
+        _check_id(image_id, "image_id")
+        name = prefix + uuid.uuid4().hex
+        if not SEGMENT_NAME.fullmatch(name):
+            raise ValueError(f"prefix {prefix!r} does not make a valid segment name (letters, digits, _ . -)")
+        nbytes = int(frame.nbytes)
+        _write_segment(name, frame, dtype)
+        message = {
+            "request_id": request_id,
+            "image_id": image_id,
+            "shm_info": {"shm_name": name, "shape": list(shape), "dtype": dtype.name, "size": nbytes},
+        }
+        try:
+            self._push(message)
+        except BaseException:
+            # The pool never saw the message: nobody else will ever free this segment.
+            unlink_segment(name)
+            raise
+        return Submission(request_id, image_id, "shm", name)
+
+    def submit_url(self, url: str, *, request_id: str | None = None, image_id: str) -> Submission:
+        """Queue a task whose pixels the pool downloads from an http(s) URL."""
+        check_url(url)
+        request_id = _new_or_checked_id(request_id, "request_id")
+        _check_id(image_id, "image_id")
+        self._push({"request_id": request_id, "image_id": image_id, "image_url": url})
+        return Submission(request_id, image_id, "url", None)
+
+    def _push(self, message: dict[str, Any]) -> None:
+        self.client.rpush(self.queue, json.dumps(message))
+
+    # -- waiting -------------------------------------------------------------
+
+    def wait(
+        self,
+        submissions: Sequence[Submission],
+        *,
+        output_dir: Path,
+        timeout: float,
+        on_progress: Progress | None = None,
+    ) -> list[dict[str, Any]]:
+        """The results.json record of each submission, in submission order.
+
+        Matches by request_id, so each must be unique in that results.json (the
+        default uuid4 ids are). `on_progress(records_so_far, total)` is called
+        once at the start and whenever more records have appeared. Raises
+        WaitTimeout (a TimeoutError) naming how many are missing.
+        """
+        reader = self._reader(Path(output_dir))
+        wanted = [s.request_id for s in submissions]
+        deadline = time.monotonic() + timeout
+        reported = -1
+        while True:
+            found = reader.find(wanted)
+            if on_progress is not None and len(found) != reported:
+                reported = len(found)
+                on_progress(list(found.values()), len(set(wanted)))
+            missing = [request_id for request_id in wanted if request_id not in found]
+            if not missing:
+                return [found[request_id] for request_id in wanted]
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"{len(missing)} of {len(wanted)} submissions have no record in {reader.path} "
+                    f"after {timeout:g}s",
+                    records=[found[request_id] for request_id in wanted if request_id in found],
+                    missing=missing,
+                )
+            time.sleep(POLL_SECONDS)
+
+    def _reader(self, output_dir: Path) -> ResultsReader:
+        key = output_dir.resolve()
+        if key not in self._readers:
+            self._readers[key] = ResultsReader(key / RESULTS_NAME)
+        return self._readers[key]
+
+
+class ResultsReader:
+    """Follows results.json as the ledger appends to it, one record per line.
+
+    An append overwrites the closing "\\n]\\n" with ",\\n<records>\\n]\\n". So the
+    bytes up to the end of the last complete record line never change, except
+    that the newline after it becomes a comma, which we have already passed.
+    The offset only moves past record lines (never past "]"), so an append always
+    lands at or after it; a line without its newline yet is a torn tail, read
+    again next time. A file that shrank or was replaced (the ledger's one-off
+    migration of a seed file) is read again from the start.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._identity: tuple[int, int] | None = None
+        self._by_request: dict[str, dict[str, Any]] = {}
+        self._wanted: set[str] = set()
+
+    def find(self, request_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Records seen so far for these request ids (the first record of each)."""
+        self._wanted.update(request_ids)
+        self._scan()
+        return {rid: self._by_request[rid] for rid in self._wanted if rid in self._by_request}
+
+    def _scan(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            stat = os.fstat(fd)
+            identity = (stat.st_dev, stat.st_ino)
+            if identity != self._identity or stat.st_size < self._offset:
+                self._identity, self._offset = identity, 0
+            while self._offset < stat.st_size:
+                chunk = os.pread(fd, min(READ_CHUNK, stat.st_size - self._offset), self._offset)
+                consumed = self._take_lines(chunk)
+                if consumed == 0:
+                    break  # only a torn tail (or "]") left; the next poll sees more
+                self._offset += consumed
+        finally:
+            os.close(fd)
+
+    def _take_lines(self, chunk: bytes) -> int:
+        """Parse the record lines in chunk; returns the bytes safe to skip from now on."""
+        consumed = 0
+        position = 0
+        while True:
+            end = chunk.find(b"\n", position)
+            if end < 0:
+                return consumed
+            line = chunk[position:end]
+            position = end + 1
+            # Only the comma: a torn one-byte append shows "{...},]", and taking
+            # that line would put the offset inside the record being written.
+            text = line.rstrip(b",")
+            if line == b"[":
+                consumed = position
+            elif text.startswith(b"{") and text.endswith(b"}"):
+                try:
+                    record = json.loads(text)
+                except ValueError:
+                    continue  # see below
+                self._keep(record)
+                consumed = position
+            # Anything else ("]", an empty line left by a repaired tear, a line
+            # that does not parse) is passed over without moving the offset: it
+            # may be the tail an append is rewriting. Once a good record follows
+            # it, it is not the tail, and the offset moves past it.
+
+    def _keep(self, record: Any) -> None:
+        if not isinstance(record, dict):
+            return
+        request_id = record.get("request_id")
+        if isinstance(request_id, int) and not isinstance(request_id, bool):
+            request_id = str(request_id)  # the pool accepts integer ids and records them as given
+        if isinstance(request_id, str) and request_id in self._wanted:
+            self._by_request.setdefault(request_id, record)
+
+
+# -- validation and segments --------------------------------------------------
+
+
+def validate_frame(frame: np.ndarray) -> tuple[np.dtype, tuple[int, ...]]:
+    """The frame's dtype (native byte order) and shape; ValueError (TypeError for a
+    non-array) saying what the pool would refuse."""
+    if not isinstance(frame, np.ndarray):
+        raise TypeError(f"frame must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"frame dtype {frame.dtype} is not supported; expected one of {', '.join(SUPPORTED_DTYPES)}")
+    shape = tuple(int(d) for d in frame.shape)
+    if not (frame.ndim == 2 or (frame.ndim == 3 and shape[2] in (1, 3, 4))):
+        raise ValueError(f"frame shape {shape} is not (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if not (0 < shape[0] <= MAX_DIMENSION and 0 < shape[1] <= MAX_DIMENSION):
+        raise ValueError(f"frame shape {shape} has a dimension outside 1..{MAX_DIMENSION}")
+    return np.dtype(frame.dtype.name), shape
+
+
+def check_url(url: str) -> None:
+    """ValueError unless url is an http(s) URL the pool would accept."""
+    if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
+        raise ValueError(f"url must be a string of 1..{MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ValueError(f"url {url[:80]!r} is not a valid URL: {exc}") from None
+    if parts.scheme.lower() not in URL_SCHEMES:
+        raise ValueError(f"url {url[:80]!r} has scheme {parts.scheme!r}; expected http or https")
+    if not parts.hostname:
+        raise ValueError(f"url {url[:80]!r} has no host")
+
+
+def unlink_segment(name: str) -> bool:
+    """Remove a segment by name; False when it was already gone.
+
+    Not SharedMemory.unlink(): that also tells the resource tracker, which no
+    longer knows the name and would print a KeyError traceback.
+    """
+    try:
+        os.unlink(SHM_DIR / name)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _write_segment(name: str, frame: np.ndarray, dtype: np.dtype) -> None:
+    """Create segment `name` holding frame's pixels (C order, native byte order)."""
+    if sys.version_info >= (3, 13):
+        shm = SharedMemory(name=name, create=True, size=frame.nbytes, track=False)
+    else:
+        shm = SharedMemory(name=name, create=True, size=frame.nbytes)
+        # The resource tracker would unlink the segment when this process exits,
+        # maybe before the pool has read it: ownership passes to the pool.
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    try:
+        view: np.ndarray = np.ndarray(frame.shape, dtype=dtype, buffer=shm.buf)
+        view[...] = frame
+        del view  # a live view keeps shm.buf exported and close() would fail
+    except BaseException:
+        shm.close()
+        unlink_segment(name)
+        raise
+    shm.close()
+
+
+def _new_or_checked_id(value: str | None, field: str) -> str:
+    if value is None:
+        return uuid.uuid4().hex
+    _check_id(value, field)
+    return value
+
+
+def _check_id(value: object, field: str) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_LENGTH:
+        raise ValueError(f"{field} must be a string of 1..{MAX_ID_LENGTH} characters")

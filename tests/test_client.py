@@ -1,0 +1,306 @@
+"""The producer client (`client.Producer`) and its CLI (`python -m client enqueue`),
+against the real pool on a private redis-server, real /dev/shm segments and a
+loopback HTTP server.
+
+What matters most to an upstream stage: the segment it creates must survive its
+own exit (no resource-tracker unlinking) and must not leak when Redis is away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import redis
+
+from client import Producer, Submission, WaitTimeout
+from client.producer import ResultsReader
+from shared.results_file import ResultsFile
+from tests.conftest import PoolFactory
+from tests.helpers import (
+    POOL_ENV_VARS,
+    REPO_ROOT,
+    SHM_DIR,
+    HttpServer,
+    pid_alive,
+    psnr,
+    segment_exists,
+    unlink_segment,
+    wait_until,
+)
+from tools.local_redis import LocalRedis, free_port
+
+WAIT = 30.0
+CLI_TIMEOUT = 60.0
+
+# Submits one frame from a separate process, then exits; prints what the test needs.
+SUBMIT_AND_EXIT = """
+import json, sys
+from multiprocessing import resource_tracker
+import numpy as np
+from client import Producer
+
+frame = np.load(sys.argv[3])
+with Producer.from_url(sys.argv[1], queue=sys.argv[2]) as producer:
+    submission = producer.submit_array(frame, image_id="chelsea")
+print(json.dumps({"request_id": submission.request_id, "segment": submission.segment,
+                  "tracker": resource_tracker._resource_tracker._pid}))
+"""
+
+
+def png(image: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", image)
+    assert ok
+    return data.tobytes()
+
+
+def read_jpeg(record: dict[str, Any], flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    image = cv2.imread(record["file_path"], flags)
+    assert image is not None, f"{record['file_path']} does not decode"
+    return image
+
+
+def segments_with_prefix(prefix: str) -> list[str]:
+    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+
+
+def run_cli(args: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`python -m client ...` in cwd (no .env there), with only the settings given."""
+    clean = {name: value for name, value in os.environ.items() if name not in POOL_ENV_VARS}
+    clean.update(env, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "client", *args],
+        check=False,
+        cwd=cwd,
+        env=clean,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+
+
+# ---------------------------------------------------------------- the library
+
+
+def test_submit_array_and_url_complete_and_look_like_their_sources(
+    pool_factory: PoolFactory,
+    redis_server: LocalRedis,
+    queue_name: str,
+    http_server: HttpServer,
+    photos: dict[str, np.ndarray],
+    tmp_path: Path,
+) -> None:
+    pool = pool_factory()
+    pool.wait_ready()
+    url = http_server.add("/coffee.png", png(photos["coffee"]), content_type="image/png")
+    with Producer.from_url(redis_server.url, queue=queue_name) as producer:
+        color = producer.submit_array(photos["astronaut"], image_id="astronaut")
+        gray = producer.submit_array(photos["camera"], image_id="camera", request_id="req-camera")
+        fetched = producer.submit_url(url, image_id="coffee")
+        records = producer.wait([color, gray, fetched], output_dir=tmp_path / "out", timeout=WAIT)
+
+    assert [r["request_id"] for r in records] == [color.request_id, "req-camera", fetched.request_id]
+    assert [r["status"] for r in records] == ["completed"] * 3, records
+    assert [r["source"] for r in records] == ["shm", "shm", "url"]
+    assert (color.source, color.segment is not None, fetched.source, fetched.segment) == ("shm", True, "url", None)
+    assert psnr(read_jpeg(records[0]), photos["astronaut"]) > 30
+    assert psnr(read_jpeg(records[1], cv2.IMREAD_GRAYSCALE), photos["camera"]) > 30
+    assert psnr(read_jpeg(records[2]), photos["coffee"]) > 30
+    # Ownership passed to the pool, which unlinks each segment once its record is durable.
+    wait_until(lambda: not segment_exists(color.segment) and not segment_exists(gray.segment), 10, "segments left")
+
+
+def test_segment_outlives_the_producer_process_until_the_pool_reads_it(
+    pool_factory: PoolFactory,
+    redis_server: LocalRedis,
+    queue_name: str,
+    photos: dict[str, np.ndarray],
+    tmp_path: Path,
+) -> None:
+    frame_path = tmp_path / "chelsea.npy"
+    np.save(frame_path, photos["chelsea"])
+    done = subprocess.run(
+        [sys.executable, "-c", SUBMIT_AND_EXIT, redis_server.url, queue_name, str(frame_path)],
+        check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr
+    sent = json.loads(done.stdout)
+    try:
+        # The producer's resource tracker is where an unlink-at-exit would come from:
+        # wait until it has finished, then the segment must still be there.
+        if sent["tracker"] is not None:
+            wait_until(lambda: not pid_alive(sent["tracker"]), 10, "the producer's resource tracker did not exit")
+        assert segment_exists(sent["segment"]), "the segment died with its producer"
+        pool = pool_factory()
+        pool.wait_ready()
+        submission = Submission(sent["request_id"], "chelsea", "shm", sent["segment"])
+        with Producer.from_url(redis_server.url, queue=queue_name) as producer:
+            [record] = producer.wait([submission], output_dir=tmp_path / "out", timeout=WAIT)
+        assert record["status"] == "completed", record
+        assert psnr(read_jpeg(record), photos["chelsea"]) > 30
+        wait_until(lambda: not segment_exists(sent["segment"]), 10, "the pool did not unlink the segment")
+    finally:
+        unlink_segment(sent["segment"])
+
+
+def test_unreachable_redis_raises_and_leaves_no_segment(photos: dict[str, np.ndarray]) -> None:
+    prefix = f"img_shm_test_{uuid.uuid4().hex[:8]}_"
+    with Producer.from_url(f"redis://127.0.0.1:{free_port()}/0", queue="nowhere") as producer:
+        with pytest.raises(redis.ConnectionError):
+            producer.submit_array(photos["coffee"], image_id="coffee", prefix=prefix)
+        with pytest.raises(redis.ConnectionError):
+            producer.submit_url("http://127.0.0.1/x.jpg", image_id="x")
+    assert segments_with_prefix(prefix) == []
+
+
+def test_frames_the_pool_would_refuse_are_refused_before_a_segment_exists(photos: dict[str, np.ndarray]) -> None:
+    prefix = f"img_shm_test_{uuid.uuid4().hex[:8]}_"
+    # No Redis is needed: validation comes first.
+    producer = Producer(redis.Redis(host="127.0.0.1", port=free_port()), queue="nowhere")
+    for frame in (photos["coffee"].astype(np.int32), np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4), np.uint8)):
+        with pytest.raises(ValueError, match="frame"):
+            producer.submit_array(frame, image_id="bad", prefix=prefix)
+    with pytest.raises(ValueError, match="image_id"):
+        producer.submit_array(photos["camera"], image_id="", prefix=prefix)
+    with pytest.raises(ValueError, match="scheme"):
+        producer.submit_url("file:///etc/passwd", image_id="x")
+    assert segments_with_prefix(prefix) == []
+
+
+def test_results_reader_follows_appends_torn_at_every_byte_and_a_repaired_tear(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    ledger = ResultsFile(path)
+    ledger.open()
+    records = [{"timestamp": "t", "request_id": f"r{i}", "status": "completed", "n": i} for i in range(6)]
+    wanted = [r["request_id"] for r in records]
+    reader = ResultsReader(path)
+    assert reader.find(wanted) == {}
+    ledger.append(records[:2])
+    assert reader.find(wanted) == {"r0": records[0], "r1": records[1]}
+    # The next append as ResultsFile writes it, torn after every byte: seen by the
+    # reader that follows the file and by one that first looks at that moment.
+    size = path.stat().st_size
+    text = b",\n" + b",\n".join(json.dumps(r).encode() for r in records[2:4]) + b"\n]\n"
+    newcomers = []
+    with open(path, "r+b") as raw:
+        for cut in range(len(text) + 1):
+            raw.seek(size - 3)
+            raw.write(text[:cut])
+            raw.flush()
+            newcomers.append(ResultsReader(path))
+            for each in (reader, newcomers[-1]):
+                seen = each.find(wanted)
+                assert all(seen[rid] == records[int(rid[1:])] for rid in seen), (cut, seen)
+    for each in (reader, *newcomers):
+        assert set(each.find(wanted)) == {"r0", "r1", "r2", "r3"}
+    ledger.close()
+    # A ledger killed mid-append: the next one cuts the torn record and carries on.
+    with open(path, "r+b") as raw:
+        raw.seek(path.stat().st_size - 3)
+        raw.write(b",\n" + json.dumps(records[4]).encode()[:20])
+    reader.find(wanted)
+    ledger = ResultsFile(path)
+    ledger.open()
+    ledger.append([records[5]])
+    ledger.append([records[4]])
+    assert reader.find(wanted) == {r["request_id"]: r for r in records}
+    ledger.close()
+
+
+def test_wait_times_out_naming_how_many_are_missing(tmp_path: Path) -> None:
+    ledger = ResultsFile(tmp_path / "results.json")
+    ledger.open()
+    ledger.append([{"timestamp": "t", "request_id": "here", "status": "completed"}])
+    ledger.close()
+    producer = Producer(redis.Redis(host="127.0.0.1", port=free_port()), queue="nowhere")
+    submissions = [Submission("here", "a", "url", None), Submission("gone", "b", "url", None)]
+    with pytest.raises(WaitTimeout, match="1 of 2 submissions have no record") as caught:
+        producer.wait(submissions, output_dir=tmp_path, timeout=0.2)
+    assert caught.value.missing == ["gone"]
+    assert [r["request_id"] for r in caught.value.records] == ["here"]
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+def test_cli_enqueue_wait_reports_every_record(
+    pool_factory: PoolFactory,
+    redis_server: LocalRedis,
+    queue_name: str,
+    http_server: HttpServer,
+    photos: dict[str, np.ndarray],
+    tmp_path: Path,
+) -> None:
+    pool = pool_factory()
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    cv2.imwrite(str(inputs / "astronaut.png"), photos["astronaut"])
+    cv2.imwrite(str(inputs / "camera.jpg"), photos["camera"])
+    url = http_server.add("/chelsea.png", png(photos["chelsea"]), content_type="image/png")
+    pool.wait_ready()
+    env = {"REDIS_URL": redis_server.url, "HOSTING_TASKS_QUEUE": queue_name, "OUTPUT_DIR": str(tmp_path / "out")}
+    args = ["enqueue", "--wait", "--timeout", str(WAIT), str(inputs / "astronaut.png"), str(inputs / "camera.jpg"), url]
+
+    done = run_cli(args, cwd=inputs, env=env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3, done.stdout
+    assert all(line.split()[0] == "completed" for line in lines), done.stdout
+    files = [Path(line.split()[2]) for line in lines]
+    assert [f.name.rsplit("_", 2)[0] for f in files] == ["astronaut", "camera", "chelsea"]
+    assert all(f.is_file() for f in files)
+    assert "3/3 done, 0 failed" in done.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("argument", "message"),
+    [("missing.png", "not a readable file"), ("notes.png", "not an image"), ("ftp://host/a.png", "scheme")],
+)
+def test_cli_usage_errors_exit_2_with_one_line_and_queue_nothing(
+    redis_client: redis.Redis,
+    redis_server: LocalRedis,
+    queue_name: str,
+    photos: dict[str, np.ndarray],
+    tmp_path: Path,
+    argument: str,
+    message: str,
+) -> None:
+    cv2.imwrite(str(tmp_path / "good.png"), photos["camera"])
+    (tmp_path / "notes.png").write_text("not a picture\n")
+    env = {"REDIS_URL": redis_server.url, "HOSTING_TASKS_QUEUE": queue_name}
+
+    done = run_cli(["enqueue", "good.png", argument], cwd=tmp_path, env=env)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
+    assert redis_client.llen(queue_name) == 0  # checked before anything was queued
+
+
+def test_cli_unreachable_redis_exits_1_with_one_line_and_no_segment(
+    photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    cv2.imwrite(str(tmp_path / "coffee.png"), photos["coffee"])
+    prefix = f"img_shm_test_{uuid.uuid4().hex[:8]}_"
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
+
+    done = run_cli(["enqueue", "--shm-prefix", prefix, "--redis-url", url, "coffee.png"], cwd=tmp_path, env={})
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr and "cannot reach Redis" in done.stderr, done.stderr
+    assert "secret" not in done.stderr
+    assert segments_with_prefix(prefix) == []
