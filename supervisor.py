@@ -25,6 +25,7 @@ Hazards handled here:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import json
 import multiprocessing
@@ -42,6 +43,7 @@ from typing import NoReturn
 
 import structlog
 
+from control.metrics import MetricsEndpoint
 from shared import exitcodes
 from shared.backoff import compute_backoff
 from shared.config import ConfigError, Settings
@@ -53,6 +55,8 @@ from shared.sdnotify import Notifier
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 LOOP_SECONDS = 1.0
 LEDGER_STOP_TIMEOUT = 15.0
+# Settings a SIGHUP cannot change: the ledger, the lease and the metrics socket hang on them.
+RESTART_ONLY_SETTINGS = ("redis_url", "queue", "output_dir", "metrics_port", "metrics_address", "lease_ttl")
 # A ledger silent this long is wedged: stop pinging systemd's watchdog.
 LEDGER_STALE_SECONDS = 30.0
 REDIS_FAILED = object()
@@ -76,8 +80,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_env(workers_override=args.workers)
 
 
 OPERATOR_COMMANDS = ("status", "check", "dead")
@@ -89,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         from control.commands import main as run_command
 
         return run_command(argv)
+    args = parse_args(argv)
     try:
-        settings = load_settings(parse_args(argv))
+        settings = Settings.from_env(workers_override=args.workers)
     except ConfigError as exc:
         print(f"image-result-worker: {exc}", file=sys.stderr)
         return exitcodes.CONFIG_ERROR
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"image-result-worker: {exc}", file=sys.stderr)
         return exitcodes.OUTPUT_DIR_BUSY if isinstance(exc, BlockingIOError) else exitcodes.BOOT_FAILED
     try:
-        return Supervisor(settings, instance=instance).run()
+        return Supervisor(settings, instance=instance, workers_override=args.workers).run()
     finally:
         os.close(lock_fd)
 
@@ -142,13 +145,14 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, *, instance: str) -> None:
+    def __init__(self, settings: Settings, *, instance: str, workers_override: int | None = None) -> None:
         # Imported here, not at the top: they load OpenCV, which must see
         # OPENCV_IO_MAX_IMAGE_PIXELS first (set in main()).
         from workers.ledger import ledger_main
         from workers.worker import processing_name, worker_main
 
         self.settings = settings
+        self.workers_override = workers_override
         self.log = structlog.get_logger()
         self.context = multiprocessing.get_context("fork")
         self.instance = instance
@@ -173,6 +177,8 @@ class Supervisor:
         self.lease_due = 0.0
         self.orphan_scan_due = 0.0
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.metrics: MetricsEndpoint | None = None
+        self.metrics_pipe: int | None = None
         self.signal_methods = {
             signal.SIGTERM: self.handle_term,
             signal.SIGINT: self.handle_term,
@@ -186,6 +192,18 @@ class Supervisor:
 
     def run(self) -> int:
         self.install_signal_handlers()
+        if self.settings.metrics_port is not None:
+            try:
+                self.metrics = MetricsEndpoint(
+                    address=self.settings.metrics_address,
+                    port=self.settings.metrics_port,
+                    queue=self.queue,
+                    live_workers=lambda: len(self.workers),
+                    healthy=self.healthy,
+                )
+            except OSError as exc:
+                self.log.error("metrics_port_unavailable", port=self.settings.metrics_port, error=str(exc))
+                return exitcodes.BOOT_FAILED
         self.log.info(
             "supervisor_starting",
             workers=self.desired,
@@ -224,9 +242,14 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)
 
     def sleep(self, seconds: float) -> None:
-        """Wait for a signal, a child's death or the timeout; then dispatch signals."""
-        sentinels = [child.process.sentinel for child in self.children()]
-        multiprocessing.connection.wait([self.wakeup_r, *sentinels], timeout=seconds)
+        """Wait for a signal, a child's death, a metrics request or the timeout;
+        then answer metrics and dispatch signals."""
+        waitables = [self.wakeup_r, *(child.process.sentinel for child in self.children())]
+        if self.metrics is not None:
+            waitables += [self.metrics, *([self.metrics_pipe] if self.metrics_pipe is not None else [])]
+        multiprocessing.connection.wait(waitables, timeout=seconds)
+        if self.metrics is not None:
+            self.serve_metrics()
         try:
             received = os.read(self.wakeup_r, 64)
         except BlockingIOError:
@@ -244,7 +267,21 @@ class Supervisor:
         self.stopping = self.fast_stop = True
 
     def handle_hup(self) -> None:
-        self.log.info("workers_recycling", reason="SIGHUP")
+        """Re-read settings as at start (environment, then .env) and replace the
+        workers gracefully with ones that use them. What only a restart can
+        change (where the queue, Redis, output and metrics are) is kept."""
+        try:
+            fresh = Settings.from_env(workers_override=self.workers_override)
+        except ConfigError as exc:
+            self.log.error("reload_refused", reason=str(exc))
+            return
+        fixed = [name for name in RESTART_ONLY_SETTINGS if getattr(fresh, name) != getattr(self.settings, name)]
+        if fixed:
+            self.log.warning("reload_needs_restart", settings=fixed)
+            fresh = dataclasses.replace(fresh, **{name: getattr(self.settings, name) for name in fixed})
+        self.settings = fresh
+        self.desired = fresh.workers
+        self.log.info("settings_reloaded", workers=self.desired)
         for child in self.workers.values():
             self.signal_child(child, signal.SIGTERM)
 
@@ -267,6 +304,8 @@ class Supervisor:
             child.process.close()
             self.log_exit(child, code)
             self.note_boot_outcome(child, code)
+            if self.metrics is not None and not self.stopping:
+                self.metrics.child_restarted(child.role)
             if child.role == "ledger":
                 self.on_ledger_exit()
             else:
@@ -275,6 +314,9 @@ class Supervisor:
 
     def on_ledger_exit(self) -> None:
         self.ledger = None
+        if self.metrics is not None and self.metrics_pipe is not None:
+            self.metrics.read_snapshots(self.metrics_pipe)  # its last words
+            self.metrics.ledger_replaced()
         if self.stopping:
             return
         # Records the ledger had not acknowledged died with it; recycle every
@@ -338,8 +380,18 @@ class Supervisor:
             self.log.info("retries_due", tasks=moved)
 
     def ensure_ledger(self) -> None:
-        if self.ledger is None and time.monotonic() >= self.respawn_not_before:
+        if self.ledger is not None or time.monotonic() < self.respawn_not_before:
+            return
+        if self.metrics is None:
             self.ledger = self.spawn("ledger", 0, self.ledger_main)
+            return
+        # The ledger's stats snapshots come back over a pipe of its own.
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.ledger = self.spawn("ledger", 0, self.ledger_main, metrics_fd=write_end)
+        os.close(write_end)
+        if self.metrics_pipe is not None:
+            os.close(self.metrics_pipe)
+        self.metrics_pipe = read_end
 
     def scale_workers(self) -> None:
         if self.ledger is None or time.monotonic() < self.respawn_not_before:
@@ -352,11 +404,25 @@ class Supervisor:
         for slot in [s for s in self.workers if s >= self.desired]:
             self.signal_child(self.workers[slot], signal.SIGTERM)
 
+    def serve_metrics(self) -> None:
+        if self.metrics_pipe is not None:
+            self.metrics.read_snapshots(self.metrics_pipe)
+        self.metrics.answer_waiting_requests()
+
+    def healthy(self) -> bool:
+        """Ready, and the ledger beating: what /healthz and the watchdog report."""
+        ledger = self.ledger
+        return (
+            self.ready
+            and not self.stopping
+            and ledger is not None
+            and time.monotonic() - ledger.heartbeat.value < LEDGER_STALE_SECONDS
+        )
+
     def ping_watchdog(self) -> None:
         """WATCHDOG=1 for systemd, only while the loop turns and the ledger is alive
         and beating: a wedged supervisor or ledger gets the service restarted."""
-        ledger = self.ledger
-        if self.watchdog and ledger is not None and time.monotonic() - ledger.heartbeat.value < LEDGER_STALE_SECONDS:
+        if self.watchdog and self.healthy():
             self.notifier.notify("WATCHDOG=1")
 
     def state(self) -> bytes:
@@ -413,6 +479,8 @@ class Supervisor:
                 self.wait_for_children(lambda: self.ledger is None, None)
         self.requeue_lists()
         self.redis_call("lease_drop_failed", self.queue.drop_lease, self.instance)
+        if self.metrics is not None:
+            self.metrics.close()
         self.log.info("shutdown_complete", left_for_next_start=len(self.lists_to_requeue))
 
     def wait_for_children(self, done, timeout: float | None) -> bool:
@@ -433,9 +501,9 @@ class Supervisor:
     def children(self) -> list[Child]:
         return [*self.workers.values(), *([self.ledger] if self.ledger else [])]
 
-    def spawn(self, role: str, slot: int, target) -> Child:
+    def spawn(self, role: str, slot: int, target, **extra) -> Child:
         heartbeat = self.context.Value("d", 0.0, lock=False)
-        kwargs = {"instance": self.instance, "heartbeat": heartbeat}
+        kwargs = {"instance": self.instance, "heartbeat": heartbeat, **extra}
         if role == "worker":
             kwargs["slot"] = slot
         # daemon=True: should the supervisor itself fail, multiprocessing's exit hook

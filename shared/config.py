@@ -52,6 +52,8 @@ class Settings:
     url_max_redirects: int = 3
     url_allowed_hosts: tuple[str, ...] = ()  # empty: any host
     lease_ttl: float = 15.0
+    metrics_port: int | None = None  # off unless set
+    metrics_address: str = "0.0.0.0"
 
     @classmethod
     def from_env(
@@ -105,6 +107,8 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         url_max_redirects=get("URL_MAX_REDIRECTS", _int_in(0, 20), DEFAULTS.url_max_redirects),
         url_allowed_hosts=get("URL_ALLOWED_HOSTS", _host_list, DEFAULTS.url_allowed_hosts),
         lease_ttl=get("LEASE_TTL", _float_in(2, 3600), DEFAULTS.lease_ttl),
+        metrics_port=get("METRICS_PORT", _int_in(1, 65535), DEFAULTS.metrics_port),
+        metrics_address=get("METRICS_ADDRESS", _address, DEFAULTS.metrics_address),
     )
 
 
@@ -180,6 +184,12 @@ def _host_list(name: str, raw: str) -> tuple[str, ...]:
     if any(not re.fullmatch(r"[a-z0-9.\-:\[\]]{1,253}", h) for h in hosts):
         raise ConfigError(f"{name}={raw!r} is not a comma-separated list of host names")
     return hosts
+
+
+def _address(name: str, raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9.:\-]{1,253}", raw):
+        raise ConfigError(f"{name}={raw!r} is not an address to listen on; expected e.g. 0.0.0.0 or 127.0.0.1")
+    return raw
 
 
 def _queue_name(name: str, raw: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 COMPLETED = "completed"
@@ -37,6 +37,8 @@ class CompletionRecord:
     partial_path: str | None = None
     segment_name: str | None = None
     retry_at: float | None = None  # epoch seconds, for RETRY
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, for metrics
+    sent_at: float = 0.0  # epoch seconds, when the worker sent it; the ledger's lag starts here
     file_path: str | None = None  # chosen by the ledger
     duplicate: bool = False  # set by the ledger: this task already has its record
 

@@ -97,6 +97,7 @@ def pool_factory(tmp_path: Path, redis_server: LocalRedis, queue_name: str) -> I
         output_dir: Path | None = None,
         queue: str | None = None,
         script: str = "supervisor.py",
+        cwd: Path | None = None,
     ) -> Pool:
         pool = Pool(
             workdir=tmp_path / f"pool{len(pools)}",
@@ -107,6 +108,7 @@ def pool_factory(tmp_path: Path, redis_server: LocalRedis, queue_name: str) -> I
             env=dict(env or {}),
             args=tuple(args),
             script=script,
+            cwd=cwd,
         )
         pools.append(pool)
         return pool.start()

@@ -450,6 +450,7 @@ class Pool:
     env: Mapping[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()
     script: str = "supervisor.py"
+    cwd: Path | None = None  # where it runs, and so which .env it reads; default the repo
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _datagrams: list[str] = field(default_factory=list, init=False)
     _notify: socket.socket | None = field(default=None, init=False)
@@ -476,11 +477,11 @@ class Pool:
     def start(self) -> Pool:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._open_notify_socket()
-        command = [sys.executable, self.script, *self._worker_args(), *self.args]
+        command = [sys.executable, str(REPO_ROOT / self.script), *self._worker_args(), *self.args]
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 command,
-                cwd=REPO_ROOT,
+                cwd=self.cwd or REPO_ROOT,
                 env=self._child_env(),
                 stdin=subprocess.DEVNULL,
                 stdout=out,

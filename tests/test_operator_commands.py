@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 from tests.helpers import REPO_ROOT, Pool, push, wait_for_records, wait_until
-from tests.test_reliability import push_photos
+from tests.test_reliability import push_photos, worker_pids
 
 
 def command(pool: Pool, *args: str, redis_url: str | None = None) -> subprocess.CompletedProcess:
@@ -87,3 +88,31 @@ def test_unknown_subcommand_is_a_one_line_usage_error(pool_factory):
     pool = pool_factory(workers=1)
     done = command(pool, "dead", "resurrect")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_sighup_rereads_settings_and_replaces_workers_without_losing_tasks(
+    pool_factory, redis_client, queue_name, segments, tmp_path
+):
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    (workdir / ".env").write_text("WORKERS=1\nJPEG_QUALITY=20\n")
+    pool = pool_factory(workers=None, cwd=workdir)
+    pool.wait_ready()
+    before = worker_pids(pool)
+    assert len(before) == 1
+    push_photos(redis_client, queue_name, segments, 20, size=(512, 512))
+    (workdir / ".env").write_text("WORKERS=2\nJPEG_QUALITY=95\n")
+    pool.send_signal(signal.SIGHUP)
+    wait_until(lambda: len(pids := worker_pids(pool)) == 2 and not set(pids) & set(before), 15, "workers not replaced")
+    push_photos(redis_client, queue_name, segments, 1, size=(512, 512))  # after the reload
+    records = wait_for_records(pool.output_dir, 21, pool=pool)
+    assert sorted(r["request_id"] for r in records) == sorted([f"req_{i:04d}" for i in range(20)] + ["req_0000"])
+    assert all(r["status"] == "completed" for r in records)
+    # The same photo: first at quality 20 (before the reload), last at 95.
+    first, last = sorted((r for r in records if r["request_id"] == "req_0000"), key=lambda r: r["timestamp"])
+    assert last["bytes"] > 1.5 * first["bytes"]
+    (workdir / ".env").write_text("JPEG_QUALITY=500\n")
+    pool.send_signal(signal.SIGHUP)
+    wait_until(lambda: pool.events("reload_refused"), 10, "a bad reload was not refused")
+    assert len(worker_pids(pool)) == 2
+    assert pool.stop() == 0

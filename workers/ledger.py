@@ -54,6 +54,7 @@ from shared.messages import InvalidMessage, segment_name
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import REDIS_ERRORS, Acknowledgement, QueueKeys, ReliableQueue, connect
 from shared.results_file import ResultsFile, ResultsFileError
+from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
 
 log = structlog.get_logger()
 
@@ -66,8 +67,13 @@ UCRED = struct.Struct("3i")
 
 
 class Ledger:
-    def __init__(self, settings: Settings, *, instance: str, heartbeat: Synchronized) -> None:
+    def __init__(
+        self, settings: Settings, *, instance: str, heartbeat: Synchronized, metrics_fd: int | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics_fd = metrics_fd
+        self.stats = TaskStats()
+        self.stats_sent_at = 0.0
         self.instance = instance
         self.heartbeat = heartbeat
         self.parent = os.getppid()
@@ -114,7 +120,9 @@ class Ledger:
             self._receive(timeout=self._wait_time())
             self._commit()
             self._acknowledge()
+            self._send_stats()
         self._drain_before_exit()
+        self._send_stats(force=True)
         self.results.close()
         log.info("ledger_stopped", unacknowledged=len(self.unacknowledged))
         return exitcodes.OK
@@ -190,9 +198,14 @@ class Ledger:
         self.write_failures = 0
         crash_point("ledger_after_append")
         self._publish(published)
+        committed_at = time.time()
         for record in fresh:
             if record.status != RETRY:
                 self._remember(record.task_id, record.status)
+            if self.metrics_fd is not None:
+                timings = {**record.timings, "ledger": max(0.0, committed_at - record.sent_at)}
+                self.stats.observe(status=record.status, source=record.source, timings=timings)
+        self.stats.duplicates += len(duplicates)
         for record in duplicates:
             record.duplicate = True
             if record.partial_path:
@@ -358,13 +371,32 @@ class Ledger:
             if self.unwritten or self.unacknowledged:
                 time.sleep(min(1.0, max(0.05, self._wait_time())))
 
+    def _send_stats(self, *, force: bool = False) -> None:
+        """About once a second, the cumulative stats to the supervisor's metrics.
+        Never blocks: a snapshot that does not fit in the pipe is dropped, and
+        the next one carries the same counts and more."""
+        if self.metrics_fd is None or (not force and time.monotonic() - self.stats_sent_at < 1.0):
+            return
+        self.stats_sent_at = time.monotonic()
+        snapshot = self.stats.to_bytes()
+        frame = len(snapshot).to_bytes(4, "big") + snapshot
+        if len(frame) > MAX_SNAPSHOT_BYTES:
+            log.warning("metrics_snapshot_too_large", bytes=len(frame))
+            return
+        try:
+            os.write(self.metrics_fd, frame)
+        except (BlockingIOError, BrokenPipeError):
+            pass
+
     def request_stop(self, *_: object) -> None:
         self.stopping = True
 
 
-def ledger_main(settings: Settings, *, instance: str, heartbeat: Synchronized) -> None:
+def ledger_main(
+    settings: Settings, *, instance: str, heartbeat: Synchronized, metrics_fd: int | None = None
+) -> None:
     """Entry point of the forked ledger-writer process."""
-    ledger = Ledger(settings, instance=instance, heartbeat=heartbeat)
+    ledger = Ledger(settings, instance=instance, heartbeat=heartbeat, metrics_fd=metrics_fd)
     process.reset_signals_in_child(ledger.request_stop)
     process.die_with_parent(ledger.parent)
     process.set_title("ledger")

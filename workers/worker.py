@@ -93,6 +93,8 @@ class Worker:
         self._claims = 0  # never reset: it makes every task id of this process unique
         self._registered = False
         self._redis_failures = 0
+        self._fetch_seconds: float | None = None
+        self._timings: dict[str, float] = {}  # of the task in hand, per phase, for metrics
 
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
@@ -152,10 +154,13 @@ class Worker:
                 self._registered = True
             self._claims += 1
             prefix = f"{self._id_prefix}-{self._claims}"
+            claim_started = time.perf_counter()
             envelopes = self.queue.claim(self.processing_key, count=1, id_prefix=prefix)
+            self._fetch_seconds = time.perf_counter() - claim_started
             if not envelopes:
                 one = self.queue.wait_and_claim(self.processing_key, task_id=f"{prefix}-0")
                 envelopes = [one] if one is not None else []
+                self._fetch_seconds = None  # time spent waiting for work is not the task's
         except REDIS_ERRORS as exc:
             self._redis_failures += 1
             delay = compute_backoff(self._redis_failures, base=0.2, cap=10.0)
@@ -180,6 +185,7 @@ class Worker:
     def _handle(self, raw: bytes) -> CompletionRecord:
         """Run one task to a completion record. Never raises for bad input."""
         started = time.perf_counter()
+        self._timings = {"fetch": self._fetch_seconds} if self._fetch_seconds is not None else {}
         try:
             envelope = parse_envelope(raw)
         except InvalidMessage as exc:
@@ -218,8 +224,10 @@ class Worker:
                 reason = f"gave up after {envelope.deliveries} attempts: {reason}"
             return self._failed(envelope, envelope.raw, task, reason, started)
         partial = output.partial_path(self.settings.output_dir, envelope.task_id, envelope.deliveries)
+        write_started = time.perf_counter()
         if not self._write_partial(partial, image.jpeg):
             raise StopRequested  # the task stays in my processing list and is requeued
+        self._timings["write"] = time.perf_counter() - write_started
         crash_point("worker_after_partial")
         duration_ms = round((time.perf_counter() - started) * 1000, 2)
         log.info("task_finished", status=COMPLETED, source=source, duration_ms=duration_ms)
@@ -239,6 +247,7 @@ class Worker:
             duration_ms=duration_ms,
             partial_path=str(partial),
             segment_name=self._segment_to_unlink(task, envelope),
+            timings=self._timings,
         )
 
     def _write_partial(self, partial: Path, jpeg: bytes) -> bool:
@@ -277,6 +286,7 @@ class Worker:
             source=task.source,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             retry_at=time.time() + delay,
+            timings=self._timings,
         )
 
     @staticmethod
@@ -291,7 +301,11 @@ class Worker:
         quality = self.settings.jpeg_quality
         if task.segment is not None:
             try:
-                return encode_segment(task.segment, quality=quality), "shm"
+                # Attaching costs microseconds; the phase is the encode.
+                encode_started = time.perf_counter()
+                image = encode_segment(task.segment, quality=quality)
+                self._timings["encode"] = time.perf_counter() - encode_started
+                return image, "shm"
             except ImageError as exc:
                 if task.image_url is None:
                     raise
@@ -299,9 +313,14 @@ class Worker:
         elif task.segment_error:
             log.warning("shm_info_invalid_trying_url", error=task.segment_error)
         assert task.image_url is not None  # parse_task guarantees one source
+        load_started = time.perf_counter()
         body = self.fetcher.fetch(task.image_url)
         frame = decode_image(body, max_pixels=self.settings.max_pixels)
-        return encode_pixels(frame, quality=quality), "url"
+        encode_started = time.perf_counter()
+        self._timings["load"] = encode_started - load_started
+        image = encode_pixels(frame, quality=quality)
+        self._timings["encode"] = time.perf_counter() - encode_started
+        return image, "url"
 
     def _failed(
         self, envelope: Envelope | None, raw: bytes, task: Task | None, reason: str, started: float
@@ -323,9 +342,11 @@ class Worker:
             source=task.source if task else None,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             segment_name=found.segment_name,
+            timings=self._timings,
         )
 
     def _send(self, record: CompletionRecord) -> bool:
+        record.sent_at = time.time()
         try:
             channel.send_record(self.ledger, record)
         except OSError as exc:

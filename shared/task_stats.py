@@ -1,0 +1,65 @@
+"""Cumulative task statistics: made by the ledger, served by the supervisor.
+
+The ledger sees every record, so it counts outcomes and the time each phase of
+a task took. It sends the whole cumulative snapshot to the supervisor about
+once a second over a non-blocking pipe; a snapshot is small and fixed-size
+(one pipe write, so it arrives whole or not at all), and a dropped one is
+superseded by the next. The supervisor turns snapshots into Prometheus metrics.
+"""
+
+from __future__ import annotations
+
+import bisect
+import pickle
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Seconds; the phases of one task, worker side then ledger side.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PHASES = ("fetch", "load", "encode", "write", "ledger")
+# A pipe write up to PIPE_BUF bytes is atomic.
+MAX_SNAPSHOT_BYTES = 4096
+
+
+@dataclass
+class Histogram:
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def add(self, other: Histogram) -> None:
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets, strict=True)]
+        self.total += other.total
+        self.count += other.count
+
+
+@dataclass
+class TaskStats:
+    outcomes: Counter = field(default_factory=Counter)  # (status, source) -> tasks
+    phases: dict[str, Histogram] = field(default_factory=lambda: {phase: Histogram() for phase in PHASES})
+    duplicates: int = 0
+
+    def observe(self, *, status: str, source: str | None, timings: dict[str, float]) -> None:
+        self.outcomes[(status, source or "none")] += 1
+        for phase, seconds in timings.items():
+            if phase in self.phases:
+                self.phases[phase].observe(seconds)
+
+    def add(self, other: TaskStats) -> None:
+        self.outcomes.update(other.outcomes)
+        for phase, histogram in other.phases.items():
+            self.phases[phase].add(histogram)
+        self.duplicates += other.duplicates
+
+    def to_bytes(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def from_bytes(data: bytes) -> TaskStats:
+        # From our own ledger, over a pipe only it holds.
+        return pickle.loads(data)
