@@ -43,6 +43,8 @@ COPY workers/ ./workers/
 COPY shared/ ./shared/
 # Operator commands (status, check for the HEALTHCHECK, dead), imported on demand.
 COPY control/ ./control/
+# The producer client, so `python -m client enqueue` runs from this image too.
+COPY client/ ./client/
 
 # A named volume mounted here starts as a copy of this directory, owned by the worker.
 VOLUME /app/output
