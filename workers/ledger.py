@@ -81,6 +81,7 @@ class Ledger:
         self.keys = QueueKeys(settings.queue)
         self.results = ResultsFile(settings.output_dir / output.RESULTS_NAME)
         self.pending_unlinks = settings.output_dir / ".unlink-pending"
+        self.pending_unlinks_fd = -1  # kept open: it is rewritten for every batch
         self.selector = selectors.DefaultSelector()
         self.connections = 0
         self.unwritten: list[CompletionRecord] = []  # read but not yet durable
@@ -97,6 +98,9 @@ class Ledger:
         try:
             output.prepare_output_dir(self.settings.output_dir)
             recent = self.results.open()
+            self.pending_unlinks_fd = os.open(
+                self.pending_unlinks, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
         except (OSError, ResultsFileError) as exc:
             log.error("ledger_boot_failed", reason=str(exc))
             return exitcodes.BOOT_FAILED
@@ -338,21 +342,20 @@ class Ledger:
         between acknowledging and unlinking does not leak them: the next ledger
         unlinks what is listed. No fsync: /dev/shm does not survive a power cut."""
         if names:
-            self.pending_unlinks.write_text("\n".join(names))
+            listing = "\n".join(names).encode()
+            os.pwrite(self.pending_unlinks_fd, listing, 0)
+            os.ftruncate(self.pending_unlinks_fd, len(listing))
 
     def _unlink_segments(self, names: list[str]) -> None:
         for name in names:
             if unlink_segment(name):
                 log.debug("segment_unlinked", segment=name)
         if names:
-            self.pending_unlinks.write_text("")
+            os.ftruncate(self.pending_unlinks_fd, 0)
 
     def _finish_interrupted_unlinks(self) -> None:
         """Step 5 for the batch the last ledger acknowledged but did not finish."""
-        try:
-            listed = self.pending_unlinks.read_text().split()
-        except FileNotFoundError:
-            return
+        listed = os.pread(self.pending_unlinks_fd, 1 << 20, 0).decode(errors="replace").split()
         for value in listed:
             try:
                 name = segment_name(value)
@@ -360,7 +363,7 @@ class Ledger:
                 continue
             if unlink_segment(name):
                 log.info("segment_unlinked_after_crash", segment=name)
-        self.pending_unlinks.write_text("")
+        os.ftruncate(self.pending_unlinks_fd, 0)
 
     def _drain_before_exit(self) -> None:
         """Make durable and acknowledge what is left, for a bounded time."""
