@@ -1,0 +1,1365 @@
+"""The throughput benchmark: the pool against the raw encode limit (`make bench`).
+
+What one run measures, on a private redis-server and fresh temp directories:
+
+    photos (scikit-image) -> one /dev/shm segment per task, made as producers do
+      limit: W forked processes: attach + encode + write/fdatasync + unlink,
+             no Redis, no ledger                                   -> images/s, CPU/task
+      pool:  the same tasks RPUSHed before `python supervisor.py --workers W`
+             starts; READY=1 .. the Nth record in results.json       -> images/s, CPU/task
+    then: push-to-durable-record latency at half the pool's peak rate, the
+    ledger's ResultsFile alone, a worker's anonymous memory on 3840x2160
+    frames, start-up to READY with 8 workers, and the idle pool's CPU.
+
+Hazards handled here:
+- Every segment, temp directory, pool process tree and the private Redis is
+  released in a `finally`, on Ctrl-C and SIGTERM too. The pool runs in its own
+  session, so Ctrl-C reaches only us and we stop it; limit children ignore
+  SIGINT and are terminated by us.
+- results.json is read while the ledger appends to it: only lines that end in a
+  newline are counted, and the bytes before the last counted record never
+  change, so each poll reads just the new tail.
+- The machine is noisy: limit and pool rounds alternate and medians are shown.
+  Each timed window also measures the CPU other processes took (a test suite
+  of another checkout, say); a round disturbed beyond --max-foreign is redone.
+- OpenCV must not have started its thread pool before we fork (see below).
+- A run with wrong records or files exits 1; missed targets are only reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from multiprocessing import resource_tracker
+from multiprocessing.process import BaseProcess
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import cv2
+import numpy as np
+import redis
+
+from shared.images import encode_segment, unlink_segment
+from shared.messages import SegmentRef
+from shared.output import RESULTS_NAME, write_durably
+from shared.records import COMPLETED, CompletionRecord
+from shared.results_file import ResultsFile
+from tests.helpers import POOL_ENV_VARS, photo_of_size
+from tools.local_redis import LocalRedis
+
+# OpenCV starts a thread pool on its first parallel call (cv2.resize of the
+# photos, here); a child forked after that deadlocks in cv2.setNumThreads() on
+# the pool's lock, and signals may land on a pool thread instead of ours. One
+# thread from the start, as in the supervisor, which never calls cv2 before fork.
+cv2.setNumThreads(1)
+
+WORKERS = 2
+QUALITY = 80
+# (label, height, width, share of --tasks): about the same encode time per size.
+SIZES = (("512x512", 512, 512, 2.5), ("1024x1024", 1024, 1024, 1.0), ("3840x2160", 2160, 3840, 0.16))
+LATENCY_SIZE = "1024x1024"
+STARTUP_WORKERS = 8
+# results.json is polled every 5 ms while timing throughput (the poll competes
+# with the pool for the cores) and every 2 ms in the latency run.
+THROUGHPUT_POLL_SECONDS = 0.005
+POLL_SECONDS = 0.002
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 60.0
+LEDGER_BATCH = 256
+# A round during which other processes kept more than --max-foreign % of the
+# CPUs busy is run again, at most this many times per round.
+MAX_REDOS = 2
+SECTIONS = ("memory", "ledger", "throughput", "latency", "startup", "idle")
+SHM_DIR = Path("/dev/shm")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class CheckFailed(Exception):
+    """Records, files or exit codes were wrong: the run is not valid."""
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSettings:
+    rounds: int
+    tasks: int
+    latency_seconds: float
+    idle_seconds: float
+    append_samples: int
+    big_ledger_records: int
+    sections: tuple[str, ...]
+    sizes: tuple[str, ...]
+    max_foreign: float
+    tmp_base: Path | None
+
+    def tasks_for(self, share: float) -> int:
+        # Even, so the limit's W=2 processes get the same number of tasks.
+        return max(WORKERS * 4, int(self.tasks * share) // WORKERS * WORKERS)
+
+
+def parse_args(argv: Sequence[str] | None) -> BenchSettings:
+    parser = argparse.ArgumentParser(prog="bench/bench.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (1 round, fewer tasks)")
+    parser.add_argument("--rounds", type=int, metavar="N", help="rounds per figure, medians shown (default 3, quick 1)")
+    parser.add_argument(
+        "--tasks", type=int, metavar="N",
+        help="tasks per round at 1024x1024 (default 600, quick 200); 512x512 gets 2.5x, 3840x2160 0.16x",
+    )
+    parser.add_argument("--latency-seconds", type=float, metavar="S", help="length of the half-load run (default 5)")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), metavar="LIST", help=f"comma-separated subset of {','.join(SECTIONS)}"
+    )
+    parser.add_argument(
+        "--sizes", default=",".join(s[0] for s in SIZES), metavar="LIST",
+        help="comma-separated subset of the frame sizes of the throughput section",
+    )
+    parser.add_argument(
+        "--max-foreign", type=float, default=10.0, metavar="PCT",
+        help=f"run a throughput round or the latency run again (up to {MAX_REDOS} times) when other processes "
+        "used more than PCT%% of the CPUs during it (default 10)",
+    )
+    parser.add_argument(
+        "--tmp", type=Path, metavar="DIR",
+        help="where OUTPUT_DIRs go (default: the system temp dir); use the disk you deploy on",
+    )
+    args = parser.parse_args(argv)
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; expected {', '.join(SECTIONS)}")
+    sizes = tuple(s.strip() for s in args.sizes.split(",") if s.strip())
+    if not sizes or any(size not in {s[0] for s in SIZES} for size in sizes):
+        parser.error(f"--sizes takes a subset of {','.join(s[0] for s in SIZES)}")
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
+    tasks = args.tasks if args.tasks is not None else (200 if args.quick else 600)
+    if rounds < 1 or tasks < 1:
+        parser.error("--rounds and --tasks must be at least 1")
+    return BenchSettings(
+        rounds=rounds,
+        tasks=tasks,
+        latency_seconds=args.latency_seconds or (2.0 if args.quick else 5.0),
+        idle_seconds=2.0 if args.quick else 5.0,
+        append_samples=100 if args.quick else 200,
+        big_ledger_records=1_000_000,
+        sections=sections,
+        sizes=sizes,
+        max_foreign=args.max_foreign,
+        tmp_base=args.tmp,
+    )
+
+
+# ---------------------------------------------------------------- shared memory and tasks
+
+
+@dataclass(frozen=True, slots=True)
+class BenchTask:
+    request_id: str
+    segment: str
+    shape: tuple[int, int, int]
+
+    def message(self) -> bytes:
+        height, width, channels = self.shape
+        return json.dumps({
+            "request_id": self.request_id,
+            "image_id": self.request_id,
+            "shm_info": {
+                "shm_name": self.segment,
+                "shape": [height, width, channels],
+                "dtype": "uint8",
+                "size": height * width * channels,
+            },
+        }).encode()
+
+
+class Segments:
+    """Every segment this run made; cleanup() unlinks whichever are still there."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def make(self, frame: np.ndarray) -> str:
+        """A segment holding frame, created the way producers do (see tests/helpers.make_segment)."""
+        shm = SharedMemory(create=True, size=frame.nbytes, name="irw_bench_" + uuid.uuid4().hex)
+        try:
+            view: np.ndarray = np.ndarray(frame.shape, dtype=frame.dtype, buffer=shm.buf)
+            view[...] = frame
+            del view
+            # Ownership passes to the consumer: our resource tracker must not unlink it.
+            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        finally:
+            shm.close()
+        self.names.add(shm.name)
+        return shm.name
+
+    def leftovers(self, names: Sequence[str]) -> list[str]:
+        return [name for name in names if (SHM_DIR / name).exists()]
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            unlink_segment(name)
+        self.names.clear()
+
+
+def natural_frames(height: int, width: int) -> list[np.ndarray]:
+    """Four real photos of one size (the mosaic and its mirror images), BGR uint8."""
+    base = photo_of_size(height, width)
+    return [base, *(np.ascontiguousarray(view) for view in (base[:, ::-1], base[::-1], base[::-1, ::-1]))]
+
+
+def make_tasks(segments: Segments, frames: list[np.ndarray], count: int, label: str) -> list[BenchTask]:
+    run = uuid.uuid4().hex[:8]
+    return [
+        BenchTask(f"{label}-{run}-{i}", segments.make(frames[i % len(frames)]), frames[i % len(frames)].shape)
+        for i in range(count)
+    ]
+
+
+# ---------------------------------------------------------------- CPU accounting
+
+
+def process_cpu_ns(pid: int) -> int:
+    """CPU time of every thread of pid, in ns (the scheduler's exact runtime); 0 if gone."""
+    total = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as stat:
+                total += int(stat.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def tree_cpu_ns(pids: Sequence[int]) -> int:
+    return sum(process_cpu_ns(pid) for pid in pids)
+
+
+class ForeignLoad:
+    """CPU used by processes outside this run (not our descendants, not kernel
+    threads) between start() and percent(): another job on a shared machine
+    skews every figure, so each timed window says how busy the others were."""
+
+    def __init__(self) -> None:
+        self._before: dict[int, int] = {}
+        self._started = 0.0
+
+    def start(self) -> ForeignLoad:
+        self._before = self._foreign_ticks()
+        self._started = time.perf_counter()
+        return self
+
+    def percent(self) -> float:
+        """Share of all CPUs, in %, used by foreign processes since start()."""
+        elapsed = time.perf_counter() - self._started
+        after = self._foreign_ticks()
+        ticks = sum(total - self._before.get(pid, 0) for pid, total in after.items())
+        return 100.0 * ticks / CLOCK_TICKS / max(elapsed, 1e-6) / (os.cpu_count() or 1)
+
+    @staticmethod
+    def _foreign_ticks() -> dict[int, int]:
+        parents, ticks = {}, {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            fields = stat_fields(int(entry))
+            if fields is None:
+                continue
+            parents[int(entry)] = int(fields[1])
+            ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        ours = os.getpid()
+
+        def foreign(pid: int) -> bool:
+            seen = 0
+            while pid > 2 and seen < 64:
+                if pid == ours:
+                    return False
+                pid, seen = parents.get(pid, 0), seen + 1
+            return pid != 2  # pid 2 is kthreadd: its children are kernel threads
+
+        return {pid: total for pid, total in ticks.items() if pid != 2 and foreign(pid)}
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            text = stat.read().decode(errors="replace")
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def children_of(parent: int) -> list[int]:
+    """Live processes whose parent is `parent` (this kernel has no /proc/PID/task/TID/children)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = stat_fields(int(entry))
+            if fields is not None and fields[0] != "Z" and int(fields[1]) == parent:
+                found.append(int(entry))
+    return sorted(found)
+
+
+def children_rusage_ns() -> int:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return int((usage.ru_utime + usage.ru_stime) * 1e9)
+
+
+# ---------------------------------------------------------------- the limit
+
+
+@dataclass(frozen=True, slots=True)
+class LimitResult:
+    images_per_s: float
+    cpu_us_per_task: float
+    wall_s: float
+    foreign_load: float
+
+
+def receive(conn: multiprocessing.connection.Connection, process: BaseProcess, timeout: float) -> object:
+    """The child's next message; CheckFailed if it dies or stays silent. Waits in
+    short slices so that Ctrl-C and SIGTERM are acted on at once."""
+    deadline = time.monotonic() + timeout
+    while not conn.poll(0.2):
+        if not process.is_alive() and not conn.poll(0):
+            raise CheckFailed(f"{process.name} exited with {process.exitcode} without reporting")
+        if time.monotonic() > deadline:
+            raise CheckFailed(f"{process.name} reported nothing within {timeout:.0f}s")
+    return conn.recv()
+
+
+def _limit_child(share: list[BenchTask], outdir: Path, go_fd: int, conn: multiprocessing.connection.Connection) -> None:
+    """One limit process: attach + encode + write + unlink, nothing else."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides, as the supervisor does
+    cv2.setNumThreads(1)
+    try:
+        conn.send("ready")
+        os.read(go_fd, 1)
+        cpu_start = time.process_time_ns()
+        for task in share:
+            image = encode_segment(SegmentRef(task.segment, task.shape, "uint8"), quality=QUALITY)
+            write_durably(outdir / f"{task.request_id}.jpg", image.jpeg)
+            unlink_segment(task.segment)
+        ended = time.perf_counter()
+        conn.send(("ok", ended, time.process_time_ns() - cpu_start))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+        conn.send(("error", repr(exc), 0))
+    finally:
+        conn.close()
+
+
+def run_limit(tasks: list[BenchTask], outdir: Path, segments: Segments) -> LimitResult:
+    context = multiprocessing.get_context("fork")
+    outdir.mkdir(parents=True)
+    go_r, go_w = os.pipe()
+    processes, connections = [], []
+    try:
+        for k in range(WORKERS):
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_limit_child, args=(tasks[k::WORKERS], outdir, go_r, sender), daemon=True)
+            process.start()
+            sender.close()
+            processes.append(process)
+            connections.append(receiver)
+        for conn, process in zip(connections, processes):  # all forked and waiting: the clock starts now
+            if receive(conn, process, 30) != "ready":
+                raise CheckFailed("limit child did not start")
+        others = ForeignLoad().start()
+        started = time.perf_counter()
+        os.write(go_w, b"g" * WORKERS)
+        reports = [receive(conn, process, 60 + len(tasks)) for conn, process in zip(connections, processes)]
+        for process in processes:
+            process.join()
+        foreign = others.percent()
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join()
+        os.close(go_r)
+        os.close(go_w)
+    errors = [detail for status, detail, _ in reports if status != "ok"]
+    if errors:
+        raise CheckFailed(f"limit process failed: {errors[0]}")
+    written = list(outdir.glob("*.jpg"))
+    if len(written) != len(tasks) or any(path.stat().st_size == 0 for path in written):
+        raise CheckFailed(f"limit wrote {len(written)} files for {len(tasks)} tasks")
+    left = segments.leftovers([t.segment for t in tasks])
+    if left:
+        raise CheckFailed(f"limit left {len(left)} segments")
+    wall = max(ended for _, ended, _ in reports) - started
+    cpu_ns = sum(cpu for _, _, cpu in reports)
+    return LimitResult(len(tasks) / wall, cpu_ns / 1000 / len(tasks), wall, foreign)
+
+
+# ---------------------------------------------------------------- the pool process
+
+
+class PoolProcess:
+    """`python supervisor.py` in its own session, with a notify socket we own."""
+
+    def __init__(self, *, workdir: Path, output_dir: Path, redis_url: str, queue: str, workers: int) -> None:
+        self.workdir = workdir
+        self.output_dir = output_dir
+        self.redis_url = redis_url
+        self.queue = queue
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.notify: socket.socket | None = None
+        self.spawned_at = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.workdir / "pool.stderr"
+
+    def start(self) -> PoolProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        notify_path = self.workdir / "notify.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.notify.bind(str(notify_path))
+        env = {name: value for name, value in os.environ.items() if name not in POOL_ENV_VARS}
+        env.update(
+            REDIS_URL=self.redis_url,
+            HOSTING_TASKS_QUEUE=self.queue,
+            OUTPUT_DIR=str(self.output_dir),
+            JPEG_QUALITY=str(QUALITY),
+            UNLINK_SHM="true",
+            LOG_LEVEL="WARNING",
+            LOG_FORMAT="json",
+            NOTIFY_SOCKET=str(notify_path),
+        )
+        with open(self.workdir / "pool.stdout", "ab") as out, open(self.stderr_path, "ab") as err:
+            self.spawned_at = time.perf_counter()
+            self.proc = subprocess.Popen(
+                [sys.executable, str(REPO_ROOT / "supervisor.py"), "--workers", str(self.workers)],
+                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                start_new_session=True,  # Ctrl-C reaches us only; we stop the pool
+            )
+        return self
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> float:
+        """perf_counter() at the READY=1 datagram."""
+        assert self.notify is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.notify], [], [], 0.05)
+            if readable:
+                datagram = self.notify.recv(65536).decode(errors="replace")
+                if "READY=1" in datagram.splitlines():
+                    return time.perf_counter()
+            if self.proc is not None and self.proc.poll() is not None:
+                raise CheckFailed(f"pool exited with {self.proc.returncode} before READY=1\n{self.stderr_tail()}")
+        raise CheckFailed(f"no READY=1 within {timeout:.0f}s\n{self.stderr_tail()}")
+
+    def tree(self) -> list[int]:
+        return [self.pid, *children_of(self.pid)]
+
+    def roles(self, pids: Sequence[int]) -> dict[int, str]:
+        """pid -> "supervisor", "ledger" or "workers", from the process titles."""
+        roles = {}
+        for pid in pids:
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                title = ""
+            roles[pid] = "supervisor" if pid == self.pid else ("ledger" if "ledger" in title else "workers")
+        return roles
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM the supervisor (as systemd does first) and wait for it."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise CheckFailed(f"pool still running {timeout:.0f}s after SIGTERM\n{self.stderr_tail()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL the whole session and reap; safe to call at any time."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        return "--- pool stderr (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def running_pool(**kwargs) -> Iterator[PoolProcess]:
+    pool = PoolProcess(**kwargs)
+    try:
+        yield pool.start()
+    finally:
+        pool.kill()
+
+
+class ResultsTail:
+    """Counts the records in results.json as the ledger appends them.
+
+    Bytes before the end of the last complete record never change (an append
+    only overwrites the closing "\\n]\\n"), so each poll reads from there on.
+    """
+
+    def __init__(self, path: Path, *, on_record: Callable[[bytes, float], None] | None = None) -> None:
+        self.path = path
+        self.on_record = on_record
+        self.count = 0
+        self._fd = -1
+        self._consumed = 0
+        self._seen_size = -1
+
+    def poll(self) -> int:
+        if self._fd < 0:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return self.count
+        size = os.fstat(self._fd).st_size
+        if size == self._seen_size:
+            return self.count
+        now = time.perf_counter()
+        data = os.pread(self._fd, size - self._consumed, self._consumed)
+        position = self._consumed
+        complete = True
+        pieces = data.split(b"\n")
+        for piece in pieces[:-1]:  # the last piece has no newline yet: maybe torn
+            start = position
+            position += len(piece) + 1
+            text = piece.rstrip(b",")
+            if text.startswith(b"{") and text.endswith(b"}"):
+                self.count += 1
+                self._consumed = start + len(text)
+                if self.on_record is not None:
+                    self.on_record(text, now)
+        if pieces[-1]:
+            complete = False
+        self._seen_size = size if complete else -1
+        return self.count
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def read_results(path: Path, timeout: float = 5.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = path.read_bytes()
+        try:
+            records = json.loads(raw)
+        except ValueError as exc:
+            if time.monotonic() > deadline:
+                raise CheckFailed(f"{path} is not valid JSON: {exc}; tail {raw[-200:]!r}") from None
+            time.sleep(0.02)
+            continue
+        if not isinstance(records, list):
+            raise CheckFailed(f"{path} holds {type(records).__name__}, not an array")
+        return records
+
+
+def verify_pool_output(
+    pool: PoolProcess, tasks: list[BenchTask], client: redis.Redis, segments: Segments, exit_code: int
+) -> None:
+    """Exactly one completed record and one published JPEG per task; nothing left behind."""
+    problems = []
+    if exit_code != 0:
+        problems.append(f"supervisor exited with {exit_code} after SIGTERM")
+    records = read_results(pool.output_dir / RESULTS_NAME)
+    expected = {task.request_id: task for task in tasks}
+    seen: dict[str, dict] = {}
+    for record in records:
+        rid = record.get("request_id")
+        if rid in seen:
+            problems.append(f"duplicate record for {rid}")
+        seen[rid] = record
+        task = expected.get(rid)
+        if task is None:
+            problems.append(f"record for unknown request {rid!r}")
+            continue
+        if record.get("status") != COMPLETED:
+            problems.append(f"{rid}: status {record.get('status')!r} ({record.get('error')})")
+            continue
+        path = Path(record.get("file_path") or "")
+        if path.parent != pool.output_dir or not path.is_file():
+            problems.append(f"{rid}: file {path} missing")
+        elif path.stat().st_size != record.get("bytes"):
+            problems.append(f"{rid}: {path} holds {path.stat().st_size} bytes, record says {record.get('bytes')}")
+        if (record.get("height"), record.get("width")) != task.shape[:2]:
+            problems.append(f"{rid}: record says {record.get('width')}x{record.get('height')}")
+    if len(records) != len(tasks):
+        problems.append(f"results.json holds {len(records)} records for {len(tasks)} tasks")
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        problems.append(f"{len(missing)} tasks have no record, e.g. {missing[0]}")
+    jpegs = list(pool.output_dir.glob("*.jpg"))
+    if len(jpegs) != len(tasks):
+        problems.append(f"OUTPUT_DIR holds {len(jpegs)} JPEGs for {len(tasks)} tasks")
+    partials = list((pool.output_dir / ".partial").iterdir())
+    if partials:
+        problems.append(f"{len(partials)} files left in .partial")
+    for path in (jpegs[:1] + jpegs[-1:]):
+        frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if frame is None or frame.shape[:2] != tasks[0].shape[:2]:
+            problems.append(f"{path} does not decode to a {tasks[0].shape[1]}x{tasks[0].shape[0]} image")
+    left = segments.leftovers([t.segment for t in tasks])
+    if left:
+        problems.append(f"{len(left)} segments not unlinked, e.g. {left[0]}")
+    queue = pool.queue
+    if client.llen(queue):
+        problems.append(f"{client.llen(queue)} messages still queued")
+    if client.llen(f"{queue}:dead"):
+        problems.append(f"{client.llen(f'{queue}:dead')} dead letters")
+    held = sum(client.llen(key) for key in client.scan_iter(match=f"{queue}:processing:*"))
+    if held:
+        problems.append(f"{held} messages left in processing lists")
+    if problems:
+        raise CheckFailed("pool output is wrong:\n  " + "\n  ".join(problems[:10]) + "\n" + pool.stderr_tail())
+
+
+# ---------------------------------------------------------------- the run's shared state
+
+
+@dataclass
+class Bench:
+    settings: BenchSettings
+    tmp: Path
+    redis_server: LocalRedis
+    client: redis.Redis
+    segments: Segments
+    failures: list[str] = field(default_factory=list)
+    figures: dict[str, float] = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)
+
+    def fresh_dir(self, label: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.tmp))
+
+    def queue_name(self, label: str) -> str:
+        return f"bench:{label}:{uuid.uuid4().hex[:10]}"
+
+    def forget_queue(self, queue: str) -> None:
+        keys = list(self.client.scan_iter(match=f"{queue}*"))
+        if keys:
+            self.client.delete(*keys)
+
+    def redis_cpu_ns(self) -> int:
+        return process_cpu_ns(self.redis_server.pid or 0)
+
+    def note(self, text: str) -> None:
+        self.details.append(text)
+        print("  " + text, flush=True)
+
+
+# ---------------------------------------------------------------- throughput: limit vs pool
+
+
+@dataclass(frozen=True, slots=True)
+class PoolResult:
+    images_per_s: float
+    window_s: float
+    cpu_us_per_task: float  # READY .. last record, whole tree
+    whole_run_cpu_us_per_task: float  # spawn .. exit, RUSAGE_CHILDREN
+    redis_us_per_task: float
+    role_us_per_task: dict[str, float]
+    claimed_before_ready: int
+    stop_s: float
+    foreign_load: float
+
+
+def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResult:
+    """Tasks already in their segments; push them, start the pool, time READY .. Nth record."""
+    queue = bench.queue_name(label)
+    workdir = bench.fresh_dir(f"pool-{label}")
+    with bench.client.pipeline(transaction=False) as pipe:
+        for task in tasks:
+            pipe.rpush(queue, task.message())
+        pipe.execute()
+    rusage_before = children_rusage_ns()
+    try:
+        with running_pool(
+            workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue, workers=WORKERS
+        ) as pool:
+            ready_at = pool.wait_ready()
+            pids = pool.tree()
+            cpu_by_pid = {pid: process_cpu_ns(pid) for pid in pids}
+            redis_at_ready = bench.redis_cpu_ns()
+            others = ForeignLoad().start()
+            bench_at_ready = time.process_time_ns()
+            unclaimed = int(bench.client.llen(queue))
+            tail = ResultsTail(pool.output_dir / RESULTS_NAME)
+            deadline = time.monotonic() + 60 + len(tasks) * 0.2
+            try:
+                while tail.poll() < len(tasks):
+                    if pool.proc.poll() is not None:
+                        raise CheckFailed(
+                            f"pool exited with {pool.proc.returncode} after {tail.count} records\n{pool.stderr_tail()}"
+                        )
+                    if time.monotonic() > deadline:
+                        raise CheckFailed(
+                            f"pool stalled: {tail.count} of {len(tasks)} records, "
+                            f"{bench.client.llen(queue)} still queued\n"
+                            + pool.stderr_tail()
+                        )
+                    time.sleep(THROUGHPUT_POLL_SECONDS)
+                done_at = time.perf_counter()
+            finally:
+                tail.close()
+            role_ns = dict.fromkeys(("workers", "ledger", "supervisor"), 0)
+            for pid, role in pool.roles(pids).items():
+                role_ns[role] += process_cpu_ns(pid) - cpu_by_pid[pid]
+            cpu_window = sum(role_ns.values())
+            redis_window = bench.redis_cpu_ns() - redis_at_ready
+            foreign = others.percent()
+            bench_ns = time.process_time_ns() - bench_at_ready
+            if pool.tree() != pids:
+                bench.failures.append(f"{label}: the pool's processes changed during the run: {pids} -> {pool.tree()}")
+            stop_started = time.perf_counter()
+            code = pool.stop()
+            stop_s = time.perf_counter() - stop_started
+        whole_run_ns = children_rusage_ns() - rusage_before
+        verify_pool_output(pool, tasks, bench.client, bench.segments, code)
+    finally:
+        bench.forget_queue(queue)
+        shutil.rmtree(workdir, ignore_errors=True)
+    window = done_at - ready_at
+    in_window = max(1, unclaimed)
+    return PoolResult(
+        images_per_s=len(tasks) / window,
+        window_s=window,
+        cpu_us_per_task=cpu_window / 1000 / in_window,
+        whole_run_cpu_us_per_task=whole_run_ns / 1000 / len(tasks),
+        redis_us_per_task=redis_window / 1000 / in_window,
+        role_us_per_task={role: ns / 1000 / in_window for role, ns in {**role_ns, "bench": bench_ns}.items()},
+        claimed_before_ready=len(tasks) - unclaimed,
+        stop_s=stop_s,
+        foreign_load=foreign,
+    )
+
+
+def run_round(bench: Bench, frames: list[np.ndarray], count: int, label: str) -> tuple[LimitResult, PoolResult]:
+    """One limit run, then one pool run, each on fresh segments of the same frames."""
+    outdir = bench.fresh_dir(f"limit-{label}")
+    try:
+        limit = run_limit(make_tasks(bench.segments, frames, count, label), outdir / "out", bench.segments)
+    finally:
+        shutil.rmtree(outdir, ignore_errors=True)
+    try:
+        pool = run_pool_batch(bench, make_tasks(bench.segments, frames, count, label), label)
+    finally:
+        bench.segments.cleanup()
+    return limit, pool
+
+
+def measure_throughput(bench: Bench) -> None:
+    print(f"\n# throughput, W={WORKERS}, {bench.settings.rounds} round(s), limit and pool interleaved", flush=True)
+    for label, height, width, share in SIZES:
+        if label not in bench.settings.sizes:
+            continue
+        frames = natural_frames(height, width)
+        count = bench.settings.tasks_for(share)
+        limits: list[LimitResult] = []
+        pools: list[PoolResult] = []
+        redone = 0
+        for round_number in range(1, bench.settings.rounds + 1):
+            for attempt in range(1 + MAX_REDOS):
+                limit, pool = run_round(bench, frames, count, label)
+                disturbed = max(limit.foreign_load, pool.foreign_load) > bench.settings.max_foreign
+                print(
+                    f"  {label} round {round_number}: limit {limit.images_per_s:7.1f}/s"
+                    f"  pool {pool.images_per_s:7.1f}/s  ratio {pool.images_per_s / limit.images_per_s:.3f}"
+                    f"  (N={count}, {pool.claimed_before_ready} claimed before READY, stop {pool.stop_s:.2f}s,"
+                    f" others busy {limit.foreign_load:.0f}%"
+                    f" / {pool.foreign_load:.0f}%{', disturbed: again' if disturbed and attempt < MAX_REDOS else ''})",
+                    flush=True,
+                )
+                if not disturbed or attempt == MAX_REDOS:
+                    break
+                redone += 1
+            limits.append(limit)
+            pools.append(pool)
+        bench.figures[f"redone {label}"] = redone
+        limit_rate = statistics.median(r.images_per_s for r in limits)
+        pool_rate = statistics.median(r.images_per_s for r in pools)
+        limit_cpu = statistics.median(r.cpu_us_per_task for r in limits)
+        pool_cpu = statistics.median(r.cpu_us_per_task for r in pools)
+        whole_cpu = statistics.median(r.whole_run_cpu_us_per_task for r in pools)
+        bench.figures[f"limit {label}"] = limit_rate
+        bench.figures[f"pool {label}"] = pool_rate
+        bench.figures[f"ratio {label}"] = statistics.median(
+            pool.images_per_s / limit.images_per_s for limit, pool in zip(limits, pools)
+        )
+        bench.figures[f"cpu limit {label}"] = limit_cpu
+        bench.figures[f"cpu pool {label}"] = pool_cpu
+        bench.figures[f"cpu beyond {label}"] = pool_cpu - limit_cpu
+        bench.figures[f"cpu beyond whole {label}"] = whole_cpu - limit_cpu
+        bench.figures[f"redis cpu {label}"] = statistics.median(r.redis_us_per_task for r in pools)
+        for role in ("workers", "ledger", "supervisor", "bench"):
+            bench.figures[f"{role} cpu {label}"] = statistics.median(r.role_us_per_task[role] for r in pools)
+        bench.figures[f"tasks {label}"] = count
+        bench.figures[f"claimed before ready {label}"] = statistics.median(r.claimed_before_ready for r in pools)
+        bench.figures[f"stop {label}"] = statistics.median(r.stop_s for r in pools)
+        bench.figures[f"foreign {label}"] = max(r.foreign_load for r in [*limits, *pools])
+
+
+# ---------------------------------------------------------------- latency at half load
+
+
+def measure_latency(bench: Bench) -> None:
+    peak = bench.figures.get(f"pool {LATENCY_SIZE}")
+    label, height, width, _ = next(s for s in SIZES if s[0] == LATENCY_SIZE)
+    frames = natural_frames(height, width)
+    if peak is None:  # throughput not run: find the peak with one short batch
+        try:
+            tasks = make_tasks(bench.segments, frames, bench.settings.tasks_for(1.0), label)
+            peak = run_pool_batch(bench, tasks, label).images_per_s
+        finally:
+            bench.segments.cleanup()
+    rate = peak / 2
+    count = max(10, int(rate * bench.settings.latency_seconds))
+    print(f"\n# latency at half load: {label}, {rate:.0f} tasks/s for {count / rate:.1f}s ({count} tasks)", flush=True)
+    for attempt in range(1 + MAX_REDOS):
+        latencies, foreign = latency_run(bench, frames, rate, count)
+        disturbed = foreign > bench.settings.max_foreign
+        bench.note(
+            f"latency ms: p50 {np.percentile(latencies, 50):.2f}  p90 {np.percentile(latencies, 90):.2f}  "
+            f"p99 {np.percentile(latencies, 99):.2f}  max {latencies.max():.2f}  (poll every "
+            f"{POLL_SECONDS * 1000:.0f} ms; others busy {foreign:.0f}%"
+            f"{', disturbed: again' if disturbed and attempt < MAX_REDOS else ''})"
+        )
+        if not disturbed:
+            break
+    bench.figures["latency p50"] = float(np.percentile(latencies, 50))
+    bench.figures["latency p99"] = float(np.percentile(latencies, 99))
+    bench.figures["latency rate"] = rate
+
+
+def latency_run(bench: Bench, frames: list[np.ndarray], rate: float, count: int) -> tuple[np.ndarray, float]:
+    """Push `count` tasks at `rate` into an idle pool; (push-to-record latencies in ms, others busy %)."""
+    # The segments are made before the pool starts: making them is heavy and would
+    # compete with the pool for the two cores.
+    tasks = make_tasks(bench.segments, frames, count, "lat")
+    pushed_at: dict[str, float] = {}
+    seen_at: dict[str, float] = {}
+
+    def on_record(line: bytes, now: float) -> None:
+        seen_at.setdefault(json.loads(line)["request_id"], now)
+
+    queue = bench.queue_name("latency")
+    workdir = bench.fresh_dir("pool-latency")
+    try:
+        with running_pool(
+            workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue, workers=WORKERS
+        ) as pool:
+            pool.wait_ready()
+            time.sleep(0.3)  # let the workers settle into their blocking wait
+            tail = ResultsTail(pool.output_dir / RESULTS_NAME, on_record=on_record)
+            interval = 1.0 / rate
+            others = ForeignLoad().start()
+            started = time.perf_counter()
+            next_poll = started
+            try:
+                for index, task in enumerate(tasks):
+                    due = started + index * interval
+                    while (now := time.perf_counter()) < due:
+                        if now >= next_poll:
+                            tail.poll()
+                            next_poll = now + POLL_SECONDS
+                        time.sleep(max(0.0, min(due, next_poll) - time.perf_counter()))
+                    pushed_at[task.request_id] = time.perf_counter()
+                    bench.client.rpush(queue, task.message())
+                deadline = time.monotonic() + 30
+                while tail.poll() < count:
+                    if time.monotonic() > deadline or pool.proc.poll() is not None:
+                        raise CheckFailed(f"latency run: {tail.count} of {count} records\n{pool.stderr_tail()}")
+                    time.sleep(POLL_SECONDS)
+                foreign = others.percent()
+            finally:
+                tail.close()
+            code = pool.stop()
+        verify_pool_output(pool, tasks, bench.client, bench.segments, code)
+    finally:
+        bench.forget_queue(queue)
+        shutil.rmtree(workdir, ignore_errors=True)
+        bench.segments.cleanup()
+    return np.array([seen_at[rid] - pushed_at[rid] for rid in pushed_at]) * 1000, foreign
+
+
+# ---------------------------------------------------------------- the ledger's file alone
+
+
+def realistic_record(index: int, run: str) -> dict:
+    record = CompletionRecord(
+        task_id=f"{run}-{index}",
+        delivery=1,
+        envelope=b"",
+        processing_key="hosting_tasks:processing:0123456789ab:w12345",
+        request_id=f"req-{run}-{index}",
+        image_id=f"camera-7/frame-{index:08d}",
+        status=COMPLETED,
+        finished_at=datetime.now(),
+        source="shm",
+        width=1024,
+        height=1024,
+        bytes=153_831,
+        duration_ms=4.73,
+        file_path=f"/srv/output/translated/camera-7_frame-{index:08d}_20250101_120000.jpg",
+    )
+    return record.results_line()
+
+
+def write_results_file(path: Path, count: int) -> None:
+    """A results.json of `count` records in the ledger's format, written directly."""
+    template = json.dumps(realistic_record(0, "RUN"), ensure_ascii=True)
+    head, _, rest = template.partition("RUN-0")
+    middle, _, tail = rest.partition("RUN-0")
+    lines = [f"{head}old-{i}{middle}old-{i}{tail}" for i in range(count)]
+    with open(path, "wb") as out:
+        out.write(b"[\n" + ",\n".join(lines).encode() + b"\n]\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def measure_ledger(bench: Bench) -> None:
+    print("\n# ledger: ResultsFile alone", flush=True)
+    directory = bench.fresh_dir("ledger")
+    try:
+        results = ResultsFile(directory / "sustained.json")
+        results.open()
+        run = uuid.uuid4().hex[:8]
+        batches = [[realistic_record(b * LEDGER_BATCH + i, run) for i in range(LEDGER_BATCH)] for b in range(40)]
+        appended = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < 2.0:
+            for batch in batches:
+                results.append(batch)
+            appended += len(batches) * LEDGER_BATCH
+        elapsed = time.perf_counter() - started
+        results.close()
+        bench.figures["ledger records/s"] = appended / elapsed
+        bench.note(f"ledger: {appended} records in batches of {LEDGER_BATCH}: {appended / elapsed:,.0f} records/s")
+
+        small_path, big_path = directory / "small.json", directory / "big.json"
+        write_results_file(small_path, 1_000)
+        build_started = time.perf_counter()
+        write_results_file(big_path, bench.settings.big_ledger_records)
+        build_s = time.perf_counter() - build_started
+        small, big = ResultsFile(small_path), ResultsFile(big_path)
+        small.open()
+        big.open()
+        costs: dict[str, list[float]] = {"small": [], "big": []}
+        files = [("small", small), ("big", big)]
+        for index in range(bench.settings.append_samples + 10):
+            for name, results_file in files if index % 2 else files[::-1]:
+                record = [realistic_record(index, f"{run}{name}")]
+                begun = time.perf_counter()
+                results_file.append(record)
+                if index >= 10:  # the first appends warm up the page cache and the journal
+                    costs[name].append(time.perf_counter() - begun)
+        small.close()
+        big.close()
+        # The files must still be what the ledger promises: valid JSON arrays.
+        if len(read_results(small_path)) != 1_000 + bench.settings.append_samples + 10:
+            raise CheckFailed("small results file has the wrong number of records after appends")
+        small_us = statistics.median(costs["small"]) * 1e6
+        big_us = statistics.median(costs["big"]) * 1e6
+        bench.figures["append small"] = small_us
+        bench.figures["append big"] = big_us
+        bench.note(
+            f"append of 1 record: {small_us:.0f} us at 1,000 records, {big_us:.0f} us at "
+            f"{bench.settings.big_ledger_records:,} ({big_path.stat().st_size / 1e6:.0f} MB, built in {build_s:.1f}s)"
+        )
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- worker memory on 3840x2160 frames
+
+
+def _rss_anon_kb() -> int:
+    with open("/proc/self/status", "rb") as status:
+        for line in status:
+            if line.startswith(b"RssAnon:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _peak_anon_growth_kb(action: Callable[[], object]) -> tuple[int, int]:
+    """(peak, retained) growth of this process's anonymous memory while action runs,
+    sampled by a thread every ~0.3 ms (OpenCV releases the GIL while it encodes)."""
+    baseline = _rss_anon_kb()
+    peak = baseline
+    running = threading.Event()
+    running.set()
+
+    def sample() -> None:
+        nonlocal peak
+        while running.is_set():
+            peak = max(peak, _rss_anon_kb())
+            time.sleep(0.0003)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    time.sleep(0.002)
+    try:
+        action()
+    finally:
+        running.clear()
+        sampler.join()
+    peak = max(peak, _rss_anon_kb())
+    return peak - baseline, _rss_anon_kb() - baseline
+
+
+def _memory_child(names: list[str], shape: tuple[int, int, int], conn: multiprocessing.connection.Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cv2.setNumThreads(1)
+    try:
+        refs = [SegmentRef(name, shape, "uint8") for name in names]
+        # The first frame includes one-time allocations (libjpeg, the output
+        # buffer); it counts too, so the figure is an upper bound.
+        shm_runs = [_peak_anon_growth_kb(lambda ref=ref: encode_segment(ref, quality=QUALITY)) for ref in refs]
+
+        def encode_a_copy() -> None:
+            import mmap
+
+            from shared.images import encode_pixels
+
+            with open(SHM_DIR / names[0], "rb") as segment:
+                mapping = mmap.mmap(segment.fileno(), 0, prot=mmap.PROT_READ)
+            pixels = np.frombuffer(mapping, np.uint8).reshape(shape).copy()
+            encode_pixels(pixels, quality=QUALITY)
+            del pixels
+            mapping.close()
+
+        control = _peak_anon_growth_kb(encode_a_copy)
+        conn.send(("ok", shm_runs, control))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the run
+        conn.send(("error", repr(exc), None))
+    finally:
+        conn.close()
+
+
+def measure_memory(bench: Bench) -> None:
+    print("\n# worker memory on 3840x2160 frames", flush=True)
+    _, height, width, _ = next(s for s in SIZES if s[0] == "3840x2160")
+    frames = natural_frames(height, width)
+    names = [bench.segments.make(frames[i % len(frames)]) for i in range(6)]
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_memory_child, args=(names, frames[0].shape, sender), daemon=True)
+    try:
+        child.start()
+        sender.close()
+        status, shm_runs, control = receive(receiver, child, 120)
+        child.join()
+    finally:
+        if child.is_alive():
+            child.terminate()
+        child.join()
+        bench.segments.cleanup()
+    if status != "ok":
+        raise CheckFailed(f"memory probe failed: {shm_runs}")
+    peak_mb = max(peak for peak, _ in shm_runs) / 1024
+    bench.figures["memory peak"] = peak_mb
+    bench.figures["memory control"] = control[0] / 1024
+    bench.note(
+        f"anonymous memory gained while encoding from the segment: peak {peak_mb:.2f} MB "
+        f"(max of {len(shm_runs)} frames; "
+        f"first {shm_runs[0][0] / 1024:.2f} MB, later {max(p for p, _ in shm_runs[1:]) / 1024:.2f} MB), "
+        f"retained {max(kept for _, kept in shm_runs) / 1024:.1f} MB; "
+        f"control with a copy of the pixels: {control[0] / 1024:.1f} MB"
+    )
+
+
+# ---------------------------------------------------------------- start-up and idle
+
+
+def measure_startup(bench: Bench) -> None:
+    print(f"\n# start-up to READY with {STARTUP_WORKERS} workers", flush=True)
+    times = []
+    for _ in range(bench.settings.rounds):
+        queue = bench.queue_name("startup")
+        workdir = bench.fresh_dir("pool-startup")
+        try:
+            with running_pool(
+                workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue,
+                workers=STARTUP_WORKERS,
+            ) as pool:
+                ready_at = pool.wait_ready()
+                times.append(ready_at - pool.spawned_at)
+                if len(pool.tree()) != STARTUP_WORKERS + 2:
+                    bench.failures.append(f"start-up: expected {STARTUP_WORKERS + 2} processes, saw {len(pool.tree())}")
+                code = pool.stop()
+                if code != 0:
+                    raise CheckFailed(f"idle pool exited with {code} after SIGTERM\n{pool.stderr_tail()}")
+        finally:
+            bench.forget_queue(queue)
+            shutil.rmtree(workdir, ignore_errors=True)
+    bench.figures["startup"] = statistics.median(times)
+    bench.note("start-up s: " + ", ".join(f"{t:.3f}" for t in times))
+
+
+def measure_idle(bench: Bench) -> None:
+    print(f"\n# idle pool CPU, W={WORKERS}, over {bench.settings.idle_seconds:.0f}s", flush=True)
+    queue = bench.queue_name("idle")
+    workdir = bench.fresh_dir("pool-idle")
+    try:
+        with running_pool(
+            workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue, workers=WORKERS
+        ) as pool:
+            pool.wait_ready()
+            time.sleep(1.0)  # past the boot: the first lease renewal and orphan scan
+            pids = pool.tree()
+            cpu_before, ticks_before, redis_before = tree_cpu_ns(pids), tree_ticks(pids), bench.redis_cpu_ns()
+            started = time.perf_counter()
+            time.sleep(bench.settings.idle_seconds)
+            elapsed = time.perf_counter() - started
+            cpu = tree_cpu_ns(pids) - cpu_before
+            ticks = tree_ticks(pids) - ticks_before
+            redis_cpu = bench.redis_cpu_ns() - redis_before
+            code = pool.stop()
+            if code != 0:
+                raise CheckFailed(f"idle pool exited with {code} after SIGTERM\n{pool.stderr_tail()}")
+    finally:
+        bench.forget_queue(queue)
+        shutil.rmtree(workdir, ignore_errors=True)
+    percent = cpu / 1e9 / elapsed * 100
+    bench.figures["idle"] = percent
+    bench.note(
+        f"idle pool: {percent:.3f}% of one core ({len(pids)} processes; /proc/PID/stat ticks say "
+        f"{ticks / CLOCK_TICKS / elapsed * 100:.2f}%); redis-server meanwhile {redis_cpu / 1e9 / elapsed * 100:.3f}%"
+    )
+
+
+def tree_ticks(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        fields = stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine_lines(tmp: Path) -> list[str]:
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    redis_version = subprocess.run(
+        [LocalRedis(data_dir=tmp)._binary, "--version"], capture_output=True, text=True, check=False
+    ).stdout.split()
+    memory_gib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    redis_v = next((word.split("=")[1] for word in redis_version if word.startswith("v=")), "?")
+    return [
+        f"date      {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+        (
+            f"machine   {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable), {model}, "
+            f"{memory_gib:.0f} GiB, Linux {platform.release()}"
+        ),
+        (
+            f"software  Python {platform.python_version()}, OpenCV {cv2.__version__}, numpy {np.__version__}, "
+            f"redis-server {redis_v}"
+        ),
+        f"output    {tmp} ({filesystem_of(tmp)})",
+    ]
+
+
+def print_header(settings: BenchSettings, tmp: Path) -> None:
+    print("# image-result-worker benchmark")
+    for line in machine_lines(tmp):
+        print(line)
+    print(f"settings  W={WORKERS}, quality {QUALITY}, rounds {settings.rounds}, tasks at 1024x1024 {settings.tasks}")
+    others = ForeignLoad().start()
+    time.sleep(1.0)
+    busy = others.percent()
+    print(f"load      other processes used {busy:.1f}% of the CPUs in the second before the run")
+    if busy > 5:
+        print("WARNING   the machine is not idle: other processes will skew every figure below")
+    sys.stdout.flush()
+
+
+def filesystem_of(path: Path) -> str:
+    best = ("?", "?", "")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, mount, fstype = line.split()[:3]
+            if str(path).startswith(mount.rstrip("/") + "/") and len(mount) >= len(best[2]):
+                best = (device, fstype, mount)
+    return f"{best[1]} on {best[0]}"
+
+
+def report(bench: Bench) -> None:
+    f = bench.figures
+    rows: list[tuple[str, str, str, bool | None]] = []
+
+    def row(figure: str, key: str, fmt: str, target: str, met: Callable[[float], bool] | None) -> None:
+        if key in f:
+            rows.append((figure, fmt.format(f[key]), target, None if met is None else met(f[key])))
+
+    for label, target in (("1024x1024", 0.90), ("3840x2160", 0.95), ("512x512", 0.80)):
+        row(
+            f"pool / limit at {label}", f"ratio {label}", "{:.3f}", f"at least {target:.2f}",
+            lambda v, t=target: v >= t,
+        )
+    for label, *_ in SIZES:
+        row(
+            f"CPU per task beyond the limit, {label}", f"cpu beyond {label}", "{:,.0f} us", "at most 150 us",
+            lambda v: v <= 150,
+        )
+    row("latency p50 at half load, 1024x1024", "latency p50", "{:.2f} ms", "at most 10 ms", lambda v: v <= 10)
+    row("latency p99 at half load, 1024x1024", "latency p99", "{:.2f} ms", "at most 50 ms", lambda v: v <= 50)
+    row("ledger records/s (batches of 256)", "ledger records/s", "{:,.0f}", "at least 20,000", lambda v: v >= 20_000)
+    if "append big" in f:
+        f["append ratio"] = f["append big"] / f["append small"]
+        row("append at 1,000,000 / at 1,000 records", "append ratio", "{:.2f}", "at most 1.20", lambda v: v <= 1.20)
+    row("worker memory gained, 3840x2160", "memory peak", "{:.2f} MB", "under 8 MB", lambda v: v < 8)
+    row("  control: same with a copy of the pixels", "memory control", "{:.1f} MB", "", None)
+    row(f"start-up to READY, {STARTUP_WORKERS} workers", "startup", "{:.3f} s", "under 1 s", lambda v: v < 1)
+    row("idle pool CPU", "idle", "{:.3f} % of a core", "under 1 %", lambda v: v < 1)
+
+    measured = [label for label, *_ in SIZES if f"pool {label}" in f]
+    if measured:
+        print("\n# throughput details (medians; 'others busy' is the worst window)")
+        print(
+            "| size | N | limit /s | pool /s | ratio | claimed before READY | stop after SIGTERM | others busy "
+            "| rounds redone |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for label in measured:
+            print(
+                f"| {label} | {f[f'tasks {label}']:.0f} | {f[f'limit {label}']:,.1f} | {f[f'pool {label}']:,.1f} "
+                f"| {f[f'ratio {label}']:.3f} | {f[f'claimed before ready {label}']:.0f} "
+                f"| {f[f'stop {label}']:.2f} s | {f[f'foreign {label}']:.0f}% | {f[f'redone {label}']:.0f} |"
+            )
+        print("\n# CPU per task, microseconds (pool: READY .. last record; redis-server is not in the pool's total)")
+        print(
+            "| size | limit | pool | pool - limit | pool workers | ledger | supervisor | redis-server "
+            "| bench's poll | whole run - limit |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for label in measured:
+            print(
+                f"| {label} | {f[f'cpu limit {label}']:,.0f} | {f[f'cpu pool {label}']:,.0f} "
+                f"| {f[f'cpu beyond {label}']:,.0f} | {f[f'workers cpu {label}']:,.0f} "
+                f"| {f[f'ledger cpu {label}']:,.0f} | {f[f'supervisor cpu {label}']:,.0f} "
+                f"| {f[f'redis cpu {label}']:,.0f} | {f[f'bench cpu {label}']:,.0f} "
+                f"| {f[f'cpu beyond whole {label}']:,.0f} |"
+            )
+    widths = [max(len(r[i]) for r in rows + [("figure", "value", "target", None)]) for i in range(3)]
+    print("\n# targets (issue 4)")
+    header = ("figure", "value", "target", "")
+    print(f"| {header[0]:<{widths[0]}} | {header[1]:>{widths[1]}} | {header[2]:<{widths[2]}} | met     |")
+    print(f"|{'-' * (widths[0] + 2)}|{'-' * (widths[1] + 2)}|{'-' * (widths[2] + 2)}|---------|")
+    for figure, value, target, met in rows:
+        mark = "" if met is None else ("met" if met else "NOT MET")
+        print(f"| {figure:<{widths[0]}} | {value:>{widths[1]}} | {target:<{widths[2]}} | {mark:<7} |")
+
+
+# ---------------------------------------------------------------- main
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    # SIGTERM takes the same way out as Ctrl-C: through every finally below.
+    signal.signal(signal.SIGTERM, _interrupt)
+    base = settings.tmp_base or Path(tempfile.gettempdir())
+    tmp = Path(tempfile.mkdtemp(prefix="irw-bench-", dir=base))
+    segments = Segments()
+    started = time.perf_counter()
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+        cleanup.callback(segments.cleanup)
+        server = LocalRedis(data_dir=tmp / "redis")
+        server.start()
+        cleanup.callback(server.stop)
+        client = redis.Redis.from_url(server.url)
+        cleanup.callback(client.close)
+        bench = Bench(settings, tmp, server, client, segments)
+        print_header(settings, tmp)
+        steps = {
+            "memory": measure_memory,
+            "ledger": measure_ledger,
+            "throughput": measure_throughput,
+            "latency": measure_latency,
+            "startup": measure_startup,
+            "idle": measure_idle,
+        }
+        try:
+            for name in SECTIONS:
+                if name in settings.sections:
+                    try:
+                        steps[name](bench)
+                    except CheckFailed as exc:
+                        bench.failures.append(f"{name}: {exc}")
+                        print(f"  FAILED: {exc}", flush=True)
+        except KeyboardInterrupt:
+            print("\ninterrupted; cleaning up", file=sys.stderr)
+            return 130
+        report(bench)
+        print(f"\nwall time {time.perf_counter() - started:.0f} s")
+        if bench.failures:
+            print(f"\n{len(bench.failures)} correctness check(s) FAILED:")
+            for failure in bench.failures:
+                print("  - " + failure.replace("\n", "\n    "))
+            return 1
+        print("correctness: every record, file, segment and queue checked: OK")
+        return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
