@@ -14,7 +14,14 @@ from pathlib import Path
 import cv2
 import pytest
 
-from tests.helpers import photo_of_size, push, read_results, wait_for_records, wait_until
+from shared.results_file import ResultsFile
+from tests.helpers import (
+    photo_of_size,
+    push,
+    read_results,
+    wait_for_records,
+    wait_until,
+)
 from tests.test_reliability import assert_exactly_once, push_photos, worker_pids
 
 
@@ -125,3 +132,20 @@ def test_record_durable_but_file_unpublished_is_published_at_start(pool_factory,
     assert final.read_bytes() == jpeg.tobytes()
     assert list((output_dir / ".partial").iterdir()) == []
     assert read_results(output_dir) == [record]
+
+
+def test_results_append_on_a_full_disk_fails_cleanly_and_resumes(small_disk):
+    """ENOSPC mid-append: the append raises, the file stays valid JSON with every
+    earlier record, and once space returns the next append works."""
+    results = ResultsFile(small_disk / "results.json")
+    results.open()
+    results.append([{"request_id": "before", "padding": "x" * 100}])
+    filler = fill(small_disk)
+    big_batch = [{"request_id": f"r{i}", "padding": "x" * 1000} for i in range(200)]
+    with pytest.raises(OSError):
+        results.append(big_batch)
+    assert [r["request_id"] for r in json.loads((small_disk / "results.json").read_text())] == ["before"]
+    filler.unlink()
+    results.append([{"request_id": "after"}])
+    assert [r["request_id"] for r in json.loads((small_disk / "results.json").read_text())] == ["before", "after"]
+    results.close()

@@ -13,9 +13,9 @@ from shared.messages import (
     InvalidMessage,
     SegmentRef,
     Task,
-    salvage,
     parse_envelope,
     parse_task,
+    salvage,
 )
 
 MAX_PIXELS = 100_000_000

@@ -51,6 +51,18 @@ def ledger_pid(pool: Pool) -> int | None:
     return pids[0] if pids else None
 
 
+def tree_cpu_seconds(pool: Pool) -> float:
+    """User and system CPU of the supervisor and its live children so far."""
+    ticks = 0
+    for pid in [pool.pid, *pool.child_pids()]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def assert_exactly_once(output_dir: Path, request_ids: list[str], client: redis.Redis, queue: str) -> list[dict]:
     """One record per task, one file per completed record, no leftovers anywhere."""
     records = read_results(output_dir)
@@ -239,8 +251,11 @@ def test_redis_restarted_mid_run_pool_carries_on(pool_factory, redis_server, red
     first = push_photos(redis_client, queue_name, segments, 5, size=(512, 512))
     wait_for_records(pool.output_dir, 5, pool=pool)
     redis_server.stop()
+    cpu_before = tree_cpu_seconds(pool)
     time.sleep(3)  # long enough for every process to notice
+    spent = tree_cpu_seconds(pool) - cpu_before
     redis_server.start()
+    assert spent < 0.5, f"the pool burned {spent:.2f} s of CPU in 3 s without Redis"
     client = redis.Redis.from_url(redis_server.url)
     frame = photo_of_size(512, 512)
     for index in range(5):
@@ -263,11 +278,12 @@ def test_children_are_named_by_role(pool_factory):
 
 
 def test_systemd_notifications_in_order(pool_factory):
-    pool = pool_factory(workers=1)
+    pool = pool_factory(workers=1, env={"WATCHDOG_USEC": "30000000"})
     pool.wait_ready()
+    wait_until(lambda: "WATCHDOG=1" in pool.notifications(), 10, "no WATCHDOG=1")
     assert pool.stop() == 0
     lines = [line for datagram in pool.notifications() for line in datagram.splitlines()]
-    assert lines.index("READY=1") < lines.index("STOPPING=1")
+    assert lines.index("READY=1") < lines.index("WATCHDOG=1") < lines.index("STOPPING=1")
     assert any(line.startswith("STATUS=") for line in lines)
 
 

@@ -90,3 +90,16 @@ def test_hosts_outside_the_allowlist_are_refused_also_after_a_redirect(
     assert "URL_ALLOWED_HOSTS" in records["redirected"]["error"]
     assert records["listed"]["status"] == "completed"
     assert http_server.hits("/ok.png") == 1
+
+
+def test_dead_letter_list_keeps_only_the_newest(pool_factory, redis_client, queue_name):
+    """DEAD_LETTER_MAX bounds the list, so a flood of garbage cannot fill Redis."""
+    for index in range(5):
+        push(redis_client, queue_name, {"request_id": f"bad_{index}", "image_id": "x"})
+    pool = pool_factory(workers=1, env={"DEAD_LETTER_MAX": "2"})
+    wait_for_records(pool.output_dir, 5, timeout=30, pool=pool)
+    wait_until(lambda: not redis_client.llen(queue_name), 10, "queue not drained")
+    assert pool.stop() == 0
+    dead = [json.loads(entry)["request_id"] for entry in redis_client.lrange(f"{queue_name}:dead", 0, -1)]
+    assert dead == ["bad_3", "bad_4"]
+    assert redis_client.zcard(f"{queue_name}:dead-ids") == 2

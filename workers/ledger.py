@@ -7,8 +7,9 @@ Data flow, in the order that makes a task durable (the crash-safety contract):
       2. append the batch to results.json, fdatasync        <- the commit point
       3. publish each partial file under its final name (link, never replace),
          fsync the directory
-      4. acknowledge in Redis: LREM from the processing lists, dead letters
-         pushed, in one MULTI/EXEC
+      4. acknowledge in Redis, in one Lua script: LREM from the processing
+         lists, each failure's dead letter (once per task id), each transient
+         failure into the delayed-retry set, the counts `status` shows
       5. unlink the tasks' shared-memory segments (listed in OUTPUT_DIR/.unlink-pending
          before step 4, so a crash between 4 and 5 leaks none)
 
