@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 WORKERS ?=
 RUN_DIR := .run
 
-.PHONY: run test bench soak demo venv stop-redis clean
+.PHONY: run test lint bench soak demo venv stop-redis clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,11 @@ run: $(STAMP)
 	$(BIN)/python -m tools.local_redis ensure --data-dir $(RUN_DIR)/redis
 	$(BIN)/python supervisor.py $(if $(WORKERS),--workers $(WORKERS))
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py

@@ -39,16 +39,17 @@ import uuid
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
-from typing import NoReturn
 
 import structlog
 
 from control.metrics import MetricsEndpoint
 from shared import exitcodes
 from shared.backoff import compute_backoff
+from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.logs import configure_logging
 from shared.output import LOCK_NAME, prepare_output_dir
+from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
 from shared.sdnotify import Notifier
 
@@ -57,15 +58,7 @@ LOOP_SECONDS = 1.0
 LEDGER_STOP_TIMEOUT = 15.0
 # Settings a SIGHUP cannot change: the ledger, the lease and the metrics socket hang on them.
 RESTART_ONLY_SETTINGS = ("redis_url", "queue", "output_dir", "metrics_port", "metrics_address", "lease_ttl")
-# A ledger silent this long is wedged: stop pinging systemd's watchdog.
-LEDGER_STALE_SECONDS = 30.0
 REDIS_FAILED = object()
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"image-result-worker: {message}; see --help", file=sys.stderr)
-        sys.exit(exitcodes.CONFIG_ERROR)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -95,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(workers_override=args.workers)
     except ConfigError as exc:
-        print(f"image-result-worker: {exc}", file=sys.stderr)
+        complain(exc)
         return exitcodes.CONFIG_ERROR
     # OpenCV reads its decode pixel limit once, when it loads: set it before the
     # Supervisor imports the worker modules (once, so that every fork shares them).
@@ -105,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         lock_fd = lock_output_dir(settings, instance)
     except OSError as exc:
-        print(f"image-result-worker: {exc}", file=sys.stderr)
+        complain(exc)
         return exitcodes.OUTPUT_DIR_BUSY if isinstance(exc, BlockingIOError) else exitcodes.BOOT_FAILED
     try:
         return Supervisor(settings, instance=instance, workers_override=args.workers).run()

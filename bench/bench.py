@@ -390,13 +390,13 @@ def run_limit(tasks: list[BenchTask], outdir: Path, segments: Segments) -> Limit
             sender.close()
             processes.append(process)
             connections.append(receiver)
-        for conn, process in zip(connections, processes):  # all forked and waiting: the clock starts now
+        for conn, process in zip(connections, processes, strict=True):  # all forked and waiting: the clock starts now
             if receive(conn, process, 30) != "ready":
                 raise CheckFailed("limit child did not start")
         others = ForeignLoad().start()
         started = time.perf_counter()
         os.write(go_w, b"g" * WORKERS)
-        reports = [receive(conn, process, 60 + len(tasks)) for conn, process in zip(connections, processes)]
+        reports = [receive(conn, process, 60 + len(tasks)) for conn, process in zip(connections, processes, strict=True)]
         for process in processes:
             process.join()
         foreign = others.percent()
@@ -830,7 +830,7 @@ def measure_throughput(bench: Bench) -> None:
         bench.figures[f"limit {label}"] = limit_rate
         bench.figures[f"pool {label}"] = pool_rate
         bench.figures[f"ratio {label}"] = statistics.median(
-            pool.images_per_s / limit.images_per_s for limit, pool in zip(limits, pools)
+            pool.images_per_s / limit.images_per_s for limit, pool in zip(limits, pools, strict=True)
         )
         bench.figures[f"cpu limit {label}"] = limit_cpu
         bench.figures[f"cpu pool {label}"] = pool_cpu

@@ -19,28 +19,27 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 import redis
 
 from shared import exitcodes
+from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.output import LOCK_NAME
-from shared.redis_queue import REDIS_ERRORS, STATS_BUCKET_SECONDS, QueueKeys, ReliableQueue, connect
+from shared.process import LEDGER_STALE_SECONDS
+from shared.redis_queue import (
+    REDIS_ERRORS,
+    STATS_BUCKET_SECONDS,
+    QueueKeys,
+    ReliableQueue,
+    connect,
+)
 
 UNHEALTHY = 1
-# A ledger that has not beaten for this long is not writing.
-LEDGER_STALE_SECONDS = 30.0
 
 
 class Unhealthy(Exception):
     """`check` found a reason the pool is not healthy."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"image-result-worker: {message}; see --help", file=sys.stderr)
-        sys.exit(exitcodes.CONFIG_ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +64,7 @@ def main(argv: list[str]) -> int:
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
-        print(f"image-result-worker: {exc}", file=sys.stderr)
+        complain(exc)
         return exitcodes.CONFIG_ERROR
     queue = ReliableQueue(connect(settings), QueueKeys(settings.queue), max_message_bytes=settings.max_message_bytes)
     handler: Callable[[argparse.Namespace, Settings, ReliableQueue], int] = {
@@ -76,7 +75,7 @@ def main(argv: list[str]) -> int:
     try:
         return handler(args, settings, queue)
     except REDIS_ERRORS as exc:
-        print(f"image-result-worker: Redis at {settings.redacted_redis_url()} is unreachable: {exc}", file=sys.stderr)
+        complain(f"Redis at {settings.redacted_redis_url()} is unreachable: {exc}")
         return UNHEALTHY
 
 

@@ -10,6 +10,9 @@ import setproctitle
 
 PR_SET_PDEATHSIG = 1
 TITLE_PREFIX = "image-result-worker"
+# A ledger whose heartbeat is older than this is wedged: not healthy, no
+# watchdog ping, and `check` fails.
+LEDGER_STALE_SECONDS = 30.0
 
 
 def set_title(role: str) -> None:

@@ -229,26 +229,22 @@ class Worker:
             raise StopRequested  # the task stays in my processing list and is requeued
         self._timings["write"] = time.perf_counter() - write_started
         crash_point("worker_after_partial")
-        duration_ms = round((time.perf_counter() - started) * 1000, 2)
-        log.info("task_finished", status=COMPLETED, source=source, duration_ms=duration_ms)
-        return CompletionRecord(
-            task_id=envelope.task_id,
-            delivery=envelope.deliveries,
-            envelope=envelope.raw,
-            processing_key=self.processing_key,
+        record = self._record(
+            envelope,
+            envelope.raw,
+            COMPLETED,
+            started,
             request_id=task.request_id,
             image_id=task.image_id,
-            status=COMPLETED,
-            finished_at=datetime.now(),
             source=source,
             width=image.width,
             height=image.height,
             bytes=len(image.jpeg),
-            duration_ms=duration_ms,
             partial_path=str(partial),
             segment_name=self._segment_to_unlink(task, envelope),
-            timings=self._timings,
         )
+        log.info("task_finished", status=COMPLETED, source=source, duration_ms=record.duration_ms)
+        return record
 
     def _write_partial(self, partial: Path, jpeg: bytes) -> bool:
         """Write the JPEG durably, waiting out a full disk or an I/O error: the pool
@@ -273,20 +269,16 @@ class Worker:
         if exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, 3600.0))
         log.warning("task_retry_scheduled", error=str(exc), retry_in=round(delay, 2), attempt=envelope.deliveries)
-        return CompletionRecord(
-            task_id=envelope.task_id,
-            delivery=envelope.deliveries,
-            envelope=envelope.raw,
-            processing_key=self.processing_key,
+        return self._record(
+            envelope,
+            envelope.raw,
+            RETRY,
+            started,
             request_id=task.request_id,
             image_id=task.image_id,
-            status=RETRY,
-            finished_at=datetime.now(),
             error=str(exc),
             source=task.source,
-            duration_ms=round((time.perf_counter() - started) * 1000, 2),
             retry_at=time.time() + delay,
-            timings=self._timings,
         )
 
     @staticmethod
@@ -329,20 +321,32 @@ class Worker:
         request_id = task.request_id if task else found.request_id
         image_id = task.image_id if task else found.image_id
         log.warning("task_failed", error=reason, request_id=request_id, image_id=image_id)
+        return self._record(
+            envelope,
+            raw,
+            FAILED,
+            started,
+            request_id=request_id,
+            image_id=image_id,
+            error=reason,
+            source=task.source if task else None,
+            segment_name=found.segment_name,
+        )
+
+    def _record(
+        self, envelope: Envelope | None, raw: bytes, status: str, started: float, **fields: object
+    ) -> CompletionRecord:
+        """A completion record with what every outcome shares filled in."""
         return CompletionRecord(
             task_id=envelope.task_id if envelope else None,
             delivery=envelope.deliveries if envelope else 1,
             envelope=raw,
             processing_key=self.processing_key,
-            request_id=request_id,
-            image_id=image_id,
-            status=FAILED,
+            status=status,
             finished_at=datetime.now(),
-            error=reason,
-            source=task.source if task else None,
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
-            segment_name=found.segment_name,
             timings=self._timings,
+            **fields,
         )
 
     def _send(self, record: CompletionRecord) -> bool:
