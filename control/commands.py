@@ -203,7 +203,7 @@ def dead(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> 
         return exitcodes.OK
     if args.dead_command == "purge":
         removed = client.llen(keys.dead)
-        client.delete(keys.dead, keys.dead_ids)
+        client.delete(keys.dead)
         print(f"purged {removed} dead letters")
         return exitcodes.OK
     return _requeue_dead(queue, limit=args.limit)

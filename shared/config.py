@@ -52,6 +52,8 @@ class Settings:
     url_max_redirects: int = 3
     url_allowed_hosts: tuple[str, ...] = ()  # empty: any host
     lease_ttl: float = 15.0
+    results_stream: str = "hosting_results"
+    results_stream_maxlen: int = 100_000  # 0: no stream
     metrics_port: int | None = None  # off unless set
     metrics_address: str = "0.0.0.0"
 
@@ -107,6 +109,8 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         url_max_redirects=get("URL_MAX_REDIRECTS", _int_in(0, 20), DEFAULTS.url_max_redirects),
         url_allowed_hosts=get("URL_ALLOWED_HOSTS", _host_list, DEFAULTS.url_allowed_hosts),
         lease_ttl=get("LEASE_TTL", _float_in(2, 3600), DEFAULTS.lease_ttl),
+        results_stream=get("RESULTS_STREAM", _queue_name, DEFAULTS.results_stream),
+        results_stream_maxlen=get("RESULTS_STREAM_MAXLEN", _int_in(0, 100_000_000), DEFAULTS.results_stream_maxlen),
         metrics_port=get("METRICS_PORT", _int_in(1, 65535), DEFAULTS.metrics_port),
         metrics_address=get("METRICS_ADDRESS", _address, DEFAULTS.metrics_address),
     )

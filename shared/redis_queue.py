@@ -86,35 +86,47 @@ return #due
 """
 
 
-# Acknowledge a batch in one atomic step. KEYS: dead, dead-ids, delayed, the
-# stats bucket, then one processing list per task. ARGV: dead max, now, the
-# batch's completed, failed and retried counts, then per task: envelope, kind,
-# payload, task id. Kinds: "ack" (completed, or a duplicate), "dead" (failed:
-# payload is the dead letter), "retry" (payload is when it is due).
-# A dead letter is pushed once per task id, whichever delivery gets here: a
-# ledger killed with acknowledgements pending leaves the task to be redelivered,
-# and its duplicate then brings the dead letter. A retry is scheduled only by
-# the delivery that still held the task, so a requeued task is not also retried.
+# Acknowledge a batch in one atomic step. KEYS: dead, announced, delayed, the
+# stats bucket, the results stream, then one processing list per task. ARGV:
+# dead max, now, the batch's completed, failed and retried counts, the stream's
+# MAXLEN (0: no stream), how many announced ids to keep, then per task:
+# envelope, kind, dead letter, retry time, task id, event.
+# Kinds: "final" (the task has its record: announce it), "retry" (into the
+# delayed set), "ack" (only leave the processing list).
+# A task's outcome is announced (its dead letter pushed, its completion event
+# added to the stream) once per task id, whichever delivery gets here: a ledger
+# killed with acknowledgements pending leaves the task to be redelivered, and
+# its duplicate then brings the announcement. A retry is scheduled only by the
+# delivery that still held the task, so a requeued task is not also retried.
 ACK_SCRIPT = """
-local dead_max = tonumber(ARGV[1])
-local now = tonumber(ARGV[2])
-local pushed = false
-for i = 5, #KEYS do
-  local at = 6 + (i - 5) * 4
-  local envelope, kind, payload, task_id = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+local dead_max, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local stream_maxlen, keep_ids = tonumber(ARGV[6]), tonumber(ARGV[7])
+local pushed_dead, announced = false, false
+for i = 6, #KEYS do
+  local at = 8 + (i - 6) * 6
+  local envelope, kind, dead_letter, retry_at, task_id, event =
+    ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
   local removed = redis.call('LREM', KEYS[i], 1, envelope)
-  if kind == 'dead' then
+  if kind == 'final' then
     if redis.call('ZADD', KEYS[2], 'NX', now, task_id) == 1 then
-      redis.call('RPUSH', KEYS[1], payload)
-      pushed = true
+      announced = true
+      if dead_letter ~= '' then
+        redis.call('RPUSH', KEYS[1], dead_letter)
+        pushed_dead = true
+      end
+      if stream_maxlen > 0 then
+        redis.call('XADD', KEYS[5], 'MAXLEN', '~', stream_maxlen, '*', 'record', event)
+      end
     end
   elseif kind == 'retry' and removed == 1 then
-    redis.call('ZADD', KEYS[3], tonumber(payload), envelope)
+    redis.call('ZADD', KEYS[3], tonumber(retry_at), envelope)
   end
 end
-if pushed then
+if pushed_dead then
   redis.call('LTRIM', KEYS[1], -dead_max, -1)
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(dead_max + 1))
+end
+if announced then
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(keep_ids + 1))
 end
 redis.call('HINCRBY', KEYS[4], 'completed', ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'failed', ARGV[4])
@@ -122,6 +134,9 @@ redis.call('HINCRBY', KEYS[4], 'retried', ARGV[5])
 redis.call('EXPIRE', KEYS[4], 120)
 return 1
 """
+# Announced task ids kept at least this long in count, so a redelivered
+# duplicate (seconds later) is still recognised.
+MIN_ANNOUNCED_IDS = 100_000
 # Stats buckets are this many seconds wide; `status` sums the last minute's.
 STATS_BUCKET_SECONDS = 10
 
@@ -140,9 +155,11 @@ return 0
 class Acknowledgement:
     processing_key: str
     envelope: bytes
-    kind: str  # "ack", "dead" or "retry"
-    payload: bytes | float = b""
-    task_id: str = ""
+    kind: str  # "final", "retry" or "ack"
+    task_id: str
+    dead_letter: bytes = b""
+    retry_at: float = 0.0
+    event: bytes = b""  # the record for the results stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,9 +176,10 @@ class QueueKeys:
         return f"{self.queue}:dead"
 
     @property
-    def dead_ids(self) -> str:
-        """Sorted set of task ids that have their dead letter, so it is pushed once."""
-        return f"{self.queue}:dead-ids"
+    def announced(self) -> str:
+        """Sorted set of task ids whose outcome was announced (dead letter,
+        results stream), so each is announced once."""
+        return f"{self.queue}:announced"
 
     def stats(self, epoch_seconds: float) -> str:
         """Hash of counts for one STATS_BUCKET_SECONDS-wide slice of time."""
@@ -238,15 +256,30 @@ class ReliableQueue:
         return int(self._requeue(keys=[processing_key, self.keys.queue, self.keys.registry]))
 
     def acknowledge(
-        self, acks: list[Acknowledgement], *, counts: dict[str, int], dead_letter_max: int, now: float
+        self,
+        acks: list[Acknowledgement],
+        *,
+        counts: dict[str, int],
+        dead_letter_max: int,
+        now: float,
+        stream: str = "",
+        stream_maxlen: int = 0,
     ) -> None:
-        """Remove tasks from their processing lists, with their dead letters and
-        retries, and count the batch for `status`, atomically."""
-        keys = [self.keys.dead, self.keys.dead_ids, self.keys.delayed, self.keys.stats(now)]
-        args: list = [dead_letter_max, now, counts.get("completed", 0), counts.get("failed", 0), counts.get("retry", 0)]
+        """Remove tasks from their processing lists, announce their outcomes,
+        schedule their retries and count the batch for `status`, atomically."""
+        keys = [self.keys.dead, self.keys.announced, self.keys.delayed, self.keys.stats(now), stream or self.keys.dead]
+        args: list = [
+            dead_letter_max,
+            now,
+            counts.get("completed", 0),
+            counts.get("failed", 0),
+            counts.get("retry", 0),
+            stream_maxlen if stream else 0,
+            max(MIN_ANNOUNCED_IDS, dead_letter_max, stream_maxlen),
+        ]
         for ack in acks:
             keys.append(ack.processing_key)
-            args.extend([ack.envelope, ack.kind, ack.payload, ack.task_id])
+            args.extend([ack.envelope, ack.kind, ack.dead_letter, ack.retry_at, ack.task_id, ack.event])
         self._ack(keys=keys, args=args)
 
     def promote_due_retries(self, now: float, *, limit: int = 1000) -> int:

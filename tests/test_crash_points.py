@@ -39,16 +39,29 @@ def test_kill_at_each_durable_step_ends_each_task_exactly_once(
     for request_id, shm_info in bad.items():
         push(redis_client, queue_name, {"request_id": request_id, "image_id": request_id, "shm_info": shm_info})
     request_ids = list(bad) + push_photos(redis_client, queue_name, segments, 12, size=(512, 512))
-    pool = pool_factory(workers=2, env={"IRW_CRASH_AT": point, "IRW_CRASH_MARKER": str(marker)})
+    stream = f"{queue_name}:results"
+    redis_client.xgroup_create(stream, "downstream", id="$", mkstream=True)
+    env = {"IRW_CRASH_AT": point, "IRW_CRASH_MARKER": str(marker), "RESULTS_STREAM": stream}
+    pool = pool_factory(workers=2, env=env)
     wait_for_records(pool.output_dir, len(request_ids), timeout=60, pool=pool)
     assert pool.stop() == 0
     assert marker.exists(), f"nothing reached {point}"
-    first, *rest = pool.events("child_died")
-    assert first["role"] == point.split("_", 1)[0]
+    deaths = pool.events("child_died")
+    killed = [e for e in deaths if e["cause"] != "lost its channel to the ledger"]
+    assert [e["role"] for e in killed] == [point.split("_", 1)[0]]
     # After the ledger's death, workers whose records it took along exit and are replaced.
-    assert all(e["cause"] == "lost its channel to the ledger" for e in rest)
+    assert all(e["role"] == "worker" for e in deaths if e not in killed)
     records = assert_exactly_once(pool.output_dir, request_ids, redis_client, queue_name)
     assert sorted(r["request_id"] for r in records if r["status"] == "failed") == sorted(bad)
     dead = [json.loads(entry)["request_id"] for entry in redis_client.lrange(f"{queue_name}:dead", 0, -1)]
     assert sorted(dead) == sorted(bad), "each failed task has exactly one dead letter"
+    # A consumer group downstream sees each outcome exactly once, as recorded.
+    ((_, entries),) = redis_client.xreadgroup("downstream", "reader", {stream: ">"}, count=1000)
+    events = {}
+    for _, fields in entries:
+        event = json.loads(fields[b"record"])
+        assert event["request_id"] not in events, f"{event['request_id']} announced twice"
+        events[event["request_id"]] = event
+    assert sorted(events) == sorted(request_ids)
+    assert {r["request_id"]: r["status"] for r in records} == {k: e["status"] for k, e in events.items()}
     assert [name for name in segments.names if segment_exists(name)] == []

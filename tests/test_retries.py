@@ -102,4 +102,3 @@ def test_dead_letter_list_keeps_only_the_newest(pool_factory, redis_client, queu
     assert pool.stop() == 0
     dead = [json.loads(entry)["request_id"] for entry in redis_client.lrange(f"{queue_name}:dead", 0, -1)]
     assert dead == ["bad_3", "bad_4"]
-    assert redis_client.zcard(f"{queue_name}:dead-ids") == 2

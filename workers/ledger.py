@@ -33,6 +33,7 @@ Hazards handled here:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import selectors
 import socket
@@ -65,6 +66,9 @@ MAX_DATAGRAM = 1 << 20
 # the head of the queue, so they come back long before this many records.
 REMEMBERED_IDS = 200_000
 UCRED = struct.Struct("3i")
+# Records a ledger may have made durable but not acknowledged when it died: its
+# batch and what waited behind it.
+LINES_KEPT_FROM_LAST_RUN = 4 * MAX_BATCH
 
 
 class Ledger:
@@ -89,6 +93,9 @@ class Ledger:
         self.unacknowledged: list[CompletionRecord] = []  # durable, not yet acknowledged
         # Task id -> status of its record, for telling redelivered duplicates apart.
         self.recorded: dict[str, str] = {}
+        # The last lines the previous ledger wrote: a duplicate of one of those
+        # announces the record as it was written.
+        self.lines_from_last_run: dict[str, dict] = {}
         self.recorded_order: deque[str] = deque()
         self.write_failures = 0
         self.write_retry_at = 0.0
@@ -105,6 +112,7 @@ class Ledger:
         except (OSError, ResultsFileError) as exc:
             log.error("ledger_boot_failed", reason=str(exc))
             return exitcodes.BOOT_FAILED
+        self._learn_from_last_run(recent)
         self._finish_interrupted_publications(recent)
         self._finish_interrupted_unlinks()
         self.queue = ReliableQueue(connect(self.settings), self.keys, max_message_bytes=self.settings.max_message_bytes)
@@ -275,11 +283,20 @@ class Ledger:
         if len(self.recorded_order) > REMEMBERED_IDS:
             self.recorded.pop(self.recorded_order.popleft(), None)
 
+    def _learn_from_last_run(self, recent: list[dict]) -> None:
+        """The ids (and last lines) of the records already in results.json, so
+        that their redelivered duplicates are recognised."""
+        for line in recent:
+            task_id = line.get("task_id")
+            self._remember(task_id if isinstance(task_id, str) else None, str(line.get("status")))
+        for line in recent[-LINES_KEPT_FROM_LAST_RUN:]:
+            if isinstance(line.get("task_id"), str):
+                self.lines_from_last_run[line["task_id"]] = line
+
     def _finish_interrupted_publications(self, recent: list[dict]) -> None:
         """Step 3 for records that were durable when the last ledger died."""
         for line in recent:
             task_id, attempts = line.get("task_id"), line.get("attempts")
-            self._remember(task_id if isinstance(task_id, str) else None, str(line.get("status")))
             if line.get("status") != COMPLETED or not isinstance(task_id, str) or not isinstance(attempts, int):
                 continue
             partial = output.partial_path(self.settings.output_dir, task_id, attempts)
@@ -305,7 +322,12 @@ class Ledger:
             counts = Counter(record.status for record in batch if not record.duplicate)
             crash_point("ledger_before_ack")
             self.queue.acknowledge(
-                acks, counts=counts, dead_letter_max=self.settings.dead_letter_max, now=time.time()
+                acks,
+                counts=counts,
+                dead_letter_max=self.settings.dead_letter_max,
+                now=time.time(),
+                stream=self.settings.results_stream,
+                stream_maxlen=self.settings.results_stream_maxlen,
             )
         except REDIS_ERRORS as exc:
             self.ack_failures += 1
@@ -320,17 +342,26 @@ class Ledger:
         self._unlink_segments(doomed)
 
     def _acknowledgement(self, record: CompletionRecord) -> Acknowledgement:
-        """What Redis must do for this record: a failure becomes a dead letter and
-        a transient failure a delayed retry, unless the task already has its record."""
-        kind, payload = "ack", b""
-        final_status = self.recorded.get(record.task_id or "") if record.duplicate else record.status
-        if final_status == FAILED:
-            kind, payload = "dead", record.dead_letter()
-        elif record.status == RETRY and not record.duplicate:
-            kind, payload = "retry", record.retry_at
+        """What Redis must do for this record: announce a final outcome (a failure's
+        dead letter, the results-stream event), schedule a retry, or only let go."""
         # An envelope too broken to carry a task id is identified by its bytes.
         task_id = record.task_id or "raw-" + hashlib.sha1(record.envelope).hexdigest()
-        return Acknowledgement(record.processing_key, record.envelope, kind, payload, task_id)
+        final_status = self.recorded.get(record.task_id or "") if record.duplicate else record.status
+        if record.status == RETRY and not record.duplicate:
+            return Acknowledgement(record.processing_key, record.envelope, "retry", task_id, retry_at=record.retry_at)
+        if final_status not in (COMPLETED, FAILED):
+            return Acknowledgement(record.processing_key, record.envelope, "ack", task_id)
+        line = self.lines_from_last_run.get(task_id) if record.duplicate else None
+        if line is None:
+            line = {**record.results_line(), "status": final_status}
+        return Acknowledgement(
+            record.processing_key,
+            record.envelope,
+            "final",
+            task_id,
+            dead_letter=record.dead_letter() if final_status == FAILED else b"",
+            event=json.dumps(line, ensure_ascii=True).encode(),
+        )
 
     def _segments_to_unlink(self, records: list[CompletionRecord]) -> list[str]:
         if not self.settings.unlink_shm:
