@@ -52,6 +52,9 @@ class Settings:
     url_max_redirects: int = 3
     url_allowed_hosts: tuple[str, ...] = ()  # empty: any host
     lease_ttl: float = 15.0
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
     results_stream: str = "hosting_results"
     results_stream_maxlen: int = 100_000  # 0: no stream
     metrics_port: int | None = None  # off unless set
@@ -109,6 +112,9 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         url_max_redirects=get("URL_MAX_REDIRECTS", _int_in(0, 20), DEFAULTS.url_max_redirects),
         url_allowed_hosts=get("URL_ALLOWED_HOSTS", _host_list, DEFAULTS.url_allowed_hosts),
         lease_ttl=get("LEASE_TTL", _float_in(2, 3600), DEFAULTS.lease_ttl),
+        redis_tls_ca_file=get("REDIS_TLS_CA_FILE", _readable_file, DEFAULTS.redis_tls_ca_file),
+        redis_tls_cert_file=get("REDIS_TLS_CERT_FILE", _readable_file, DEFAULTS.redis_tls_cert_file),
+        redis_tls_key_file=get("REDIS_TLS_KEY_FILE", _readable_file, DEFAULTS.redis_tls_key_file),
         results_stream=get("RESULTS_STREAM", _queue_name, DEFAULTS.results_stream),
         results_stream_maxlen=get("RESULTS_STREAM_MAXLEN", _int_in(0, 100_000_000), DEFAULTS.results_stream_maxlen),
         metrics_port=get("METRICS_PORT", _int_in(1, 65535), DEFAULTS.metrics_port),
@@ -181,6 +187,13 @@ def _path(name: str, raw: str) -> Path:
     if "\0" in raw:
         raise ConfigError(f"{name} contains a NUL byte; expected a directory path")
     return Path(raw).expanduser()
+
+
+def _readable_file(name: str, raw: str) -> Path:
+    path = _path(name, raw).resolve()
+    if not os.access(path, os.R_OK) or not path.is_file():
+        raise ConfigError(f"{name}={raw!r} is not a readable file")
+    return path
 
 
 def _host_list(name: str, raw: str) -> tuple[str, ...]:

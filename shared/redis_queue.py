@@ -15,6 +15,7 @@ are requeued by whichever supervisor notices first.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 from redis.backoff import NoBackoff
@@ -209,6 +210,16 @@ def connect(settings: Settings) -> redis.Redis:
     Retries are ours (capped backoff in each loop), not the client's, so a
     blocking call is never silently repeated.
     """
+    options: dict = {}
+    if settings.redis_url.startswith("rediss://"):
+        # TLS: verify the server against REDIS_TLS_CA_FILE (else the system's CAs),
+        # and present a client certificate when the server asks for one.
+        options.update(
+            ssl_cert_reqs="required",
+            ssl_ca_certs=_text(settings.redis_tls_ca_file),
+            ssl_certfile=_text(settings.redis_tls_cert_file),
+            ssl_keyfile=_text(settings.redis_tls_key_file),
+        )
     return redis.Redis.from_url(
         settings.redis_url,
         socket_timeout=SOCKET_TIMEOUT,
@@ -217,7 +228,12 @@ def connect(settings: Settings) -> redis.Redis:
         health_check_interval=15,
         retry=Retry(NoBackoff(), 0),
         decode_responses=False,
+        **options,
     )
+
+
+def _text(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 class ReliableQueue:
