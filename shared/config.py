@@ -52,6 +52,8 @@ class Settings:
     url_max_redirects: int = 3
     url_allowed_hosts: tuple[str, ...] = ()  # empty: any host
     lease_ttl: float = 15.0
+    redis_sentinels: tuple[tuple[str, int], ...] = ()  # empty: REDIS_URL names the server
+    redis_sentinel_master: str = "mymaster"
     redis_tls_ca_file: Path | None = None
     redis_tls_cert_file: Path | None = None
     redis_tls_key_file: Path | None = None
@@ -112,6 +114,8 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         url_max_redirects=get("URL_MAX_REDIRECTS", _int_in(0, 20), DEFAULTS.url_max_redirects),
         url_allowed_hosts=get("URL_ALLOWED_HOSTS", _host_list, DEFAULTS.url_allowed_hosts),
         lease_ttl=get("LEASE_TTL", _float_in(2, 3600), DEFAULTS.lease_ttl),
+        redis_sentinels=get("REDIS_SENTINELS", _address_list, DEFAULTS.redis_sentinels),
+        redis_sentinel_master=get("REDIS_SENTINEL_MASTER", _queue_name, DEFAULTS.redis_sentinel_master),
         redis_tls_ca_file=get("REDIS_TLS_CA_FILE", _readable_file, DEFAULTS.redis_tls_ca_file),
         redis_tls_cert_file=get("REDIS_TLS_CERT_FILE", _readable_file, DEFAULTS.redis_tls_cert_file),
         redis_tls_key_file=get("REDIS_TLS_KEY_FILE", _readable_file, DEFAULTS.redis_tls_key_file),
@@ -187,6 +191,16 @@ def _path(name: str, raw: str) -> Path:
     if "\0" in raw:
         raise ConfigError(f"{name} contains a NUL byte; expected a directory path")
     return Path(raw).expanduser()
+
+
+def _address_list(name: str, raw: str) -> tuple[tuple[str, int], ...]:
+    addresses = []
+    for item in (part.strip() for part in raw.split(",")):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{name}={raw!r} is not a comma-separated list of host:port")
+        addresses.append((host.strip("[]"), int(port)))
+    return tuple(addresses)
 
 
 def _readable_file(name: str, raw: str) -> Path:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from shared.config import Settings
 
@@ -29,7 +31,11 @@ BLOCK_SECONDS = 2
 SOCKET_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+# Everything Redis can answer with is waited out with backoff and logged, never
+# a crash: an outage, a failover (READONLY from a demoted master, UNBLOCKED for
+# a blocked call), OOM under maxmemory, even a queue key of the wrong type. A
+# worker that died on them would be respawned straight into the same error.
+REDIS_ERRORS = (redis.exceptions.RedisError,)
 
 _STAMP = """
 local function stamp(raw, id, max_bytes)
@@ -208,9 +214,20 @@ def connect(settings: Settings) -> redis.Redis:
     """A client for this process; build one per process, after fork.
 
     Retries are ours (capped backoff in each loop), not the client's, so a
-    blocking call is never silently repeated.
+    blocking call is never silently repeated. With REDIS_SENTINELS the client
+    asks the sentinels for the master and asks again after a failover (a write
+    refused by a demoted master surfaces as a ConnectionError, which every loop
+    already waits out); REDIS_URL then only gives the user, password, database
+    and whether to use TLS.
     """
-    options: dict = {}
+    options: dict = {
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+    }
     if settings.redis_url.startswith("rediss://"):
         # TLS: verify the server against REDIS_TLS_CA_FILE (else the system's CAs),
         # and present a client certificate when the server asks for one.
@@ -220,16 +237,22 @@ def connect(settings: Settings) -> redis.Redis:
             ssl_certfile=_text(settings.redis_tls_cert_file),
             ssl_keyfile=_text(settings.redis_tls_key_file),
         )
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=SOCKET_TIMEOUT,
-        socket_connect_timeout=CONNECT_TIMEOUT,
-        socket_keepalive=True,
-        health_check_interval=15,
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=False,
-        **options,
+    if not settings.redis_sentinels:
+        return redis.Redis.from_url(settings.redis_url, **options)
+    parts = urlsplit(settings.redis_url)
+    database = parts.path.strip("/")
+    options.update(
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        db=int(database) if database.isdigit() else 0,
     )
+    if settings.redis_url.startswith("rediss://"):
+        options["ssl"] = True
+    sentinel = Sentinel(
+        list(settings.redis_sentinels),
+        sentinel_kwargs={"socket_timeout": CONNECT_TIMEOUT, "socket_connect_timeout": CONNECT_TIMEOUT},
+    )
+    return sentinel.master_for(settings.redis_sentinel_master, **options)
 
 
 def _text(path: Path | None) -> str | None:

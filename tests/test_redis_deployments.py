@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.sentinel
 
-from tests.helpers import push, wait_for_records, wait_until
+from tests.helpers import photo_of_size, push, wait_for_records, wait_until
 from tests.test_reliability import push_photos
 from tools.local_redis import find_redis_server, free_port
 
@@ -111,3 +112,76 @@ def test_unreadable_tls_file_is_a_configuration_error(pool_factory, tmp_path):
     assert pool.wait_exit(timeout=20) == 2
     (line,) = pool.stderr_text().strip().splitlines()
     assert "REDIS_TLS_CA_FILE" in line
+
+
+@pytest.fixture
+def sentinel_setup(tmp_path: Path):
+    """A master, a replica and one sentinel watching them, on free ports."""
+    binary = find_redis_server()
+    master_port, replica_port, sentinel_port = free_port(), free_port(), free_port()
+    common = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor mymaster 127.0.0.1 {master_port} 1\n"
+        "sentinel down-after-milliseconds mymaster 2000\nsentinel failover-timeout mymaster 10000\n"
+    )
+    processes = [
+        subprocess.Popen([binary, "--port", str(master_port), "--dir", str(tmp_path), *common],
+                         stdout=subprocess.DEVNULL),
+        subprocess.Popen([binary, "--port", str(replica_port), "--dir", str(tmp_path), *common,
+                          "--replicaof", "127.0.0.1", str(master_port)], stdout=subprocess.DEVNULL),
+        subprocess.Popen([binary, str(conf), "--sentinel"], stdout=subprocess.DEVNULL),
+    ]
+    sentinel = redis.sentinel.Sentinel([("127.0.0.1", sentinel_port)], socket_timeout=2)
+    try:
+        wait_until(lambda: _sentinel_sees_replica(sentinel), 30, "the sentinel never saw the replica")
+        yield sentinel, sentinel_port, replica_port
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(timeout=10)
+
+
+def _sentinel_sees_replica(sentinel: redis.sentinel.Sentinel) -> bool:
+    try:
+        replicas = sentinel.sentinels[0].sentinel_slaves("mymaster")
+    except redis.exceptions.ConnectionError:
+        return False
+    return any(r.get("master-link-status") == "ok" for r in replicas)
+
+
+def push_replicated(master: redis.Redis, queue: str, segments, prefix: str, count: int) -> list[str]:
+    """Push tasks and wait until the replica has them (WAIT): what Redis itself
+    could lose in a failover is then out of the picture."""
+    frame = photo_of_size(256, 256)
+    request_ids = [f"{prefix}_{index}" for index in range(count)]
+    for request_id in request_ids:
+        push(master, queue, segments.message(request_id, request_id, frame))
+    assert master.execute_command("WAIT", 1, 10_000) >= 1
+    return request_ids
+
+
+def test_pool_follows_a_sentinel_failover_without_losing_acknowledged_work(
+    pool_factory, sentinel_setup, queue_name, segments
+):
+    sentinel, sentinel_port, replica_port = sentinel_setup
+    master = sentinel.master_for("mymaster", socket_timeout=15)
+    env = {"REDIS_SENTINELS": f"127.0.0.1:{sentinel_port}", "REDIS_SENTINEL_MASTER": "mymaster",
+           "REDIS_URL": "redis://sentinel-decides:6379/0"}
+    pool = pool_factory(workers=2, env=env)
+    pool.wait_ready()
+    before = push_replicated(master, queue_name, segments, "before", 150)
+    wait_for_records(pool.output_dir, 20, pool=pool)
+    sentinel.sentinels[0].execute_command("SENTINEL", "FAILOVER", "mymaster")
+    wait_until(lambda: sentinel.discover_master("mymaster")[1] == replica_port, 30, "no failover happened")
+    new_master = sentinel.master_for("mymaster", socket_timeout=15)
+    # The old master comes back as the new one's replica once the sentinel reconfigures it.
+    wait_until(lambda: new_master.info("replication")["connected_slaves"] >= 1, 30, "old master never rejoined")
+    after = push_replicated(new_master, queue_name, segments, "after", 20)
+    records = wait_for_records(pool.output_dir, len(before) + len(after), timeout=90, pool=pool)
+    assert pool.stop() == 0
+    recorded = [r["request_id"] for r in records]
+    assert sorted(recorded) == sorted(before + after), "a task was lost or doubled across the failover"
+    assert all(r["status"] == "completed" for r in records)
+    assert pool.events("redis_reconnected"), "nobody noticed the failover"
