@@ -32,7 +32,8 @@ Hazards handled here:
   lines are parsed, and the offset already scanned is kept, so each poll reads
   only what was appended since (see shared/results_file.py for the format).
 
-Depends on redis, numpy and the standard library only (no OpenCV).
+Depends on redis, numpy, the standard library and this project's shared/ (for the
+wire format's names and limits); no OpenCV.
 """
 
 from __future__ import annotations

@@ -223,7 +223,9 @@ class Ledger:
             record.duplicate = True
             if record.partial_path:
                 output.remove_quietly(Path(record.partial_path))
-            log.info("duplicate_dropped", task_id=record.task_id, request_id=record.request_id)
+            log.info(
+                "duplicate_dropped", task_id=record.task_id, request_id=record.request_id, image_id=record.image_id
+            )
         for record in self.unwritten:
             self._remove_earlier_partials(record)
         self.unacknowledged.extend(self.unwritten)
@@ -263,7 +265,14 @@ class Ledger:
                 output.publish(Path(record.partial_path), Path(record.file_path))
             except OSError as exc:
                 # The record is durable; the partial stays for the next start to publish.
-                log.error("publish_failed", file_path=record.file_path, error=str(exc))
+                log.error(
+                    "publish_failed",
+                    file_path=record.file_path,
+                    error=str(exc),
+                    task_id=record.task_id,
+                    request_id=record.request_id,
+                    image_id=record.image_id,
+                )
         if records:
             output.fsync_directory(self.settings.output_dir)
 
@@ -305,7 +314,13 @@ class Ledger:
             final = Path(line.get("file_path") or "")
             if final.parent == self.settings.output_dir and not os.path.lexists(final):
                 output.publish(partial, final)
-                log.info("publication_finished", file_path=str(final), task_id=task_id)
+                log.info(
+                    "publication_finished",
+                    file_path=str(final),
+                    task_id=task_id,
+                    request_id=line.get("request_id"),
+                    image_id=line.get("image_id"),
+                )
             else:
                 output.remove_quietly(partial)
 
