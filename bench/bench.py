@@ -66,6 +66,7 @@ from shared.images import encode_segment, unlink_segment
 from shared.messages import SegmentRef
 from shared.output import RESULTS_NAME, write_durably
 from shared.records import COMPLETED, CompletionRecord
+from shared.redis_queue import QueueKeys
 from shared.results_file import ResultsFile
 from tests.helpers import POOL_ENV_VARS, photo_of_size
 from tools.local_redis import LocalRedis
@@ -652,9 +653,9 @@ def verify_pool_output(
     queue = pool.queue
     if client.llen(queue):
         problems.append(f"{client.llen(queue)} messages still queued")
-    if client.llen(f"{queue}:dead"):
-        problems.append(f"{client.llen(f'{queue}:dead')} dead letters")
-    held = sum(client.llen(key) for key in client.scan_iter(match=f"{queue}:processing:*"))
+    if client.llen(QueueKeys(queue).dead):
+        problems.append(f"{client.llen(QueueKeys(queue).dead)} dead letters")
+    held = sum(client.llen(key) for key in client.scan_iter(match=f"{QueueKeys(queue).prefix}:processing:*"))
     if held:
         problems.append(f"{held} messages left in processing lists")
     if problems:
@@ -936,7 +937,7 @@ def realistic_record(index: int, run: str) -> dict:
         task_id=f"{run}-{index}",
         delivery=1,
         envelope=b"",
-        processing_key="hosting_tasks:processing:0123456789ab:w12345",
+        processing_key="{hosting_tasks}:processing:0123456789ab:w12345",
         request_id=f"req-{run}-{index}",
         image_id=f"camera-7/frame-{index:08d}",
         status=COMPLETED,

@@ -126,6 +126,13 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
     )
 
 
+def has_hash_tag(key: str) -> bool:
+    """Whether Redis Cluster hashes `key` on a tag: the text between its first
+    "{" and the first "}" after it, when that text is not empty."""
+    start = key.find("{")
+    return start >= 0 and key.find("}", start + 1) > start + 1
+
+
 def redact_url(url: str) -> str:
     """The URL with any password replaced, safe for logs and error messages."""
     try:
@@ -226,6 +233,8 @@ def _address(name: str, raw: str) -> str:
 def _queue_name(name: str, raw: str) -> str:
     if len(raw) > 200 or any(c.isspace() for c in raw):
         raise ConfigError(f"{name}={raw!r} is not a valid list name; expected 1..200 characters, no spaces")
+    if ("{" in raw or "}" in raw) and not has_hash_tag(raw):
+        raise ConfigError(f"{name}={raw!r}: braces must form one Redis Cluster hash tag, like {{hosting_tasks}}")
     return raw
 
 

@@ -23,7 +23,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from shared.config import Settings
+from shared.config import Settings, has_hash_tag
 
 # Blocking waits stay well under the socket timeout so a silent dead peer
 # (Redis restarted behind a NAT, say) is noticed instead of hanging forever.
@@ -171,40 +171,49 @@ class Acknowledgement:
 
 @dataclass(frozen=True, slots=True)
 class QueueKeys:
+    """Every key of one queue. They share the queue's Redis Cluster hash slot:
+    `{hosting_tasks}:dead` hashes on `hosting_tasks`, as the bare queue key
+    `hosting_tasks` does, so each Lua script touches one slot."""
+
     queue: str
+
+    @property
+    def prefix(self) -> str:
+        # A queue name that carries its own hash tag already picks the slot.
+        return self.queue if has_hash_tag(self.queue) else "{" + self.queue + "}"
 
     @property
     def registry(self) -> str:
         """The set of every processing list in use, so orphans can be found without SCAN."""
-        return f"{self.queue}:processing"
+        return f"{self.prefix}:processing"
 
     @property
     def dead(self) -> str:
-        return f"{self.queue}:dead"
+        return f"{self.prefix}:dead"
 
     @property
     def announced(self) -> str:
         """Sorted set of task ids whose outcome was announced (dead letter,
         results stream), so each is announced once."""
-        return f"{self.queue}:announced"
+        return f"{self.prefix}:announced"
 
     def stats(self, epoch_seconds: float) -> str:
         """Hash of counts for one STATS_BUCKET_SECONDS-wide slice of time."""
-        return f"{self.queue}:stats:{int(epoch_seconds) // STATS_BUCKET_SECONDS}"
+        return f"{self.prefix}:stats:{int(epoch_seconds) // STATS_BUCKET_SECONDS}"
 
     @property
     def delayed(self) -> str:
         """Sorted set of envelopes waiting for a retry, scored by when they are due."""
-        return f"{self.queue}:delayed"
+        return f"{self.prefix}:delayed"
 
     def processing(self, instance: str, worker: str) -> str:
-        return f"{self.queue}:processing:{instance}:{worker}"
+        return f"{self.prefix}:processing:{instance}:{worker}"
 
     def lease(self, instance: str) -> str:
-        return f"{self.queue}:lease:{instance}"
+        return f"{self.prefix}:lease:{instance}"
 
     def instance_of(self, processing_key: str) -> str | None:
-        prefix = f"{self.queue}:processing:"
+        prefix = f"{self.prefix}:processing:"
         if not processing_key.startswith(prefix):
             return None
         return processing_key[len(prefix):].split(":", 1)[0]

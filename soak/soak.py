@@ -59,6 +59,7 @@ import cv2
 import numpy as np
 import redis
 
+from shared.redis_queue import QueueKeys
 from tests.helpers import (
     POOL_ENV_VARS,
     HttpServer,
@@ -471,11 +472,11 @@ class Soak:
         events = self.log_events()
         client = redis.Redis.from_url(self.redis.url)
         try:
-            dead = [json.loads(raw) for raw in client.lrange(f"{QUEUE}:dead", 0, -1)]
+            dead = [json.loads(raw) for raw in client.lrange(QueueKeys(QUEUE).dead, 0, -1)]
             leftovers_in_redis = {
                 "queue": client.llen(QUEUE),
-                "processing": sum(client.llen(key) for key in client.scan_iter(f"{QUEUE}:processing:*")),
-                "delayed": client.zcard(f"{QUEUE}:delayed"),
+                "processing": sum(client.llen(key) for key in client.scan_iter(f"{QueueKeys(QUEUE).prefix}:processing:*")),
+                "delayed": client.zcard(QueueKeys(QUEUE).delayed),
             }
         finally:
             client.close()

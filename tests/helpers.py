@@ -32,6 +32,8 @@ import cv2
 import numpy as np
 import redis
 
+from shared.redis_queue import QueueKeys
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHM_DIR = Path("/dev/shm")
 RESULTS_NAME = "results.json"
@@ -201,7 +203,7 @@ def push(client: redis.Redis, queue: str, message: Mapping[str, Any] | list[Any]
 
 def dead_letters(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
     """The JSON entries of '{queue}:dead', oldest first."""
-    return [json.loads(raw) for raw in client.lrange(f"{queue}:dead", 0, -1)]
+    return [json.loads(raw) for raw in client.lrange(QueueKeys(queue).dead, 0, -1)]
 
 
 def read_results(output_dir: Path, timeout: float = 5.0) -> list[dict[str, Any]]:

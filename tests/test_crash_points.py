@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from shared.redis_queue import QueueKeys
 from tests.helpers import push, segment_exists, wait_for_records
 from tests.test_reliability import assert_exactly_once, push_photos
 
@@ -53,7 +54,7 @@ def test_kill_at_each_durable_step_ends_each_task_exactly_once(
     assert all(e["role"] == "worker" for e in deaths if e not in killed)
     records = assert_exactly_once(pool.output_dir, request_ids, redis_client, queue_name)
     assert sorted(r["request_id"] for r in records if r["status"] == "failed") == sorted(bad)
-    dead = [json.loads(entry)["request_id"] for entry in redis_client.lrange(f"{queue_name}:dead", 0, -1)]
+    dead = [json.loads(entry)["request_id"] for entry in redis_client.lrange(QueueKeys(queue_name).dead, 0, -1)]
     assert sorted(dead) == sorted(bad), "each failed task has exactly one dead letter"
     # A consumer group downstream sees each outcome exactly once, as recorded.
     ((_, entries),) = redis_client.xreadgroup("downstream", "reader", {stream: ">"}, count=1000)

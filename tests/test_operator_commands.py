@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+from shared.redis_queue import QueueKeys
 from tests.helpers import REPO_ROOT, Pool, push, wait_for_records, wait_until
 from tests.test_reliability import push_photos, worker_pids
 
@@ -63,7 +64,7 @@ def test_dead_letters_can_be_listed_requeued_and_purged(pool_factory, redis_clie
     for index in range(3):
         push(redis_client, queue_name, {"request_id": f"bad_{index}", "image_id": "x"})
     wait_for_records(pool.output_dir, 3, pool=pool)
-    wait_until(lambda: redis_client.llen(f"{queue_name}:dead") == 3, 10, "dead letters missing")
+    wait_until(lambda: redis_client.llen(QueueKeys(queue_name).dead) == 3, 10, "dead letters missing")
     listing = command(pool, "dead", "list", "--json")
     entries = [json.loads(line) for line in listing.stdout.splitlines()]
     assert [e["request_id"] for e in entries] == ["bad_0", "bad_1", "bad_2"]
@@ -71,9 +72,9 @@ def test_dead_letters_can_be_listed_requeued_and_purged(pool_factory, redis_clie
     assert requeued.returncode == 0 and "requeued 2" in requeued.stdout
     # The replayed messages run again (and fail again, being still bad): new records, new dead letters.
     wait_for_records(pool.output_dir, 5, pool=pool)
-    wait_until(lambda: redis_client.llen(f"{queue_name}:dead") == 3, 10, "replayed tasks not dead-lettered")
+    wait_until(lambda: redis_client.llen(QueueKeys(queue_name).dead) == 3, 10, "replayed tasks not dead-lettered")
     purged = command(pool, "dead", "purge")
-    assert purged.returncode == 0 and redis_client.llen(f"{queue_name}:dead") == 0
+    assert purged.returncode == 0 and redis_client.llen(QueueKeys(queue_name).dead) == 0
     assert pool.stop() == 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from shared.redis_queue import QueueKeys
 from tests.helpers import (
     Pool,
     photo_of_size,
@@ -74,7 +75,7 @@ def assert_exactly_once(output_dir: Path, request_ids: list[str], client: redis.
     assert files == recorded, "files on disk and completed records differ"
     assert list((output_dir / ".partial").iterdir()) == [], "stray partial files"
     assert client.llen(queue) == 0
-    for key in client.keys(f"{queue}:processing:*"):
+    for key in client.keys(f"{QueueKeys(queue).prefix}:processing:*"):
         assert client.llen(key) == 0, f"{key!r} still holds tasks"
     return records
 
@@ -131,7 +132,7 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(pool_factory, redis_clie
     done = {record["request_id"] for record in read_results(pool.output_dir)}
     assert 2 <= len(done) < len(request_ids)
     assert redis_client.llen(queue_name) == len(request_ids) - len(done), "a task is neither done nor queued"
-    for key in redis_client.keys(f"{queue_name}:processing:*"):
+    for key in redis_client.keys(f"{QueueKeys(queue_name).prefix}:processing:*"):
         assert redis_client.llen(key) == 0
     # A new pool finishes the rest, and nothing is done twice.
     second = pool_factory(workers=2)
@@ -186,7 +187,7 @@ def test_whole_tree_killed_then_restarted_recovers_in_flight_tasks(pool_factory,
     pool.wait_ready()
     wait_for_records(pool.output_dir, 10, pool=pool)
     pool.kill_all()
-    stranded = sum(redis_client.llen(key) for key in redis_client.keys(f"{queue_name}:processing:*"))
+    stranded = sum(redis_client.llen(key) for key in redis_client.keys(f"{QueueKeys(queue_name).prefix}:processing:*"))
     second = pool_factory(workers=2, env=env)
     wait_for_records(second.output_dir, len(request_ids), timeout=90, pool=second)
     assert second.stop() == 0
@@ -213,7 +214,7 @@ def test_task_that_hangs_is_killed_and_given_up_after_max_attempts(pool_factory,
     # worker may also miss a 3 s deadline, which costs nothing but a respawn.
     assert len(pool.events("worker_hung")) >= 2
     assert all("killed by the supervisor" in e["cause"] for e in pool.events("child_died"))
-    (dead,) = [json.loads(entry) for entry in redis_client.lrange(f"{queue_name}:dead", 0, -1)]
+    (dead,) = [json.loads(entry) for entry in redis_client.lrange(QueueKeys(queue_name).dead, 0, -1)]
     assert json.loads(dead["message"])["request_id"] == "stuck"
 
 

@@ -7,6 +7,7 @@ import json
 
 import cv2
 
+from shared.redis_queue import QueueKeys
 from tests.helpers import push, wait_for_records, wait_until
 
 
@@ -25,13 +26,13 @@ def test_server_error_then_success_completes_once(pool_factory, redis_client, qu
     push(redis_client, queue_name, url_task("flaky", url))
     pool = pool_factory(workers=1)
     wait_until(lambda: pool.events("task_retry_scheduled"), 20, "no retry was scheduled")
-    assert redis_client.zcard(f"{queue_name}:delayed") == 1
+    assert redis_client.zcard(QueueKeys(queue_name).delayed) == 1
     http_server.add("/flaky.png", png_of(photos["astronaut"]), content_type="image/png")
     (record,) = wait_for_records(pool.output_dir, 1, timeout=30, pool=pool)
     assert pool.stop() == 0
     assert record["status"] == "completed" and record["attempts"] >= 2
-    assert redis_client.zcard(f"{queue_name}:delayed") == 0
-    assert redis_client.llen(f"{queue_name}:dead") == 0
+    assert redis_client.zcard(QueueKeys(queue_name).delayed) == 0
+    assert redis_client.llen(QueueKeys(queue_name).dead) == 0
 
 
 def test_retry_waits_without_holding_a_worker(pool_factory, redis_client, queue_name, http_server, photos):
@@ -51,7 +52,7 @@ def test_retry_waits_without_holding_a_worker(pool_factory, redis_client, queue_
     assert throttled_record["status"] == "failed"
     assert "gave up after 2 attempts" in throttled_record["error"] and "429" in throttled_record["error"]
     assert throttled_record["attempts"] == 2
-    (dead,) = [json.loads(entry) for entry in redis_client.lrange(f"{queue_name}:dead", 0, -1)]
+    (dead,) = [json.loads(entry) for entry in redis_client.lrange(QueueKeys(queue_name).dead, 0, -1)]
     assert dead["request_id"] == "throttled" and dead["attempts"] == 2
 
 
@@ -62,7 +63,7 @@ def test_client_error_fails_at_once(pool_factory, redis_client, queue_name, http
     assert pool.stop() == 0
     assert record["status"] == "failed" and record["attempts"] == 1 and "HTTP 404" in record["error"]
     assert not pool.events("task_retry_scheduled")
-    assert redis_client.zcard(f"{queue_name}:delayed") == 0
+    assert redis_client.zcard(QueueKeys(queue_name).delayed) == 0
 
 
 def test_link_local_address_is_refused(pool_factory, redis_client, queue_name):
@@ -100,5 +101,5 @@ def test_dead_letter_list_keeps_only_the_newest(pool_factory, redis_client, queu
     wait_for_records(pool.output_dir, 5, timeout=30, pool=pool)
     wait_until(lambda: not redis_client.llen(queue_name), 10, "queue not drained")
     assert pool.stop() == 0
-    dead = [json.loads(entry)["request_id"] for entry in redis_client.lrange(f"{queue_name}:dead", 0, -1)]
+    dead = [json.loads(entry)["request_id"] for entry in redis_client.lrange(QueueKeys(queue_name).dead, 0, -1)]
     assert dead == ["bad_3", "bad_4"]

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import redis
 
+from shared.redis_queue import QueueKeys
 from tests.conftest import PoolFactory
 from tests.helpers import (
     HttpServer,
@@ -79,7 +80,7 @@ def read_jpeg(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
 
 def processing_entries(client: redis.Redis, queue: str) -> int:
     """Elements held by every processing list of this queue."""
-    return sum(client.llen(key) for key in client.scan_iter(match=f"{queue}:processing:*"))
+    return sum(client.llen(key) for key in client.scan_iter(match=f"{QueueKeys(queue).prefix}:processing:*"))
 
 
 def png(image: np.ndarray) -> bytes:
