@@ -65,6 +65,7 @@ from shared.messages import (
     SEGMENT_NAME,
     SUPPORTED_DTYPES,
 )
+from shared.redis_queue import QueueKeys
 
 SHM_DIR = Path("/dev/shm")
 RESULTS_NAME = "results.json"  # in OUTPUT_DIR, written by the ledger alone
@@ -100,14 +101,17 @@ class WaitTimeout(TimeoutError):
 class Producer:
     """Submits hosting tasks onto one queue; waits for their results.json records."""
 
-    def __init__(self, client: redis.Redis, *, queue: str = DEFAULTS.queue) -> None:
+    def __init__(self, client: redis.Redis, *, queue: str = DEFAULTS.queue, host_id: str | None = None) -> None:
         self.client = client
         self.queue = queue
+        # With several hosts on one Redis, shared-memory tasks must reach a pool on
+        # the host that holds the segment: its own queue (pools with HOST_QUEUE=true).
+        self.shm_queue = QueueKeys(queue).host(host_id) if host_id else queue
         self._owns_client = False
         self._readers: dict[Path, ResultsReader] = {}
 
     @classmethod
-    def from_url(cls, redis_url: str, *, queue: str = DEFAULTS.queue) -> Producer:
+    def from_url(cls, redis_url: str, *, queue: str = DEFAULTS.queue, host_id: str | None = None) -> Producer:
         """A producer with its own client; close() (or `with`) releases it."""
         client = redis.Redis.from_url(
             redis_url,
@@ -116,7 +120,7 @@ class Producer:
             # No retries: an RPUSH retried after a lost reply may deliver a task twice.
             retry=Retry(NoBackoff(), 0),
         )
-        producer = cls(client, queue=queue)
+        producer = cls(client, queue=queue, host_id=host_id)
         producer._owns_client = True
         return producer
 
@@ -157,7 +161,7 @@ class Producer:
             "shm_info": {"shm_name": name, "shape": list(shape), "dtype": dtype.name, "size": nbytes},
         }
         try:
-            self._push(message)
+            self._push(message, queue=self.shm_queue)
         except BaseException:
             # The pool never saw the message: nobody else will ever free this segment.
             unlink_segment(name)
@@ -169,11 +173,11 @@ class Producer:
         check_url(url)
         request_id = _new_or_checked_id(request_id, "request_id")
         _check_id(image_id, "image_id")
-        self._push({"request_id": request_id, "image_id": image_id, "image_url": url})
+        self._push({"request_id": request_id, "image_id": image_id, "image_url": url}, queue=self.queue)
         return Submission(request_id, image_id, "url", None)
 
-    def _push(self, message: dict[str, Any]) -> None:
-        self.client.rpush(self.queue, json.dumps(message))
+    def _push(self, message: dict[str, Any], *, queue: str) -> None:
+        self.client.rpush(queue, json.dumps(message))
 
     # -- waiting -------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "auto"
     workers: int = 1
+    host_id: str = "localhost"  # the real default, the host name, is set in _parse
+    host_queue: bool = False
     shutdown_grace: float = 30.0
     unlink_shm: bool = True
     max_attempts: int = 5
@@ -101,6 +104,8 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         log_level=get("LOG_LEVEL", _choice(LOG_LEVELS, upper=True), DEFAULTS.log_level),
         log_format=get("LOG_FORMAT", _choice(LOG_FORMATS), DEFAULTS.log_format),
         workers=workers,
+        host_id=get("HOST_ID", _host_id, socket.gethostname() or "localhost"),
+        host_queue=get("HOST_QUEUE", _bool, DEFAULTS.host_queue),
         shutdown_grace=get("SHUTDOWN_GRACE", _float_in(0, 3600), DEFAULTS.shutdown_grace),
         unlink_shm=get("UNLINK_SHM", _bool, DEFAULTS.unlink_shm),
         max_attempts=get("MAX_ATTEMPTS", _int_in(1, 100), DEFAULTS.max_attempts),
@@ -222,6 +227,12 @@ def _host_list(name: str, raw: str) -> tuple[str, ...]:
     if any(not re.fullmatch(r"[a-z0-9.\-:\[\]]{1,253}", h) for h in hosts):
         raise ConfigError(f"{name}={raw!r} is not a comma-separated list of host names")
     return hosts
+
+
+def _host_id(name: str, raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", raw):
+        raise ConfigError(f"{name}={raw!r} is not a host id; expected 1..100 letters, digits, '.', '_' or '-'")
+    return raw
 
 
 def _address(name: str, raw: str) -> str:

@@ -1,7 +1,7 @@
 """The wire format: hosting task messages and the envelope we keep them in.
 
 Producers RPUSH the seed's JSON messages. When a worker claims one, a Lua script
-wraps it in an envelope (`irw1 <task_id> <deliveries> <original_length>\\n<body>`)
+wraps it in an envelope (`irw1 <task_id> <deliveries> <original_length> <origin>\\n<body>`)
 inside the worker's processing list, so the task keeps one identity and a
 delivery count across redeliveries. Everything in a message is untrusted: this
 module turns bytes into a `Task` or raises `InvalidMessage` with a reason a
@@ -75,8 +75,8 @@ class Task:
 def parse_envelope(raw: bytes) -> Envelope:
     """Split an envelope written by the claim script. Raises InvalidMessage."""
     header, sep, body = raw.partition(b"\n")
-    fields = header.split(b" ")
-    if not raw.startswith(ENVELOPE_MAGIC) or not sep or len(fields) != 4:
+    fields = header.split(b" ")  # magic, task id, deliveries, length[, origin list]
+    if not raw.startswith(ENVELOPE_MAGIC) or not sep or len(fields) not in (4, 5):
         raise InvalidMessage("processing list holds an entry that is not an envelope")
     try:
         task_id = fields[1].decode("ascii")

@@ -37,50 +37,65 @@ CONNECT_TIMEOUT = 5.0
 # worker that died on them would be respawned straight into the same error.
 REDIS_ERRORS = (redis.exceptions.RedisError,)
 
+# An envelope: "irw1 <task id> <deliveries> <original length> <origin>\n<message>",
+# where origin is the list the message was first claimed from, so a requeue can
+# put it back there (a host's own queue, or the shared one).
 _STAMP = """
-local function stamp(raw, id, max_bytes)
-  local task_id, deliveries, length, body = string.match(raw, '^irw1 ([%w%-]+) (%d+) (%d+)\\n(.*)$')
+local function stamp(raw, id, max_bytes, origin)
+  local task_id, deliveries, rest, body = string.match(raw, '^irw1 ([%w%-]+) (%d+) ([^\\n]*)\\n(.*)$')
   if task_id then
-    return 'irw1 ' .. task_id .. ' ' .. (tonumber(deliveries) + 1) .. ' ' .. length .. '\\n' .. body
+    return 'irw1 ' .. task_id .. ' ' .. (tonumber(deliveries) + 1) .. ' ' .. rest .. '\\n' .. body
   end
-  return 'irw1 ' .. id .. ' 1 ' .. #raw .. '\\n' .. string.sub(raw, 1, max_bytes)
+  return 'irw1 ' .. id .. ' 1 ' .. #raw .. ' ' .. origin .. '\\n' .. string.sub(raw, 1, max_bytes)
 end
 """
 
-# KEYS: queue, processing. ARGV: count, id prefix, max message bytes.
+# Up to ARGV[1] messages, the host's own queue first. KEYS: shared queue,
+# processing list, host queue (the shared queue again when there is none).
+# ARGV: count, id prefix, max message bytes.
 CLAIM_SCRIPT = _STAMP + """
 local claimed = {}
 for i = 1, tonumber(ARGV[1]) do
-  local raw = redis.call('LPOP', KEYS[1])
+  local origin = KEYS[3]
+  local raw = redis.call('LPOP', origin)
+  if not raw and KEYS[3] ~= KEYS[1] then
+    origin = KEYS[1]
+    raw = redis.call('LPOP', origin)
+  end
   if not raw then break end
-  local envelope = stamp(raw, ARGV[2] .. '-' .. i, tonumber(ARGV[3]))
+  local envelope = stamp(raw, ARGV[2] .. '-' .. i, tonumber(ARGV[3]), origin)
   redis.call('RPUSH', KEYS[2], envelope)
   claimed[#claimed + 1] = envelope
 end
 return claimed
 """
 
-# After a BLMOVE put a raw message at the tail of the processing list. KEYS: processing.
-# ARGV: task id, max message bytes.
+# After a BLMOVE put a raw message at the tail of the processing list. KEYS:
+# processing. ARGV: task id, max message bytes, the list BLMOVE took it from.
 STAMP_TAIL_SCRIPT = _STAMP + """
 local raw = redis.call('LINDEX', KEYS[1], -1)
 if not raw then return false end
-local envelope = stamp(raw, ARGV[1], tonumber(ARGV[2]))
+local envelope = stamp(raw, ARGV[1], tonumber(ARGV[2]), ARGV[3])
 redis.call('LSET', KEYS[1], -1, envelope)
 return envelope
 """
 
-# Back to the head of the queue, in the order they were claimed. KEYS: processing,
-# queue, registry.
+# Each task back to the head of the list it came from, in the order they were
+# claimed; an envelope without an origin goes to the shared queue. A dead
+# host's URL tasks so return to the shared queue for any host, its shared-memory
+# tasks to its own queue, to wait for it. KEYS: processing, queue, registry.
 REQUEUE_SCRIPT = """
 local moved = 0
-while redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT') do
+while true do
+  local envelope = redis.call('RPOP', KEYS[1])
+  if not envelope then break end
+  local origin = string.match(envelope, '^irw1 %S+ %d+ %d+ (%S+)\\n') or KEYS[2]
+  redis.call('LPUSH', origin, envelope)
   moved = moved + 1
 end
 redis.call('SREM', KEYS[3], KEYS[1])
 return moved
 """
-
 
 # Due retries move to the tail of the queue. KEYS: delayed, queue. ARGV: now, limit.
 PROMOTE_SCRIPT = """
@@ -212,6 +227,10 @@ class QueueKeys:
     def lease(self, instance: str) -> str:
         return f"{self.prefix}:lease:{instance}"
 
+    def host(self, host_id: str) -> str:
+        """The queue of shared-memory tasks meant for one host."""
+        return f"{self.prefix}:host:{host_id}"
+
     def instance_of(self, processing_key: str) -> str | None:
         prefix = f"{self.prefix}:processing:"
         if not processing_key.startswith(prefix):
@@ -272,12 +291,19 @@ class ReliableQueue:
     """The queue operations, on one client."""
 
     def __init__(
-        self, client: redis.Redis, keys: QueueKeys, *, max_message_bytes: int, block_seconds: float = BLOCK_SECONDS
+        self,
+        client: redis.Redis,
+        keys: QueueKeys,
+        *,
+        max_message_bytes: int,
+        block_seconds: float = BLOCK_SECONDS,
+        host_queue: str | None = None,
     ) -> None:
         self.client = client
         self.keys = keys
         self._max_bytes = max_message_bytes
         self._block_seconds = block_seconds
+        self._host_queue = host_queue
         self._claim = client.register_script(CLAIM_SCRIPT)
         self._stamp_tail = client.register_script(STAMP_TAIL_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
@@ -289,15 +315,20 @@ class ReliableQueue:
         self.client.sadd(self.keys.registry, processing_key)
 
     def claim(self, processing_key: str, *, count: int, id_prefix: str) -> list[bytes]:
-        """Up to `count` envelopes moved into `processing_key`, without waiting."""
-        return self._claim(keys=[self.keys.queue, processing_key], args=[count, id_prefix, self._max_bytes])
+        """Up to `count` envelopes moved into `processing_key`, without waiting:
+        from this host's queue first, when it has one, then the shared queue."""
+        keys = [self.keys.queue, processing_key, self._host_queue or self.keys.queue]
+        return self._claim(keys=keys, args=[count, id_prefix, self._max_bytes])
 
     def wait_and_claim(self, processing_key: str, *, task_id: str) -> bytes | None:
-        """Block up to block_seconds for one message; None when none came."""
-        moved = self.client.blmove(self.keys.queue, processing_key, self._block_seconds, "LEFT", "RIGHT")
+        """Block up to block_seconds for one message; None when none came. With a
+        host queue, the wait is on it (shared-memory tasks are the latency-bound
+        ones); the shared queue is looked at on every turn by `claim`."""
+        source = self._host_queue or self.keys.queue
+        moved = self.client.blmove(source, processing_key, self._block_seconds, "LEFT", "RIGHT")
         if moved is None:
             return None
-        return self._stamp_tail(keys=[processing_key], args=[task_id, self._max_bytes]) or None
+        return self._stamp_tail(keys=[processing_key], args=[task_id, self._max_bytes, source]) or None
 
     def requeue(self, processing_key: str) -> int:
         """Return every task in a processing list to the head of the queue."""

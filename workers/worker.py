@@ -72,6 +72,8 @@ from shared.redis_queue import (
 from shared.url_fetch import UrlFetcher
 
 log = structlog.get_logger()
+# How long an idle worker waits on its host queue before it looks at the shared one.
+HOST_QUEUE_BLOCK_SECONDS = 0.25
 
 
 def processing_name(pid: int) -> str:
@@ -107,8 +109,12 @@ class Worker:
             connect(self.settings),
             QueueKeys(self.settings.queue),
             max_message_bytes=self.settings.max_message_bytes,
-            # An idle worker must beat well within TASK_TIMEOUT or it looks hung.
-            block_seconds=min(BLOCK_SECONDS, self.settings.task_timeout / 4),
+            # An idle worker must beat well within TASK_TIMEOUT or it looks hung;
+            # with a host queue the wait is on it, and the shared queue is looked
+            # at between waits, so they are short.
+            block_seconds=min(HOST_QUEUE_BLOCK_SECONDS if self.settings.host_queue else BLOCK_SECONDS,
+                              self.settings.task_timeout / 4),
+            host_queue=QueueKeys(self.settings.queue).host(self.settings.host_id) if self.settings.host_queue else None,
         )
         self.fetcher = UrlFetcher(self.settings)
         self.ledger = self._connect_ledger()

@@ -1,0 +1,73 @@
+"""Several supervisors, one per host, on one Redis: shared-memory tasks go to
+each host's own queue, URL tasks to the shared one. When a whole host dies, its
+URL tasks move on to the others once its lease expires; its shared-memory tasks
+wait in its own queue until it comes back. Every task ends exactly once."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import cv2
+
+from shared.redis_queue import QueueKeys
+from tests.helpers import photo_of_size, push, read_results, wait_until
+
+
+def test_a_dead_hosts_url_tasks_move_on_and_its_shared_memory_tasks_wait(
+    pool_factory, redis_client, queue_name, segments, http_server, tmp_path
+):
+    ok, png = cv2.imencode(".png", photo_of_size(1024, 1024))
+    url = http_server.add("/page.png", png.tobytes(), content_type="image/png")
+    keys = QueueKeys(queue_name)
+    outputs = {host: tmp_path / f"out-{host}" for host in "abc"}
+
+    def start(host: str):
+        env = {"HOST_ID": host, "HOST_QUEUE": "true", "LEASE_TTL": "2"}
+        return pool_factory(workers=1, env=env, output_dir=outputs[host])
+
+    pools = {host: start(host) for host in "abc"}
+    for pool in pools.values():
+        pool.wait_ready()
+    frame = photo_of_size(512, 512)
+    shm_tasks = {host: [f"shm_{host}_{i}" for i in range(3)] for host in "abc"}
+    for host, request_ids in shm_tasks.items():
+        for request_id in request_ids:
+            push(redis_client, keys.host(host), segments.message(request_id, request_id, frame))
+    url_tasks = [f"url_{i}" for i in range(120)]
+    for request_id in url_tasks:
+        push(redis_client, queue_name, {"request_id": request_id, "image_id": request_id, "image_url": url})
+
+    wait_until(lambda: len(read_results(outputs["b"])) >= 8, 60, "host b did not get going")
+    pools["b"].kill_all()  # the whole host: supervisor, ledger and workers, kill -9
+    stranded = sum(redis_client.llen(key) for key in redis_client.smembers(keys.registry))
+    later = [f"shm_b_late_{i}" for i in range(2)]  # for b, while it is down
+    for request_id in later:
+        push(redis_client, keys.host("b"), segments.message(request_id, request_id, frame))
+
+    def done_elsewhere() -> bool:
+        finished = {r["request_id"] for host in "abc" for r in read_results(outputs[host])}
+        return set(url_tasks) <= finished
+
+    wait_until(done_elsewhere, 90, "the survivors did not finish the URL tasks")
+    for request_id in later:
+        assert all(r["request_id"] != request_id for host in "ac" for r in read_results(outputs[host]))
+    assert redis_client.llen(keys.host("b")) == len(later), "b's shared-memory tasks did not wait for it"
+    assert all(not any(r["request_id"].startswith("shm_b") for r in read_results(outputs[h])) for h in "ac")
+
+    revived = start("b")  # the host comes back
+    wait_until(
+        lambda: {r["request_id"] for r in read_results(outputs["b"])} >= set(later), 60, "b did not finish its tasks"
+    )
+    for pool in (pools["a"], pools["c"], revived):
+        assert pool.stop() == 0
+
+    records = [r for host in "abc" for r in read_results(outputs[host])]
+    counts = Counter(r["request_id"] for r in records)
+    expected = url_tasks + later + [t for ids in shm_tasks.values() for t in ids]
+    assert sorted(counts) == sorted(expected), "a task was lost"
+    assert max(counts.values()) == 1, f"doubled: {[k for k, v in counts.items() if v > 1]}"
+    assert all(r["status"] == "completed" for r in records)
+    assert redis_client.llen(queue_name) == 0 and redis_client.llen(keys.host("b")) == 0
+    if stranded:  # b died holding a task: exactly one survivor took its list over
+        takeovers = [e for host in "ac" for e in pools[host].events("tasks_requeued")]
+        assert len(takeovers) == 1 and takeovers[0]["tasks"] >= 1
