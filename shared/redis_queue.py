@@ -30,6 +30,7 @@ from shared.config import Settings, has_hash_tag
 BLOCK_SECONDS = 2
 SOCKET_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
+CLAIM_REPLICATION_MS = 1000
 
 # Everything Redis can answer with is waited out with backoff and logged, never
 # a crash: an outage, a failover (READONLY from a demoted master, UNBLOCKED for
@@ -298,8 +299,10 @@ class ReliableQueue:
         max_message_bytes: int,
         block_seconds: float = BLOCK_SECONDS,
         host_queue: str | None = None,
+        replicated_claims: bool = False,
     ) -> None:
         self.client = client
+        self._replicated_claims = replicated_claims
         self.keys = keys
         self._max_bytes = max_message_bytes
         self._block_seconds = block_seconds
@@ -318,7 +321,10 @@ class ReliableQueue:
         """Up to `count` envelopes moved into `processing_key`, without waiting:
         from this host's queue first, when it has one, then the shared queue."""
         keys = [self.keys.queue, processing_key, self._host_queue or self.keys.queue]
-        return self._claim(keys=keys, args=[count, id_prefix, self._max_bytes])
+        claimed = self._claim(keys=keys, args=[count, id_prefix, self._max_bytes])
+        if claimed:
+            self._wait_for_replica()
+        return claimed
 
     def wait_and_claim(self, processing_key: str, *, task_id: str) -> bytes | None:
         """Block up to block_seconds for one message; None when none came. With a
@@ -328,7 +334,22 @@ class ReliableQueue:
         moved = self.client.blmove(source, processing_key, self._block_seconds, "LEFT", "RIGHT")
         if moved is None:
             return None
-        return self._stamp_tail(keys=[processing_key], args=[task_id, self._max_bytes, source]) or None
+        envelope = self._stamp_tail(keys=[processing_key], args=[task_id, self._max_bytes, source]) or None
+        if envelope:
+            self._wait_for_replica()
+        return envelope
+
+    def _wait_for_replica(self) -> None:
+        """Under Sentinel, work starts only once a replica has the claim. A claim
+        lost in a failover (taken on an old master after its replica was
+        promoted) would leave the message in the new master's queue, to be
+        claimed again under a new task id and done twice. With no replica
+        answering within CLAIM_REPLICATION_MS this raises, and the worker waits
+        like for any Redis outage: the pool pauses rather than doubling work."""
+        if self._replicated_claims and self.client.execute_command("WAIT", 1, CLAIM_REPLICATION_MS) < 1:
+            raise redis.exceptions.ConnectionError(
+                "no replica acknowledged the claim: the master may be failing over"
+            )
 
     def requeue(self, processing_key: str) -> int:
         """Return every task in a processing list to the head of the queue."""

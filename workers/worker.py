@@ -115,6 +115,7 @@ class Worker:
             block_seconds=min(HOST_QUEUE_BLOCK_SECONDS if self.settings.host_queue else BLOCK_SECONDS,
                               self.settings.task_timeout / 4),
             host_queue=QueueKeys(self.settings.queue).host(self.settings.host_id) if self.settings.host_queue else None,
+            replicated_claims=bool(self.settings.redis_sentinels),
         )
         self.fetcher = UrlFetcher(self.settings)
         self.ledger = self._connect_ledger()
