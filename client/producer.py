@@ -101,9 +101,19 @@ class WaitTimeout(TimeoutError):
 class Producer:
     """Submits hosting tasks onto one queue; waits for their results.json records."""
 
-    def __init__(self, client: redis.Redis, *, queue: str = DEFAULTS.queue, host_id: str | None = None) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        queue: str = DEFAULTS.queue,
+        host_id: str | None = None,
+        results_stream: str = DEFAULTS.results_stream,
+    ) -> None:
         self.client = client
         self.queue = queue
+        self.results_stream = results_stream
+        # The stream's last entry before our first submission: wait() reads after it.
+        self._stream_start: bytes | None = None
         # With several hosts on one Redis, shared-memory tasks must reach a pool on
         # the host that holds the segment: its own queue (pools with HOST_QUEUE=true).
         self.shm_queue = QueueKeys(queue).host(host_id) if host_id else queue
@@ -111,7 +121,14 @@ class Producer:
         self._readers: dict[Path, ResultsReader] = {}
 
     @classmethod
-    def from_url(cls, redis_url: str, *, queue: str = DEFAULTS.queue, host_id: str | None = None) -> Producer:
+    def from_url(
+        cls,
+        redis_url: str,
+        *,
+        queue: str = DEFAULTS.queue,
+        host_id: str | None = None,
+        results_stream: str = DEFAULTS.results_stream,
+    ) -> Producer:
         """A producer with its own client; close() (or `with`) releases it."""
         client = redis.Redis.from_url(
             redis_url,
@@ -120,7 +137,7 @@ class Producer:
             # No retries: an RPUSH retried after a lost reply may deliver a task twice.
             retry=Retry(NoBackoff(), 0),
         )
-        producer = cls(client, queue=queue, host_id=host_id)
+        producer = cls(client, queue=queue, host_id=host_id, results_stream=results_stream)
         producer._owns_client = True
         return producer
 
@@ -177,6 +194,9 @@ class Producer:
         return Submission(request_id, image_id, "url", None)
 
     def _push(self, message: dict[str, Any], *, queue: str) -> None:
+        if self._stream_start is None:
+            last = self.client.xrevrange(self.results_stream, count=1)
+            self._stream_start = last[0][0] if last else b"0-0"
         self.client.rpush(queue, json.dumps(message))
 
     # -- waiting -------------------------------------------------------------
@@ -185,18 +205,20 @@ class Producer:
         self,
         submissions: Sequence[Submission],
         *,
-        output_dir: Path,
+        output_dir: Path | None = None,
         timeout: float,
         on_progress: Progress | None = None,
     ) -> list[dict[str, Any]]:
-        """The results.json record of each submission, in submission order.
+        """The record of each submission, in submission order: read from
+        OUTPUT_DIR/results.json when `output_dir` is given (the pool's host),
+        else from the pool's RESULTS_STREAM in Redis (any host).
 
-        Matches by request_id, so each must be unique in that results.json (the
-        default uuid4 ids are). `on_progress(records_so_far, total)` is called
-        once at the start and whenever more records have appeared. Raises
-        WaitTimeout (a TimeoutError) naming how many are missing.
+        Matches by request_id, so each must be unique (the default uuid4 ids
+        are). `on_progress(records_so_far, total)` is called once at the start
+        and whenever more records have appeared. Raises WaitTimeout (a
+        TimeoutError) naming how many are missing.
         """
-        reader = self._reader(Path(output_dir))
+        reader = self._reader(Path(output_dir)) if output_dir is not None else self._stream_reader()
         wanted = [s.request_id for s in submissions]
         deadline = time.monotonic() + timeout
         reported = -1
@@ -217,11 +239,35 @@ class Producer:
                 )
             time.sleep(POLL_SECONDS)
 
+    def _stream_reader(self) -> StreamReader:
+        return StreamReader(self.client, self.results_stream, after=self._stream_start or b"0-0")
+
     def _reader(self, output_dir: Path) -> ResultsReader:
         key = output_dir.resolve()
         if key not in self._readers:
             self._readers[key] = ResultsReader(key / RESULTS_NAME)
         return self._readers[key]
+
+
+class StreamReader:
+    """Records from the pool's results stream, after a given entry id."""
+
+    def __init__(self, client: redis.Redis, stream: str, *, after: bytes) -> None:
+        self.client = client
+        self.path = f"the Redis stream {stream}"
+        self._stream = stream
+        self._last = after
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def find(self, request_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        wanted = set(request_ids)
+        for _, entries in self.client.xread({self._stream: self._last}, count=1000, block=int(POLL_SECONDS * 1000)) or []:
+            for entry_id, fields in entries:
+                self._last = entry_id
+                record = json.loads(fields[b"record"])
+                if isinstance(record, dict) and record.get("request_id") in wanted:
+                    self._records[record["request_id"]] = record
+        return {k: v for k, v in self._records.items() if k in wanted}
 
 
 class ResultsReader:

@@ -304,3 +304,22 @@ def test_cli_unreachable_redis_exits_1_with_one_line_and_no_segment(
     assert "Traceback" not in done.stderr and "cannot reach Redis" in done.stderr, done.stderr
     assert "secret" not in done.stderr
     assert segments_with_prefix(prefix) == []
+
+
+def test_wait_through_the_results_stream_from_any_host(
+    pool_factory: PoolFactory, redis_server: LocalRedis, queue_name: str, photos: dict[str, np.ndarray]
+) -> None:
+    """Without access to OUTPUT_DIR, wait() follows the pool's RESULTS_STREAM,
+    and only records after the first submission count."""
+    stream = f"{queue_name}:results"
+    pool = pool_factory(env={"RESULTS_STREAM": stream})
+    pool.wait_ready()
+    with Producer.from_url(redis_server.url, queue=queue_name, results_stream=stream) as producer:
+        earlier = producer.submit_array(photos["chelsea"], image_id="earlier", request_id="req-1")
+        producer.wait([earlier], timeout=WAIT)
+    with Producer.from_url(redis_server.url, queue=queue_name, results_stream=stream) as producer:
+        sent = [producer.submit_array(photos["coffee"], image_id=f"page_{i}", request_id=f"req-{i}") for i in (1, 2)]
+        records = producer.wait(sent, timeout=WAIT)
+    assert [r["request_id"] for r in records] == ["req-1", "req-2"]
+    assert all(r["status"] == "completed" and r["image_id"].startswith("page_") for r in records)
+    assert pool.stop() == 0
