@@ -5,9 +5,11 @@
         --record over worker N's socket--> ledger (results.json, publish, ack, unlink)
 
 The supervisor only forks, signals, reaps and reconciles. Each wakeup of its
-loop is one reconcile pass: reap the dead (requeueing their processing lists),
-kill the hung, renew this instance's lease, recover lists orphaned by a dead
-instance, restart the ledger if needed, and bring the workers to the desired
+loop (a signal, a child's death, a metrics request, or a tick) is one
+reconcile pass: reap the dead (requeueing their processing lists), kill the
+hung, renew this instance's lease (its value is the state `status` shows),
+recover lists orphaned by a dead instance, move due retries back onto the
+queue, restart the ledger if needed, and bring the workers to the desired
 count (with backoff when they keep dying at boot).
 
 Hazards handled here:
