@@ -85,14 +85,14 @@ def main(argv: list[str]) -> int:
 def collect_status(queue: ReliableQueue, *, now: float) -> dict:
     keys, client = queue.keys, queue.client
     supervisors = [json.loads(raw) for raw in _lease_values(client, keys)]
-    in_flight = {key.decode(): client.llen(key) for key in client.smembers(keys.registry)}
+    depths = queue.depths()
     return {
         "queue": keys.queue,
-        "queue_depth": client.llen(keys.queue),
-        "in_flight": sum(in_flight.values()),
-        "in_flight_by_list": in_flight,
-        "delayed_retries": client.zcard(keys.delayed),
-        "dead_letters": client.llen(keys.dead),
+        "queue_depth": depths.waiting,
+        "in_flight": depths.in_flight,
+        "in_flight_by_list": depths.in_flight_by_list,
+        "delayed_retries": depths.delayed,
+        "dead_letters": depths.dead,
         "last_minute": _last_minute(client, keys, now),
         "supervisors": supervisors,
     }

@@ -135,14 +135,13 @@ class MetricsEndpoint:
         """Queue figures from Redis, at most every few seconds and never failing a scrape."""
         if time.monotonic() - self._gauges_at < QUEUE_REFRESH_SECONDS:
             return self._gauges
-        keys, client = self.queue.keys, self.queue.client
         try:
-            in_flight = sum(client.llen(key) for key in client.smembers(keys.registry))
+            depths = self.queue.depths()
             self._gauges = [
-                ("image_result_queue_depth", "Tasks waiting in the queue", client.llen(keys.queue)),
-                ("image_result_in_flight", "Tasks in processing lists", in_flight),
-                ("image_result_delayed_retries", "Tasks waiting for a retry", client.zcard(keys.delayed)),
-                ("image_result_dead_letters", "Entries in the dead-letter list", client.llen(keys.dead)),
+                ("image_result_queue_depth", "Tasks waiting in the queue", depths.waiting),
+                ("image_result_in_flight", "Tasks in processing lists", depths.in_flight),
+                ("image_result_delayed_retries", "Tasks waiting for a retry", depths.delayed),
+                ("image_result_dead_letters", "Entries in the dead-letter list", depths.dead),
             ]
         except REDIS_ERRORS:
             pass  # keep the last figures; the Redis outage is in the log

@@ -186,6 +186,18 @@ class Acknowledgement:
 
 
 @dataclass(frozen=True, slots=True)
+class QueueDepths:
+    waiting: int
+    in_flight_by_list: dict[str, int]
+    delayed: int
+    dead: int
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self.in_flight_by_list.values())
+
+
+@dataclass(frozen=True, slots=True)
 class QueueKeys:
     """Every key of one queue. They share the queue's Redis Cluster hash slot:
     `{hosting_tasks}:dead` hashes on `hosting_tasks`, as the bare queue key
@@ -385,6 +397,17 @@ class ReliableQueue:
     def promote_due_retries(self, now: float, *, limit: int = 1000) -> int:
         """Move retries whose time has come back onto the queue."""
         return int(self._promote(keys=[self.keys.delayed, self.keys.queue], args=[now, limit]))
+
+    def depths(self) -> QueueDepths:
+        """How many tasks wait, run, wait for a retry and lie dead: for `status` and metrics."""
+        client, keys = self.client, self.keys
+        in_flight = {key.decode(): client.llen(key) for key in client.smembers(keys.registry)}
+        return QueueDepths(
+            waiting=client.llen(keys.queue),
+            in_flight_by_list=in_flight,
+            delayed=client.zcard(keys.delayed),
+            dead=client.llen(keys.dead),
+        )
 
     def requeue_dead_letter(self, entry: bytes, message: bytes) -> bool:
         return bool(self._requeue_dead(keys=[self.keys.dead, self.keys.queue], args=[entry, message]))

@@ -141,13 +141,20 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(pool_factory, redis_clie
     assert_exactly_once(pool.output_dir, request_ids, redis_client, queue_name)
 
 
-def test_grace_period_over_puts_unfinished_task_back(pool_factory, redis_client, queue_name, http_server):
-    """A task still running when SHUTDOWN_GRACE ends is killed and requeued, not lost."""
+def pool_busy_with_a_slow_download(pool_factory, redis_client, queue_name, http_server, env) -> Pool:
+    """A one-worker pool whose worker is stuck in a download that trickles bytes."""
     http_server.trickle("/slow.png", interval=0.2)
     push(redis_client, queue_name, {"request_id": "slow", "image_id": "slow", "image_url": http_server.url("/slow.png")})
-    pool = pool_factory(workers=1, env={"SHUTDOWN_GRACE": "1", "URL_READ_TIMEOUT": "120"})
+    pool = pool_factory(workers=1, env=env)
     pool.wait_ready()
     wait_until(lambda: pool.events("task_started"), 10, "task never started")
+    return pool
+
+
+def test_grace_period_over_puts_unfinished_task_back(pool_factory, redis_client, queue_name, http_server):
+    """A task still running when SHUTDOWN_GRACE ends is killed and requeued, not lost."""
+    env = {"SHUTDOWN_GRACE": "1", "URL_READ_TIMEOUT": "120"}
+    pool = pool_busy_with_a_slow_download(pool_factory, redis_client, queue_name, http_server, env)
     started = time.monotonic()
     assert pool.stop(signal.SIGTERM, timeout=30) == 0
     assert time.monotonic() - started < 15
@@ -157,11 +164,8 @@ def test_grace_period_over_puts_unfinished_task_back(pool_factory, redis_client,
 
 
 def test_second_signal_stops_at_once(pool_factory, redis_client, queue_name, http_server):
-    http_server.trickle("/slow.png", interval=0.2)
-    push(redis_client, queue_name, {"request_id": "slow", "image_id": "slow", "image_url": http_server.url("/slow.png")})
-    pool = pool_factory(workers=1, env={"SHUTDOWN_GRACE": "300", "URL_READ_TIMEOUT": "300"})
-    pool.wait_ready()
-    wait_until(lambda: pool.events("task_started"), 10, "task never started")
+    env = {"SHUTDOWN_GRACE": "300", "URL_READ_TIMEOUT": "300"}
+    pool = pool_busy_with_a_slow_download(pool_factory, redis_client, queue_name, http_server, env)
     pool.send_signal(signal.SIGTERM)
     time.sleep(0.5)
     pool.send_signal(signal.SIGINT)
