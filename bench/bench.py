@@ -358,8 +358,21 @@ def receive(conn: multiprocessing.connection.Connection, process: BaseProcess, t
     return conn.recv()
 
 
-def _limit_child(share: list[BenchTask], outdir: Path, go_fd: int, conn: multiprocessing.connection.Connection) -> None:
-    """One limit process: attach + encode + write + unlink, nothing else."""
+def write_plainly(path: Path, data: bytes) -> None:
+    """The limit's write: a new file, no fsync (the pool pays for durability itself)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _limit_child(
+    share: list[BenchTask], outdir: Path, durable: bool, go_fd: int, conn: multiprocessing.connection.Connection
+) -> None:
+    """One limit process: attach + encode + write + unlink, nothing else (with
+    `durable`, each file is fdatasync'ed too: the reference for one-at-a-time
+    durable writing)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides, as the supervisor does
     cv2.setNumThreads(1)
     try:
@@ -368,7 +381,7 @@ def _limit_child(share: list[BenchTask], outdir: Path, go_fd: int, conn: multipr
         cpu_start = time.process_time_ns()
         for task in share:
             image = encode_segment(SegmentRef(task.segment, task.shape, "uint8"), quality=QUALITY)
-            write_durably(outdir / f"{task.request_id}.jpg", image.jpeg)
+            (write_durably if durable else write_plainly)(outdir / f"{task.request_id}.jpg", image.jpeg)
             unlink_segment(task.segment)
         ended = time.perf_counter()
         conn.send(("ok", ended, time.process_time_ns() - cpu_start))
@@ -378,7 +391,7 @@ def _limit_child(share: list[BenchTask], outdir: Path, go_fd: int, conn: multipr
         conn.close()
 
 
-def run_limit(tasks: list[BenchTask], outdir: Path, segments: Segments) -> LimitResult:
+def run_limit(tasks: list[BenchTask], outdir: Path, segments: Segments, *, durable: bool = False) -> LimitResult:
     context = multiprocessing.get_context("fork")
     outdir.mkdir(parents=True)
     go_r, go_w = os.pipe()
@@ -386,7 +399,7 @@ def run_limit(tasks: list[BenchTask], outdir: Path, segments: Segments) -> Limit
     try:
         for k in range(WORKERS):
             receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(target=_limit_child, args=(tasks[k::WORKERS], outdir, go_r, sender), daemon=True)
+            process = context.Process(target=_limit_child, args=(tasks[k::WORKERS], outdir, durable, go_r, sender), daemon=True)
             process.start()
             sender.close()
             processes.append(process)
@@ -677,6 +690,10 @@ class Bench:
     details: list[str] = field(default_factory=list)
 
     def fresh_dir(self, label: str) -> Path:
+        """A new directory under the run's temp dir. Nothing in it is removed
+        before the run ends: on ext4 without a journal, inodes freed in the last
+        30 s slow down every file creation, and the next round would pay for
+        this one's clean-up."""
         return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.tmp))
 
     def queue_name(self, label: str) -> str:
@@ -765,7 +782,6 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
         verify_pool_output(pool, tasks, bench.client, bench.segments, code)
     finally:
         bench.forget_queue(queue)
-        shutil.rmtree(workdir, ignore_errors=True)
     window = done_at - ready_at
     in_window = max(1, unclaimed)
     return PoolResult(
@@ -781,18 +797,24 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
     )
 
 
-def run_round(bench: Bench, frames: list[np.ndarray], count: int, label: str) -> tuple[LimitResult, PoolResult]:
-    """One limit run, then one pool run, each on fresh segments of the same frames."""
-    outdir = bench.fresh_dir(f"limit-{label}")
-    try:
-        limit = run_limit(make_tasks(bench.segments, frames, count, label), outdir / "out", bench.segments)
-    finally:
-        shutil.rmtree(outdir, ignore_errors=True)
+def run_round(
+    bench: Bench, frames: list[np.ndarray], count: int, label: str
+) -> tuple[LimitResult, LimitResult, PoolResult]:
+    """The limit, the limit with an fdatasync per file, then the pool, each on
+    fresh segments of the same frames."""
+    limits = []
+    for durable in (False, True):
+        outdir = bench.fresh_dir(f"limit-{label}")
+        try:
+            tasks = make_tasks(bench.segments, frames, count, label)
+            limits.append(run_limit(tasks, outdir / "out", bench.segments, durable=durable))
+        finally:
+            bench.segments.cleanup()
     try:
         pool = run_pool_batch(bench, make_tasks(bench.segments, frames, count, label), label)
     finally:
         bench.segments.cleanup()
-    return limit, pool
+    return limits[0], limits[1], pool
 
 
 def measure_throughput(bench: Bench) -> None:
@@ -803,11 +825,12 @@ def measure_throughput(bench: Bench) -> None:
         frames = natural_frames(height, width)
         count = bench.settings.tasks_for(share)
         limits: list[LimitResult] = []
+        durable_limits: list[LimitResult] = []
         pools: list[PoolResult] = []
         redone = 0
         for round_number in range(1, bench.settings.rounds + 1):
             for attempt in range(1 + MAX_REDOS):
-                limit, pool = run_round(bench, frames, count, label)
+                limit, durable_limit, pool = run_round(bench, frames, count, label)
                 disturbed = max(limit.foreign_load, pool.foreign_load) > bench.settings.max_foreign
                 print(
                     f"  {label} round {round_number}: limit {limit.images_per_s:7.1f}/s"
@@ -821,6 +844,7 @@ def measure_throughput(bench: Bench) -> None:
                     break
                 redone += 1
             limits.append(limit)
+            durable_limits.append(durable_limit)
             pools.append(pool)
         bench.figures[f"redone {label}"] = redone
         limit_rate = statistics.median(r.images_per_s for r in limits)
@@ -829,6 +853,8 @@ def measure_throughput(bench: Bench) -> None:
         pool_cpu = statistics.median(r.cpu_us_per_task for r in pools)
         whole_cpu = statistics.median(r.whole_run_cpu_us_per_task for r in pools)
         bench.figures[f"limit {label}"] = limit_rate
+        bench.figures[f"durable limit {label}"] = statistics.median(r.images_per_s for r in durable_limits)
+        bench.figures[f"cpu durable limit {label}"] = statistics.median(r.cpu_us_per_task for r in durable_limits)
         bench.figures[f"pool {label}"] = pool_rate
         bench.figures[f"ratio {label}"] = statistics.median(
             pool.images_per_s / limit.images_per_s for limit, pool in zip(limits, pools, strict=True)
@@ -924,7 +950,6 @@ def latency_run(bench: Bench, frames: list[np.ndarray], rate: float, count: int)
         verify_pool_output(pool, tasks, bench.client, bench.segments, code)
     finally:
         bench.forget_queue(queue)
-        shutil.rmtree(workdir, ignore_errors=True)
         bench.segments.cleanup()
     return np.array([seen_at[rid] - pushed_at[rid] for rid in pushed_at]) * 1000, foreign
 
@@ -1270,25 +1295,27 @@ def report(bench: Bench) -> None:
     if measured:
         print("\n# throughput details (medians; 'others busy' is the worst window)")
         print(
-            "| size | N | limit /s | pool /s | ratio | claimed before READY | stop after SIGTERM | others busy "
-            "| rounds redone |"
+            "| size | N | limit /s | limit with fdatasync /s | pool /s | ratio | claimed before READY "
+            "| stop after SIGTERM | others busy | rounds redone |"
         )
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for label in measured:
             print(
-                f"| {label} | {f[f'tasks {label}']:.0f} | {f[f'limit {label}']:,.1f} | {f[f'pool {label}']:,.1f} "
+                f"| {label} | {f[f'tasks {label}']:.0f} | {f[f'limit {label}']:,.1f} "
+                f"| {f[f'durable limit {label}']:,.1f} | {f[f'pool {label}']:,.1f} "
                 f"| {f[f'ratio {label}']:.3f} | {f[f'claimed before ready {label}']:.0f} "
                 f"| {f[f'stop {label}']:.2f} s | {f[f'foreign {label}']:.0f}% | {f[f'redone {label}']:.0f} |"
             )
         print("\n# CPU per task, microseconds (pool: READY .. last record; redis-server is not in the pool's total)")
         print(
-            "| size | limit | pool | pool - limit | pool workers | ledger | supervisor | redis-server "
-            "| bench's poll | whole run - limit |"
+            "| size | limit | limit with fdatasync | pool | pool - limit | pool workers | ledger | supervisor "
+            "| redis-server | bench's poll | whole run - limit |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for label in measured:
             print(
-                f"| {label} | {f[f'cpu limit {label}']:,.0f} | {f[f'cpu pool {label}']:,.0f} "
+                f"| {label} | {f[f'cpu limit {label}']:,.0f} | {f[f'cpu durable limit {label}']:,.0f} "
+                f"| {f[f'cpu pool {label}']:,.0f} "
                 f"| {f[f'cpu beyond {label}']:,.0f} | {f[f'workers cpu {label}']:,.0f} "
                 f"| {f[f'ledger cpu {label}']:,.0f} | {f[f'supervisor cpu {label}']:,.0f} "
                 f"| {f[f'redis cpu {label}']:,.0f} | {f[f'bench cpu {label}']:,.0f} "

@@ -2,14 +2,17 @@
 
 A worker writes each JPEG as OUTPUT_DIR/.partial/<task_id>.<delivery>.jpg and
 makes it durable (fdatasync). Only the ledger gives it its final name, after
-the record naming it is durable, with link(2), which never replaces an existing
-file and never follows a symlink planted under the final name. One delivery,
+the record naming it is durable, with a rename that never replaces an existing
+file (renameat2 RENAME_NOREPLACE, or link(2) where that is missing) and so
+never writes through a symlink planted under the final name. One delivery,
 one partial file: a redelivered task never touches the file of an earlier
 delivery that the ledger may be publishing at that very moment.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import re
 import unicodedata
@@ -22,6 +25,12 @@ LOCK_NAME = ".lock"
 # Leaves room for "_YYYYMMDD_HHMMSS_NNN.jpg" within the 255-byte name limit.
 MAX_STEM_BYTES = 160
 UNSAFE_CHARS = re.compile(r"[^\w.\-]+")
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    _renameat2.restype = ctypes.c_int
 
 
 def safe_stem(image_id: str) -> str:
@@ -70,7 +79,20 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 def publish(partial: Path, final: Path) -> None:
-    """Give a durable partial file its final name. FileExistsError if taken."""
+    """Give a durable partial file its final name. FileExistsError if taken.
+
+    renameat2(RENAME_NOREPLACE) moves the name in one step and frees no inode:
+    on ext4 without a journal, every inode freed in the last 30 s slows each
+    later file creation (the allocator skips recently deleted inodes one by
+    one), which link + unlink per task made a quarter of the pool's CPU.
+    Where the file system cannot do it (NFS, say), link + unlink.
+    """
+    if _renameat2 is not None:
+        if _renameat2(AT_FDCWD, os.fsencode(partial), AT_FDCWD, os.fsencode(final), RENAME_NOREPLACE) == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(error, os.strerror(error), str(partial), None, str(final))
     os.link(partial, final, follow_symlinks=False)
     os.unlink(partial)
 
