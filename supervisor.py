@@ -132,6 +132,7 @@ class Child:
     heartbeat: Synchronized
     started_at: float = field(default_factory=time.monotonic)
     processing_key: str | None = None
+    unstarted: Synchronized | None = None  # a worker's claimed but not started tasks
     killed_because: str | None = None  # set when we SIGKILL it, for the exit log
 
     @property
@@ -162,7 +163,8 @@ class Supervisor:
         self.loop_seconds = min(LOOP_SECONDS, settings.lease_ttl / 4)
         self.workers: dict[int, Child] = {}
         self.ledger: Child | None = None
-        self.lists_to_requeue: list[str] = []
+        # Processing lists to requeue, with how many tasks at their end were never started.
+        self.lists_to_requeue: list[tuple[str, int]] = []
         self.redis_failing: set[str] = set()
         self.stopping = False
         self.fast_stop = False
@@ -305,7 +307,7 @@ class Supervisor:
                 self.on_ledger_exit()
             else:
                 del self.workers[child.slot]
-                self.lists_to_requeue.append(child.processing_key)
+                self.lists_to_requeue.append((child.processing_key, child.unstarted.value))
 
     def on_ledger_exit(self) -> None:
         self.ledger = None
@@ -349,8 +351,8 @@ class Supervisor:
 
     def requeue_lists(self) -> None:
         while self.lists_to_requeue:
-            key = self.lists_to_requeue[0]
-            moved = self.redis_call("requeue_failed", self.queue.requeue, key)
+            key, unstarted = self.lists_to_requeue[0]
+            moved = self.redis_call("requeue_failed", self.queue.requeue, key, unstarted)
             if moved is REDIS_FAILED:
                 return  # Redis is away; try again next pass
             self.lists_to_requeue.pop(0)
@@ -366,7 +368,8 @@ class Supervisor:
         self.orphan_scan_due = time.monotonic() + self.settings.lease_ttl
         for key in orphans:
             self.log.warning("orphaned_list_found", processing_list=key)
-        self.lists_to_requeue.extend(orphans)
+        # Nothing says which tasks of a dead instance were started: all count.
+        self.lists_to_requeue.extend((key, 0) for key in orphans)
         self.requeue_lists()
 
     def promote_due_retries(self) -> None:
@@ -501,6 +504,7 @@ class Supervisor:
         kwargs = {"instance": self.instance, "heartbeat": heartbeat, **extra}
         if role == "worker":
             kwargs["slot"] = slot
+            kwargs["unstarted"] = self.context.Value("i", 0, lock=False)
         # daemon=True: should the supervisor itself fail, multiprocessing's exit hook
         # terminates the children instead of waiting on them forever.
         process = self.context.Process(
@@ -511,7 +515,7 @@ class Supervisor:
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        child = Child(role, slot, process, process.pid, heartbeat)
+        child = Child(role, slot, process, process.pid, heartbeat, unstarted=kwargs.get("unstarted"))
         self.log.info("child_started", role=role, slot=slot, pid=child.pid)
         return child
 

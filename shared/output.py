@@ -1,7 +1,9 @@
 """Files in OUTPUT_DIR: safe names, durable partial files, publication.
 
 A worker writes each JPEG as OUTPUT_DIR/.partial/<task_id>.<delivery>.jpg and
-makes it durable (fdatasync). Only the ledger gives it its final name, after
+starts its write-back; the ledger makes a whole batch of them durable before
+it records them (one group commit instead of an fdatasync per task in the
+workers). Only the ledger gives a file its final name, after
 the record naming it is durable, with a rename that never replaces an existing
 file (renameat2 RENAME_NOREPLACE, or link(2) where that is missing) and so
 never writes through a symlink planted under the final name. One delivery,
@@ -27,10 +29,16 @@ MAX_STEM_BYTES = 160
 UNSAFE_CHARS = re.compile(r"[^\w.\-]+")
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
-_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+SYNC_FILE_RANGE_WRITE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
 if _renameat2 is not None:
     _renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
     _renameat2.restype = ctypes.c_int
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    _sync_file_range.restype = ctypes.c_int
 
 
 def safe_stem(image_id: str) -> str:
@@ -62,8 +70,28 @@ def prepare_output_dir(output_dir: Path) -> None:
     probe.unlink()
 
 
+def write_partial(path: Path, data: bytes) -> None:
+    """Write a new file and start its write-back without waiting for it, so that
+    the ledger's fdatasync finds the data on its way; an old file at `path` is
+    replaced. Not durable until sync_data()."""
+    _write_new(path, data, durable=False)
+
+
 def write_durably(path: Path, data: bytes) -> None:
     """Write a new file and fdatasync it; an old file at `path` is replaced."""
+    _write_new(path, data, durable=True)
+
+
+def sync_data(path: Path) -> None:
+    """fdatasync the file at `path` (an error means its data may be lost)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, data: bytes, *, durable: bool) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -73,7 +101,11 @@ def write_durably(path: Path, data: bytes) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fdatasync(fd)
+        if durable:
+            os.fdatasync(fd)
+        elif _sync_file_range is not None:
+            # Only a hint: an error here shows again, and is handled, at the fdatasync.
+            _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
     finally:
         os.close(fd)
 

@@ -84,12 +84,22 @@ return envelope
 # Each task back to the head of the list it came from, in the order they were
 # claimed; an envelope without an origin goes to the shared queue. A dead
 # host's URL tasks so return to the shared queue for any host, its shared-memory
-# tasks to its own queue, to wait for it. KEYS: processing, queue, registry.
+# tasks to its own queue, to wait for it. The last ARGV[1] envelopes of the list
+# were claimed but never started (a worker claims several at a time): their
+# delivery count goes back down, so that a task that kills its worker does not
+# use up the attempts of the tasks claimed with it.
+# KEYS: processing, queue, registry. ARGV: how many were never started.
 REQUEUE_SCRIPT = """
-local moved = 0
+local moved, unstarted = 0, tonumber(ARGV[1])
 while true do
   local envelope = redis.call('RPOP', KEYS[1])
   if not envelope then break end
+  if moved < unstarted then
+    local task_id, deliveries, rest = string.match(envelope, '^irw1 ([%w%-]+) (%d+) (.*)$')
+    if task_id then
+      envelope = 'irw1 ' .. task_id .. ' ' .. math.max(0, tonumber(deliveries) - 1) .. ' ' .. rest
+    end
+  end
   local origin = string.match(envelope, '^irw1 %S+ %d+ %d+ (%S+)\\n') or KEYS[2]
   redis.call('LPUSH', origin, envelope)
   moved = moved + 1
@@ -363,9 +373,11 @@ class ReliableQueue:
                 "no replica acknowledged the claim: the master may be failing over"
             )
 
-    def requeue(self, processing_key: str) -> int:
-        """Return every task in a processing list to the head of the queue."""
-        return int(self._requeue(keys=[processing_key, self.keys.queue, self.keys.registry]))
+    def requeue(self, processing_key: str, unstarted: int = 0) -> int:
+        """Return every task in a processing list to the head of the queue; the
+        last `unstarted` of them were never started and are not counted as a
+        delivery."""
+        return int(self._requeue(keys=[processing_key, self.keys.queue, self.keys.registry], args=[unstarted]))
 
     def acknowledge(
         self,

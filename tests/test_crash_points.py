@@ -19,7 +19,7 @@ from tests.test_reliability import assert_exactly_once, push_photos
 
 CRASH_POINTS = [
     "worker_after_claim",  # claimed, nothing done
-    "worker_after_partial",  # JPEG durable under .partial, no record sent
+    "worker_after_partial",  # JPEG written under .partial, no record sent
     "worker_after_send",  # record sent, not yet durable
     "ledger_torn_append",  # half a batch written to results.json
     "ledger_after_append",  # records durable, files not published

@@ -1,5 +1,6 @@
-"""Every key of a queue lives in the queue's Redis Cluster hash slot, so each
-Lua script touches one slot."""
+"""Keys and moves of the reliable queue: every key of a queue lives in the
+queue's Redis Cluster hash slot, so each Lua script touches one slot; a
+requeue counts only the tasks that were started."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 from redis.crc import key_slot
 
 from shared.config import ConfigError, Settings
-from shared.redis_queue import QueueKeys
+from shared.messages import parse_envelope
+from shared.redis_queue import QueueKeys, ReliableQueue
 
 
 @pytest.mark.parametrize("queue", ["hosting_tasks", "tasks:eu-west", "{tenant-7}:hosting", "eu:{tenant-7}"])
@@ -30,3 +32,22 @@ def test_processing_lists_name_their_instance() -> None:
 def test_braces_that_are_no_hash_tag_are_refused(queue: str) -> None:
     with pytest.raises(ConfigError, match="hash tag"):
         Settings.from_env({"HOSTING_TASKS_QUEUE": queue}, dotenv_path=None)
+
+
+def test_requeue_does_not_count_claimed_but_unstarted_tasks(redis_client, queue_name: str) -> None:
+    """A worker claims several tasks at once; when it dies on the first, the
+    others were never started and must not lose an attempt to it."""
+    queue = ReliableQueue(redis_client, QueueKeys(queue_name), max_message_bytes=1 << 20)
+    processing = QueueKeys(queue_name).processing("instance1", "w1")
+    redis_client.rpush(queue_name, b'{"n": 1}', b'{"n": 2}', b'{"n": 3}', b'{"n": 4}')
+    assert len(queue.claim(processing, count=4, id_prefix="a")) == 4
+
+    assert queue.requeue(processing, 3) == 4  # died while running the first
+
+    again = [parse_envelope(raw) for raw in queue.claim(processing, count=4, id_prefix="b")]
+    assert [(e.body, e.deliveries) for e in again] == [
+        (b'{"n": 1}', 2), (b'{"n": 2}', 1), (b'{"n": 3}', 1), (b'{"n": 4}', 1)
+    ]
+    assert [e.task_id for e in again] == ["a-1", "a-2", "a-3", "a-4"]  # same identities
+    queue.requeue(processing)  # nothing known about what ran: every task counts
+    assert [parse_envelope(raw).deliveries for raw in queue.claim(processing, count=4, id_prefix="c")] == [3, 2, 2, 2]

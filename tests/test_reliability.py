@@ -212,6 +212,8 @@ def test_task_that_hangs_is_killed_and_given_up_after_max_attempts(pool_factory,
     assert pool.stop() == 0
     by_request = {record["request_id"]: record for record in records}
     assert all(by_request[r]["status"] == "completed" for r in good)
+    # Claimed together with the stuck task, but never started when it hung.
+    assert [by_request[r]["attempts"] for r in good] == [1, 1, 1]
     stuck = by_request["stuck"]
     assert stuck["status"] == "failed" and "gave up after 2 deliveries" in stuck["error"]
     # At least the two deliveries of the stuck task; on a loaded machine an idle

@@ -3,10 +3,11 @@
 Data flow, in the order that makes a task durable (the crash-safety contract):
 
     worker socket -> batch of completion records
-      1. the JPEGs are already durable (each worker fdatasync'ed its partial file)
+      1. make the batch's JPEGs durable: fdatasync each partial file (the
+         workers started their write-back), fsync OUTPUT_DIR/.partial
       2. append the batch to results.json, fdatasync        <- the commit point
-      3. publish each partial file under its final name (link, never replace),
-         fsync the directory
+      3. publish each partial file under its final name (a rename that never
+         replaces), fsync the directory
       4. acknowledge in Redis, in one Lua script: LREM from the processing
          lists, each failure's dead letter (once per task id), each transient
          failure into the delayed-retry set, the counts `status` shows
@@ -14,7 +15,8 @@ Data flow, in the order that makes a task durable (the crash-safety contract):
          before step 4, so a crash between 4 and 5 leaks none)
 
 A crash before 2 loses nothing: the tasks are still in their processing lists
-and are redelivered. A crash between 2 and 3 is repaired at the next start
+and are redelivered. A JPEG whose fdatasync fails (EIO) is never trusted, even
+if a later fdatasync would succeed: its task is retried like a transient error. A crash between 2 and 3 is repaired at the next start
 (the records at the end of results.json name their partial files). A crash
 between 2 and 4 redelivers tasks that are already recorded: the ledger knows
 the ids of the records it holds (the end of results.json, read at start, and
@@ -200,8 +202,9 @@ class Ledger:
         if not self.unwritten or time.monotonic() < self.write_retry_at:
             return
         fresh, duplicates = self._split_duplicates(self.unwritten)
-        published = self._choose_file_names(fresh)
         try:
+            self._make_partials_durable(fresh)
+            published = self._choose_file_names(fresh)
             self.results.append([record.results_line() for record in fresh if record.status != RETRY])
         except OSError as exc:
             self.write_failures += 1
@@ -242,6 +245,31 @@ class Ledger:
                 if task_id is not None and record.status != RETRY:
                     seen.add(task_id)
         return fresh, duplicates
+
+    def _make_partials_durable(self, records: list[CompletionRecord]) -> None:
+        """Step 1, once for the whole batch. OSError if the names cannot be made
+        durable: the batch is tried again later."""
+        completed = [r for r in records if r.status == COMPLETED]
+        for record in completed:
+            try:
+                output.sync_data(Path(record.partial_path))
+            except OSError as exc:
+                self._retry_unsynced(record, exc)
+        if completed:
+            output.fsync_directory(self.settings.output_dir / output.PARTIAL_DIR)
+
+    def _retry_unsynced(self, record: CompletionRecord, exc: OSError) -> None:
+        """A JPEG that may not be on disk is not recorded: the task runs again
+        (or fails, after MAX_ATTEMPTS), from its segment, which is kept."""
+        output.remove_quietly(Path(record.partial_path))
+        error = f"could not make the JPEG durable: {exc}"
+        log.error("jpeg_sync_failed", error=error, task_id=record.task_id, request_id=record.request_id)
+        record.partial_path = record.width = record.height = record.bytes = None
+        if record.delivery < self.settings.max_attempts:
+            record.status, record.error = RETRY, error
+            record.retry_at = time.time() + compute_backoff(record.delivery, base=1.0, cap=300.0)
+        else:
+            record.status, record.error = FAILED, f"gave up after {record.delivery} attempts: {error}"
 
     def _choose_file_names(self, records: list[CompletionRecord]) -> list[CompletionRecord]:
         """Pick a free final name for each completed record (never an existing file)."""

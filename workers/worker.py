@@ -2,13 +2,13 @@
 
 Data flow of one task:
 
-    HOSTING_TASKS_QUEUE --claim--> my processing list
+    HOSTING_TASKS_QUEUE --claim (up to CLAIM_BATCH per round trip)--> my processing list
       -> validate the message
       -> pixels: a read-only view on the shared-memory mapping (or a URL download)
-      -> JPEG -> OUTPUT_DIR/.partial/<task>.<delivery>.jpg, fdatasync'ed
+      -> JPEG -> OUTPUT_DIR/.partial/<task>.<delivery>.jpg, write-back started
       -> completion record over my own socket to the ledger
-    The ledger then makes the record durable, publishes the file, removes the
-    task from my processing list and unlinks the segment.
+    The ledger then makes the JPEG and the record durable, publishes the file,
+    removes the task from my processing list and unlinks the segment.
 
 Hazards handled here:
 - Bad input of any kind ends as a failed record, never as a dead worker.
@@ -74,6 +74,10 @@ from shared.url_fetch import UrlFetcher
 log = structlog.get_logger()
 # How long an idle worker waits on its host queue before it looks at the shared one.
 HOST_QUEUE_BLOCK_SECONDS = 0.25
+# Tasks claimed per round trip when the queue holds that many: the claim's cost
+# (a Redis round trip, a script run) is shared by all of them. Small, because a
+# claimed task waits for the ones before it in this worker.
+CLAIM_BATCH = 4
 
 
 def processing_name(pid: int) -> str:
@@ -82,11 +86,16 @@ def processing_name(pid: int) -> str:
 
 
 class Worker:
-    def __init__(self, settings: Settings, *, slot: int, instance: str, heartbeat: Synchronized) -> None:
+    def __init__(
+        self, settings: Settings, *, slot: int, instance: str, heartbeat: Synchronized, unstarted: Synchronized
+    ) -> None:
         self.settings = settings
         self.slot = slot
         self.instance = instance
         self.heartbeat = heartbeat
+        # How many tasks at the end of my processing list I claimed but have not
+        # started; the supervisor reads it when I die, to requeue them uncounted.
+        self.unstarted = unstarted
         self.parent = os.getppid()
         self.stopping = False
         self.processing_key = QueueKeys(settings.queue).processing(instance, processing_name(os.getpid()))
@@ -127,7 +136,13 @@ class Worker:
             if not process.parent_alive(self.parent):
                 log.warning("worker_orphaned")
                 return exitcodes.ORPHANED
-            for envelope in self._fetch():
+            claimed = self._fetch()
+            self.unstarted.value = len(claimed)
+            for envelope in claimed:
+                if self.stopping:
+                    break  # the rest go back to the queue when the supervisor requeues my list
+                self.unstarted.value -= 1
+                self.heartbeat.value = time.monotonic()  # TASK_TIMEOUT is per task, not per claim
                 crash_point("worker_after_claim")
                 try:
                     record = self._handle(envelope)
@@ -162,8 +177,9 @@ class Worker:
             self._claims += 1
             prefix = f"{self._id_prefix}-{self._claims}"
             claim_started = time.perf_counter()
-            envelopes = self.queue.claim(self.processing_key, count=1, id_prefix=prefix)
-            self._fetch_seconds = time.perf_counter() - claim_started
+            envelopes = self.queue.claim(self.processing_key, count=CLAIM_BATCH, id_prefix=prefix)
+            # The round trip's share of each task it brought.
+            self._fetch_seconds = (time.perf_counter() - claim_started) / max(1, len(envelopes))
             if not envelopes:
                 one = self.queue.wait_and_claim(self.processing_key, task_id=f"{prefix}-0")
                 envelopes = [one] if one is not None else []
@@ -254,12 +270,13 @@ class Worker:
         return record
 
     def _write_partial(self, partial: Path, jpeg: bytes) -> bool:
-        """Write the JPEG durably, waiting out a full disk or an I/O error: the pool
-        slows down rather than failing tasks. False if told to stop meanwhile."""
+        """Write the JPEG (the ledger makes it durable), waiting out a full disk or
+        an I/O error: the pool slows down rather than failing tasks. False if told
+        to stop meanwhile."""
         failures = 0
         while True:
             try:
-                output.write_durably(partial, jpeg)
+                output.write_partial(partial, jpeg)
                 return True
             except OSError as exc:
                 output.remove_quietly(partial)
@@ -379,9 +396,11 @@ class StopRequested(Exception):
     """Stop was asked for while a task could not be finished; it is left to redelivery."""
 
 
-def worker_main(settings: Settings, *, slot: int, instance: str, heartbeat: Synchronized) -> None:
+def worker_main(
+    settings: Settings, *, slot: int, instance: str, heartbeat: Synchronized, unstarted: Synchronized
+) -> None:
     """Entry point of a forked worker process."""
-    worker = Worker(settings, slot=slot, instance=instance, heartbeat=heartbeat)
+    worker = Worker(settings, slot=slot, instance=instance, heartbeat=heartbeat, unstarted=unstarted)
     process.reset_signals_in_child(worker.request_stop)
     process.die_with_parent(worker.parent)
     process.set_title(f"worker {slot}")
