@@ -39,6 +39,7 @@ class CompletionRecord:
     retry_at: float | None = None  # epoch seconds, for RETRY
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, for metrics
     sent_at: float = 0.0  # epoch seconds, when the worker sent it; the ledger's lag starts here
+    backlog: bool = False  # its task came in a full claim: more are waiting in the queue
     file_path: str | None = None  # chosen by the ledger
     duplicate: bool = False  # set by the ledger: this task already has its record
 

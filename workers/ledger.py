@@ -63,6 +63,10 @@ from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
 log = structlog.get_logger()
 
 MAX_BATCH = 1024
+# While the queue has a backlog, a batch is committed once it holds
+# LINGER_RECORDS records or its first record is LINGER_SECONDS old.
+LINGER_SECONDS = 0.02
+LINGER_RECORDS = 64
 MAX_DATAGRAM = 1 << 20
 # Task ids remembered for dropping redelivered duplicates; redeliveries go to
 # the head of the queue, so they come back long before this many records.
@@ -92,6 +96,7 @@ class Ledger:
         self.selector = selectors.DefaultSelector()
         self.connections = 0
         self.unwritten: list[CompletionRecord] = []  # read but not yet durable
+        self.batch_started_at = 0.0  # when the first of them arrived
         self.unacknowledged: list[CompletionRecord] = []  # durable, not yet acknowledged
         # Task id -> status of its record, for telling redelivered duplicates apart.
         self.recorded: dict[str, str] = {}
@@ -133,7 +138,8 @@ class Ledger:
             if self.stopping and (self.connections == 0 or time.monotonic() > deadline):
                 break
             self._receive(timeout=self._wait_time())
-            self._commit()
+            if self._batch_ready():
+                self._commit()
             self._acknowledge()
             self._send_stats()
         self._drain_before_exit()
@@ -145,17 +151,17 @@ class Ledger:
     # -- receiving ---------------------------------------------------------
 
     def _wait_time(self) -> float:
-        """Wake for the next retry that is due, else for the heartbeat."""
+        """Wake for the next retry that is due or the end of a linger, else for the heartbeat."""
         due = []
         if self.unwritten:
-            due.append(self.write_retry_at)
+            due.append(self.write_retry_at if self.write_failures else self.batch_started_at + LINGER_SECONDS)
         if self.unacknowledged:
             due.append(self.ack_retry_at)
         # At most a second: the heartbeat and a stop request are looked at each turn.
         return min(1.0, max(0.0, min(due) - time.monotonic())) if due else 1.0
 
     def _receive(self, *, timeout: float) -> None:
-        if self.unwritten:
+        if self.write_failures:
             time.sleep(timeout)  # back-pressure: nothing new until the last batch is durable
             return
         for key, _ in self.selector.select(timeout):
@@ -194,7 +200,23 @@ class Ledger:
                 conn.close()
                 self.connections -= 1
                 return
+            if not self.unwritten:
+                self.batch_started_at = time.monotonic()
             self.unwritten.append(channel.decode_record(datagram))
+
+    def _batch_ready(self) -> bool:
+        """Commit now, or wait a moment for a fuller batch?
+
+        While the queue has a backlog (the newest record's task came in a full
+        claim), records arrive back to back and their tasks wait in the queue
+        anyway: waiting up to LINGER_SECONDS shares one round of fsyncs and one
+        acknowledgement among many records, and the queue drains faster for it.
+        Without a backlog a record is committed as soon as it arrives."""
+        if not self.unwritten:
+            return False
+        if self.write_failures or self.stopping or len(self.unwritten) >= LINGER_RECORDS:
+            return True
+        return not self.unwritten[-1].backlog or time.monotonic() - self.batch_started_at >= LINGER_SECONDS
 
     # -- making durable ----------------------------------------------------
 

@@ -106,6 +106,7 @@ class Worker:
         self._redis_failures = 0
         self._fetch_seconds: float | None = None
         self._timings: dict[str, float] = {}  # of the task in hand, per phase, for metrics
+        self._backlog = False
 
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
@@ -138,6 +139,9 @@ class Worker:
                 return exitcodes.ORPHANED
             claimed = self._fetch()
             self.unstarted.value = len(claimed)
+            # A full claim means more tasks are waiting: the ledger may then wait
+            # a moment to commit a fuller batch.
+            self._backlog = len(claimed) == CLAIM_BATCH
             for envelope in claimed:
                 if self.stopping:
                     break  # the rest go back to the queue when the supervisor requeues my list
@@ -370,6 +374,7 @@ class Worker:
             finished_at=datetime.now(),
             duration_ms=round((time.perf_counter() - started) * 1000, 2),
             timings=self._timings,
+            backlog=self._backlog,
             **fields,
         )
 
