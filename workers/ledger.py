@@ -164,6 +164,11 @@ class Ledger:
         if self.write_failures:
             time.sleep(timeout)  # back-pressure: nothing new until the last batch is durable
             return
+        if self.unwritten and not self._batch_ready():
+            # Lingering: the records gather in the sockets' buffers meanwhile.
+            # Waking for each of them would take a core from a worker mid-encode.
+            time.sleep(timeout)
+            timeout = 0
         for key, _ in self.selector.select(timeout):
             if key.data is None:
                 self._accept(key.fileobj)
