@@ -472,7 +472,7 @@ class PoolProcess:
             OUTPUT_DIR=str(self.output_dir),
             JPEG_QUALITY=str(QUALITY),
             UNLINK_SHM="true",
-            LOG_LEVEL="WARNING",
+            LOG_LEVEL="INFO",  # the default: a task that goes well must cost no log line
             LOG_FORMAT="json",
             NOTIFY_SOCKET=str(notify_path),
         )

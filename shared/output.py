@@ -92,11 +92,12 @@ def sync_data(path: Path) -> None:
 
 
 def _write_new(path: Path, data: bytes, *, durable: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:  # left by an earlier attempt of this very delivery
         os.unlink(path)
-    except FileNotFoundError:
-        pass
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, flags, 0o644)
     try:
         view = memoryview(data)
         while view:

@@ -252,6 +252,19 @@ def wait_for_records(
     )
 
 
+def wait_for_queue_drained(client: redis.Redis, queue: str, timeout: float = 30.0) -> None:
+    """Poll until the queue and every processing list of it are empty: the
+    redeliveries after a crash have been taken and acknowledged, not only the
+    records written."""
+    prefix = QueueKeys(queue).prefix
+
+    def drained() -> bool:
+        lists = [queue.encode(), *client.keys(f"{prefix}:processing:*")]
+        return all(client.llen(key) == 0 for key in lists)
+
+    wait_until(drained, timeout, f"{queue} or its processing lists still hold tasks")
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.05) -> Any:
     """Poll until predicate() is truthy and return its value; AssertionError(message) on timeout."""
     deadline = time.monotonic() + timeout

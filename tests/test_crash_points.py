@@ -1,9 +1,9 @@
 """A kill -9 at each point of the durable-step order still ends every task
 exactly once, with one file, no stray partial file and no leaked segment.
 
-The order (workers/ledger.py): the worker writes and syncs the JPEG, sends its
-record; the ledger appends the record (the commit point), publishes the file,
-acknowledges in Redis, unlinks the segment. shared/faults.py arms one point;
+The order (workers/ledger.py): the worker writes the JPEG, sends its record;
+the ledger syncs the batch's JPEGs, appends the records (the commit point),
+publishes the files, acknowledges in Redis, unlinks the segments. shared/faults.py arms one point;
 the first process to reach it dies there, once.
 """
 
@@ -14,7 +14,7 @@ import json
 import pytest
 
 from shared.redis_queue import QueueKeys
-from tests.helpers import push, segment_exists, wait_for_records
+from tests.helpers import push, segment_exists, wait_for_queue_drained, wait_for_records
 from tests.test_reliability import assert_exactly_once, push_photos
 
 CRASH_POINTS = [
@@ -45,6 +45,9 @@ def test_kill_at_each_durable_step_ends_each_task_exactly_once(
     env = {"IRW_CRASH_AT": point, "IRW_CRASH_MARKER": str(marker), "RESULTS_STREAM": stream}
     pool = pool_factory(workers=2, env=env)
     wait_for_records(pool.output_dir, len(request_ids), timeout=60, pool=pool)
+    # A ledger killed after its commit point leaves recorded tasks to be
+    # redelivered; they must be dropped as duplicates, not stopped mid-way.
+    wait_for_queue_drained(redis_client, queue_name)
     assert pool.stop() == 0
     assert marker.exists(), f"nothing reached {point}"
     deaths = pool.events("child_died")

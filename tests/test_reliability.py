@@ -81,9 +81,10 @@ def assert_exactly_once(output_dir: Path, request_ids: list[str], client: redis.
 
 
 def test_worker_killed_mid_load_loses_and_doubles_nothing(pool_factory, redis_client, queue_name, segments):
+    # Queued before the pool starts: pushing while it runs, it would keep up.
+    request_ids = push_photos(redis_client, queue_name, segments, 600, size=(1024, 1024))
     pool = pool_factory(workers=2)
     pool.wait_ready()
-    request_ids = push_photos(redis_client, queue_name, segments, 400, size=(1024, 1024))
     rng = random.Random(7)
     kills = 0
     while kills < 6 and len(read_results(pool.output_dir)) < len(request_ids) - 10:
@@ -91,7 +92,7 @@ def test_worker_killed_mid_load_loses_and_doubles_nothing(pool_factory, redis_cl
         if victims:
             os.kill(rng.choice(victims), signal.SIGKILL)
             kills += 1
-        time.sleep(0.2)
+        time.sleep(0.1)
     wait_for_records(pool.output_dir, len(request_ids), pool=pool)
     assert pool.stop() == 0
     assert kills >= 3, "the load finished before the test could kill enough workers"
@@ -145,7 +146,7 @@ def pool_busy_with_a_slow_download(pool_factory, redis_client, queue_name, http_
     """A one-worker pool whose worker is stuck in a download that trickles bytes."""
     http_server.trickle("/slow.png", interval=0.2)
     push(redis_client, queue_name, {"request_id": "slow", "image_id": "slow", "image_url": http_server.url("/slow.png")})
-    pool = pool_factory(workers=1, env=env)
+    pool = pool_factory(workers=1, env={**env, "LOG_LEVEL": "DEBUG"})
     pool.wait_ready()
     wait_until(lambda: pool.events("task_started"), 10, "task never started")
     return pool
