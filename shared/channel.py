@@ -44,10 +44,11 @@ def connect(address: str) -> socket.socket:
     return client
 
 
-def send_record(sock: socket.socket, record: CompletionRecord) -> None:
-    sock.sendall(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+def send_records(sock: socket.socket, records: list[CompletionRecord]) -> None:
+    """One datagram: the ledger gets all of these records or none."""
+    sock.sendall(pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def decode_record(datagram: bytes) -> CompletionRecord:
+def decode_records(datagram: bytes) -> list[CompletionRecord]:
     # Only our own forked workers can reach this abstract address (same instance id).
     return pickle.loads(datagram)

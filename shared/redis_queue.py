@@ -51,12 +51,15 @@ local function stamp(raw, id, max_bytes, origin)
 end
 """
 
-# Up to ARGV[1] messages, the host's own queue first. KEYS: shared queue,
-# processing list, host queue (the shared queue again when there is none).
-# ARGV: count, id prefix, max message bytes.
+# Up to ARGV[1] messages, the host's own queue first, and never more than half
+# of those waiting, so that the last tasks of a burst spread over the workers.
+# KEYS: shared queue, processing list, host queue (the shared queue again when
+# there is none). ARGV: count, id prefix, max message bytes.
 CLAIM_SCRIPT = _STAMP + """
+local waiting = redis.call('LLEN', KEYS[3])
+if KEYS[3] ~= KEYS[1] then waiting = waiting + redis.call('LLEN', KEYS[1]) end
 local claimed = {}
-for i = 1, tonumber(ARGV[1]) do
+for i = 1, math.min(tonumber(ARGV[1]), math.max(1, math.floor(waiting / 2))) do
   local origin = KEYS[3]
   local raw = redis.call('LPOP', origin)
   if not raw and KEYS[3] ~= KEYS[1] then

@@ -39,7 +39,7 @@ def test_requeue_does_not_count_claimed_but_unstarted_tasks(redis_client, queue_
     others were never started and must not lose an attempt to it."""
     queue = ReliableQueue(redis_client, QueueKeys(queue_name), max_message_bytes=1 << 20)
     processing = QueueKeys(queue_name).processing("instance1", "w1")
-    redis_client.rpush(queue_name, b'{"n": 1}', b'{"n": 2}', b'{"n": 3}', b'{"n": 4}')
+    redis_client.rpush(queue_name, *[b'{"n": %d}' % n for n in range(1, 9)])
     assert len(queue.claim(processing, count=4, id_prefix="a")) == 4
 
     assert queue.requeue(processing, 3) == 4  # died while running the first
@@ -51,3 +51,13 @@ def test_requeue_does_not_count_claimed_but_unstarted_tasks(redis_client, queue_
     assert [e.task_id for e in again] == ["a-1", "a-2", "a-3", "a-4"]  # same identities
     queue.requeue(processing)  # nothing known about what ran: every task counts
     assert [parse_envelope(raw).deliveries for raw in queue.claim(processing, count=4, id_prefix="c")] == [3, 2, 2, 2]
+
+
+def test_a_claim_takes_at_most_half_of_what_waits(redis_client, queue_name: str) -> None:
+    """So that the last tasks of a burst spread over the workers instead of
+    queueing behind each other in one of them."""
+    queue = ReliableQueue(redis_client, QueueKeys(queue_name), max_message_bytes=1 << 20)
+    processing = QueueKeys(queue_name).processing("instance1", "w1")
+    redis_client.rpush(queue_name, *[b"{}"] * 20)
+    taken = [len(queue.claim(processing, count=8, id_prefix=f"p{i}")) for i in range(8)]
+    assert taken == [8, 6, 3, 1, 1, 1, 0, 0]

@@ -207,7 +207,7 @@ class Ledger:
                 return
             if not self.unwritten:
                 self.batch_started_at = time.monotonic()
-            self.unwritten.append(channel.decode_record(datagram))
+            self.unwritten.extend(channel.decode_records(datagram))
 
     def _batch_ready(self) -> bool:
         """Commit now, or wait a moment for a fuller batch?
