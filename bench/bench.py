@@ -486,12 +486,15 @@ class PoolProcess:
             )
         return self
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> float:
-        """perf_counter() at the READY=1 datagram."""
+    def wait_ready(self, timeout: float = READY_TIMEOUT, *, on_tick: Callable[[], None] | None = None) -> float:
+        """perf_counter() at the READY=1 datagram; on_tick() is called about
+        every millisecond meanwhile, when given."""
         assert self.notify is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            readable, _, _ = select.select([self.notify], [], [], 0.05)
+            if on_tick is not None:
+                on_tick()
+            readable, _, _ = select.select([self.notify], [], [], 0.05 if on_tick is None else 0.001)
             if readable:
                 datagram = self.notify.recv(65536).decode(errors="replace")
                 if "READY=1" in datagram.splitlines():
@@ -729,8 +732,20 @@ class PoolResult:
     foreign_load: float
 
 
+class FirstClaim:
+    """When the queue first held fewer than all the tasks: the pool's first claim."""
+
+    def __init__(self, client: redis.Redis, queue: str, count: int) -> None:
+        self.client, self.queue, self.count = client, queue, count
+        self.seen_at: float | None = None
+
+    def look(self) -> None:
+        if self.seen_at is None and self.client.llen(self.queue) < self.count:
+            self.seen_at = time.perf_counter()
+
+
 def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResult:
-    """Tasks already in their segments; push them, start the pool, time READY .. Nth record."""
+    """Tasks already in their segments; push them, start the pool, time its first claim (or READY) .. Nth record."""
     queue = bench.queue_name(label)
     workdir = bench.fresh_dir(f"pool-{label}")
     with bench.client.pipeline(transaction=False) as pipe:
@@ -742,7 +757,10 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
         with running_pool(
             workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue, workers=WORKERS
         ) as pool:
-            ready_at = pool.wait_ready()
+            first_claim = FirstClaim(bench.client, queue, len(tasks))
+            ready_at = pool.wait_ready(on_tick=first_claim.look)
+            # Workers may start before READY: the clock starts at whichever came first.
+            started_at = min(ready_at, first_claim.seen_at or ready_at)
             pids = pool.tree()
             cpu_by_pid = {pid: process_cpu_ns(pid) for pid in pids}
             redis_at_ready = bench.redis_cpu_ns()
@@ -783,7 +801,7 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
         verify_pool_output(pool, tasks, bench.client, bench.segments, code)
     finally:
         bench.forget_queue(queue)
-    window = done_at - ready_at
+    window = done_at - started_at
     in_window = max(1, unclaimed)
     return PoolResult(
         images_per_s=len(tasks) / window,
