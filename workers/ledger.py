@@ -65,7 +65,7 @@ log = structlog.get_logger()
 MAX_BATCH = 1024
 # While the queue has a backlog, a batch is committed once it holds
 # LINGER_RECORDS records or its first record is LINGER_SECONDS old.
-LINGER_SECONDS = 0.02
+LINGER_SECONDS = 0.01
 LINGER_RECORDS = 64
 MAX_DATAGRAM = 1 << 20
 # Task ids remembered for dropping redelivered duplicates; redeliveries go to

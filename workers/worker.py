@@ -78,7 +78,9 @@ HOST_QUEUE_BLOCK_SECONDS = 0.25
 # never takes more than half of what waits, so the last tasks spread over the
 # workers): the claim's cost, a Redis round trip and a script run, is shared.
 CLAIM_BATCH = 8
-# Records of one claim sent in one datagram carry at most this many message bytes.
+# Under a backlog, records wait to be sent together for at most this long, and
+# carry at most this many message bytes in one datagram.
+OUTBOX_SECONDS = 0.005
 OUTBOX_BYTES = 256 * 1024
 
 
@@ -152,8 +154,9 @@ class Worker:
     def _work_through(self, claimed: list[bytes]) -> bool:
         """Run the claimed tasks in order and send their records; False if the
         ledger is gone. Under a backlog the ledger lingers anyway, so the records
-        of one claim go together, in one datagram, at its end."""
+        of one claim go together, in one datagram, within OUTBOX_SECONDS."""
         outbox: list[CompletionRecord] = []
+        held_since = 0.0
         for position, envelope in enumerate(claimed, 1):
             if self.stopping:
                 break  # the rest go back to the queue when the supervisor requeues my list
@@ -164,7 +167,9 @@ class Worker:
                 outbox.append(self._handle(envelope))
             except StopRequested:
                 break
-            hold = self._backlog and position < len(claimed)
+            if len(outbox) == 1:
+                held_since = time.monotonic()
+            hold = self._backlog and position < len(claimed) and time.monotonic() - held_since < OUTBOX_SECONDS
             if hold and sum(len(record.envelope) for record in outbox) < OUTBOX_BYTES:
                 continue
             if not self._send(outbox):
