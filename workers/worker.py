@@ -154,7 +154,9 @@ class Worker:
     def _work_through(self, claimed: list[bytes]) -> bool:
         """Run the claimed tasks in order and send their records; False if the
         ledger is gone. Under a backlog the ledger lingers anyway, so the records
-        of one claim go together, in one datagram, within OUTBOX_SECONDS."""
+        of one claim go together, in one datagram, within OUTBOX_SECONDS. A held
+        record waits for the task after it (a slow download, say); if that task
+        kills this worker, the held tasks are done again, never lost."""
         outbox: list[CompletionRecord] = []
         held_since = 0.0
         for position, envelope in enumerate(claimed, 1):
