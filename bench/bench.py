@@ -723,7 +723,7 @@ class Bench:
 class PoolResult:
     images_per_s: float
     window_s: float
-    cpu_us_per_task: float  # READY .. last record, whole tree
+    cpu_us_per_task: float  # first claim (or READY) .. last record, whole tree
     whole_run_cpu_us_per_task: float  # spawn .. exit, RUSAGE_CHILDREN
     redis_us_per_task: float
     role_us_per_task: dict[str, float]
@@ -732,16 +732,31 @@ class PoolResult:
     foreign_load: float
 
 
-class FirstClaim:
-    """When the queue first held fewer than all the tasks: the pool's first claim."""
+@dataclass(frozen=True, slots=True)
+class WindowStart:
+    """The clock and CPU counters when the pool's timed window opened."""
 
-    def __init__(self, client: redis.Redis, queue: str, count: int) -> None:
-        self.client, self.queue, self.count = client, queue, count
-        self.seen_at: float | None = None
+    at: float
+    cpu_by_pid: dict[int, int]
+    redis_ns: int
+    bench_ns: int
+
+
+class FirstClaim:
+    """Opens the window at the pool's first claim (the queue first holding fewer
+    than all the tasks), which can come before READY: workers start at once."""
+
+    def __init__(self, bench: Bench, pool: PoolProcess, queue: str, count: int) -> None:
+        self.bench, self.pool, self.queue, self.count = bench, pool, queue, count
+        self.start: WindowStart | None = None
 
     def look(self) -> None:
-        if self.seen_at is None and self.client.llen(self.queue) < self.count:
-            self.seen_at = time.perf_counter()
+        if self.start is None and self.bench.client.llen(self.queue) < self.count:
+            self.start = self.snapshot()
+
+    def snapshot(self) -> WindowStart:
+        cpu_by_pid = {pid: process_cpu_ns(pid) for pid in self.pool.tree()}
+        return WindowStart(time.perf_counter(), cpu_by_pid, self.bench.redis_cpu_ns(), time.process_time_ns())
 
 
 def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResult:
@@ -757,15 +772,12 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
         with running_pool(
             workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue, workers=WORKERS
         ) as pool:
-            first_claim = FirstClaim(bench.client, queue, len(tasks))
-            ready_at = pool.wait_ready(on_tick=first_claim.look)
-            # Workers may start before READY: the clock starts at whichever came first.
-            started_at = min(ready_at, first_claim.seen_at or ready_at)
+            first_claim = FirstClaim(bench, pool, queue, len(tasks))
+            pool.wait_ready(on_tick=first_claim.look)
+            # The window opens at the first claim, or at READY if none came before.
+            start = first_claim.start or first_claim.snapshot()
             pids = pool.tree()
-            cpu_by_pid = {pid: process_cpu_ns(pid) for pid in pids}
-            redis_at_ready = bench.redis_cpu_ns()
             others = ForeignLoad().start()
-            bench_at_ready = time.process_time_ns()
             unclaimed = int(bench.client.llen(queue))
             tail = ResultsTail(pool.output_dir / RESULTS_NAME)
             deadline = time.monotonic() + 60 + len(tasks) * 0.2
@@ -787,11 +799,12 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
                 tail.close()
             role_ns = dict.fromkeys(("workers", "ledger", "supervisor"), 0)
             for pid, role in pool.roles(pids).items():
-                role_ns[role] += process_cpu_ns(pid) - cpu_by_pid[pid]
+                # A child forked after the window opened counts whole (its boot takes ms).
+                role_ns[role] += process_cpu_ns(pid) - start.cpu_by_pid.get(pid, 0)
             cpu_window = sum(role_ns.values())
-            redis_window = bench.redis_cpu_ns() - redis_at_ready
+            redis_window = bench.redis_cpu_ns() - start.redis_ns
             foreign = others.percent()
-            bench_ns = time.process_time_ns() - bench_at_ready
+            bench_ns = time.process_time_ns() - start.bench_ns
             if pool.tree() != pids:
                 bench.failures.append(f"{label}: the pool's processes changed during the run: {pids} -> {pool.tree()}")
             stop_started = time.perf_counter()
@@ -801,8 +814,8 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
         verify_pool_output(pool, tasks, bench.client, bench.segments, code)
     finally:
         bench.forget_queue(queue)
-    window = done_at - started_at
-    in_window = max(1, unclaimed)
+    window = done_at - start.at
+    in_window = len(tasks)
     return PoolResult(
         images_per_s=len(tasks) / window,
         window_s=window,
@@ -1325,7 +1338,7 @@ def report(bench: Bench) -> None:
                 f"| {f[f'ratio {label}']:.3f} | {f[f'claimed before ready {label}']:.0f} "
                 f"| {f[f'stop {label}']:.2f} s | {f[f'foreign {label}']:.0f}% | {f[f'redone {label}']:.0f} |"
             )
-        print("\n# CPU per task, microseconds (pool: READY .. last record; redis-server is not in the pool's total)")
+        print("\n# CPU per task, microseconds (pool: first claim .. last record; redis-server is not in the pool's total)")
         print(
             "| size | limit | limit with fdatasync | pool | pool - limit | pool workers | ledger | supervisor "
             "| redis-server | bench's poll | whole run - limit |"
