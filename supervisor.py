@@ -2,7 +2,8 @@
 
     producers --RPUSH--> HOSTING_TASKS_QUEUE (Redis)
         --claim--> worker N's processing list --> worker N (encode, partial JPEG)
-        --record over worker N's socket--> ledger (results.json, publish, ack, unlink)
+        --records over worker N's socket--> ledger (sync JPEGs, results.json,
+                                                    publish, ack, unlink)
 
 The supervisor only forks, signals, reaps and reconciles. Each wakeup of its
 loop (a signal, a child's death, a metrics request, or a tick) is one
