@@ -26,6 +26,7 @@ from tests.helpers import (
     push,
     read_results,
     segment_exists,
+    wait_for_queue_drained,
     wait_for_records,
     wait_until,
 )
@@ -94,6 +95,7 @@ def test_worker_killed_mid_load_loses_and_doubles_nothing(pool_factory, redis_cl
             kills += 1
         time.sleep(0.1)
     wait_for_records(pool.output_dir, len(request_ids), pool=pool)
+    wait_for_queue_drained(redis_client, queue_name)  # redelivered duplicates acknowledged too
     assert pool.stop() == 0
     assert kills >= 3, "the load finished before the test could kill enough workers"
     records = assert_exactly_once(pool.output_dir, request_ids, redis_client, queue_name)
@@ -104,18 +106,21 @@ def test_worker_killed_mid_load_loses_and_doubles_nothing(pool_factory, redis_cl
 
 
 def test_ledger_killed_mid_load_keeps_results_valid_and_complete(pool_factory, redis_client, queue_name, segments):
+    # Queued before the pool starts, and many: the ledger commits dozens of
+    # records at a time under a backlog.
+    request_ids = push_photos(redis_client, queue_name, segments, 1500, size=(512, 512))
     pool = pool_factory(workers=2)
     pool.wait_ready()
-    request_ids = push_photos(redis_client, queue_name, segments, 300, size=(512, 512))
     kills = 0
-    while kills < 3 and len(read_results(pool.output_dir)) < len(request_ids) - 20:
-        if len(read_results(pool.output_dir)) > 20 * (kills + 1):
+    while kills < 3 and len(read_results(pool.output_dir)) < len(request_ids) - 150:
+        if len(read_results(pool.output_dir)) > 150 * (kills + 1):
             victim = wait_until(lambda: ledger_pid(pool), 10, "no ledger running")
             os.kill(victim, signal.SIGKILL)
             kills += 1
             wait_until(lambda victim=victim: ledger_pid(pool) not in (None, victim), 10, "ledger not replaced")
         time.sleep(0.05)
     wait_for_records(pool.output_dir, len(request_ids), pool=pool)
+    wait_for_queue_drained(redis_client, queue_name)  # redelivered duplicates acknowledged too
     assert pool.stop() == 0
     assert kills >= 1
     with open(pool.output_dir / "results.json") as results:
@@ -195,6 +200,7 @@ def test_whole_tree_killed_then_restarted_recovers_in_flight_tasks(pool_factory,
     stranded = sum(redis_client.llen(key) for key in redis_client.keys(f"{QueueKeys(queue_name).prefix}:processing:*"))
     second = pool_factory(workers=2, env=env)
     wait_for_records(second.output_dir, len(request_ids), timeout=90, pool=second)
+    wait_for_queue_drained(redis_client, queue_name)
     assert second.stop() == 0
     assert_exactly_once(second.output_dir, request_ids, redis_client, queue_name)
     if stranded:
