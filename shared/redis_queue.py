@@ -91,7 +91,10 @@ return envelope
 # were claimed but never started (a worker claims several at a time): their
 # delivery count goes back down, so that a task that kills its worker does not
 # use up the attempts of the tasks claimed with it.
-# KEYS: processing, queue, registry. ARGV: how many were never started.
+# A task whose record a ledger was committing (see mark_committing) goes to
+# that ledger's host queue instead: the record may be on that host's disk,
+# and only that host's ledger can tell, and drop the task as a duplicate.
+# KEYS: processing, queue, registry, committing. ARGV: how many were never started.
 REQUEUE_SCRIPT = """
 local moved, unstarted = 0, tonumber(ARGV[1])
 while true do
@@ -104,7 +107,9 @@ while true do
     end
   end
   local origin = string.match(envelope, '^irw1 %S+ %d+ %d+ (%S+)\\n') or KEYS[2]
-  redis.call('LPUSH', origin, envelope)
+  local task_id = string.match(envelope, '^irw1 ([%w%-]+) ')
+  local committer = task_id and redis.call('HGET', KEYS[4], task_id)
+  redis.call('LPUSH', committer or origin, envelope)
   moved = moved + 1
 end
 redis.call('SREM', KEYS[3], KEYS[1])
@@ -123,7 +128,7 @@ return #due
 
 
 # Acknowledge a batch in one atomic step. KEYS: dead, announced, delayed, the
-# stats bucket, the results stream, then one processing list per task. ARGV:
+# stats bucket, the results stream, committing, then one processing list per task. ARGV:
 # dead max, now, the batch's completed, failed and retried counts, the stream's
 # MAXLEN (0: no stream), how many announced ids to keep, then per task:
 # envelope, kind, dead letter, retry time, task id, event.
@@ -138,11 +143,12 @@ ACK_SCRIPT = """
 local dead_max, now = tonumber(ARGV[1]), tonumber(ARGV[2])
 local stream_maxlen, keep_ids = tonumber(ARGV[6]), tonumber(ARGV[7])
 local pushed_dead, announced = false, false
-for i = 6, #KEYS do
-  local at = 8 + (i - 6) * 6
+for i = 7, #KEYS do
+  local at = 8 + (i - 7) * 6
   local envelope, kind, dead_letter, retry_at, task_id, event =
     ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
   local removed = redis.call('LREM', KEYS[i], 1, envelope)
+  redis.call('HDEL', KEYS[6], task_id)
   if kind == 'final' then
     if redis.call('ZADD', KEYS[2], 'NX', now, task_id) == 1 then
       announced = true
@@ -254,8 +260,15 @@ class QueueKeys:
         return f"{self.prefix}:lease:{instance}"
 
     def host(self, host_id: str) -> str:
-        """The queue of shared-memory tasks meant for one host."""
+        """The queue of tasks meant for one host: shared-memory tasks, and tasks
+        whose record that host's ledger may hold."""
         return f"{self.prefix}:host:{host_id}"
+
+    @property
+    def committing(self) -> str:
+        """Hash: task id -> the host queue of the ledger committing its record,
+        from just before the commit until the acknowledgement."""
+        return f"{self.prefix}:committing"
 
     def instance_of(self, processing_key: str) -> str | None:
         prefix = f"{self.prefix}:processing:"
@@ -324,6 +337,7 @@ class ReliableQueue:
         max_message_bytes: int,
         block_seconds: float = BLOCK_SECONDS,
         host_queue: str | None = None,
+        wait_on_host_queue: bool = True,
         replicated_claims: bool = False,
     ) -> None:
         self.client = client
@@ -332,6 +346,7 @@ class ReliableQueue:
         self._max_bytes = max_message_bytes
         self._block_seconds = block_seconds
         self._host_queue = host_queue
+        self._wait_on_host_queue = wait_on_host_queue
         self._claim = client.register_script(CLAIM_SCRIPT)
         self._stamp_tail = client.register_script(STAMP_TAIL_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
@@ -355,7 +370,7 @@ class ReliableQueue:
         """Block up to block_seconds for one message; None when none came. With a
         host queue, the wait is on it (shared-memory tasks are the latency-bound
         ones); the shared queue is looked at on every turn by `claim`."""
-        source = self._host_queue or self.keys.queue
+        source = self._host_queue if self._host_queue and self._wait_on_host_queue else self.keys.queue
         moved = self.client.blmove(source, processing_key, self._block_seconds, "LEFT", "RIGHT")
         if moved is None:
             return None
@@ -380,7 +395,17 @@ class ReliableQueue:
         """Return every task in a processing list to the head of the queue; the
         last `unstarted` of them were never started and are not counted as a
         delivery."""
-        return int(self._requeue(keys=[processing_key, self.keys.queue, self.keys.registry], args=[unstarted]))
+        keys = [processing_key, self.keys.queue, self.keys.registry, self.keys.committing]
+        return int(self._requeue(keys=keys, args=[unstarted]))
+
+    def mark_committing(self, task_ids: list[str], host_queue: str) -> None:
+        """Say, before a ledger commits their records, that these tasks' records
+        may be on this host's disk until they are acknowledged. Should the host
+        die in between, a survivor requeues them to `host_queue`, for this
+        host's ledger, which knows, rather than to any host, which would do
+        them again."""
+        if task_ids:
+            self.client.hset(self.keys.committing, mapping=dict.fromkeys(task_ids, host_queue))
 
     def acknowledge(
         self,
@@ -394,7 +419,10 @@ class ReliableQueue:
     ) -> None:
         """Remove tasks from their processing lists, announce their outcomes,
         schedule their retries and count the batch for `status`, atomically."""
-        keys = [self.keys.dead, self.keys.announced, self.keys.delayed, self.keys.stats(now), stream or self.keys.dead]
+        keys = [
+            self.keys.dead, self.keys.announced, self.keys.delayed, self.keys.stats(now), stream or self.keys.dead,
+            self.keys.committing,
+        ]
         args: list = [
             dead_letter_max,
             now,

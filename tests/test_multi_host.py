@@ -71,3 +71,48 @@ def test_a_dead_hosts_url_tasks_move_on_and_its_shared_memory_tasks_wait(
     if stranded:  # b died holding a task: exactly one survivor took its list over
         takeovers = [e for host in "ac" for e in pools[host].events("tasks_requeued")]
         assert len(takeovers) == 1 and takeovers[0]["tasks"] >= 1
+
+
+def test_a_host_lost_right_after_its_commit_point_does_not_double_its_tasks(
+    pool_factory, redis_client, queue_name, http_server, tmp_path
+):
+    """Host b loses power just after its ledger made a batch of records durable,
+    before acknowledging them. The survivor must not do those tasks again (their
+    records are on b's disk): they wait in b's queue, and b drops them as
+    duplicates when it returns. The rest of b's tasks move on at once."""
+    ok, png = cv2.imencode(".png", photo_of_size(256, 256))
+    url = http_server.add("/small.png", png.tobytes(), content_type="image/png")
+    keys = QueueKeys(queue_name)
+    outputs = {host: tmp_path / f"out-{host}" for host in "ab"}
+    request_ids = [f"url_{i}" for i in range(40)]
+    for request_id in request_ids:
+        push(redis_client, queue_name, {"request_id": request_id, "image_id": request_id, "image_url": url})
+    crash = {"IRW_CRASH_AT": "ledger_after_append", "IRW_CRASH_HOST": "true",
+             "IRW_CRASH_MARKER": str(tmp_path / "crashed")}
+    base = {"LEASE_TTL": "2", "HOST_QUEUE": "false"}
+    b = pool_factory(workers=2, env={**base, "HOST_ID": "b", **crash}, output_dir=outputs["b"])
+    wait_until(lambda: b.poll() is not None, 30, "host b never reached its commit point")
+    recorded_by_b = {r["request_id"] for r in read_results(outputs["b"])}
+    assert recorded_by_b, "b died before its first commit"
+
+    a = pool_factory(workers=2, env={**base, "HOST_ID": "a"}, output_dir=outputs["a"])
+    a.wait_ready()
+    def done_by_a() -> set[str]:
+        return {r["request_id"] for r in read_results(outputs["a"])}
+
+    # b's list comes back at the head of the queue: a would take b's recorded tasks first.
+    wait_until(lambda: set(request_ids) - recorded_by_b <= done_by_a(), 60, "a did not finish b's other tasks")
+    assert not recorded_by_b & done_by_a(), "a did b's recorded tasks again"
+    assert redis_client.llen(keys.host("b")) == len(recorded_by_b), "b's recorded tasks did not wait for b"
+
+    revived = pool_factory(workers=1, env={**base, "HOST_ID": "b"}, output_dir=outputs["b"])
+    revived.wait_ready()
+    wait_until(lambda: redis_client.llen(keys.host("b")) == 0 and not redis_client.hlen(keys.committing), 30,
+               "b did not take back its tasks")
+    wait_until(lambda: len(revived.events("duplicate_dropped")) == len(recorded_by_b), 30, "b redid a task")
+    for pool in (a, revived):
+        assert pool.stop() == 0
+    counts = Counter(r["request_id"] for host in "ab" for r in read_results(outputs[host]))
+    assert sorted(counts) == sorted(request_ids), "a task was lost"
+    assert max(counts.values()) == 1, f"doubled: {[k for k, v in counts.items() if v > 1]}"
+    assert redis_client.llen(queue_name) == 0

@@ -2,7 +2,8 @@
 
 Data flow, in the order that makes a task durable (the crash-safety contract):
 
-    worker socket -> batch of completion records
+    worker socket -> batch of completion records (a fuller one under a backlog)
+      0. mark the batch's task ids as being committed on this host, in Redis
       1. make the batch's JPEGs durable: fdatasync each partial file (the
          workers started their write-back), fsync OUTPUT_DIR/.partial
       2. append the batch to results.json, fdatasync        <- the commit point
@@ -16,20 +17,24 @@ Data flow, in the order that makes a task durable (the crash-safety contract):
 
 A crash before 2 loses nothing: the tasks are still in their processing lists
 and are redelivered. A JPEG whose fdatasync fails (EIO) is never trusted, even
-if a later fdatasync would succeed: its task is retried like a transient error. A crash between 2 and 3 is repaired at the next start
-(the records at the end of results.json name their partial files). A crash
-between 2 and 4 redelivers tasks that are already recorded: the ledger knows
-the ids of the records it holds (the end of results.json, read at start, and
-everything since) and drops such a duplicate, deleting its partial file and
-acknowledging it. So each task ends as exactly one record and one file.
+if a later fdatasync would succeed: its task is retried like a transient error.
+A crash between 2 and 3 is repaired at the next start (the records at the end
+of results.json name their partial files). A crash between 2 and 4 redelivers
+tasks that are already recorded: the ledger knows the ids of the records it
+holds (the end of results.json, read at start, and everything since) and drops
+such a duplicate, deleting its partial file and acknowledging it. Another
+host's ledger would not know them: the mark of step 0 sends those tasks back
+to this host's queue when this host dies, and the acknowledgement removes it.
+So each task ends as exactly one record and one file.
 
 Hazards handled here:
 - A torn results.json tail (kill -9 mid-append) is repaired before any append.
 - ENOSPC or EIO while appending: the batch is kept and retried with backoff,
   and no worker socket is read meanwhile, so the pool slows down instead of
   acknowledging anything that is not durable.
-- Redis away: acknowledgements wait, with backoff; records keep being made
-  durable. Nothing is acknowledged twice or before its record is durable.
+- Redis away: commits and acknowledgements wait, with backoff (a commit must
+  first be marked in Redis). Nothing is acknowledged twice or before its
+  record is durable.
 """
 
 from __future__ import annotations
@@ -229,6 +234,10 @@ class Ledger:
         if not self.unwritten or time.monotonic() < self.write_retry_at:
             return
         fresh, duplicates = self._split_duplicates(self.unwritten)
+        for record in duplicates:
+            record.duplicate = True
+        if not self._mark_committing(self.unwritten):
+            return
         try:
             self._make_partials_durable(fresh)
             published = self._choose_file_names(fresh)
@@ -250,7 +259,6 @@ class Ledger:
                 self.stats.observe(status=record.status, source=record.source, timings=timings)
         self.stats.duplicates += len(duplicates)
         for record in duplicates:
-            record.duplicate = True
             if record.partial_path:
                 output.remove_quietly(Path(record.partial_path))
             log.info(
@@ -272,6 +280,22 @@ class Ledger:
                 if task_id is not None and record.status != RETRY:
                     seen.add(task_id)
         return fresh, duplicates
+
+    def _mark_committing(self, records: list[CompletionRecord]) -> bool:
+        """Step 1's preamble: tell Redis these records may soon be on this host's
+        disk, so that should this host die before acknowledging them, their tasks
+        come back here (where this ledger drops them as duplicates) rather than
+        being done again elsewhere. False while Redis is away: nothing is
+        committed that the other hosts could not learn of."""
+        task_ids = [r.task_id for r in records if r.task_id is not None and (r.status != RETRY or r.duplicate)]
+        try:
+            self.queue.mark_committing(task_ids, self.keys.host(self.settings.host_id))
+        except REDIS_ERRORS as exc:
+            self.write_failures += 1
+            self.write_retry_at = time.monotonic() + compute_backoff(self.write_failures, base=0.2, cap=10.0)
+            log.warning("redis_unavailable", error=str(exc), records=len(records), attempt=self.write_failures)
+            return False
+        return True
 
     def _make_partials_durable(self, records: list[CompletionRecord]) -> None:
         """Step 1, once for the whole batch. OSError if the names cannot be made

@@ -128,7 +128,10 @@ class Worker:
             # at between waits, so they are short.
             block_seconds=min(HOST_QUEUE_BLOCK_SECONDS if self.settings.host_queue else BLOCK_SECONDS,
                               self.settings.task_timeout / 4),
-            host_queue=QueueKeys(self.settings.queue).host(self.settings.host_id) if self.settings.host_queue else None,
+            # Claims look at this host's queue first even without HOST_QUEUE: a
+            # task whose record this host's ledger may hold is sent back there.
+            host_queue=QueueKeys(self.settings.queue).host(self.settings.host_id),
+            wait_on_host_queue=self.settings.host_queue,
             replicated_claims=bool(self.settings.redis_sentinels),
         )
         self.fetcher = UrlFetcher(self.settings)
