@@ -3,10 +3,10 @@
 Data flow, in the order that makes a task durable (the crash-safety contract):
 
     worker socket -> batch of completion records (a fuller one under a backlog)
-      0. mark the batch's task ids as being committed on this host, in Redis
       1. make the batch's JPEGs durable: fdatasync each partial file (the
          workers started their write-back), fsync OUTPUT_DIR/.partial
-      2. append the batch to results.json, fdatasync        <- the commit point
+      2. mark the batch's task ids as being committed on this host, in Redis;
+         append the batch to results.json, fdatasync        <- the commit point
       3. publish each partial file under its final name (a rename that never
          replaces), fsync the directory
       4. acknowledge in Redis, in one Lua script: LREM from the processing
@@ -23,7 +23,7 @@ of results.json name their partial files). A crash between 2 and 4 redelivers
 tasks that are already recorded: the ledger knows the ids of the records it
 holds (the end of results.json, read at start, and everything since) and drops
 such a duplicate, deleting its partial file and acknowledging it. Another
-host's ledger would not know them: the mark of step 0 sends those tasks back
+host's ledger would not know them: the mark of step 2 sends those tasks back
 to this host's queue when this host dies, and the acknowledgement removes it.
 So each task ends as exactly one record and one file.
 
@@ -236,16 +236,20 @@ class Ledger:
         fresh, duplicates = self._split_duplicates(self.unwritten)
         for record in duplicates:
             record.duplicate = True
+        try:
+            self._make_partials_durable(fresh)
+        except OSError as exc:
+            self._write_failed(exc, fresh)
+            return
+        # As late as can be: a task marked but not recorded when this host dies
+        # waits for it instead of moving on.
         if not self._mark_committing(self.unwritten):
             return
         try:
-            self._make_partials_durable(fresh)
             published = self._choose_file_names(fresh)
             self.results.append([record.results_line() for record in fresh if record.status != RETRY])
         except OSError as exc:
-            self.write_failures += 1
-            self.write_retry_at = time.monotonic() + compute_backoff(self.write_failures, base=0.5, cap=30.0)
-            log.error("results_write_failed", error=str(exc), records=len(fresh), attempt=self.write_failures)
+            self._write_failed(exc, fresh)
             return
         self.write_failures = 0
         crash_point("ledger_after_append")
@@ -268,6 +272,12 @@ class Ledger:
             self._remove_earlier_partials(record)
         self.unacknowledged.extend(self.unwritten)
         self.unwritten = []
+
+    def _write_failed(self, exc: OSError, records: list[CompletionRecord]) -> None:
+        """The batch stays unwritten and is tried again after a backoff."""
+        self.write_failures += 1
+        self.write_retry_at = time.monotonic() + compute_backoff(self.write_failures, base=0.5, cap=30.0)
+        log.error("results_write_failed", error=str(exc), records=len(records), attempt=self.write_failures)
 
     def _split_duplicates(self, records: list[CompletionRecord]) -> tuple[list, list]:
         fresh, duplicates, seen = [], [], set()
