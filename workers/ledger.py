@@ -292,7 +292,7 @@ class Ledger:
         return fresh, duplicates
 
     def _mark_committing(self, records: list[CompletionRecord]) -> bool:
-        """Step 1's preamble: tell Redis these records may soon be on this host's
+        """Step 2, first half: tell Redis these records may soon be on this host's
         disk, so that should this host die before acknowledging them, their tasks
         come back here (where this ledger drops them as duplicates) rather than
         being done again elsewhere. False while Redis is away: nothing is
