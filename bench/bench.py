@@ -49,9 +49,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +60,7 @@ import cv2
 import numpy as np
 import redis
 
+from client.producer import write_segment
 from shared.images import encode_segment, unlink_segment
 from shared.messages import SegmentRef
 from shared.output import RESULTS_NAME, write_durably
@@ -205,18 +204,11 @@ class Segments:
         self.names: set[str] = set()
 
     def make(self, frame: np.ndarray) -> str:
-        """A segment holding frame, created the way producers do (see tests/helpers.make_segment)."""
-        shm = SharedMemory(create=True, size=frame.nbytes, name="irw_bench_" + uuid.uuid4().hex)
-        try:
-            view: np.ndarray = np.ndarray(frame.shape, dtype=frame.dtype, buffer=shm.buf)
-            view[...] = frame
-            del view
-            # Ownership passes to the consumer: our resource tracker must not unlink it.
-            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        finally:
-            shm.close()
-        self.names.add(shm.name)
-        return shm.name
+        """A segment holding frame, created the way producers do."""
+        name = "irw_bench_" + uuid.uuid4().hex
+        write_segment(name, frame)
+        self.names.add(name)
+        return name
 
     def leftovers(self, names: Sequence[str]) -> list[str]:
         return [name for name in names if (SHM_DIR / name).exists()]

@@ -171,7 +171,7 @@ class Producer:
         if not SEGMENT_NAME.fullmatch(name):
             raise ValueError(f"prefix {prefix!r} does not make a valid segment name (letters, digits, _ . -)")
         nbytes = int(frame.nbytes)
-        _write_segment(name, frame, dtype)
+        write_segment(name, frame, dtype)
         message = {
             "request_id": request_id,
             "image_id": image_id,
@@ -396,8 +396,11 @@ def unlink_segment(name: str) -> bool:
     return True
 
 
-def _write_segment(name: str, frame: np.ndarray, dtype: np.dtype) -> None:
-    """Create segment `name` holding frame's pixels (C order, native byte order)."""
+def write_segment(name: str, frame: np.ndarray, dtype: np.dtype | None = None) -> None:
+    """Create segment `name` holding frame's pixels (C order; as `dtype`, frame's
+    own by default), owned by whoever will unlink it, not by this process: the
+    way producers hand frames to the pool."""
+    dtype = frame.dtype if dtype is None else dtype
     if sys.version_info >= (3, 13):
         shm = SharedMemory(name=name, create=True, size=frame.nbytes, track=False)
     else:

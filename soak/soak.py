@@ -46,8 +46,6 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +54,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import cv2
-import numpy as np
 import redis
 
+from client.producer import write_segment
 from shared.redis_queue import QueueKeys
 from tests.helpers import (
     POOL_ENV_VARS,
@@ -167,19 +165,11 @@ class Segments:
 
     def make(self, size: tuple[int, int]) -> str:
         """A segment holding a photo, created the way producers do."""
-        frame = self.frames[size]
-        shm = SharedMemory(create=True, size=frame.nbytes, name="img_shm_" + uuid.uuid4().hex)
-        try:
-            with self._lock:
-                self.names.add(shm.name)  # before anything can fail: cleanup must find it
-            view: np.ndarray = np.ndarray(frame.shape, dtype=frame.dtype, buffer=shm.buf)
-            view[...] = frame
-            del view  # a live view keeps shm.buf exported and close() would fail
-            # Ownership passes to the pool: our resource tracker must not unlink it at exit.
-            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        finally:
-            shm.close()
-        return shm.name
+        name = "img_shm_" + uuid.uuid4().hex
+        with self._lock:
+            self.names.add(name)  # before anything can fail: cleanup must find it
+        write_segment(name, self.frames[size])
+        return name
 
     def leftovers(self) -> list[str]:
         with self._lock:

@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from multiprocessing import resource_tracker
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ import cv2
 import numpy as np
 import redis
 
+from client.producer import write_segment
 from shared.redis_queue import QueueKeys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -108,18 +107,10 @@ _created_segments: set[str] = set()
 
 def make_segment(array: np.ndarray) -> str:
     """Create a POSIX segment holding array, the way producers do; returns its name."""
-    shm = SharedMemory(create=True, size=array.nbytes, name="img_shm_" + uuid.uuid4().hex)
-    try:
-        view: np.ndarray = np.ndarray(array.shape, dtype=array.dtype, buffer=shm.buf)
-        view[...] = array
-        del view  # a live view keeps shm.buf exported and close() would fail
-        # The producer hands ownership to the worker; without this our resource
-        # tracker would unlink the segment when the test process exits.
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    finally:
-        shm.close()
-    _created_segments.add(shm.name)
-    return shm.name
+    name = "img_shm_" + uuid.uuid4().hex
+    write_segment(name, array)
+    _created_segments.add(name)
+    return name
 
 
 def segment_exists(name: str) -> bool:
