@@ -695,6 +695,12 @@ class Bench:
     def queue_name(self, label: str) -> str:
         return f"bench:{label}:{uuid.uuid4().hex[:10]}"
 
+    def pool(self, workdir: Path, queue: str, *, workers: int = WORKERS) -> contextlib.AbstractContextManager[PoolProcess]:
+        """`supervisor.py` on this run's Redis and queue, writing into workdir/out."""
+        return running_pool(
+            workdir=workdir, output_dir=workdir / "out", redis_url=self.redis_server.url, queue=queue, workers=workers
+        )
+
     def forget_queue(self, queue: str) -> None:
         keys = list(self.client.scan_iter(match=f"{queue}*"))
         if keys:
@@ -761,9 +767,7 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
         pipe.execute()
     rusage_before = children_rusage_ns()
     try:
-        with running_pool(
-            workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue, workers=WORKERS
-        ) as pool:
+        with bench.pool(workdir, queue) as pool:
             first_claim = FirstClaim(bench, pool, queue, len(tasks))
             pool.wait_ready(on_tick=first_claim.look)
             # The window opens at the first claim, or at READY if none came before.
@@ -942,9 +946,7 @@ def latency_run(bench: Bench, frames: list[np.ndarray], rate: float, count: int)
     queue = bench.queue_name("latency")
     workdir = bench.fresh_dir("pool-latency")
     try:
-        with running_pool(
-            workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue, workers=WORKERS
-        ) as pool:
+        with bench.pool(workdir, queue) as pool:
             pool.wait_ready()
             time.sleep(0.3)  # let the workers settle into their blocking wait
             tail = ResultsTail(pool.output_dir / RESULTS_NAME, on_record=on_record)
@@ -1174,10 +1176,7 @@ def measure_startup(bench: Bench) -> None:
         queue = bench.queue_name("startup")
         workdir = bench.fresh_dir("pool-startup")
         try:
-            with running_pool(
-                workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue,
-                workers=STARTUP_WORKERS,
-            ) as pool:
+            with bench.pool(workdir, queue, workers=STARTUP_WORKERS) as pool:
                 ready_at = pool.wait_ready()
                 times.append(ready_at - pool.spawned_at)
                 if len(pool.tree()) != STARTUP_WORKERS + 2:
@@ -1197,9 +1196,7 @@ def measure_idle(bench: Bench) -> None:
     queue = bench.queue_name("idle")
     workdir = bench.fresh_dir("pool-idle")
     try:
-        with running_pool(
-            workdir=workdir, output_dir=workdir / "out", redis_url=bench.redis_server.url, queue=queue, workers=WORKERS
-        ) as pool:
+        with bench.pool(workdir, queue) as pool:
             pool.wait_ready()
             time.sleep(1.0)  # past the boot: the first lease renewal and orphan scan
             pids = pool.tree()
