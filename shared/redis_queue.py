@@ -100,14 +100,11 @@ local moved, unstarted = 0, tonumber(ARGV[1])
 while true do
   local envelope = redis.call('RPOP', KEYS[1])
   if not envelope then break end
-  if moved < unstarted then
-    local task_id, deliveries, rest = string.match(envelope, '^irw1 ([%w%-]+) (%d+) (.*)$')
-    if task_id then
-      envelope = 'irw1 ' .. task_id .. ' ' .. math.max(0, tonumber(deliveries) - 1) .. ' ' .. rest
-    end
+  local task_id, deliveries, rest = string.match(envelope, '^irw1 ([%w%-]+) (%d+) (.*)$')
+  if task_id and moved < unstarted then
+    envelope = 'irw1 ' .. task_id .. ' ' .. math.max(0, tonumber(deliveries) - 1) .. ' ' .. rest
   end
   local origin = string.match(envelope, '^irw1 %S+ %d+ %d+ (%S+)\\n') or KEYS[2]
-  local task_id = string.match(envelope, '^irw1 ([%w%-]+) ')
   local committer = task_id and redis.call('HGET', KEYS[4], task_id)
   redis.call('LPUSH', committer or origin, envelope)
   moved = moved + 1
