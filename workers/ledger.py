@@ -238,18 +238,15 @@ class Ledger:
             record.duplicate = True
         try:
             self._make_partials_durable(fresh)
-        except OSError as exc:
-            self._write_failed(exc, fresh)
-            return
-        # As late as can be: a task marked but not recorded when this host dies
-        # waits for it instead of moving on.
-        if not self._mark_committing(self.unwritten):
-            return
-        try:
+            # As late as can be: a task marked but not recorded when this host
+            # dies waits for it instead of moving on.
+            if not self._mark_committing(self.unwritten):
+                return
             published = self._choose_file_names(fresh)
             self.results.append([record.results_line() for record in fresh if record.status != RETRY])
         except OSError as exc:
-            self._write_failed(exc, fresh)
+            log.error("results_write_failed", error=str(exc), records=len(fresh), attempt=self.write_failures + 1)
+            self._postpone_commit(base=0.5, cap=30.0)
             return
         self.write_failures = 0
         crash_point("ledger_after_append")
@@ -273,11 +270,10 @@ class Ledger:
         self.unacknowledged.extend(self.unwritten)
         self.unwritten = []
 
-    def _write_failed(self, exc: OSError, records: list[CompletionRecord]) -> None:
+    def _postpone_commit(self, *, base: float, cap: float) -> None:
         """The batch stays unwritten and is tried again after a backoff."""
         self.write_failures += 1
-        self.write_retry_at = time.monotonic() + compute_backoff(self.write_failures, base=0.5, cap=30.0)
-        log.error("results_write_failed", error=str(exc), records=len(records), attempt=self.write_failures)
+        self.write_retry_at = time.monotonic() + compute_backoff(self.write_failures, base=base, cap=cap)
 
     def _split_duplicates(self, records: list[CompletionRecord]) -> tuple[list, list]:
         fresh, duplicates, seen = [], [], set()
@@ -301,9 +297,8 @@ class Ledger:
         try:
             self.queue.mark_committing(task_ids, self.keys.host(self.settings.host_id))
         except REDIS_ERRORS as exc:
-            self.write_failures += 1
-            self.write_retry_at = time.monotonic() + compute_backoff(self.write_failures, base=0.2, cap=10.0)
-            log.warning("redis_unavailable", error=str(exc), records=len(records), attempt=self.write_failures)
+            log.warning("redis_unavailable", error=str(exc), records=len(records), attempt=self.write_failures + 1)
+            self._postpone_commit(base=0.2, cap=10.0)
             return False
         return True
 
