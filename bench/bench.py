@@ -1171,7 +1171,7 @@ def measure_memory(bench: Bench) -> None:
 
 def measure_startup(bench: Bench) -> None:
     print(f"\n# start-up to READY with {STARTUP_WORKERS} workers", flush=True)
-    times = []
+    times, stops = [], []
     for _ in range(bench.settings.rounds):
         queue = bench.queue_name("startup")
         workdir = bench.fresh_dir("pool-startup")
@@ -1181,14 +1181,18 @@ def measure_startup(bench: Bench) -> None:
                 times.append(ready_at - pool.spawned_at)
                 if len(pool.tree()) != STARTUP_WORKERS + 2:
                     bench.failures.append(f"start-up: expected {STARTUP_WORKERS + 2} processes, saw {len(pool.tree())}")
+                stop_started = time.perf_counter()
                 code = pool.stop()
+                stops.append(time.perf_counter() - stop_started)
                 if code != 0:
                     raise CheckFailed(f"idle pool exited with {code} after SIGTERM\n{pool.stderr_tail()}")
         finally:
             bench.forget_queue(queue)
             shutil.rmtree(workdir, ignore_errors=True)
     bench.figures["startup"] = statistics.median(times)
+    bench.figures["idle stop"] = statistics.median(stops)
     bench.note("start-up s: " + ", ".join(f"{t:.3f}" for t in times))
+    bench.note("idle stop s: " + ", ".join(f"{t:.3f}" for t in stops))
 
 
 def measure_idle(bench: Bench) -> None:
@@ -1311,6 +1315,7 @@ def report(bench: Bench) -> None:
     row("  control: same with a copy of the pixels", "memory control", "{:.1f} MB", "", None)
     row(f"start-up to READY, {STARTUP_WORKERS} workers", "startup", "{:.3f} s", "under 1 s", lambda v: v < 1)
     row("idle pool CPU", "idle", "{:.3f} % of a core", "under 1 %", lambda v: v < 1)
+    row(f"  SIGTERM to exit, idle pool of {STARTUP_WORKERS}", "idle stop", "{:.3f} s", "", None)
 
     measured = [label for label, *_ in SIZES if f"pool {label}" in f]
     if measured:

@@ -147,6 +147,28 @@ def test_sigterm_finishes_in_flight_work_and_exits_zero(pool_factory, redis_clie
     assert_exactly_once(pool.output_dir, request_ids, redis_client, queue_name)
 
 
+def test_idle_pool_stops_without_waiting_out_its_blocking_waits(pool_factory, redis_client, queue_name, segments):
+    """Idle workers sit in a BLMOVE of BLOCK_SECONDS (2 s) and the ledger in a
+    select of 1 s; a stop interrupts both instead of waiting them out (it took
+    3.3 s before), and leaves nothing behind in Redis."""
+    pool = pool_factory(workers=2)
+    pool.wait_ready()
+    time.sleep(0.3)  # every worker is in its blocking wait by now
+    started = time.monotonic()
+    assert pool.stop(signal.SIGTERM) == 0, pool.stderr_tail()
+    # Well under the 2 s a worker's wait would have taken; a slow machine only adds a little.
+    assert time.monotonic() - started < 1.5, pool.stderr_tail()
+    assert pool.events("worker_stopped") and pool.events("ledger_stopped")
+    for key in redis_client.keys(f"{QueueKeys(queue_name).prefix}:processing:*"):
+        assert redis_client.llen(key) == 0
+    # The queue still works as before for the next pool.
+    request_ids = push_photos(redis_client, queue_name, segments, 3, size=(256, 256))
+    second = pool_factory(workers=2)
+    wait_for_records(second.output_dir, len(request_ids), pool=second)
+    assert second.stop() == 0
+    assert_exactly_once(second.output_dir, request_ids, redis_client, queue_name)
+
+
 def pool_busy_with_a_slow_download(pool_factory, redis_client, queue_name, http_server, env) -> Pool:
     """A one-worker pool whose worker is stuck in a download that trickles bytes."""
     http_server.trickle("/slow.png", interval=0.2)

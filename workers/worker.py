@@ -111,6 +111,7 @@ class Worker:
         self._fetch_seconds: float | None = None
         self._timings: dict[str, float] = {}  # of the task in hand, per phase, for metrics
         self._backlog = False
+        self._waiting_idle = False  # in the blocking wait for work, where a stop may interrupt
 
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
@@ -209,7 +210,7 @@ class Worker:
             # The round trip's share of each task it brought.
             self._fetch_seconds = (time.perf_counter() - claim_started) / max(1, len(envelopes))
             if not envelopes:
-                one = self.queue.wait_and_claim(self.processing_key, task_id=f"{prefix}-0")
+                one = self._wait_for_a_task(task_id=f"{prefix}-0")
                 envelopes = [one] if one is not None else []
                 self._fetch_seconds = None  # time spent waiting for work is not the task's
         except REDIS_ERRORS as exc:
@@ -223,6 +224,21 @@ class Worker:
             log.info("redis_reconnected", after_attempts=self._redis_failures)
             self._redis_failures = 0
         return envelopes
+
+    def _wait_for_a_task(self, *, task_id: str) -> bytes | None:
+        """Block on the queue for one task; None after a quiet wait or a stop
+        request. The stop signal ends the wait at once (request_stop raises into
+        it) rather than after up to BLOCK_SECONDS: whatever the server moved
+        meanwhile sits in my processing list, which is requeued when I exit."""
+        if self.stopping:
+            return None
+        self._waiting_idle = True
+        try:
+            return self.queue.wait_and_claim(self.processing_key, task_id=task_id)
+        except WaitInterrupted:
+            return None
+        finally:
+            self._waiting_idle = False
 
     def _hand_back_unanswered_claims(self) -> None:
         """A claim whose reply was lost when Redis went away sits in my processing
@@ -424,10 +440,19 @@ class Worker:
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
+        if self._waiting_idle:
+            self._waiting_idle = False
+            raise WaitInterrupted
 
 
 class StopRequested(Exception):
     """Stop was asked for while a task could not be finished; it is left to redelivery."""
+
+
+class WaitInterrupted(BaseException):
+    """Raised by the stop signal's handler into an idle worker's blocking wait.
+    A BaseException, so that no `except Exception` on the way (redis-py's
+    included: it drops the connection and re-raises) swallows it."""
 
 
 def worker_main(
