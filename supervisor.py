@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
         prog="supervisor.py",
         description="Run the image-result worker pool.",
-        epilog="Operator commands: supervisor.py status [--json] | check | dead list|requeue|purge",
+        epilog="Operator commands: supervisor.py status [--json] | check | dead list|requeue|purge | host drain ID",
     )
     parser.add_argument(
         "--workers", metavar="N", type=int, help="worker processes, 1..256 (default: WORKERS, else CPU count)"
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 
-OPERATOR_COMMANDS = ("status", "check", "dead")
+OPERATOR_COMMANDS = ("status", "check", "dead", "host")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,6 +437,7 @@ class Supervisor:
             {
                 "instance": self.instance,
                 "host": socket.gethostname(),
+                "host_id": self.settings.host_id,
                 "pid": os.getpid(),
                 "started_at": self.started_at,
                 "updated_at": time.time(),

@@ -1,12 +1,14 @@
-"""Operator commands: `python supervisor.py status|check|dead ...`.
+"""Operator commands: `python supervisor.py status|check|dead|host ...`.
 
 They read what the pool keeps in Redis: the queue, the processing lists, the
 delayed retries, the dead letters, the per-10-second counts the ledger adds
 with each acknowledgement, and each supervisor's lease, whose value is its
-state (children and how recently each beat). They never touch results.json.
+state (children and how recently each beat). `dead requeue|purge` and `host
+drain` (control/drain.py) change the queue; none touches results.json.
 
-Exit codes: 0 fine, 1 unhealthy (`check`) or Redis unreachable, 2 usage or
-configuration error, always with one line on stderr, never a traceback.
+Exit codes: 0 fine, 1 unhealthy (`check`), a refused drain or Redis
+unreachable, 2 usage or configuration error, always with one line on stderr,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import redis
 
+from control.drain import HostStillServed, drain_host
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
@@ -56,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     requeue = dead_commands.add_parser("requeue", help="push dead letters' messages back onto the queue")
     requeue.add_argument("--limit", type=int, default=None, metavar="N", help="at most N, oldest first")
     dead_commands.add_parser("purge", help="delete every dead letter")
+    host = commands.add_parser("host", help="let go of what a host that is gone for good holds")
+    host_commands = host.add_subparsers(dest="host_command", required=True)
+    drain = host_commands.add_parser(
+        "drain", help="its URL tasks to the shared queue, its shared-memory tasks to the dead letters"
+    )
+    drain.add_argument("host_id", metavar="HOST_ID", help="the lost host's HOST_ID, as `status` lists it")
     return parser
 
 
@@ -71,6 +80,7 @@ def main(argv: list[str]) -> int:
         "status": status,
         "check": check,
         "dead": dead,
+        "host": host,
     }[args.command]
     try:
         return handler(args, settings, queue)
@@ -93,6 +103,8 @@ def collect_status(queue: ReliableQueue, *, now: float) -> dict:
         "in_flight_by_list": depths.in_flight_by_list,
         "delayed_retries": depths.delayed,
         "dead_letters": depths.dead,
+        "host_queues": queue.host_queues(),
+        "committing": client.hlen(keys.committing),
         "last_minute": _last_minute(client, keys, now),
         "supervisors": supervisors,
     }
@@ -105,6 +117,12 @@ def status(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -
         return exitcodes.OK
     print(f"queue {report['queue']}: {report['queue_depth']} waiting, {report['in_flight']} in flight, "
           f"{report['delayed_retries']} delayed retries, {report['dead_letters']} dead letters")
+    served = {supervisor.get("host_id") for supervisor in report["supervisors"]}
+    for host_id, depth in sorted(report["host_queues"].items()):
+        whose = "" if host_id in served else "  (no supervisor: `host drain` it if the host is gone for good)"
+        print(f"host {host_id}: {depth} waiting in its own queue{whose}")
+    if report["committing"]:
+        print(f"{report['committing']} records being committed")
     minute = report["last_minute"]
     print(f"last minute: {minute['completed']} completed, {minute['failed']} failed, {minute['retried']} retried")
     if not report["supervisors"]:
@@ -185,6 +203,28 @@ def _check_supervisor(queue: ReliableQueue, instance: str) -> None:
         raise Unhealthy(f"workers {stale} have not beaten within TASK_TIMEOUT")
     if not state["workers"]:
         raise Unhealthy("no worker is running")
+
+
+# -- host drain ----------------------------------------------------------------
+
+
+def host(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> int:
+    live_host_ids = {json.loads(raw).get("host_id") for raw in _lease_values(queue.client, queue.keys)}
+    try:
+        report = drain_host(
+            queue, args.host_id, live_host_ids=live_host_ids, dead_letter_max=settings.dead_letter_max
+        )
+    except HostStillServed as exc:
+        complain(exc)
+        return UNHEALTHY
+    if report.requeued_lists:
+        print(f"requeued {report.requeued_lists} processing lists of stopped supervisors")
+    print(f"host {args.host_id}: {report.to_shared_queue} tasks to the shared queue {queue.keys.queue}, "
+          f"{report.dead_lettered} shared-memory tasks to the dead letters")
+    if report.left:
+        print(f"{report.left} tasks arrived meanwhile and wait in {queue.keys.host(args.host_id)}: "
+              "drain again once producers no longer send to this host")
+    return exitcodes.OK
 
 
 # -- dead letters ------------------------------------------------------------

@@ -67,18 +67,39 @@ class CompletionRecord:
 
     def dead_letter(self) -> bytes:
         """The dead-letter list entry: the raw message and why it failed."""
-        entry: dict = {
-            "failed_at": self.finished_at.isoformat(),
-            "task_id": self.task_id,
-            "request_id": self.request_id,
-            "image_id": self.image_id,
-            "attempts": self.delivery,
-            "error": self.error,
-        }
-        # The message as the producer sent it: the envelope's body.
-        raw = self.envelope.partition(b"\n")[2]
-        try:
-            entry["message"] = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            entry["message_base64"] = base64.b64encode(raw).decode("ascii")
-        return json.dumps(entry, ensure_ascii=True).encode()
+        return dead_letter_entry(
+            failed_at=self.finished_at,
+            task_id=self.task_id,
+            request_id=self.request_id,
+            image_id=self.image_id,
+            attempts=self.delivery,
+            error=self.error,
+            # The message as the producer sent it: the envelope's body.
+            message=self.envelope.partition(b"\n")[2],
+        )
+
+
+def dead_letter_entry(
+    *,
+    failed_at: datetime,
+    task_id: str | None,
+    request_id: str | None,
+    image_id: str | None,
+    attempts: int,
+    error: str | None,
+    message: bytes,
+) -> bytes:
+    """One entry of `{Q}:dead`, as `dead list` shows it and `dead requeue` replays it."""
+    entry: dict = {
+        "failed_at": failed_at.isoformat(),
+        "task_id": task_id,
+        "request_id": request_id,
+        "image_id": image_id,
+        "attempts": attempts,
+        "error": error,
+    }
+    try:
+        entry["message"] = message.decode("utf-8")
+    except UnicodeDecodeError:
+        entry["message_base64"] = base64.b64encode(message).decode("ascii")
+    return json.dumps(entry, ensure_ascii=True).encode()

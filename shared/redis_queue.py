@@ -189,6 +189,18 @@ end
 return 0
 """
 
+# One entry of a lost host's queue on to where it can still end, unless the
+# host (or another drain) took it meanwhile; its committing mark goes with it.
+# KEYS: host queue, target list, committing. ARGV: the entry, what to push,
+# task id ('' for none), how many entries the target keeps (0: no limit).
+DRAIN_ENTRY_SCRIPT = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
+if tonumber(ARGV[4]) > 0 then redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1) end
+return 1
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Acknowledgement:
@@ -350,6 +362,7 @@ class ReliableQueue:
         self._promote = client.register_script(PROMOTE_SCRIPT)
         self._ack = client.register_script(ACK_SCRIPT)
         self._requeue_dead = client.register_script(REQUEUE_DEAD_SCRIPT)
+        self._drain_entry = client.register_script(DRAIN_ENTRY_SCRIPT)
 
     def register(self, processing_key: str) -> None:
         self.client.sadd(self.keys.registry, processing_key)
@@ -451,6 +464,21 @@ class ReliableQueue:
 
     def requeue_dead_letter(self, entry: bytes, message: bytes) -> bool:
         return bool(self._requeue_dead(keys=[self.keys.dead, self.keys.queue], args=[entry, message]))
+
+    def drain_host_entry(
+        self, host_queue: str, entry: bytes, *, target: str, value: bytes, task_id: str | None, keep: int = 0
+    ) -> bool:
+        """Move one entry of a lost host's queue as `value` to the tail of
+        `target` (the shared queue, or the dead letters, trimmed to `keep`) and
+        drop its committing mark; False if it was no longer there."""
+        keys = [host_queue, target, self.keys.committing]
+        return bool(self._drain_entry(keys=keys, args=[entry, value, task_id or "", keep]))
+
+    def host_queues(self) -> dict[str, int]:
+        """Host id -> how many tasks wait in its own queue, for every host queue that exists."""
+        prefix = self.keys.host("")
+        keys = list(self.client.scan_iter(match=self.keys.host("*"), count=100))
+        return {key.decode()[len(prefix):]: self.client.llen(key) for key in keys}
 
     def renew_lease(self, instance: str, ttl: float, state: bytes = b"{}") -> None:
         """Renew this instance's lease; its value is the supervisor's state for `status`."""

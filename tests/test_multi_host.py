@@ -12,7 +12,8 @@ from collections import Counter
 import cv2
 
 from shared.redis_queue import QueueKeys
-from tests.helpers import photo_of_size, push, read_results, wait_until
+from tests.helpers import photo_of_size, push, read_results, wait_for_records, wait_until
+from tests.test_operator_commands import command
 
 
 def test_a_dead_hosts_url_tasks_move_on_and_its_shared_memory_tasks_wait(
@@ -124,4 +125,61 @@ def test_a_host_lost_right_after_its_commit_point_does_not_double_its_tasks(
     counts = Counter(r["request_id"] for host in "ab" for r in read_results(outputs[host]))
     assert sorted(counts) == sorted(request_ids), "a task was lost"
     assert max(counts.values()) == 1, f"doubled: {[k for k, v in counts.items() if v > 1]}"
+    assert redis_client.llen(queue_name) == 0
+
+
+def test_a_host_gone_for_good_is_drained_by_the_operator(
+    pool_factory, redis_client, queue_name, segments, http_server, tmp_path
+):
+    """Host b will never return. `host drain b` sends what can still run
+    elsewhere to the shared queue (its URL tasks, the task whose record it was
+    committing, a message no host can parse), dead-letters the shared-memory task
+    that had no URL, and clears b's marks. Host a then ends each task once."""
+    ok, png = cv2.imencode(".png", photo_of_size(300, 400))
+    url = http_server.add("/page.png", png.tobytes(), content_type="image/png")
+    keys = QueueKeys(queue_name)
+    outputs = {host: tmp_path / f"out-{host}" for host in "ab"}
+    frame = photo_of_size(512, 512)
+
+    b = pool_factory(workers=1, env={"HOST_ID": "b", "LEASE_TTL": "2"}, output_dir=outputs["b"])
+    b.wait_ready()
+    wait_until(lambda: json.loads(command(b, "status", "--json").stdout)["supervisors"], 10, "b has no lease")
+    refused = command(b, "host", "drain", "b")
+    assert refused.returncode == 1 and "running supervisor" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert b.stop() == 0
+
+    # What a dead b leaves: tasks in its queue, and a processing list of its
+    # instance (lease gone) holding a URL task its ledger was committing.
+    push(redis_client, keys.host("b"), segments.message("shm_only", "shm_only", frame))
+    push(redis_client, keys.host("b"), {**segments.message("shm_and_url", "shm_and_url", frame), "image_url": url})
+    push(redis_client, keys.host("b"), b"not json")
+    committing = json.dumps({"request_id": "committing", "image_id": "committing", "image_url": url}).encode()
+    processing = keys.processing("deadinstance", "w1")
+    redis_client.rpush(processing, b"irw1 b-7-1 1 %d %s\n%s" % (len(committing), keys.host("b").encode(), committing))
+    redis_client.sadd(keys.registry, processing)
+    redis_client.hset(keys.committing, "b-7-1", keys.host("b"))
+
+    before = command(b, "status")
+    assert "host b: 3 waiting in its own queue  (no supervisor" in before.stdout, before.stdout
+    assert "1 records being committed" in before.stdout
+    drained = command(b, "host", "drain", "b")
+    assert drained.returncode == 0, drained.stderr
+    assert "requeued 1 processing lists" in drained.stdout
+    assert "3 tasks to the shared queue" in drained.stdout and "1 shared-memory tasks to the dead letters" in drained.stdout
+    assert redis_client.llen(keys.host("b")) == 0 and redis_client.hlen(keys.committing) == 0
+    (letter,) = [json.loads(raw) for raw in redis_client.lrange(keys.dead, 0, -1)]
+    assert letter["request_id"] == "shm_only" and "host b was drained" in letter["error"]
+    assert json.loads(letter["message"])["shm_info"]["shm_name"] in segments.names
+
+    a = pool_factory(workers=1, env={"HOST_ID": "a"}, output_dir=outputs["a"])
+    records = wait_for_records(outputs["a"], 3, pool=a)
+    assert a.stop() == 0
+    by_id = {r["request_id"]: r for r in records}
+    assert sorted(Counter(r["request_id"] for r in records).values()) == [1, 1, 1]
+    assert by_id["shm_and_url"]["status"] == "completed" and by_id["shm_and_url"]["source"] == "url"
+    assert (by_id["shm_and_url"]["width"], by_id["shm_and_url"]["height"]) == (400, 300)
+    assert by_id["committing"]["status"] == "completed" and by_id["committing"]["task_id"] == "b-7-1"
+    assert by_id["committing"]["attempts"] == 2  # b's delivery counts: it had started it
+    assert by_id[None]["status"] == "failed" and "not valid JSON" in by_id[None]["error"]
     assert redis_client.llen(queue_name) == 0
