@@ -1,7 +1,7 @@
 # image-result-worker: everything a newcomer needs starts here.
 #   make run WORKERS=8   set up .venv, make sure a Redis answers, run the pool
 #   make test            set up .venv and run the whole suite (private Redis)
-#   make bench           the throughput benchmark (not part of make test)
+#   make bench           the throughput benchmark (not part of make test); BENCH_ARGS="--quick" etc.
 #   make soak            20,000 tasks under random kills (not part of make test)
 #   make demo            a private Redis and pool, a few real photos through shm and a URL
 
@@ -10,6 +10,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKERS ?=
+BENCH_ARGS ?=
 RUN_DIR := .run
 
 .PHONY: run test lint bench soak demo venv stop-redis clean
@@ -34,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py

@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -1204,11 +1205,16 @@ def measure_idle(bench: Bench) -> None:
             pool.wait_ready()
             time.sleep(1.0)  # past the boot: the first lease renewal and orphan scan
             pids = pool.tree()
-            cpu_before, ticks_before, redis_before = tree_cpu_ns(pids), tree_ticks(pids), bench.redis_cpu_ns()
+            roles = pool.roles(pids)
+            cpu_before = {pid: process_cpu_ns(pid) for pid in pids}
+            ticks_before, redis_before = tree_ticks(pids), bench.redis_cpu_ns()
             started = time.perf_counter()
             time.sleep(bench.settings.idle_seconds)
             elapsed = time.perf_counter() - started
-            cpu = tree_cpu_ns(pids) - cpu_before
+            by_role = Counter()
+            for pid in pids:
+                by_role[roles[pid]] += process_cpu_ns(pid) - cpu_before[pid]
+            cpu = sum(by_role.values())
             ticks = tree_ticks(pids) - ticks_before
             redis_cpu = bench.redis_cpu_ns() - redis_before
             code = pool.stop()
@@ -1223,6 +1229,7 @@ def measure_idle(bench: Bench) -> None:
         f"idle pool: {percent:.3f}% of one core ({len(pids)} processes; /proc/PID/stat ticks say "
         f"{ticks / CLOCK_TICKS / elapsed * 100:.2f}%); redis-server meanwhile {redis_cpu / 1e9 / elapsed * 100:.3f}%"
     )
+    bench.note("  of which " + ", ".join(f"{role} {ns / 1e9 / elapsed * 100:.3f}%" for role, ns in sorted(by_role.items())))
 
 
 def tree_ticks(pids: Sequence[int]) -> int:
