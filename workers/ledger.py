@@ -71,7 +71,7 @@ log = structlog.get_logger()
 MAX_BATCH = 1024
 # While the queue has a backlog, a batch is committed once it holds
 # LINGER_RECORDS records or its first record is LINGER_SECONDS old.
-LINGER_SECONDS = 0.01
+LINGER_SECONDS = 0.025
 LINGER_RECORDS = 64
 MAX_DATAGRAM = 1 << 20
 WAKEUP = "wakeup"  # selector data of the signal wakeup pipe
