@@ -258,25 +258,38 @@ def tree_cpu_ns(pids: Sequence[int]) -> int:
 
 
 class ForeignLoad:
-    """CPU used by processes outside this run (not our descendants, not kernel
-    threads) between start() and percent(): another job on a shared machine
+    """CPU taken from this run between start() and percent(): by processes
+    outside it (not our descendants, not kernel threads), and by the hypervisor
+    for other virtual machines (steal time). Another job on a shared machine
     skews every figure, so each timed window says how busy the others were."""
 
     def __init__(self) -> None:
         self._before: dict[int, int] = {}
+        self._steal_before = 0
         self._started = 0.0
 
     def start(self) -> ForeignLoad:
         self._before = self._foreign_ticks()
+        self._steal_before = self._steal_ticks()
         self._started = time.perf_counter()
         return self
 
     def percent(self) -> float:
-        """Share of all CPUs, in %, used by foreign processes since start()."""
+        """Share of all CPUs, in %, taken by foreign processes and steal since start()."""
         elapsed = time.perf_counter() - self._started
         after = self._foreign_ticks()
         ticks = sum(total - self._before.get(pid, 0) for pid, total in after.items())
+        ticks += self._steal_ticks() - self._steal_before
         return 100.0 * ticks / CLOCK_TICKS / max(elapsed, 1e-6) / (os.cpu_count() or 1)
+
+    @staticmethod
+    def _steal_ticks() -> int:
+        """All CPUs' steal time so far, in clock ticks (the 8th figure of /proc/stat's cpu line)."""
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+            return int(fields[8])
+        except (OSError, IndexError, ValueError):
+            return 0
 
     @staticmethod
     def _foreign_ticks() -> dict[int, int]:
