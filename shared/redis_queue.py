@@ -94,9 +94,14 @@ return envelope
 # A task whose record a ledger was committing (see mark_committing) goes to
 # that ledger's host queue instead: the record may be on that host's disk,
 # and only that host's ledger can tell, and drop the task as a duplicate.
-# KEYS: processing, queue, registry, committing. ARGV: how many were never started.
+# A message BLMOVE brought in but the worker never stamped (it died or was
+# stopped between the two calls) has no origin of its own: it goes back to the
+# list that worker waited on, which register() wrote down.
+# KEYS: processing, queue, registry, committing, wait sources. ARGV: how many
+# were never started.
 REQUEUE_SCRIPT = """
 local moved, unstarted = 0, tonumber(ARGV[1])
+local waited_on = redis.call('HGET', KEYS[5], KEYS[1]) or KEYS[2]
 while true do
   local envelope = redis.call('RPOP', KEYS[1])
   if not envelope then break end
@@ -104,12 +109,13 @@ while true do
   if task_id and moved < unstarted then
     envelope = 'irw1 ' .. task_id .. ' ' .. math.max(0, tonumber(deliveries) - 1) .. ' ' .. rest
   end
-  local origin = string.match(envelope, '^irw1 %S+ %d+ %d+ (%S+)\\n') or KEYS[2]
+  local origin = string.match(envelope, '^irw1 %S+ %d+ %d+ (%S+)\\n') or (task_id and KEYS[2]) or waited_on
   local committer = task_id and redis.call('HGET', KEYS[4], task_id)
   redis.call('LPUSH', committer or origin, envelope)
   moved = moved + 1
 end
 redis.call('SREM', KEYS[3], KEYS[1])
+redis.call('HDEL', KEYS[5], KEYS[1])
 return moved
 """
 
@@ -244,6 +250,11 @@ class QueueKeys:
         return f"{self.prefix}:processing"
 
     @property
+    def wait_sources(self) -> str:
+        """Hash: processing list -> the list its worker's BLMOVE waits on."""
+        return f"{self.prefix}:wait_sources"
+
+    @property
     def dead(self) -> str:
         return f"{self.prefix}:dead"
 
@@ -365,7 +376,12 @@ class ReliableQueue:
         self._drain_entry = client.register_script(DRAIN_ENTRY_SCRIPT)
 
     def register(self, processing_key: str) -> None:
-        self.client.sadd(self.keys.registry, processing_key)
+        """List a worker's processing list, so that it is requeued if orphaned,
+        with the list its blocking wait takes from, where an unstamped message goes back."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.sadd(self.keys.registry, processing_key)
+            pipe.hset(self.keys.wait_sources, processing_key, self._wait_source())
+            pipe.execute()
 
     def claim(self, processing_key: str, *, count: int, id_prefix: str) -> list[bytes]:
         """Up to `count` envelopes moved into `processing_key`, without waiting:
@@ -380,7 +396,7 @@ class ReliableQueue:
         """Block up to block_seconds for one message; None when none came. With a
         host queue, the wait is on it (shared-memory tasks are the latency-bound
         ones); the shared queue is looked at on every turn by `claim`."""
-        source = self._host_queue if self._host_queue and self._wait_on_host_queue else self.keys.queue
+        source = self._wait_source()
         moved = self.client.blmove(source, processing_key, self._block_seconds, "LEFT", "RIGHT")
         if moved is None:
             return None
@@ -388,6 +404,9 @@ class ReliableQueue:
         if envelope:
             self._wait_for_replica()
         return envelope
+
+    def _wait_source(self) -> str:
+        return self._host_queue if self._host_queue and self._wait_on_host_queue else self.keys.queue
 
     def _wait_for_replica(self) -> None:
         """Under Sentinel, work starts only once a replica has the claim. A claim
@@ -405,7 +424,7 @@ class ReliableQueue:
         """Return every task in a processing list to the head of the queue; the
         last `unstarted` of them were never started and are not counted as a
         delivery."""
-        keys = [processing_key, self.keys.queue, self.keys.registry, self.keys.committing]
+        keys = [processing_key, self.keys.queue, self.keys.registry, self.keys.committing, self.keys.wait_sources]
         return int(self._requeue(keys=keys, args=[unstarted]))
 
     def mark_committing(self, task_ids: list[str], host_queue: str) -> None:

@@ -17,7 +17,8 @@ def test_every_key_shares_the_queue_slot(queue: str) -> None:
     keys = QueueKeys(queue)
     all_keys = [
         keys.registry, keys.dead, keys.announced, keys.delayed, keys.stats(1_700_000_000),
-        keys.processing("instance1", "w42"), keys.lease("instance1"),
+        keys.processing("instance1", "w42"), keys.lease("instance1"), keys.host("gpu-3"), keys.committing,
+        keys.wait_sources,
     ]
     assert {key_slot(key.encode()) for key in all_keys} == {key_slot(queue.encode())}
 
@@ -61,3 +62,23 @@ def test_a_claim_takes_at_most_half_of_what_waits(redis_client, queue_name: str)
     redis_client.rpush(queue_name, *[b"{}"] * 20)
     taken = [len(queue.claim(processing, count=8, id_prefix=f"p{i}")) for i in range(8)]
     assert taken == [8, 6, 3, 1, 1, 1, 0, 0]
+
+
+def test_a_message_moved_but_never_stamped_goes_back_to_the_list_it_came_from(redis_client, queue_name: str) -> None:
+    """A worker waiting on its host's queue is stopped (or killed) after BLMOVE
+    moved a shared-memory task into its processing list and before the task got
+    its envelope. The raw message names no origin; it must go back to the host
+    queue, not to the shared one where another host would look for the segment."""
+    keys = QueueKeys(queue_name)
+    host_queue = keys.host("gpu-3")
+    queue = ReliableQueue(redis_client, keys, max_message_bytes=1 << 20, host_queue=host_queue)
+    processing = keys.processing("instance1", "w1")
+    queue.register(processing)
+    message = b'{"request_id": "r1", "image_id": "i1", "shm_info": "seg_1"}'
+    redis_client.rpush(host_queue, message)
+    assert redis_client.blmove(host_queue, processing, 1, "LEFT", "RIGHT") == message  # the wait, unanswered
+
+    assert queue.requeue(processing) == 1
+    assert redis_client.lrange(host_queue, 0, -1) == [message]
+    assert redis_client.llen(queue_name) == 0
+    assert not redis_client.hexists(keys.wait_sources, processing) and not redis_client.sismember(keys.registry, processing)
