@@ -34,6 +34,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
@@ -112,6 +113,8 @@ class Worker:
         self._timings: dict[str, float] = {}  # of the task in hand, per phase, for metrics
         self._backlog = False
         self._waiting_idle = False  # in the blocking wait for work, where a stop may interrupt
+        self._encoded = 0
+        self._encode_cpu_seconds = 0.0
 
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
@@ -152,7 +155,7 @@ class Worker:
             self._backlog = len(claimed) == CLAIM_BATCH
             if not self._work_through(claimed):
                 return exitcodes.LEDGER_LOST
-        log.info("worker_stopped")
+        log.info("worker_stopped", encoded=self._encoded, encode_cpu_s=round(self._encode_cpu_seconds, 6))
         return exitcodes.OK
 
     def _work_through(self, claimed: list[bytes]) -> bool:
@@ -364,10 +367,7 @@ class Worker:
         if task.segment is not None:
             try:
                 # Attaching costs microseconds; the phase is the encode.
-                encode_started = time.perf_counter()
-                image = encode_segment(task.segment, quality=quality)
-                self._timings["encode"] = time.perf_counter() - encode_started
-                return image, "shm"
+                return self._timed_encode(lambda: encode_segment(task.segment, quality=quality)), "shm"
             except ImageError as exc:
                 if task.image_url is None:
                     raise
@@ -378,11 +378,20 @@ class Worker:
         load_started = time.perf_counter()
         body = self.fetcher.fetch(task.image_url)
         frame = decode_image(body, max_pixels=self.settings.max_pixels)
-        encode_started = time.perf_counter()
-        self._timings["load"] = encode_started - load_started
-        image = encode_pixels(frame, quality=quality)
-        self._timings["encode"] = time.perf_counter() - encode_started
-        return image, "url"
+        self._timings["load"] = time.perf_counter() - load_started
+        return self._timed_encode(lambda: encode_pixels(frame, quality=quality)), "url"
+
+    def _timed_encode(self, encode: Callable[[], EncodedImage]) -> EncodedImage:
+        """Run one encode; note its wall time (the task's encode phase) and add
+        its CPU time to this worker's total, which `worker_stopped` logs: the
+        share of the worker's CPU that went to the encoder, and so what the rest
+        cost, whatever the encoder's own speed did meanwhile."""
+        wall_started, cpu_started = time.perf_counter(), time.thread_time()
+        image = encode()
+        self._timings["encode"] = time.perf_counter() - wall_started
+        self._encode_cpu_seconds += time.thread_time() - cpu_started
+        self._encoded += 1
+        return image
 
     def _failed(
         self, envelope: Envelope | None, raw: bytes, task: Task | None, reason: str, started: float
