@@ -26,7 +26,9 @@ def test_server_error_then_success_completes_once(pool_factory, redis_client, qu
     push(redis_client, queue_name, url_task("flaky", url))
     pool = pool_factory(workers=1)
     wait_until(lambda: pool.events("task_retry_scheduled"), 20, "no retry was scheduled")
-    assert redis_client.zcard(QueueKeys(queue_name).delayed) == 1
+    # The worker logs the retry when it sends the record; the ledger parks the
+    # task in the delayed set a moment later, once the batch is committed.
+    wait_until(lambda: redis_client.zcard(QueueKeys(queue_name).delayed) == 1, 10, "retry not in the delayed set")
     http_server.add("/flaky.png", png_of(photos["astronaut"]), content_type="image/png")
     (record,) = wait_for_records(pool.output_dir, 1, timeout=30, pool=pool)
     assert pool.stop() == 0
