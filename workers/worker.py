@@ -233,10 +233,10 @@ class Worker:
         request. The stop signal ends the wait at once (request_stop raises into
         it) rather than after up to BLOCK_SECONDS: whatever the server moved
         meanwhile sits in my processing list, which is requeued when I exit."""
-        if self.stopping:
-            return None
         self._waiting_idle = True
         try:
+            if self.stopping:  # after the flag: a stop from now on raises, one before it is seen here
+                return None
             return self.queue.wait_and_claim(self.processing_key, task_id=task_id)
         except WaitInterrupted:
             return None
