@@ -155,8 +155,14 @@ class Worker:
             self._backlog = len(claimed) == CLAIM_BATCH
             if not self._work_through(claimed):
                 return exitcodes.LEDGER_LOST
-        log.info("worker_stopped", encoded=self._encoded, encode_cpu_s=round(self._encode_cpu_seconds, 6))
         return exitcodes.OK
+
+    def log_stop(self, code: int) -> None:
+        """The last line of every worker's life, whatever ended it: how many
+        frames it encoded and the CPU the encoder took."""
+        log.info(
+            "worker_stopped", exit_code=code, encoded=self._encoded, encode_cpu_s=round(self._encode_cpu_seconds, 6)
+        )
 
     def _work_through(self, claimed: list[bytes]) -> bool:
         """Run the claimed tasks in order and send their records; False if the
@@ -476,4 +482,6 @@ def worker_main(
     structlog.contextvars.bind_contextvars(worker=slot, pid=os.getpid())
     # One core per worker: the pool, not OpenCV's thread pool, spreads the load.
     cv2.setNumThreads(1)
-    sys.exit(worker.run())
+    code = worker.run()
+    worker.log_stop(code)
+    sys.exit(code)
