@@ -82,7 +82,7 @@ def write_durably(path: Path, data: bytes) -> None:
     _write_new(path, data, durable=True)
 
 
-def sync_data(path: Path) -> None:
+def sync_data(path: str | Path) -> None:
     """fdatasync the file at `path` (an error means its data may be lost)."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -111,7 +111,7 @@ def _write_new(path: Path, data: bytes, *, durable: bool) -> None:
         os.close(fd)
 
 
-def publish(partial: Path, final: Path) -> None:
+def publish(partial: str | Path, final: str | Path) -> None:
     """Give a durable partial file its final name. FileExistsError if taken.
 
     renameat2(RENAME_NOREPLACE) moves the name in one step and frees no inode:

@@ -41,6 +41,7 @@ class CompletionRecord:
     sent_at: float = 0.0  # epoch seconds, when the worker sent it; the ledger's lag starts here
     backlog: bool = False  # its task came in a full claim: more are waiting in the queue
     file_path: str | None = None  # chosen by the ledger
+    results_json: bytes | None = None  # set by the ledger: the line it appended, sent on to the results stream
     duplicate: bool = False  # set by the ledger: this task already has its record
 
     def results_line(self) -> dict:

@@ -60,10 +60,14 @@ class ResultsFile:
 
     def append(self, records: list[dict]) -> None:
         """Append records durably (written and fdatasync'ed) before returning."""
-        if not records:
+        self.append_encoded([encode_line(r) for r in records])
+
+    def append_encoded(self, lines: list[bytes]) -> None:
+        """append() for records already made into lines by encode_line(): the
+        ledger sends the same bytes on to the results stream."""
+        if not lines:
             return
-        lines = ",\n".join(json.dumps(r, ensure_ascii=True) for r in records).encode()
-        text = (b",\n" if self._has_records else b"\n") + lines + CLOSING
+        text = (b",\n" if self._has_records else b"\n") + b",\n".join(lines) + CLOSING
         offset = self._size - len(CLOSING)
         try:
             if armed("ledger_torn_append"):
@@ -126,7 +130,7 @@ class ResultsFile:
         if not isinstance(records, list):
             raise ResultsFileError(f"{self.path} holds JSON but not an array")
         staging = self.path.with_name(self.path.name + ".migrating")
-        body = b"".join([OPENING, ",\n".join(json.dumps(r, ensure_ascii=True) for r in records).encode(), CLOSING])
+        body = b"".join([OPENING, b",\n".join(encode_line(r) for r in records), CLOSING])
         staging.write_bytes(EMPTY if not records else body)
         fd = os.open(staging, os.O_RDONLY)
         os.fsync(fd)
@@ -165,3 +169,8 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def encode_line(record: dict) -> bytes:
+    """One record as results.json holds it (ASCII JSON, one line)."""
+    return json.dumps(record, ensure_ascii=True).encode()

@@ -40,7 +40,6 @@ Hazards handled here:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import selectors
 import signal
@@ -63,7 +62,7 @@ from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import REDIS_ERRORS, Acknowledgement, QueueKeys, ReliableQueue, connect
-from shared.results_file import ResultsFile, ResultsFileError
+from shared.results_file import ResultsFile, ResultsFileError, encode_line
 from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
 
 log = structlog.get_logger()
@@ -256,7 +255,10 @@ class Ledger:
             if not self._mark_committing(self.unwritten):
                 return
             published = self._choose_file_names(fresh)
-            self.results.append([record.results_line() for record in fresh if record.status != RETRY])
+            for record in fresh:
+                if record.status != RETRY:
+                    record.results_json = encode_line(record.results_line())
+            self.results.append_encoded([r.results_json for r in fresh if r.results_json is not None])
         except OSError as exc:
             log.error("results_write_failed", error=str(exc), records=len(fresh), attempt=self.write_failures + 1)
             self._postpone_commit(base=0.5, cap=30.0)
@@ -321,7 +323,7 @@ class Ledger:
         completed = [r for r in records if r.status == COMPLETED]
         for record in completed:
             try:
-                output.sync_data(Path(record.partial_path))
+                output.sync_data(record.partial_path)
             except OSError as exc:
                 self._retry_unsynced(record, exc)
         if completed:
@@ -342,24 +344,26 @@ class Ledger:
 
     def _choose_file_names(self, records: list[CompletionRecord]) -> list[CompletionRecord]:
         """Pick a free final name for each completed record (never an existing file)."""
-        taken: set[Path] = set()
+        # Strings, not pathlib: this runs for every record, and Path costs microseconds.
+        directory = os.fspath(self.settings.output_dir)
+        taken: set[str] = set()
         completed = [r for r in records if r.status == COMPLETED]
         for record in completed:
             collision = 0
             while True:
                 name = output.final_name(record.image_id or "image", record.finished_at, collision)
-                path = self.settings.output_dir / name
+                path = os.path.join(directory, name)
                 if path not in taken and not os.path.lexists(path):
                     break
                 collision += 1
             taken.add(path)
-            record.file_path = str(path)
+            record.file_path = path
         return completed
 
     def _publish(self, records: list[CompletionRecord]) -> None:
         for record in records:
             try:
-                output.publish(Path(record.partial_path), Path(record.file_path))
+                output.publish(record.partial_path, record.file_path)
             except OSError as exc:
                 # The record is durable; the partial stays for the next start to publish.
                 log.error(
@@ -463,16 +467,19 @@ class Ledger:
             return Acknowledgement(record.processing_key, record.envelope, "retry", task_id, retry_at=record.retry_at)
         if final_status not in (COMPLETED, FAILED):
             return Acknowledgement(record.processing_key, record.envelope, "ack", task_id)
-        line = self.lines_from_last_run.get(task_id) if record.duplicate else None
-        if line is None:
-            line = {**record.results_line(), "status": final_status}
+        # A fresh record's event is the very line results.json got; a duplicate
+        # announces the line its first delivery was recorded with.
+        event = record.results_json
+        if event is None:
+            line = self.lines_from_last_run.get(task_id) if record.duplicate else None
+            event = encode_line(line if line is not None else {**record.results_line(), "status": final_status})
         return Acknowledgement(
             record.processing_key,
             record.envelope,
             "final",
             task_id,
             dead_letter=record.dead_letter() if final_status == FAILED else b"",
-            event=json.dumps(line, ensure_ascii=True).encode(),
+            event=event,
         )
 
     def _segments_to_unlink(self, records: list[CompletionRecord]) -> list[str]:
