@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from shared.messages import ENVELOPE_MAGIC, InvalidMessage, parse_envelope, salvage
+from shared.messages import ENVELOPE_MAGIC, InvalidMessage, make_envelope, parse_envelope, salvage
 from shared.records import dead_letter_entry
 from shared.redis_queue import ReliableQueue
 
@@ -93,8 +93,7 @@ def dispose(entry: bytes, *, host_id: str, shared_queue: str, now: datetime) -> 
         rewritten = json.dumps(message, ensure_ascii=False).encode()
         if task_id is not None:
             # The envelope keeps the task's id and deliveries; its origin is now the shared queue.
-            header = f"irw1 {task_id} {deliveries} {len(rewritten)} {shared_queue}\n".encode()
-            rewritten = header + rewritten
+            rewritten = make_envelope(task_id, deliveries, rewritten, shared_queue)
         return Disposal(SHARED, rewritten, task_id)
     found = salvage(body)
     error = (

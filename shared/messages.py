@@ -89,6 +89,12 @@ def parse_envelope(raw: bytes) -> Envelope:
     return Envelope(task_id, deliveries, body, len(body) < original_length, raw)
 
 
+def make_envelope(task_id: str, deliveries: int, body: bytes, origin: str) -> bytes:
+    """An envelope as the claim script writes it, around a whole body, for
+    operator tools that move a claimed task by hand (see control/drain.py)."""
+    return b"%s%s %d %d %s\n%s" % (ENVELOPE_MAGIC, task_id.encode("ascii"), deliveries, len(body), origin.encode(), body)
+
+
 def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
     """Validate a task message. Raises InvalidMessage, nothing else."""
     if envelope.truncated:
