@@ -138,7 +138,7 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def remove_quietly(path: Path) -> None:
+def remove_quietly(path: str | Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -276,7 +276,7 @@ class Ledger:
         self.stats.duplicates += len(duplicates)
         for record in duplicates:
             if record.partial_path:
-                output.remove_quietly(Path(record.partial_path))
+                output.remove_quietly(record.partial_path)
             log.info(
                 "duplicate_dropped", task_id=record.task_id, request_id=record.request_id, image_id=record.image_id
             )
@@ -332,7 +332,7 @@ class Ledger:
     def _retry_unsynced(self, record: CompletionRecord, exc: OSError) -> None:
         """A JPEG that may not be on disk is not recorded: the task runs again
         (or fails, after MAX_ATTEMPTS), from its segment, which is kept."""
-        output.remove_quietly(Path(record.partial_path))
+        output.remove_quietly(record.partial_path)
         error = f"could not make the JPEG durable: {exc}"
         log.error("jpeg_sync_failed", error=error, task_id=record.task_id, request_id=record.request_id)
         record.partial_path = record.width = record.height = record.bytes = None
