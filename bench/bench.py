@@ -253,10 +253,6 @@ def process_cpu_ns(pid: int) -> int:
     return total
 
 
-def tree_cpu_ns(pids: Sequence[int]) -> int:
-    return sum(process_cpu_ns(pid) for pid in pids)
-
-
 class ForeignLoad:
     """CPU taken from this run between start() and percent(): by processes
     outside it (not our descendants, not kernel threads), and by the hypervisor
