@@ -27,6 +27,18 @@ Hazards handled here:
 
 from __future__ import annotations
 
+import signal
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
+# Importing and booting take about a second, and a stop signal in that window
+# would kill us by its default action (exit -15 to systemd, a traceback for
+# Ctrl-C). Held pending instead, it is delivered once the loop's handlers exist
+# (install_signal_handlers) and the pool stops cleanly before forking anything.
+# Only when run as a program: importing this module leaves a caller's mask alone.
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+
 import argparse
 import dataclasses
 import fcntl
@@ -34,7 +46,6 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import signal
 import socket
 import sys
 import time
@@ -56,7 +67,6 @@ from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
 from shared.sdnotify import Notifier
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 LOOP_SECONDS = 1.0
 LEDGER_STOP_TIMEOUT = 15.0
 # Settings a SIGHUP cannot change: the ledger, the lease and the metrics socket hang on them.
@@ -84,6 +94,8 @@ OPERATOR_COMMANDS = ("status", "check", "dead", "host")
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in OPERATOR_COMMANDS:
+        # A one-shot command has no loop: Ctrl-C and SIGTERM act at once, as usual.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         from control.commands import main as run_command
 
         return run_command(argv)
@@ -190,6 +202,7 @@ class Supervisor:
 
     def run(self) -> int:
         self.install_signal_handlers()
+        self.sleep(0)  # act on a stop signal that came during start-up, before forking anything
         if self.settings.metrics_port is not None:
             try:
                 self.metrics = MetricsEndpoint(
@@ -238,6 +251,8 @@ class Supervisor:
         signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, lambda *_: None)
+        # Those held pending since start-up (see the top of this file) arrive now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     def sleep(self, seconds: float) -> None:
         """Wait for a signal, a child's death, a metrics request or the timeout;

@@ -202,6 +202,36 @@ def test_second_signal_stops_at_once(pool_factory, redis_client, queue_name, htt
     assert redis_client.llen(queue_name) == 1
 
 
+def blocked_signals(pid: int) -> set[signal.Signals]:
+    """The signals `pid` holds pending, from the SigBlk mask in /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigBlk:"):
+            mask = int(line.split()[1], 16)
+            return {sig for sig in signal.Signals if mask >> (sig - 1) & 1}
+    return set()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_stop_signal_during_start_up_exits_cleanly(pool_factory, redis_client, queue_name, segments, signal_name):
+    """systemd may stop a unit that is still starting, and an operator may press
+    Ctrl-C at once. A signal that comes while the supervisor imports and boots
+    (most of its first second) used to kill it by the default action: exit -15,
+    or a KeyboardInterrupt traceback. Now it waits for the loop: exit 0, no child
+    forked, and the tasks queued meanwhile are still queued for the next pool."""
+    request_ids = push_photos(redis_client, queue_name, segments, 2, size=(64, 64))
+    pool = pool_factory(workers=2)
+    wait_until(
+        lambda: signal.SIGTERM in blocked_signals(pool.pid) or pool.poll() is not None,
+        10,
+        "the supervisor never held stop signals during start-up",
+        interval=0.005,
+    )
+    assert pool.stop(signal.Signals[signal_name]) == 0, pool.stderr_tail()
+    assert "Traceback" not in pool.stderr_tail()
+    assert not pool.events("child_started")
+    assert redis_client.llen(queue_name) == len(request_ids)
+
+
 def test_supervisor_killed_children_do_not_outlive_it(pool_factory):
     pool = pool_factory(workers=2)
     pool.wait_ready()
