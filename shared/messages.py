@@ -138,7 +138,7 @@ def salvage(body: bytes) -> Salvage:
     try:
         message = json.loads(body)
     except (ValueError, RecursionError):
-        return Salvage()
+        return _salvage_text(body)
     if not isinstance(message, dict):
         return Salvage()
     ids = []
@@ -152,6 +152,41 @@ def salvage(body: bytes) -> Salvage:
     except InvalidMessage:
         name = None
     return Salvage(ids[0], ids[1], name)
+
+
+# A message cut at MAX_MESSAGE_BYTES, or broken by a stray byte, is not JSON,
+# yet usually still names its ids and its segment in plain text. The ids let the
+# producer find its failed record; the segment was handed over with the message,
+# so it is ours to unlink, or it would stay in /dev/shm until the host reboots.
+_STRING_OR_INT = rb'"((?:[^"\\\x00-\x1f]|\\.)*)"|(-?[0-9]+)'
+_TEXT_FIELDS = {
+    key: re.compile(rb'"%s"\s*:\s*(?:%s)' % (key.encode(), _STRING_OR_INT))
+    for key in ("request_id", "image_id", "shm_name", "shm_info")
+}
+
+
+def _salvage_text(body: bytes) -> Salvage:
+    """Salvage from a body that is not JSON: a field counts only when the text
+    gives it exactly one value, so a guess never names another task's segment."""
+    request_id, image_id, shm_name, shm_info = (_one_text_value(body, key) for key in _TEXT_FIELDS)
+    raw_name = shm_name if shm_name is not None else shm_info
+    try:
+        name = segment_name(raw_name) if raw_name is not None else None
+    except InvalidMessage:  # also a number where a name should be
+        name = None
+    ids = [str(value)[:MAX_ID_LENGTH] if value not in (None, "") else None for value in (request_id, image_id)]
+    return Salvage(ids[0], ids[1], name)
+
+
+def _one_text_value(body: bytes, key: str) -> str | int | None:
+    values: set[str | int] = set()
+    for match in _TEXT_FIELDS[key].finditer(body):
+        quoted, number = match.groups()
+        try:
+            values.add(json.loads(b'"%s"' % quoted) if quoted is not None else int(number))
+        except ValueError:  # a bad escape, bytes that are not UTF-8, a number too long
+            return None
+    return values.pop() if len(values) == 1 else None
 
 
 def _identifier(message: dict, key: str) -> str:

@@ -351,3 +351,49 @@ def test_a_message_with_unusable_shm_info_unlinks_the_segment_it_names(
     assert records["size-mismatch-with-url"]["source"] == "url"
     left = still_present(names)
     assert not left, f"segments still in /dev/shm for tasks {left}"
+
+
+def test_a_message_that_is_not_json_still_frees_the_segment_it_names(
+    pool_factory: PoolFactory,
+    redis_client: redis.Redis,
+    queue_name: str,
+    photos: dict[str, np.ndarray],
+    segments: SegmentTracker,
+) -> None:
+    """A producer that dies mid-write, or a message longer than MAX_MESSAGE_BYTES,
+    leaves text that is not JSON but still names its ids and its segment. The task
+    fails with the ids the producer waits on, and the segment it handed over is
+    unlinked; a segment named twice is a guess too far, and is left alone."""
+    pool = start(pool_factory, env=LIMITS)
+    tiny = cv2.resize(photos["astronaut"], (64, 64), interpolation=cv2.INTER_AREA)
+    cut, long, ambiguous_a, ambiguous_b = (segments.make(tiny) for _ in range(4))
+    info = '"shape": [64, 64, 3], "dtype": "uint8"'
+    push(
+        redis_client,
+        queue_name,
+        f'{{"request_id": "cut", "image_id": "cut-img", "shm_info": {{"shm_name": "{cut}", {info}'.encode(),
+    )
+    padding = "p" * MAX_MESSAGE_BYTES
+    push(
+        redis_client,
+        queue_name,
+        f'{{"request_id": "long", "image_id": "long-img", "shm_info": {{"shm_name": "{long}", {info}}}, '
+        f'"padding": "{padding}"}}'.encode(),
+    )
+    push(
+        redis_client,
+        queue_name,
+        f'{{"request_id": "ambiguous", "image_id": "ambiguous", "shm_info": {{"shm_name": "{ambiguous_a}"}}, '
+        f'"copy": {{"shm_name": "{ambiguous_b}"'.encode(),
+    )
+
+    records = {r["request_id"]: r for r in wait_for_records(pool.output_dir, 3, WAIT, pool=pool)}
+
+    assert sorted(records) == ["ambiguous", "cut", "long"], records
+    assert records["cut"]["status"] == "failed" and "not valid JSON" in records["cut"]["error"], records
+    assert records["cut"]["image_id"] == "cut-img"
+    assert records["long"]["status"] == "failed" and "MAX_MESSAGE_BYTES" in records["long"]["error"], records
+    assert records["long"]["image_id"] == "long-img"
+    left = still_present({"cut": cut, "long": long})
+    assert not left, f"segments still in /dev/shm for tasks {left}"
+    assert segment_exists(ambiguous_a) and segment_exists(ambiguous_b)

@@ -236,3 +236,27 @@ def test_salvage_never_raises(body: bytes) -> None:
     request_id, image_id = found.request_id, found.image_id
     assert request_id is None or isinstance(request_id, str)
     assert image_id is None or isinstance(image_id, str)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # Cut short by a producer that died mid-write, or at MAX_MESSAGE_BYTES.
+        (
+            b'{"request_id": "r1", "image_id": 42, "shm_info": {"shm_name": "img_shm_abc", "shape": [48',
+            ("r1", "42", "img_shm_abc"),
+        ),
+        # The seed's short form, then a stray byte.
+        (b'{"request_id": "r1", "shm_info": "/img_shm_abc", "x": \xff}', ("r1", None, "img_shm_abc")),
+        (b'{"request_id": "caf\\u00e9", "x": }', ("caf\u00e9", None, None)),
+        # Two different names: neither is ours for sure, so nothing is unlinked.
+        (b'{"shm_info": {"shm_name": "a"}, "copy": {"shm_name": "b"}', (None, None, None)),
+        (b'{"shm_info": {"shm_name": "../etc/passwd"', (None, None, None)),
+        (b'{"shm_info": {"shm_name": 12}', (None, None, None)),
+        (b'{"request_id": "r\\x", "shm_info": "ok"', (None, None, "ok")),
+        (b"{not json", (None, None, None)),
+    ],
+)
+def test_salvage_reads_ids_and_segment_from_text_that_is_not_json(body: bytes, expected: tuple) -> None:
+    found = salvage(body)
+    assert (found.request_id, found.image_id, found.segment_name) == expected
