@@ -2,6 +2,7 @@
 #   make run WORKERS=8   set up .venv, make sure a Redis answers, run the pool
 #   make test            set up .venv and run the whole suite (private Redis)
 #   make bench           the throughput benchmark (not part of make test); BENCH_ARGS="--quick" etc.
+#   make bench-instructions  the pool's instructions per task beyond the limit, by callgrind (~3 min)
 #   make soak            20,000 tasks under random kills (not part of make test)
 #   make demo            a private Redis and pool, a few real photos through shm and a URL
 
@@ -11,9 +12,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKERS ?=
 BENCH_ARGS ?=
+INSTRUCTIONS_ARGS ?=
 RUN_DIR := .run
 
-.PHONY: run test lint bench soak demo venv stop-redis clean
+.PHONY: run test lint bench bench-instructions soak demo venv stop-redis clean
 
 venv: $(STAMP)
 
@@ -36,6 +38,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+bench-instructions: $(STAMP)
+	$(BIN)/python bench/instructions.py $(INSTRUCTIONS_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py

@@ -449,8 +449,18 @@ def run_limit(tasks: list[BenchTask], outdir: Path, segments: Segments, *, durab
 class PoolProcess:
     """`python supervisor.py` in its own session, with a notify socket we own."""
 
-    def __init__(self, *, workdir: Path, output_dir: Path, redis_url: str, queue: str, workers: int) -> None:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        output_dir: Path,
+        redis_url: str,
+        queue: str,
+        workers: int,
+        wrapper: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
+        self.wrapper = list(wrapper)  # a command to run the pool under (valgrind, for instructions.py)
         self.output_dir = output_dir
         self.redis_url = redis_url
         self.queue = queue
@@ -487,7 +497,7 @@ class PoolProcess:
         with open(self.workdir / "pool.stdout", "ab") as out, open(self.stderr_path, "ab") as err:
             self.spawned_at = time.perf_counter()
             self.proc = subprocess.Popen(
-                [sys.executable, str(REPO_ROOT / "supervisor.py"), "--workers", str(self.workers)],
+                [*self.wrapper, sys.executable, str(REPO_ROOT / "supervisor.py"), "--workers", str(self.workers)],
                 cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop the pool
             )
