@@ -8,8 +8,9 @@
 The supervisor only forks, signals, reaps and reconciles. Each wakeup of its
 loop (a signal, a child's death, a metrics request, or a tick) is one
 reconcile pass: reap the dead (requeueing their processing lists), kill the
-hung, renew this instance's lease (its value is the state `status` shows),
-recover lists orphaned by a dead instance, move due retries back onto the
+hung, renew this instance's lease (its value is the state `status` shows)
+and, with HOST_QUEUE, its host's live key (producers look at it), recover
+lists orphaned by a dead instance, move due retries back onto the
 queue, restart the ledger if needed, and bring the workers to the desired
 count (with backoff when they keep dying at boot).
 
@@ -360,10 +361,21 @@ class Supervisor:
         if time.monotonic() < self.lease_due:
             return
         renewed = self.redis_call(
-            "lease_renewal_failed", self.queue.renew_lease, self.instance, self.settings.lease_ttl, self.state()
+            "lease_renewal_failed",
+            self.queue.renew_lease,
+            self.instance,
+            self.settings.lease_ttl,
+            self.state(),
+            serving_host=self.serving_host(),
         )
         if renewed is not REDIS_FAILED:
             self.lease_due = time.monotonic() + self.settings.lease_ttl / 3
+
+    def serving_host(self) -> str | None:
+        """The host whose live key our lease renewal keeps, for producers that
+        send shared-memory tasks with a URL fallback: with HOST_QUEUE, until we
+        start stopping (from then on our workers fetch nothing more)."""
+        return self.settings.host_id if self.settings.host_queue and not self.stopping else None
 
     def requeue_lists(self) -> None:
         while self.lists_to_requeue:
@@ -493,6 +505,8 @@ class Supervisor:
                 self.kill_child(self.ledger, because="it did not stop in time")
                 self.wait_for_children(lambda: self.ledger is None, None)
         self.requeue_lists()
+        # The host's live key stays: another supervisor with our HOST_ID may be
+        # serving the host queue too. Ours expires within LEASE_TTL.
         self.redis_call("lease_drop_failed", self.queue.drop_lease, self.instance)
         if self.metrics is not None:
             self.metrics.close()
@@ -585,13 +599,13 @@ class Supervisor:
                 self.log.info("redis_reconnected", after_attempts=attempt)
             return
 
-    def redis_call(self, failure_event: str, func, *args):
+    def redis_call(self, failure_event: str, func, *args, **options):
         """Run one Redis command; on a connection problem log it and return REDIS_FAILED.
 
         The supervisor never blocks on Redis for long and never dies of it: each
         step that needs Redis is simply tried again on the next pass."""
         try:
-            result = func(*args)
+            result = func(*args, **options)
         except REDIS_ERRORS as exc:
             # One warning per outage and step, not one per second.
             level = self.log.debug if failure_event in self.redis_failing else self.log.warning

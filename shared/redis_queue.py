@@ -284,6 +284,12 @@ class QueueKeys:
         whose record that host's ledger may hold."""
         return f"{self.prefix}:host:{host_id}"
 
+    def live_host(self, host_id: str) -> str:
+        """A key that exists while a supervisor serving `host_id`'s queue
+        (HOST_QUEUE=true) renews its lease; producers look at it. Not under
+        `:host:`, where host_queues() finds the host queues."""
+        return f"{self.prefix}:live_host:{host_id}"
+
     @property
     def committing(self) -> str:
         """Hash: task id -> the host queue of the ledger committing its record,
@@ -499,9 +505,15 @@ class ReliableQueue:
         keys = list(self.client.scan_iter(match=self.keys.host("*"), count=100))
         return {key.decode()[len(prefix):]: self.client.llen(key) for key in keys}
 
-    def renew_lease(self, instance: str, ttl: float, state: bytes = b"{}") -> None:
-        """Renew this instance's lease; its value is the supervisor's state for `status`."""
-        self.client.set(self.keys.lease(instance), state, px=int(ttl * 1000))
+    def renew_lease(self, instance: str, ttl: float, state: bytes = b"{}", *, serving_host: str | None = None) -> None:
+        """Renew this instance's lease; its value is the supervisor's state for
+        `status`. With `serving_host`, also say for as long that a pool serves
+        that host's queue (its live key, holding this instance's id)."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.lease(instance), state, px=int(ttl * 1000))
+            if serving_host is not None:
+                pipe.set(self.keys.live_host(serving_host), instance, px=int(ttl * 1000))
+            pipe.execute()
 
     def drop_lease(self, instance: str) -> None:
         self.client.delete(self.keys.lease(instance))

@@ -11,7 +11,7 @@ from collections import Counter
 
 import cv2
 
-from shared.redis_queue import QueueKeys
+from shared.redis_queue import QueueKeys, ReliableQueue
 from tests.helpers import photo_of_size, push, read_results, wait_for_records, wait_until
 from tests.test_operator_commands import command
 
@@ -183,3 +183,28 @@ def test_a_host_gone_for_good_is_drained_by_the_operator(
     assert by_id["committing"]["attempts"] == 2  # b's delivery counts: it had started it
     assert by_id[None]["status"] == "failed" and "not valid JSON" in by_id[None]["error"]
     assert redis_client.llen(queue_name) == 0
+
+
+def test_a_supervisor_serving_its_host_queue_keeps_the_hosts_live_key(
+    pool_factory, redis_client, queue_name, tmp_path
+):
+    """With HOST_QUEUE=true the supervisor keeps `{Q}:live_host:<HOST_ID>` alive
+    with its lease, for producers to look at; with HOST_QUEUE=false it does not.
+    After a stop the key is left to expire (another supervisor may share the id)."""
+    keys = QueueKeys(queue_name)
+    serving = pool_factory(workers=1, env={"HOST_ID": "a", "HOST_QUEUE": "true", "LEASE_TTL": "2"},
+                           output_dir=tmp_path / "out-a")
+    shared_only = pool_factory(workers=1, env={"HOST_ID": "b", "HOST_QUEUE": "false", "LEASE_TTL": "2"},
+                               output_dir=tmp_path / "out-b")
+    serving.wait_ready()
+    shared_only.wait_ready()
+    instance = redis_client.get(keys.live_host("a"))
+    assert instance is not None, "the serving supervisor set no live key"
+    assert redis_client.exists(keys.lease(instance.decode())), "the live key names no leased instance"
+    assert 0 < redis_client.pttl(keys.live_host("a")) <= 2000
+    assert not redis_client.exists(keys.live_host("b"))
+    # Not taken for a host queue by `status` and `host drain`.
+    assert ReliableQueue(redis_client, keys, max_message_bytes=1 << 20).host_queues() == {}
+    assert serving.stop() == 0
+    wait_until(lambda: not redis_client.exists(keys.live_host("a")), 30, "the live key outlived its supervisor")
+    assert shared_only.stop() == 0
