@@ -28,6 +28,11 @@ Hazards handled here:
   before the error rises: a pool that never saw the message cannot free it.
   Nothing is retried: a retried RPUSH whose first attempt did land would
   deliver the task twice.
+- With several hosts, a task for a host no pool serves would wait in that
+  host's queue. Given a fallback URL, one script looks at the host's live key
+  and pushes in the same step: to the host's queue, or to the shared queue
+  without shm_info (its segment name means nothing on another host), and then
+  nobody will read the segment, so it is unlinked here.
 - wait() reads results.json while the ledger appends to it: only complete
   lines are parsed, and the offset already scanned is kept, so each poll reads
   only what was appended since (see shared/results_file.py for the format).
@@ -65,7 +70,7 @@ from shared.messages import (
     SEGMENT_NAME,
     SUPPORTED_DTYPES,
 )
-from shared.redis_queue import QueueKeys
+from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 
 SHM_DIR = Path("/dev/shm")
 RESULTS_NAME = "results.json"  # in OUTPUT_DIR, written by the ledger alone
@@ -85,8 +90,9 @@ Progress = Callable[[list[dict[str, Any]], int], None]
 class Submission:
     request_id: str
     image_id: str
-    source: Literal["shm", "url"]
+    source: Literal["shm", "url"]  # how the pool gets the pixels: "url" also when a fallback was taken
     segment: str | None  # the segment's name, for "shm"
+    queue: str | None = None  # the Redis list it was pushed onto
 
 
 class WaitTimeout(TimeoutError):
@@ -111,12 +117,15 @@ class Producer:
     ) -> None:
         self.client = client
         self.queue = queue
+        self.host_id = host_id or None
         self.results_stream = results_stream
         # The stream's last entry before our first submission: wait() reads after it.
         self._stream_start: bytes | None = None
         # With several hosts on one Redis, shared-memory tasks must reach a pool on
         # the host that holds the segment: its own queue (pools with HOST_QUEUE=true).
-        self.shm_queue = QueueKeys(queue).host(host_id) if host_id else queue
+        self._keys = QueueKeys(queue)
+        self.shm_queue = self._keys.host(self.host_id) if self.host_id else queue
+        self._push_for_host = client.register_script(PUSH_FOR_HOST_SCRIPT)
         self._owns_client = False
         self._readers: dict[Path, ResultsReader] = {}
 
@@ -156,17 +165,33 @@ class Producer:
     # -- submitting ----------------------------------------------------------
 
     def submit_array(
-        self, frame: np.ndarray, *, request_id: str | None = None, image_id: str, prefix: str = DEFAULT_PREFIX
+        self,
+        frame: np.ndarray,
+        *,
+        request_id: str | None = None,
+        image_id: str,
+        prefix: str = DEFAULT_PREFIX,
+        fallback_url: str | None = None,
     ) -> Submission:
         """Copy `frame` into a new shared-memory segment and queue it.
 
-        The pool unlinks the segment once the task is recorded. Raises ValueError
-        for a frame, id or prefix the pool would refuse, and redis errors when the
-        message could not be pushed (the segment is unlinked first).
+        The pool unlinks the segment once the task is recorded. With
+        `fallback_url` (where the same image can be downloaded) the message
+        carries it too, and the pool uses it if the segment cannot be read.
+        With a host_id as well, the task goes to the host's queue only while a
+        pool serves it (see host_is_served); else it goes to the shared queue as
+        a URL task, for a pool on any host, and the segment is unlinked at once:
+        the Submission then says source "url" and names no segment.
+
+        Raises ValueError for a frame, id, prefix or URL the pool would refuse,
+        and redis errors when the message could not be pushed (the segment is
+        unlinked first).
         """
         dtype, shape = validate_frame(frame)
         request_id = _new_or_checked_id(request_id, "request_id")
         _check_id(image_id, "image_id")
+        if fallback_url is not None:
+            check_url(fallback_url)
         name = prefix + uuid.uuid4().hex
         if not SEGMENT_NAME.fullmatch(name):
             raise ValueError(f"prefix {prefix!r} does not make a valid segment name (letters, digits, _ . -)")
@@ -177,27 +202,57 @@ class Producer:
             "image_id": image_id,
             "shm_info": {"shm_name": name, "shape": list(shape), "dtype": dtype.name, "size": nbytes},
         }
+        if fallback_url is not None:
+            message["image_url"] = fallback_url
         try:
-            self._push(message, queue=self.shm_queue)
+            if fallback_url is not None and self.host_id is not None:
+                queue = self._push_where_served(message)
+            else:
+                queue = self._push(message, queue=self.shm_queue)
         except BaseException:
             # The pool never saw the message: nobody else will ever free this segment.
             unlink_segment(name)
             raise
-        return Submission(request_id, image_id, "shm", name)
+        if queue != self.shm_queue:
+            # Sent without shm_info: nobody will ever read this segment.
+            unlink_segment(name)
+            return Submission(request_id, image_id, "url", None, queue)
+        return Submission(request_id, image_id, "shm", name, queue)
 
     def submit_url(self, url: str, *, request_id: str | None = None, image_id: str) -> Submission:
         """Queue a task whose pixels the pool downloads from an http(s) URL."""
         check_url(url)
         request_id = _new_or_checked_id(request_id, "request_id")
         _check_id(image_id, "image_id")
-        self._push({"request_id": request_id, "image_id": image_id, "image_url": url}, queue=self.queue)
-        return Submission(request_id, image_id, "url", None)
+        queue = self._push({"request_id": request_id, "image_id": image_id, "image_url": url}, queue=self.queue)
+        return Submission(request_id, image_id, "url", None, queue)
 
-    def _push(self, message: dict[str, Any], *, queue: str) -> None:
+    def host_is_served(self) -> bool:
+        """Whether a pool serves this producer's host queue: a supervisor with
+        HOST_QUEUE=true and this HOST_ID renewed its lease within its LEASE_TTL.
+        True without a host_id (the shared queue is every pool's)."""
+        if self.host_id is None:
+            return True
+        return bool(self.client.exists(self._keys.live_host(self.host_id)))
+
+    def _push(self, message: dict[str, Any], *, queue: str) -> str:
+        self._note_stream_start()
+        self.client.rpush(queue, json.dumps(message))
+        return queue
+
+    def _push_where_served(self, message: dict[str, Any]) -> str:
+        """Push onto the host's queue while a pool serves it, else onto the
+        shared queue without shm_info, in one script; returns the queue."""
+        self._note_stream_start()
+        without_segment = {key: value for key, value in message.items() if key != "shm_info"}
+        keys = [self._keys.live_host(self.host_id), self.shm_queue, self.queue]
+        to_host = self._push_for_host(keys=keys, args=[json.dumps(message), json.dumps(without_segment)])
+        return self.shm_queue if to_host else self.queue
+
+    def _note_stream_start(self) -> None:
         if self._stream_start is None:
             last = self.client.xrevrange(self.results_stream, count=1)
             self._stream_start = last[0][0] if last else b"0-0"
-        self.client.rpush(queue, json.dumps(message))
 
     # -- waiting -------------------------------------------------------------
 

@@ -207,6 +207,21 @@ if tonumber(ARGV[4]) > 0 then redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -
 return 1
 """
 
+# A producer's shared-memory task that also has a URL: onto its host's queue
+# while a pool serves that host, else onto the shared queue as a URL task. In
+# one script, so the key cannot expire between the look and the push.
+# KEYS: the host's live key, the host's queue, the shared queue. ARGV: the
+# message, the message without shm_info. Returns 1 for the host queue, 0 for
+# the shared queue.
+PUSH_FOR_HOST_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+redis.call('RPUSH', KEYS[3], ARGV[2])
+return 0
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class Acknowledgement:

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import redis
 
 from client import Producer, Submission, WaitTimeout
 from client.producer import ResultsReader
+from shared.redis_queue import QueueKeys
 from shared.results_file import ResultsFile
 from tests.conftest import PoolFactory
 from tests.helpers import (
@@ -70,6 +72,17 @@ def read_jpeg(record: dict[str, Any], flags: int = cv2.IMREAD_COLOR) -> np.ndarr
 
 def segments_with_prefix(prefix: str) -> list[str]:
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+
+
+@pytest.fixture
+def shm_prefix() -> Iterator[str]:
+    """A segment prefix of the test's own; what is left with it is unlinked afterwards."""
+    prefix = f"img_shm_test_{uuid.uuid4().hex[:8]}_"
+    try:
+        yield prefix
+    finally:
+        for name in segments_with_prefix(prefix):
+            unlink_segment(name)
 
 
 def run_cli(args: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -163,6 +176,9 @@ def test_unreachable_redis_raises_and_leaves_no_segment(photos: dict[str, np.nda
             producer.submit_array(photos["coffee"], image_id="coffee", prefix=prefix)
         with pytest.raises(redis.ConnectionError):
             producer.submit_url("http://127.0.0.1/x.jpg", image_id="x")
+    with Producer.from_url(f"redis://127.0.0.1:{free_port()}/0", queue="nowhere", host_id="a") as producer:
+        with pytest.raises(redis.ConnectionError):
+            producer.submit_array(photos["coffee"], image_id="coffee", prefix=prefix, fallback_url="http://127.0.0.1/x")
     assert segments_with_prefix(prefix) == []
 
 
@@ -177,6 +193,8 @@ def test_frames_the_pool_would_refuse_are_refused_before_a_segment_exists(photos
         producer.submit_array(photos["camera"], image_id="", prefix=prefix)
     with pytest.raises(ValueError, match="scheme"):
         producer.submit_url("file:///etc/passwd", image_id="x")
+    with pytest.raises(ValueError, match="scheme"):
+        producer.submit_array(photos["camera"], image_id="x", prefix=prefix, fallback_url="file:///etc/passwd")
     assert segments_with_prefix(prefix) == []
 
 
@@ -231,6 +249,122 @@ def test_wait_times_out_naming_how_many_are_missing(tmp_path: Path) -> None:
         producer.wait(submissions, output_dir=tmp_path, timeout=0.2)
     assert caught.value.missing == ["gone"]
     assert [r["request_id"] for r in caught.value.records] == ["here"]
+
+
+# ---------------------------------------------------------------- several hosts
+
+
+def test_a_frame_for_a_served_host_goes_to_its_queue_and_is_read_from_shared_memory(
+    pool_factory: PoolFactory,
+    redis_server: LocalRedis,
+    queue_name: str,
+    http_server: HttpServer,
+    photos: dict[str, np.ndarray],
+    tmp_path: Path,
+    shm_prefix: str,
+) -> None:
+    """A pool serves host a's queue: the task goes there, and the pool reads the
+    segment (the fallback URL, another picture, is never fetched) and unlinks it."""
+    pool = pool_factory(workers=1, env={"HOST_ID": "a", "HOST_QUEUE": "true"})
+    pool.wait_ready()
+    url = http_server.add("/coffee.png", png(photos["coffee"]), content_type="image/png")
+    with Producer.from_url(redis_server.url, queue=queue_name, host_id="a") as producer, \
+            Producer.from_url(redis_server.url, queue=queue_name, host_id="b") as for_b:
+        assert producer.host_is_served() and not for_b.host_is_served()
+        sent = producer.submit_array(photos["astronaut"], image_id="astronaut", prefix=shm_prefix, fallback_url=url)
+        assert (sent.source, sent.queue) == ("shm", QueueKeys(queue_name).host("a"))
+        [record] = producer.wait([sent], output_dir=tmp_path / "out", timeout=WAIT)
+    assert record["status"] == "completed" and record["source"] == "shm", record
+    assert psnr(read_jpeg(record), photos["astronaut"]) > 30
+    assert http_server.hits("/coffee.png") == 0
+    wait_until(lambda: not segment_exists(sent.segment), 10, "the pool did not unlink the segment")
+    assert pool.stop() == 0
+
+
+def test_a_frame_for_an_unserved_host_goes_by_its_url_to_any_host(
+    pool_factory: PoolFactory,
+    redis_client: redis.Redis,
+    redis_server: LocalRedis,
+    queue_name: str,
+    http_server: HttpServer,
+    photos: dict[str, np.ndarray],
+    tmp_path: Path,
+    shm_prefix: str,
+) -> None:
+    """No pool serves host b: the task goes to the shared queue without its
+    segment, which the producer unlinks at once, and a pool on host a
+    downloads the picture."""
+    keys = QueueKeys(queue_name)
+    url = http_server.add("/coffee.png", png(photos["coffee"]), content_type="image/png")
+    with Producer.from_url(redis_server.url, queue=queue_name, host_id="b") as producer:
+        assert not producer.host_is_served()
+        sent = producer.submit_array(photos["astronaut"], image_id="page", prefix=shm_prefix, fallback_url=url)
+        assert (sent.source, sent.segment, sent.queue) == ("url", None, queue_name)
+        assert segments_with_prefix(shm_prefix) == [], "a segment nobody will read was left"
+        assert redis_client.llen(keys.host("b")) == 0
+        [raw] = redis_client.lrange(queue_name, 0, -1)
+        assert json.loads(raw) == {"request_id": sent.request_id, "image_id": "page", "image_url": url}
+        pool = pool_factory(workers=1, env={"HOST_ID": "a", "HOST_QUEUE": "true"})
+        pool.wait_ready()
+        [record] = producer.wait([sent], output_dir=tmp_path / "out", timeout=WAIT)
+    assert record["status"] == "completed" and record["source"] == "url", record
+    assert psnr(read_jpeg(record), photos["coffee"]) > 30
+    assert http_server.hits("/coffee.png") == 1
+    assert pool.stop() == 0
+
+
+def test_without_a_fallback_url_a_frame_waits_in_its_hosts_queue(
+    pool_factory: PoolFactory,
+    redis_client: redis.Redis,
+    redis_server: LocalRedis,
+    queue_name: str,
+    photos: dict[str, np.ndarray],
+    tmp_path: Path,
+    shm_prefix: str,
+) -> None:
+    """No pool serves host b, and without a URL the task can only run there: it
+    waits in b's queue, its segment kept, until b's pool is back."""
+    keys = QueueKeys(queue_name)
+    with Producer.from_url(redis_server.url, queue=queue_name, host_id="b") as producer:
+        assert not producer.host_is_served()
+        sent = producer.submit_array(photos["chelsea"], image_id="chelsea", prefix=shm_prefix)
+        assert (sent.source, sent.queue) == ("shm", keys.host("b")) and segment_exists(sent.segment)
+        assert redis_client.llen(keys.host("b")) == 1 and redis_client.llen(queue_name) == 0
+        pool = pool_factory(workers=1, env={"HOST_ID": "b", "HOST_QUEUE": "true"})
+        pool.wait_ready()
+        assert producer.host_is_served()
+        [record] = producer.wait([sent], output_dir=tmp_path / "out", timeout=WAIT)
+    assert record["status"] == "completed" and record["source"] == "shm", record
+    assert psnr(read_jpeg(record), photos["chelsea"]) > 30
+    wait_until(lambda: not segment_exists(sent.segment), 10, "the pool did not unlink the segment")
+    assert pool.stop() == 0
+
+
+def test_without_a_host_id_the_fallback_url_rides_along_on_the_shared_queue(
+    redis_client: redis.Redis, redis_server: LocalRedis, queue_name: str, photos: dict[str, np.ndarray], shm_prefix: str
+) -> None:
+    """One host: the message carries both, and the pool prefers the segment."""
+    url = "http://127.0.0.1/camera.png"
+    with Producer.from_url(redis_server.url, queue=queue_name) as producer:
+        assert producer.host_is_served()
+        sent = producer.submit_array(photos["camera"], image_id="camera", prefix=shm_prefix, fallback_url=url)
+    assert (sent.source, sent.queue) == ("shm", queue_name) and segment_exists(sent.segment)
+    [raw] = redis_client.lrange(queue_name, 0, -1)
+    message = json.loads(raw)
+    assert message["image_url"] == url and message["shm_info"]["shm_name"] == sent.segment
+
+
+def test_a_push_to_a_served_hosts_queue_that_fails_leaves_no_segment(
+    redis_client: redis.Redis, redis_server: LocalRedis, queue_name: str, photos: dict[str, np.ndarray], shm_prefix: str
+) -> None:
+    keys = QueueKeys(queue_name)
+    redis_client.set(keys.live_host("a"), b"instance1", px=60_000)
+    redis_client.set(keys.host("a"), b"not a list")  # the script's RPUSH fails with WRONGTYPE
+    with Producer.from_url(redis_server.url, queue=queue_name, host_id="a") as producer:
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            producer.submit_array(photos["coffee"], image_id="coffee", prefix=shm_prefix, fallback_url="http://x/c.png")
+    assert segments_with_prefix(shm_prefix) == []
+    assert redis_client.llen(queue_name) == 0
 
 
 # ---------------------------------------------------------------- the CLI
