@@ -70,6 +70,7 @@ from shared.messages import (
     SEGMENT_NAME,
     SUPPORTED_DTYPES,
 )
+from shared.output import partial_path
 from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 
 SHM_DIR = Path("/dev/shm")
@@ -345,10 +346,28 @@ class ResultsReader:
         self._wanted: set[str] = set()
 
     def find(self, request_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """Records seen so far for these request ids (the first record of each)."""
+        """Records seen so far for these request ids (the first record of each),
+        a completed one only once its JPEG has its final name."""
         self._wanted.update(request_ids)
         self._scan()
-        return {rid: self._by_request[rid] for rid in self._wanted if rid in self._by_request}
+        return {
+            rid: record
+            for rid in self._wanted
+            if (record := self._by_request.get(rid)) is not None and not self._awaiting_publication(record)
+        }
+
+    def _awaiting_publication(self, record: dict[str, Any]) -> bool:
+        """The record is the commit point and is appended first; the ledger gives
+        the JPEG its final name a moment later (or, if it died in between, the
+        next ledger does at start). Until then the file is still in .partial/,
+        and a caller that opened file_path at once would not find it."""
+        if record.get("status") != "completed":
+            return False
+        try:
+            partial = partial_path(self.path.parent, str(record["task_id"]), int(record["attempts"]))
+        except (KeyError, TypeError, ValueError):
+            return False
+        return partial.exists()
 
     def _scan(self) -> None:
         try:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ import redis
 
 from client import Producer, Submission, WaitTimeout
 from client.producer import ResultsReader
+from shared.output import partial_path, prepare_output_dir, publish, write_partial
 from shared.redis_queue import QueueKeys
 from shared.results_file import ResultsFile
 from tests.conftest import PoolFactory
@@ -130,6 +132,43 @@ def test_submit_array_and_url_complete_and_look_like_their_sources(
     assert psnr(read_jpeg(records[2]), photos["coffee"]) > 30
     # Ownership passed to the pool, which unlinks each segment once its record is durable.
     wait_until(lambda: not segment_exists(color.segment) and not segment_exists(gray.segment), 10, "segments left")
+
+
+def test_wait_hands_out_a_record_only_once_its_file_has_its_final_name(
+    redis_server: LocalRedis, queue_name: str, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """The record is the commit point, appended before the ledger gives the JPEG
+    its final name (a ledger killed in between leaves the file under .partial/
+    until the next one publishes it at start). wait() must not hand the record
+    out in that window, or a caller that opens file_path at once finds nothing.
+    Here the ledger's own steps run by hand, the publication 0.3 s late."""
+    output_dir = tmp_path / "out"
+    prepare_output_dir(output_dir)
+    partial = partial_path(output_dir, "t1-1-0", 1)
+    write_partial(partial, cv2.imencode(".jpg", photos["chelsea"])[1].tobytes())
+    final = output_dir / "chelsea_20261128_120000.jpg"
+    completed = {"timestamp": "t", "request_id": "r1", "image_id": "chelsea", "file_path": str(final),
+                 "status": "completed", "task_id": "t1-1-0", "attempts": 1}
+    failed = {"timestamp": "t", "request_id": "r2", "image_id": "x", "file_path": None, "status": "failed",
+              "error": "shared memory segment 'img_shm_9' does not exist", "task_id": "t2-1-0", "attempts": 1}
+    ledger = ResultsFile(output_dir / "results.json")
+    ledger.open()
+    ledger.append([completed, failed])
+    ledger.close()
+    assert ResultsReader(output_dir / "results.json").find(["r1", "r2"]) == {"r2": failed}
+
+    publisher = threading.Timer(0.3, publish, args=(partial, final))
+    publisher.start()
+    try:
+        with Producer.from_url(redis_server.url, queue=queue_name) as producer:
+            submissions = [Submission("r1", "chelsea", "shm", None), Submission("r2", "x", "shm", None)]
+            records = producer.wait(submissions, output_dir=output_dir, timeout=WAIT)
+            file_there_at_return = final.is_file()
+    finally:
+        publisher.join()
+    assert records == [completed, failed]
+    assert file_there_at_return, "wait() returned the record before its file had its final name"
+    assert psnr(read_jpeg(records[0]), photos["chelsea"]) > 30
 
 
 def test_segment_outlives_the_producer_process_until_the_pool_reads_it(
