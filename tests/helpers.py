@@ -31,6 +31,7 @@ import numpy as np
 import redis
 
 from client.producer import write_segment
+from shared.output import partial_path
 from shared.redis_queue import QueueKeys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +224,8 @@ def read_results(output_dir: Path, timeout: float = 5.0) -> list[dict[str, Any]]
 def wait_for_records(
     output_dir: Path, count: int, timeout: float = 60.0, *, pool: Pool | None = None
 ) -> list[dict[str, Any]]:
-    """Poll results.json until it holds at least count records; returns them all.
+    """Poll results.json until it holds at least count records, and every
+    completed one's JPEG has its final name (README, "Output"); returns them all.
 
     With pool given, fails at once (with its stderr tail) if the pool exits.
     """
@@ -231,7 +233,7 @@ def wait_for_records(
     records: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         records = read_results(output_dir)
-        if len(records) >= count:
+        if len(records) >= count and not any(_awaiting_publication(output_dir, r) for r in records):
             return records
         if pool is not None and pool.poll() is not None:
             raise AssertionError(
@@ -241,6 +243,12 @@ def wait_for_records(
     raise AssertionError(
         f"saw {len(records)} of {count} records in {Path(output_dir) / RESULTS_NAME} after {timeout}s"
     )
+
+
+def _awaiting_publication(output_dir: Path, record: dict[str, Any]) -> bool:
+    if record.get("status") != "completed":
+        return False
+    return partial_path(Path(output_dir), str(record["task_id"]), int(record["attempts"])).exists()
 
 
 def wait_for_queue_drained(client: redis.Redis, queue: str, timeout: float = 30.0) -> None:
