@@ -13,17 +13,22 @@ limit as a figure that does not move with the machine (`make bench-instructions`
 
 `make bench` measures CPU time, which moves by tens of percent with whatever
 else the machine runs; this counts instructions, which do not. It answers "did
-my change make the pool cheaper?" to a few thousand instructions per task.
+my change make the pool cheaper?": the limit repeats to a few instructions per
+task, the pool to within about 60,000 of some 700,000 beyond the limit.
 
 Hazards handled here:
+- A forked child's count starts with all its parent counted before the fork.
+  The difference cancels that only if the parent's work before the fork is the
+  same every time: PYTHONHASHSEED=0, and one OpenBLAS thread (numpy's threads
+  spin on the clock after import, a different amount each run).
 - callgrind counts the instructions of user space only: what the kernel does
   for a syscall (an fsync, a socket write) is not in them. So the syscalls
   are counted too (--collect-systime), and reported beside the instructions.
 - Under callgrind everything runs about 40x slower, timers do not: the
-  supervisor's 1 s tick and the ledger's linger fire more often per task than
-  they would natively, and batches (claims, group commits) come out a little
-  different from run to run. The count is split by role so that this shows,
-  and --repeat shows the spread.
+  supervisor's 1 s tick, the ledger's 25 ms linger and the workers' 5 ms hold
+  expire sooner relative to the work, so batches (group commits, record
+  datagrams) are smaller than natively and differ from run to run. The count
+  is split by role so that this shows, and --repeat shows the spread.
 - A process that callgrind did not see exit writes no count: the run fails
   rather than report a sum with a hole in it.
 - Segments, temp directories, the pool and the private Redis are released in
@@ -32,7 +37,6 @@ Hazards handled here:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -43,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from argparse import Namespace
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +56,7 @@ from pathlib import Path
 import redis
 
 import bench as throughput  # bench/bench.py, beside this file
+from shared.cli import OneLineParser, complain
 from shared.output import RESULTS_NAME
 from tools.local_redis import LocalRedis
 
@@ -80,15 +86,18 @@ def object_name(path: str) -> str:
     return name.split(".", 1)[0]  # _json.cpython-311-x86_64-linux-gnu.so -> _json
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def parse_args(argv: Sequence[str] | None) -> Namespace:
+    parser = OneLineParser(
         prog="bench/instructions.py",
         description="Instructions per task of the pool beyond the raw limit, counted by callgrind.",
     )
     parser.add_argument("--size", choices=list(COUNTS), default="512x512", help="frame size (default 512x512)")
     parser.add_argument("--repeat", type=int, default=1, metavar="R", help="measure R times, show each (default 1)")
-    parser.add_argument("--tmp", type=Path, metavar="DIR", help="where the output files go (default: the temp dir)")
-    return parser.parse_args(argv)
+    parser.add_argument("--tmp", type=Path, metavar="DIR", help="where to make its temp directory (default: $TMPDIR or /tmp)")
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
 
 
 def valgrind_command(out_dir: Path) -> list[str]:
@@ -177,7 +186,12 @@ def count_limit(tasks: list[throughput.BenchTask], tmp: Path) -> dict[str, Count
     tasks_file.write_text(json.dumps([[t.request_id, t.segment, list(t.shape)] for t in tasks]))
     command = [*valgrind_command(out_dir), sys.executable, __file__, "limit", str(tasks_file), str(out_dir / "jpegs")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, stderr = process.communicate()
+    try:
+        _, stderr = process.communicate(timeout=STARTUP_TIMEOUT)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
     if process.returncode != 0:
         raise throughput.CheckFailed(f"the limit exited with {process.returncode}: {stderr.strip()[-500:]}")
     counts = read_counts(out_dir)
@@ -224,8 +238,8 @@ def count_pool(
                 raise throughput.CheckFailed(f"{tail.count} of {len(tasks)} records\n{pool.stderr_tail()}")
             time.sleep(0.05)
         code = pool.stop(timeout=STARTUP_TIMEOUT)
-        segments = throughput.Segments()
-        throughput.verify_pool_output(pool, tasks, client, segments, code)
+        # Segments() only names what to look for: each task's segment must be gone.
+        throughput.verify_pool_output(pool, tasks, client, throughput.Segments(), code)
     return by_role(read_counts(workdir), roles_from_log(pool.stderr_path, pool.pid))
 
 
@@ -302,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (OpenBLAS stops them then), and call no BLAS: one thread changes nothing else.
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     if shutil.which("valgrind") is None:
-        print("bench/instructions.py: valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
+        complain("make bench-instructions needs valgrind, which is not on PATH (Debian: apt-get install valgrind)")
         return 2
     low, high = COUNTS[args.size]
     height, width = next((h, w) for label, h, w, _ in throughput.SIZES if label == args.size)
@@ -333,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     Round(
                         limit=per_task(runs["limit", low]["limit"], runs["limit", high]["limit"], high - low),
                         roles={
-                            role: per_task(runs["pool", low].get(role, Counter()), runs["pool", high][role], high - low)
+                            role: per_task(runs["pool", low].get(role, Counter()), runs["pool", high].get(role, Counter()), high - low)
                             for role in pool_roles
                         },
                     )
