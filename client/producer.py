@@ -70,7 +70,7 @@ from shared.messages import (
     SEGMENT_NAME,
     SUPPORTED_DTYPES,
 )
-from shared.output import partial_path
+from shared.output import awaiting_publication
 from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 
 SHM_DIR = Path("/dev/shm")
@@ -344,30 +344,24 @@ class ResultsReader:
         self._identity: tuple[int, int] | None = None
         self._by_request: dict[str, dict[str, Any]] = {}
         self._wanted: set[str] = set()
+        self._published: set[str] = set()  # request ids whose record find() may hand out
 
     def find(self, request_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Records seen so far for these request ids (the first record of each),
         a completed one only once its JPEG has its final name."""
         self._wanted.update(request_ids)
         self._scan()
-        return {
-            rid: record
-            for rid in self._wanted
-            if (record := self._by_request.get(rid)) is not None and not self._awaiting_publication(record)
-        }
-
-    def _awaiting_publication(self, record: dict[str, Any]) -> bool:
-        """The record is the commit point and is appended first; the ledger gives
-        the JPEG its final name a moment later (or, if it died in between, the
-        next ledger does at start). Until then the file is still in .partial/,
-        and a caller that opened file_path at once would not find it."""
-        if record.get("status") != "completed":
-            return False
-        try:
-            partial = partial_path(self.path.parent, str(record["task_id"]), int(record["attempts"]))
-        except (KeyError, TypeError, ValueError):
-            return False
-        return partial.exists()
+        found = {}
+        for rid in self._wanted:
+            record = self._by_request.get(rid)
+            if record is None:
+                continue
+            if rid not in self._published:  # once published, a file is not looked at again
+                if awaiting_publication(self.path.parent, record):
+                    continue
+                self._published.add(rid)
+            found[rid] = record
+        return found
 
     def _scan(self) -> None:
         try:

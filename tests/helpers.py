@@ -31,7 +31,7 @@ import numpy as np
 import redis
 
 from client.producer import write_segment
-from shared.output import partial_path
+from shared.output import awaiting_publication
 from shared.redis_queue import QueueKeys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def wait_for_records(
     records: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         records = read_results(output_dir)
-        if len(records) >= count and not any(_awaiting_publication(output_dir, r) for r in records):
+        if len(records) >= count and not any(awaiting_publication(Path(output_dir), r) for r in records):
             return records
         if pool is not None and pool.poll() is not None:
             raise AssertionError(
@@ -243,12 +243,6 @@ def wait_for_records(
     raise AssertionError(
         f"saw {len(records)} of {count} records in {Path(output_dir) / RESULTS_NAME} after {timeout}s"
     )
-
-
-def _awaiting_publication(output_dir: Path, record: dict[str, Any]) -> bool:
-    if record.get("status") != "completed":
-        return False
-    return partial_path(Path(output_dir), str(record["task_id"]), int(record["attempts"])).exists()
 
 
 def wait_for_queue_drained(client: redis.Redis, queue: str, timeout: float = 30.0) -> None:
