@@ -555,17 +555,22 @@ class PoolProcess:
             self.notify.close()
             self.notify = None
 
-    def encode_cpu_us(self) -> tuple[int, float]:
-        """(tasks encoded, their encoder CPU in us), summed over the workers'
-        `worker_stopped` log lines; read it after stop()."""
-        encoded, cpu_s = 0, 0.0
+    def events(self, name: str) -> list[dict]:
+        """The pool's JSON log lines whose "event" is name, oldest first."""
+        found = []
         for line in self.stderr_path.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
-                if isinstance(event, dict) and event.get("event") == "worker_stopped":
-                    encoded += int(event.get("encoded", 0))
-                    cpu_s += float(event.get("encode_cpu_s", 0.0))
-        return encoded, cpu_s * 1e6
+                if isinstance(event, dict) and event.get("event") == name:
+                    found.append(event)
+        return found
+
+    def encode_cpu_us(self) -> tuple[int, float]:
+        """(tasks encoded, their encoder CPU in us), summed over the workers'
+        `worker_stopped` log lines; read it after stop()."""
+        stopped = self.events("worker_stopped")
+        encoded = sum(int(event.get("encoded", 0)) for event in stopped)
+        return encoded, sum(float(event.get("encode_cpu_s", 0.0)) for event in stopped) * 1e6
 
     def stderr_tail(self, lines: int = 20) -> str:
         try:
@@ -1427,14 +1432,22 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_args(argv)
-    # SIGTERM takes the same way out as Ctrl-C: through every finally below.
+@dataclass(frozen=True, slots=True)
+class PrivateRun:
+    tmp: Path
+    segments: Segments
+    redis_server: LocalRedis
+    client: redis.Redis
+
+
+@contextlib.contextmanager
+def private_run(prefix: str, base: Path | None) -> Iterator[PrivateRun]:
+    """A fresh temp directory, a segment tracker and a private redis-server with
+    a client, all released on the way out, on Ctrl-C and SIGTERM too."""
+    # SIGTERM takes the same way out as Ctrl-C: through every finally.
     signal.signal(signal.SIGTERM, _interrupt)
-    base = settings.tmp_base or Path(tempfile.gettempdir())
-    tmp = Path(tempfile.mkdtemp(prefix="irw-bench-", dir=base))
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=base or Path(tempfile.gettempdir())))
     segments = Segments()
-    started = time.perf_counter()
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         cleanup.callback(segments.cleanup)
@@ -1443,8 +1456,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cleanup.callback(server.stop)
         client = redis.Redis.from_url(server.url)
         cleanup.callback(client.close)
-        bench = Bench(settings, tmp, server, client, segments)
-        print_header(settings, tmp)
+        yield PrivateRun(tmp, segments, server, client)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    started = time.perf_counter()
+    with private_run("irw-bench-", settings.tmp_base) as run:
+        bench = Bench(settings, run.tmp, run.redis_server, run.client, run.segments)
+        print_header(settings, run.tmp)
         steps = {
             "memory": measure_memory,
             "ledger": measure_ledger,

@@ -154,14 +154,11 @@ def read_callgrind_file(path: Path) -> Counter[str]:
     return tally
 
 
-def roles_from_log(stderr: Path, supervisor_pid: int) -> dict[int, str]:
+def roles_by_pid(pool: throughput.PoolProcess) -> dict[int, str]:
     """pid -> role, from the supervisor's `child_started` log lines."""
-    roles = {supervisor_pid: "supervisor"}
-    for line in stderr.read_text(errors="replace").splitlines():
-        with contextlib.suppress(ValueError):
-            event = json.loads(line)
-            if isinstance(event, dict) and event.get("event") == "child_started":
-                roles[int(event["pid"])] = "workers" if event["role"] == "worker" else str(event["role"])
+    roles = {pool.pid: "supervisor"}
+    for event in pool.events("child_started"):
+        roles[int(event["pid"])] = "workers" if event["role"] == "worker" else str(event["role"])
     return roles
 
 
@@ -240,7 +237,7 @@ def count_pool(
         code = pool.stop(timeout=STARTUP_TIMEOUT)
         # Segments() only names what to look for: each task's segment must be gone.
         throughput.verify_pool_output(pool, tasks, client, throughput.Segments(), code)
-    return by_role(read_counts(workdir), roles_from_log(pool.stderr_path, pool.pid))
+    return by_role(read_counts(workdir), roles_by_pid(pool))
 
 
 # ---------------------------------------------------------------- the figures
@@ -321,17 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     low, high = COUNTS[args.size]
     height, width = next((h, w) for label, h, w, _ in throughput.SIZES if label == args.size)
     frames = throughput.natural_frames(height, width)
-    tmp = Path(tempfile.mkdtemp(prefix="irw-instructions-", dir=args.tmp))
-    segments = throughput.Segments()
     started = time.perf_counter()
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
-        cleanup.callback(segments.cleanup)
-        server = LocalRedis(data_dir=tmp / "redis")
-        server.start()
-        cleanup.callback(server.stop)
-        client = redis.Redis.from_url(server.url)
-        cleanup.callback(client.close)
+    with throughput.private_run("irw-instructions-", args.tmp) as run:
+        tmp, segments, server, client = run.tmp, run.segments, run.redis_server, run.client
         print(f"counting {args.size} at {low} and {high} tasks, {args.repeat} round(s); each run takes a minute or so")
         rounds: list[Round] = []
         try:
@@ -366,4 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
