@@ -480,9 +480,11 @@ class PoolProcess:
 
     def start(self) -> PoolProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        notify_path = self.workdir / "notify.sock"
+        # Abstract ("@name" to systemd's protocol): a path under a deep --tmp
+        # would pass the 107 bytes a socket path may have.
+        notify_name = f"irw-bench-notify-{uuid.uuid4().hex}"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.notify.bind(str(notify_path))
+        self.notify.bind("\0" + notify_name)
         env = {name: value for name, value in os.environ.items() if name not in POOL_ENV_VARS}
         env.update(
             REDIS_URL=self.redis_url,
@@ -492,7 +494,7 @@ class PoolProcess:
             UNLINK_SHM="true",
             LOG_LEVEL="INFO",  # the default: a task that goes well must cost no log line
             LOG_FORMAT="json",
-            NOTIFY_SOCKET=str(notify_path),
+            NOTIFY_SOCKET="@" + notify_name,
         )
         with open(self.workdir / "pool.stdout", "ab") as out, open(self.stderr_path, "ab") as err:
             self.spawned_at = time.perf_counter()
