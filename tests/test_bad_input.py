@@ -16,6 +16,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pytest
 import redis
 
 from tests.conftest import PoolFactory
@@ -286,19 +287,24 @@ def test_bad_input_fails_alone_and_the_pool_keeps_serving(
     assert list((pool.output_dir / ".partial").iterdir()) == []
 
 
+@pytest.fixture
+def tiny_photo(photos: dict[str, np.ndarray]) -> np.ndarray:
+    """A real photo small enough that a wrong shape or size is cheap to make."""
+    return cv2.resize(photos["astronaut"], (64, 64), interpolation=cv2.INTER_AREA)
+
+
 def test_a_task_that_failed_for_good_unlinks_its_segment(
     pool_factory: PoolFactory,
     redis_client: redis.Redis,
     queue_name: str,
-    photos: dict[str, np.ndarray],
+    tiny_photo: np.ndarray,
     segments: SegmentTracker,
 ) -> None:
     """The segment is there but cannot be used as declared: the task fails, and since
     nothing will ever read the segment again, it must not stay in /dev/shm."""
     pool = start(pool_factory)
-    tiny = cv2.resize(photos["astronaut"], (64, 64), interpolation=cv2.INTER_AREA)
-    short = segments.make(tiny)
-    legacy_wrong_size = segments.make(tiny)
+    short = segments.make(tiny_photo)
+    legacy_wrong_size = segments.make(tiny_photo)
     push(
         redis_client,
         queue_name,
@@ -321,7 +327,7 @@ def test_a_message_with_unusable_shm_info_unlinks_the_segment_it_names(
     pool_factory: PoolFactory,
     redis_client: redis.Redis,
     queue_name: str,
-    photos: dict[str, np.ndarray],
+    tiny_photo: np.ndarray,
     http_server: HttpServer,
     segments: SegmentTracker,
 ) -> None:
@@ -329,8 +335,7 @@ def test_a_message_with_unusable_shm_info_unlinks_the_segment_it_names(
     will ever read that segment, so the one the producer handed over must be unlinked,
     whether the task then fails or completes from its image_url."""
     pool = start(pool_factory)
-    tiny = cv2.resize(photos["astronaut"], (64, 64), interpolation=cv2.INTER_AREA)
-    url = http_server.add("/tiny.png", encode(tiny, ".png"), content_type="image/png")
+    url = http_server.add("/tiny.png", encode(tiny_photo, ".png"), content_type="image/png")
     cases = {
         "size-mismatch": ({"shape": [64, 64, 3], "dtype": "uint8", "size": 1234}, {}),
         "int64": ({"shape": [64, 64, 3], "dtype": "int64"}, {}),
@@ -339,7 +344,7 @@ def test_a_message_with_unusable_shm_info_unlinks_the_segment_it_names(
     }
     names = {}
     for request_id, (info, extra) in cases.items():
-        names[request_id] = segments.make(tiny)
+        names[request_id] = segments.make(tiny_photo)
         shm_info = {"shm_name": names[request_id], **info}
         push(
             redis_client, queue_name, {"request_id": request_id, "image_id": request_id, "shm_info": shm_info, **extra}
@@ -357,7 +362,7 @@ def test_a_message_that_is_not_json_still_frees_the_segment_it_names(
     pool_factory: PoolFactory,
     redis_client: redis.Redis,
     queue_name: str,
-    photos: dict[str, np.ndarray],
+    tiny_photo: np.ndarray,
     segments: SegmentTracker,
 ) -> None:
     """A producer that dies mid-write, or a message longer than MAX_MESSAGE_BYTES,
@@ -365,8 +370,7 @@ def test_a_message_that_is_not_json_still_frees_the_segment_it_names(
     fails with the ids the producer waits on, and the segment it handed over is
     unlinked; a segment named twice is a guess too far, and is left alone."""
     pool = start(pool_factory, env=LIMITS)
-    tiny = cv2.resize(photos["astronaut"], (64, 64), interpolation=cv2.INTER_AREA)
-    cut, long, ambiguous_a, ambiguous_b = (segments.make(tiny) for _ in range(4))
+    cut, long, ambiguous_a, ambiguous_b = (segments.make(tiny_photo) for _ in range(4))
     info = '"shape": [64, 64, 3], "dtype": "uint8"'
     push(
         redis_client,
