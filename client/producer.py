@@ -70,11 +70,10 @@ from shared.messages import (
     SEGMENT_NAME,
     SUPPORTED_DTYPES,
 )
-from shared.output import awaiting_publication
+from shared.output import RESULTS_NAME, awaiting_publication
 from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 
 SHM_DIR = Path("/dev/shm")
-RESULTS_NAME = "results.json"  # in OUTPUT_DIR, written by the ledger alone
 DEFAULT_PREFIX = "img_shm_"
 URL_SCHEMES = ("http", "https")
 CONNECT_TIMEOUT = 5.0
