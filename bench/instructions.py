@@ -272,6 +272,24 @@ class Round:
         return sum(self.roles[role].get(key, 0.0) for role in ("workers", "ledger")) - self.limit.get(key, 0.0)
 
 
+def measure_round(number: int, counts: tuple[int, int], frames: list, run: throughput.PrivateRun) -> Round:
+    """The limit and the pool, each counted at both task counts; per task, the difference."""
+    low, high = counts
+    limit, pool = {}, {}
+    for count in counts:
+        limit[count] = count_limit(throughput.make_tasks(run.segments, frames, count, "l"), run.tmp)["limit"]
+        tasks = throughput.make_tasks(run.segments, frames, count, "p")
+        pool[count] = count_pool(tasks, run.tmp, run.redis_server, run.client)
+        print(f"  round {number}: {count} tasks counted", flush=True)
+    return Round(
+        limit=per_task(limit[low], limit[high], high - low),
+        roles={
+            role: per_task(pool[low].get(role, Counter()), pool[high].get(role, Counter()), high - low)
+            for role in pool[low].keys() | pool[high].keys()
+        },
+    )
+
+
 def report(size: str, rounds: list[Round], ns_per_ir: float, top: int = 8) -> None:
     def line(label: str, values: Sequence[float], digits: int = 0) -> None:
         print(f"  {label:34}" + "".join(f"{value:>14,.{digits}f}" for value in values))
@@ -320,29 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     frames = throughput.natural_frames(height, width)
     started = time.perf_counter()
     with throughput.private_run("irw-instructions-", args.tmp) as run:
-        tmp, segments, server, client = run.tmp, run.segments, run.redis_server, run.client
         print(f"counting {args.size} at {low} and {high} tasks, {args.repeat} round(s); each run takes a minute or so")
-        rounds: list[Round] = []
         try:
-            for round_ in range(args.repeat):
-                runs = {}
-                for count in (low, high):
-                    runs["limit", count] = count_limit(throughput.make_tasks(segments, frames, count, "l"), tmp)
-                    tasks = throughput.make_tasks(segments, frames, count, "p")
-                    runs["pool", count] = count_pool(tasks, tmp, server, client)
-                    print(f"  round {round_ + 1}: {count} tasks counted", flush=True)
-                pool_roles = runs["pool", low].keys() | runs["pool", high].keys()
-                rounds.append(
-                    Round(
-                        limit=per_task(runs["limit", low]["limit"], runs["limit", high]["limit"], high - low),
-                        roles={
-                            role: per_task(runs["pool", low].get(role, Counter()), runs["pool", high].get(role, Counter()), high - low)
-                            for role in pool_roles
-                        },
-                    )
-                )
+            rounds = [
+                measure_round(number, (low, high), frames, run) for number in range(1, args.repeat + 1)
+            ]
             limit_ir = statistics.median(r.limit["Ir"] for r in rounds)
-            ns_per_ir = native_ns_per_instruction(frames, segments, tmp, limit_ir)
+            ns_per_ir = native_ns_per_instruction(frames, run.segments, run.tmp, limit_ir)
         except throughput.CheckFailed as exc:
             print(f"FAILED: {exc}", file=sys.stderr)
             return 1
