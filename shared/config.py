@@ -44,6 +44,8 @@ class Settings:
     host_queue: bool = False
     shutdown_grace: float = 30.0
     unlink_shm: bool = True
+    shm_name_prefix: str = "img_shm_"  # empty: any segment name
+    shm_owner_uids: tuple[int, ...] = ()  # empty: only the pool's own uid
     max_attempts: int = 5
     task_timeout: float = 300.0
     dead_letter_max: int = 10_000
@@ -54,6 +56,8 @@ class Settings:
     url_max_bytes: int = 50 * 1024 * 1024
     url_max_redirects: int = 3
     url_allowed_hosts: tuple[str, ...] = ()  # empty: any host
+    url_allow_loopback: bool = False
+    url_allow_private: bool = True
     lease_ttl: float = 15.0
     redis_sentinels: tuple[tuple[str, int], ...] = ()  # empty: REDIS_URL names the server
     redis_sentinel_master: str = "mymaster"
@@ -108,6 +112,8 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         host_queue=get("HOST_QUEUE", _bool, DEFAULTS.host_queue),
         shutdown_grace=get("SHUTDOWN_GRACE", _float_in(0, 3600), DEFAULTS.shutdown_grace),
         unlink_shm=get("UNLINK_SHM", _bool, DEFAULTS.unlink_shm),
+        shm_name_prefix=_shm_name_prefix(env.get("SHM_NAME_PREFIX")),
+        shm_owner_uids=get("SHM_OWNER_UIDS", _uid_list, DEFAULTS.shm_owner_uids),
         max_attempts=get("MAX_ATTEMPTS", _int_in(1, 100), DEFAULTS.max_attempts),
         task_timeout=get("TASK_TIMEOUT", _float_in(1, 86_400), DEFAULTS.task_timeout),
         dead_letter_max=get("DEAD_LETTER_MAX", _int_in(1, 10_000_000), DEFAULTS.dead_letter_max),
@@ -118,6 +124,8 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         url_max_bytes=get("URL_MAX_BYTES", _int_in(1, 2**31), DEFAULTS.url_max_bytes),
         url_max_redirects=get("URL_MAX_REDIRECTS", _int_in(0, 20), DEFAULTS.url_max_redirects),
         url_allowed_hosts=get("URL_ALLOWED_HOSTS", _host_list, DEFAULTS.url_allowed_hosts),
+        url_allow_loopback=get("URL_ALLOW_LOOPBACK", _bool, DEFAULTS.url_allow_loopback),
+        url_allow_private=get("URL_ALLOW_PRIVATE", _bool, DEFAULTS.url_allow_private),
         lease_ttl=get("LEASE_TTL", _float_in(2, 3600), DEFAULTS.lease_ttl),
         redis_sentinels=get("REDIS_SENTINELS", _address_list, DEFAULTS.redis_sentinels),
         redis_sentinel_master=get("REDIS_SENTINEL_MASTER", _queue_name, DEFAULTS.redis_sentinel_master),
@@ -227,6 +235,26 @@ def _host_list(name: str, raw: str) -> tuple[str, ...]:
     if any(not re.fullmatch(r"[a-z0-9.\-:\[\]]{1,253}", h) for h in hosts):
         raise ConfigError(f"{name}={raw!r} is not a comma-separated list of host names")
     return hosts
+
+
+def _shm_name_prefix(raw: str | None) -> str:
+    """Unlike other settings, set-but-empty means something: accept any name."""
+    if raw is None:
+        return DEFAULTS.shm_name_prefix
+    prefix = raw.strip()
+    if prefix and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,99}", prefix):
+        raise ConfigError(
+            f"SHM_NAME_PREFIX={raw!r} is not a segment name prefix; expected 1..100 letters, digits, "
+            "'_', '.' or '-' (not starting with '.' or '-'), or empty for any name"
+        )
+    return prefix
+
+
+def _uid_list(name: str, raw: str) -> tuple[int, ...]:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items or not all(item.isdigit() and int(item) < 2**32 - 1 for item in items):
+        raise ConfigError(f"{name}={raw!r} is not a comma-separated list of numeric user ids")
+    return tuple(int(item) for item in items)
 
 
 def _host_id(name: str, raw: str) -> str:
