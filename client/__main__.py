@@ -11,6 +11,10 @@ for the pool; the options override them.
 Every argument is checked before anything is queued, so a typo queues nothing.
 Exit status: 0 all records completed (or, without --wait, all queued), 1 a task
 failed, the wait timed out or Redis is unreachable, 2 a usage error.
+
+Records and errors carry ids and texts that came through the queue; every line
+for a person goes through shared.terminal.say, so control characters in them are
+shown as escapes, never sent to the terminal.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import redis
 from client.producer import DEFAULT_PREFIX, Producer, Submission, WaitTimeout, check_url
 from shared.config import ConfigError, Settings, redact_url
 from shared.redis_queue import REDIS_ERRORS
+from shared.terminal import say
 
 PROG = "python -m client"
 USAGE_ERROR = 2
@@ -48,7 +53,7 @@ class RedisUnreachable(Exception):
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        print(f"{PROG}: {message}; see --help", file=sys.stderr)
+        say(f"{PROG}: {message}; see --help", file=sys.stderr)
         sys.exit(USAGE_ERROR)
 
 
@@ -183,7 +188,7 @@ def enqueue(args: argparse.Namespace, settings: Settings) -> int:
             raise
         if not args.wait:
             for submission, item in zip(submissions, items, strict=True):
-                print(f"queued    {submission.request_id} {item.argument}")
+                say(f"queued    {submission.request_id} {item.argument}")
             return 0
         return wait_and_report(producer, submissions, output_dir=settings.output_dir, timeout=args.timeout)
 
@@ -195,12 +200,12 @@ def wait_and_report(producer: Producer, submissions: list[Submission], *, output
     except WaitTimeout as exc:
         bar.finish()
         for record in exc.records:
-            print(record_line(record))
-        print(f"{PROG}: {exc}", file=sys.stderr)
+            say(record_line(record))
+        say(f"{PROG}: {exc}", file=sys.stderr)
         return FAILED
     bar.finish()
     for record in records:
-        print(record_line(record))
+        say(record_line(record))
     return 0 if all(record.get("status") == "completed" for record in records) else FAILED
 
 
@@ -210,10 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args)
         return enqueue(args, settings)
     except (ConfigError, UsageError) as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        say(f"{PROG}: {exc}", file=sys.stderr)
         return USAGE_ERROR
     except RedisUnreachable as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
+        say(f"{PROG}: {exc}", file=sys.stderr)
         return FAILED
     except KeyboardInterrupt:
         # Whatever was queued stays queued; a progress bar may be mid-line.

@@ -6,6 +6,10 @@ with each acknowledgement, and each supervisor's lease, whose value is its
 state (children and how recently each beat). `dead requeue|purge` and `host
 drain` (control/drain.py) change the queue; none touches results.json.
 
+Everything printed for a person goes through shared.terminal: host ids, list
+names, ids and errors come from Redis, where whoever can write may put terminal
+control sequences; `--json` output is escaped by json.dumps.
+
 Exit codes: 0 fine, 1 unhealthy (`check`), a refused drain or Redis
 unreachable, 2 usage or configuration error, always with one line on stderr,
 never a traceback.
@@ -37,6 +41,7 @@ from shared.redis_queue import (
     ReliableQueue,
     connect,
 )
+from shared.terminal import printable, say
 
 UNHEALTHY = 1
 
@@ -85,7 +90,7 @@ def main(argv: list[str]) -> int:
     try:
         return handler(args, settings, queue)
     except REDIS_ERRORS as exc:
-        complain(f"Redis at {settings.redacted_redis_url()} is unreachable: {exc}")
+        complain(printable(f"Redis at {settings.redacted_redis_url()} is unreachable: {exc}"))
         return UNHEALTHY
 
 
@@ -115,29 +120,29 @@ def status(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -
     if args.json:
         print(json.dumps(report, sort_keys=True))
         return exitcodes.OK
-    print(f"queue {report['queue']}: {report['queue_depth']} waiting, {report['in_flight']} in flight, "
-          f"{report['delayed_retries']} delayed retries, {report['dead_letters']} dead letters")
+    say(f"queue {report['queue']}: {report['queue_depth']} waiting, {report['in_flight']} in flight, "
+         f"{report['delayed_retries']} delayed retries, {report['dead_letters']} dead letters")
     served = {supervisor.get("host_id") for supervisor in report["supervisors"]}
     for host_id, depth in sorted(report["host_queues"].items()):
         whose = "" if host_id in served else "  (no supervisor: `host drain` it if the host is gone for good)"
-        print(f"host {host_id}: {depth} waiting in its own queue{whose}")
+        say(f"host {host_id}: {depth} waiting in its own queue{whose}")
     if report["committing"]:
-        print(f"{report['committing']} records being committed")
+        say(f"{report['committing']} records being committed")
     minute = report["last_minute"]
-    print(f"last minute: {minute['completed']} completed, {minute['failed']} failed, {minute['retried']} retried")
+    say(f"last minute: {minute['completed']} completed, {minute['failed']} failed, {minute['retried']} retried")
     if not report["supervisors"]:
-        print("no supervisor is running on this queue")
+        say("no supervisor is running on this queue")
     for supervisor in report["supervisors"]:
-        print(f"supervisor {supervisor['instance']} on {supervisor['host']} pid {supervisor['pid']}, "
-              f"{len(supervisor['workers'])}/{supervisor['desired_workers']} workers"
-              f"{'' if supervisor['ready'] else ' (starting)'}")
+        say(f"supervisor {supervisor['instance']} on {supervisor['host']} pid {supervisor['pid']}, "
+             f"{len(supervisor['workers'])}/{supervisor['desired_workers']} workers"
+             f"{'' if supervisor['ready'] else ' (starting)'}")
         ledger = supervisor["ledger"]
         if ledger:
-            print(f"  ledger  pid {ledger['pid']:>7}  last beat {_age(ledger['heartbeat_age'])}")
+            say(f"  ledger  pid {ledger['pid']:>7}  last beat {_age(ledger['heartbeat_age'])}")
         for worker in supervisor["workers"]:
             tasks = report["in_flight_by_list"].get(worker["processing_list"], 0)
-            print(f"  worker {worker['slot']:<2} pid {worker['pid']:>7}  last beat {_age(worker['heartbeat_age'])}"
-                  f"  in flight {tasks}")
+            say(f"  worker {worker['slot']:<2} pid {worker['pid']:>7}  last beat {_age(worker['heartbeat_age'])}"
+                 f"  in flight {tasks}")
     return exitcodes.OK
 
 
@@ -167,9 +172,9 @@ def check(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) ->
         instance = _holder_of(settings.output_dir)
         _check_supervisor(queue, instance)
     except Unhealthy as exc:
-        print(f"unhealthy: {exc}", file=sys.stderr)
+        say(f"unhealthy: {exc}", file=sys.stderr)
         return UNHEALTHY
-    print("healthy")
+    say("healthy")
     return exitcodes.OK
 
 
@@ -215,15 +220,15 @@ def host(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> 
             queue, args.host_id, live_host_ids=live_host_ids, dead_letter_max=settings.dead_letter_max
         )
     except HostStillServed as exc:
-        complain(exc)
+        complain(printable(str(exc)))
         return UNHEALTHY
     if report.requeued_lists:
-        print(f"requeued {report.requeued_lists} processing lists of stopped supervisors")
-    print(f"host {args.host_id}: {report.to_shared_queue} tasks to the shared queue {queue.keys.queue}, "
-          f"{report.dead_lettered} shared-memory tasks to the dead letters")
+        say(f"requeued {report.requeued_lists} processing lists of stopped supervisors")
+    say(f"host {args.host_id}: {report.to_shared_queue} tasks to the shared queue {queue.keys.queue}, "
+         f"{report.dead_lettered} shared-memory tasks to the dead letters")
     if report.left:
-        print(f"{report.left} tasks arrived meanwhile and wait in {queue.keys.host(args.host_id)}: "
-              "drain again once producers no longer send to this host")
+        say(f"{report.left} tasks arrived meanwhile and wait in {queue.keys.host(args.host_id)}: "
+             "drain again once producers no longer send to this host")
     return exitcodes.OK
 
 
@@ -238,13 +243,13 @@ def dead(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> 
             if args.json:
                 print(json.dumps(entry, sort_keys=True))
             else:
-                print(f"{entry['failed_at']}  {entry['request_id']}  {entry['image_id']}  "
-                      f"attempts={entry['attempts']}  {entry['error']}")
+                say(f"{entry['failed_at']}  {entry['request_id']}  {entry['image_id']}  "
+                     f"attempts={entry['attempts']}  {entry['error']}")
         return exitcodes.OK
     if args.dead_command == "purge":
         removed = client.llen(keys.dead)
         client.delete(keys.dead)
-        print(f"purged {removed} dead letters")
+        say(f"purged {removed} dead letters")
         return exitcodes.OK
     return _requeue_dead(queue, limit=args.limit)
 
@@ -259,5 +264,5 @@ def _requeue_dead(queue: ReliableQueue, *, limit: int | None) -> int:
             base64.b64decode(entry["message_base64"]) if "message_base64" in entry else entry["message"].encode()
         )
         moved += queue.requeue_dead_letter(raw, message)
-    print(f"requeued {moved} dead letters")
+    say(f"requeued {moved} dead letters")
     return exitcodes.OK

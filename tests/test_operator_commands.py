@@ -7,18 +7,24 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from shared.redis_queue import QueueKeys
-from tests.helpers import REPO_ROOT, Pool, push, wait_for_records, wait_until
+from tests.helpers import POOL_ENV_VARS, REPO_ROOT, Pool, push, wait_for_records, wait_until
 from tests.test_reliability import push_photos, worker_pids
 
 
-def command(pool: Pool, *args: str, redis_url: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "HOSTING_TASKS_QUEUE", "OUTPUT_DIR")}
-    env.update(REDIS_URL=redis_url or pool.redis_url, HOSTING_TASKS_QUEUE=pool.queue, OUTPUT_DIR=str(pool.output_dir))
+def operator_command(*args: str, redis_url: str, queue: str, output_dir: Path) -> subprocess.CompletedProcess:
+    """`python supervisor.py ARGS` as an operator runs it, with only these settings from the environment."""
+    env = {k: v for k, v in os.environ.items() if k not in POOL_ENV_VARS}
+    env.update(REDIS_URL=redis_url, HOSTING_TASKS_QUEUE=queue, OUTPUT_DIR=str(output_dir))
     return subprocess.run(
         [sys.executable, "supervisor.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30
     )
+
+
+def command(pool: Pool, *args: str, redis_url: str | None = None) -> subprocess.CompletedProcess:
+    return operator_command(*args, redis_url=redis_url or pool.redis_url, queue=pool.queue, output_dir=pool.output_dir)
 
 
 def test_status_reports_queue_workers_and_recent_outcomes(pool_factory, redis_client, queue_name, segments):
