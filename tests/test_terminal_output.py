@@ -17,7 +17,7 @@ import pytest
 import structlog
 
 import client.__main__ as client_main
-from shared.config import Settings
+from shared.config import Settings, redact_url
 from shared.logs import configure_logging, escape_for_terminal
 from shared.output import LOCK_NAME
 from shared.records import dead_letter_entry
@@ -25,6 +25,7 @@ from shared.redis_queue import QueueKeys
 from shared.terminal import has_control, printable
 from tests.helpers import push, wait_for_records, wait_until
 from tests.test_operator_commands import command, operator_command
+from tools.local_redis import free_port
 
 # Each would repaint an operator's terminal if printed raw.
 HOSTILE = {
@@ -126,6 +127,43 @@ def test_json_log_keeps_hostile_values_exact_and_escaped(console_log, capsys) ->
     assert {key: event[key] for key in HOSTILE} == HOSTILE
 
 
+# ---------------------------------------------------------------- credentials in URLs
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:s3cret@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://:s3cret@host", "redis://:***@host"),
+        # A lone userinfo goes to AUTH as a user name; people put passwords and tokens there.
+        ("redis://s3cret@host:6379", "redis://***@host:6379"),
+        ("rediss://default:s3cret@host:6380/1?ssl_cert_reqs=none", "rediss://default:***@host:6380/1?ssl_cert_reqs=none"),
+        ("redis://host/0?password=s3cret", "redis://host/0?password=***"),
+        ("redis://host/0?username=app&password=s3cret#x", "redis://host/0?username=app&password=***#x"),
+        ("redis://host/0?PASSWORD=s3cret", "redis://host/0?PASSWORD=***"),
+        ("redis://host/0?pass%77ord=s3cret", "redis://host/0?pass%77ord=***"),
+        ("redis://host/0?db=1;password=s3cret", "redis://host/0?db=1;password=***"),
+        ("redis://host/0?auth_token=s3cret&db=2", "redis://host/0?auth_token=***&db=2"),
+        ("unix://:s3cret@/run/redis/redis.sock?db=0", "unix://:***@/run/redis/redis.sock?db=0"),
+        ("unix:///run/redis/redis.sock?password=s3cret", "unix:///run/redis/redis.sock?password=***"),
+        ("unix:///run/redis@main/redis.sock", "unix:///run/redis@main/redis.sock"),
+        ("redis://us%3Aer:s3cr%40et@host", "redis://us%3Aer:***@host"),
+        ("redis://:s3cret@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+        # Unencoded / ? # in a password end the authority early: hide up to the last "@".
+        ("redis://:s3/cret@host:6379/0", "redis://:***@host:6379/0"),
+        ("redis://user:s3?cret@host", "redis://user:***@host"),
+        ("redis://:s3#cret@host", "redis://:***@host"),
+        ("redis://:s3cret@host:99999", "redis://:***@host:99999"),  # a bad port: still shown, for the error
+        ("  redis://:s3c\tret@host", "redis://:***@host"),  # read as urlsplit reads it
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("redis://user:@host", "redis://user:@host"),
+        ("localhost:6379", "localhost:6379"),
+    ],
+)
+def test_redact_url_hides_every_credential(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
 # ---------------------------------------------------------------- real commands, real Redis
 
 
@@ -204,3 +242,40 @@ def test_client_prints_records_escaped(capsys, tmp_path) -> None:
     out = capsys.readouterr().out
     assert not RAW_CONTROL.search(out)
     assert "req\\x1b]0;pwned\\x07 cannot decode\\x1b[2K" in out and "a\\u202egnp.exe" in out
+
+
+@pytest.fixture
+def protected_user(redis_client):
+    """A user of the private Redis whose password is not s3cret, so AUTH with it really fails."""
+    redis_client.acl_setuser("irw_app", enabled=True, passwords=["+right-pw"], keys=["*"], commands=["+@all"])
+    try:
+        yield "irw_app"
+    finally:
+        redis_client.acl_deluser("irw_app")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:{port}/0?username=irw_app&password=s3cret",
+        "redis://irw_app:s3cret@127.0.0.1:{port}/0",
+        "redis://s3cret@127.0.0.1:{port}/0",  # redis-py sends it to AUTH
+        "redis://:s3cret@127.0.0.1:{free}/0",  # nobody listens
+        "redis://:s3cret@127.0.0.1:99999/0",  # a configuration error
+    ],
+)
+def test_status_never_prints_the_password_in_redis_url(redis_server, protected_user, queue_name, tmp_path, url):
+    url = url.format(port=redis_server.port, free=free_port())
+    done = operator_command("status", redis_url=url, queue=queue_name, output_dir=tmp_path)
+    assert done.returncode in (1, 2) and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "s3cret" not in done.stdout + done.stderr and "***" in done.stderr, done.stderr
+
+
+def test_a_pool_refused_by_redis_never_logs_the_password(pool_factory, redis_server, protected_user):
+    url = f"redis://127.0.0.1:{redis_server.port}/0?username={protected_user}&password=s3cret"
+    pool = pool_factory(workers=1, env={"REDIS_URL": url})
+    waits = wait_until(lambda: len(events := pool.events("redis_unavailable")) >= 2 and events, 20, "no retry")
+    assert waits[0]["redis"] == f"redis://127.0.0.1:{redis_server.port}/0?username={protected_user}&password=***"
+    assert pool.stop() == 0
+    assert "s3cret" not in pool.stderr_text() + pool.stdout_path.read_text(), pool.stderr_text()
+    assert not any("s3cret" in notice for notice in pool.notifications())
