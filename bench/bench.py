@@ -61,13 +61,14 @@ import cv2
 import numpy as np
 import redis
 
-from client.producer import write_segment
-from shared.images import encode_segment, unlink_segment
+from client.producer import unlink_segment, write_segment
+from shared.images import encode_segment
 from shared.messages import SegmentRef
 from shared.output import RESULTS_NAME, write_durably
 from shared.records import COMPLETED, CompletionRecord
 from shared.redis_queue import QueueKeys
 from shared.results_file import ResultsFile
+from shared.segments import SegmentAccess
 from tests.helpers import POOL_ENV_VARS, photo_of_size
 from tools.local_redis import LocalRedis
 
@@ -96,6 +97,8 @@ LEDGER_BATCH = 256
 MAX_REDOS = 2
 SECTIONS = ("memory", "ledger", "throughput", "latency", "startup", "idle")
 SHM_DIR = Path("/dev/shm")
+# The baselines read the bench's own segments with the pool's checks.
+SEGMENT_ACCESS = SegmentAccess(prefix="", owner_uids=frozenset({os.getuid()}))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -386,7 +389,9 @@ def _limit_child(
         encode_ns = 0
         for task in share:
             encode_started = time.thread_time_ns()
-            image = encode_segment(SegmentRef(task.segment, task.shape, "uint8"), quality=QUALITY)
+            image = encode_segment(
+                SegmentRef(task.segment, task.shape, "uint8"), quality=QUALITY, access=SEGMENT_ACCESS
+            )
             encode_ns += time.thread_time_ns() - encode_started
             (write_durably if durable else write_plainly)(outdir / f"{task.request_id}.jpg", image.jpeg)
             unlink_segment(task.segment)
@@ -1169,7 +1174,7 @@ def _memory_child(names: list[str], shape: tuple[int, int, int], conn: multiproc
         refs = [SegmentRef(name, shape, "uint8") for name in names]
         # The first frame includes one-time allocations (libjpeg, the output
         # buffer); it counts too, so the figure is an upper bound.
-        shm_runs = [_peak_anon_growth_kb(lambda ref=ref: encode_segment(ref, quality=QUALITY)) for ref in refs]
+        shm_runs = [_peak_anon_growth_kb(lambda ref=ref: encode_segment(ref, quality=QUALITY, access=SEGMENT_ACCESS)) for ref in refs]
 
         def encode_a_copy() -> None:
             import mmap

@@ -57,12 +57,12 @@ from shared import channel, exitcodes, output, process
 from shared.backoff import compute_backoff
 from shared.config import Settings
 from shared.faults import crash_point
-from shared.images import unlink_segment
 from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import REDIS_ERRORS, Acknowledgement, QueueKeys, ReliableQueue, connect
 from shared.results_file import ResultsFile, ResultsFileError, encode_line
+from shared.segments import SegmentAccess, unlink_segment
 from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
 
 log = structlog.get_logger()
@@ -72,7 +72,6 @@ MAX_BATCH = 1024
 # LINGER_RECORDS records or its first record is LINGER_SECONDS old.
 LINGER_SECONDS = 0.025
 LINGER_RECORDS = 64
-MAX_DATAGRAM = 1 << 20
 WAKEUP = "wakeup"  # selector data of the signal wakeup pipe
 # Task ids remembered for dropping redelivered duplicates; redeliveries go to
 # the head of the queue, so they come back long before this many records.
@@ -99,6 +98,7 @@ class Ledger:
         self.results = ResultsFile(settings.output_dir / output.RESULTS_NAME)
         self.pending_unlinks = settings.output_dir / ".unlink-pending"
         self.pending_unlinks_fd = -1  # kept open: it is rewritten for every batch
+        self.segment_access = SegmentAccess.from_settings(settings)
         self.selector = selectors.DefaultSelector()
         self.connections = 0
         self.unwritten: list[CompletionRecord] = []  # read but not yet durable
@@ -211,7 +211,7 @@ class Ledger:
     def _read(self, conn: socket.socket) -> None:
         while len(self.unwritten) < MAX_BATCH:
             try:
-                datagram = conn.recv(MAX_DATAGRAM)
+                datagram = conn.recv(channel.MAX_DATAGRAM)
             except BlockingIOError:
                 return
             except OSError:
@@ -497,23 +497,31 @@ class Ledger:
             os.pwrite(self.pending_unlinks_fd, listing, 0)
             os.ftruncate(self.pending_unlinks_fd, len(listing))
 
-    def _unlink_segments(self, names: list[str]) -> None:
+    def _unlink_segments(self, names: list[str], *, after_crash: bool = False) -> None:
+        """Step 5. A name that is not the pipeline's, or a file that is not a
+        segment we own, is left alone and logged (shared.segments): no name in
+        a message can make this raise, so none can stop the ledger."""
         for name in names:
-            if unlink_segment(name):
+            outcome = unlink_segment(name, self.segment_access)
+            if outcome == "unlinked" and after_crash:
+                log.info("segment_unlinked_after_crash", segment=name)
+            elif outcome == "unlinked":
                 log.debug("segment_unlinked", segment=name)
+            elif outcome != "gone":
+                log.warning("segment_not_unlinked", segment=name, reason=outcome)
         if names:
             os.ftruncate(self.pending_unlinks_fd, 0)
 
     def _finish_interrupted_unlinks(self) -> None:
         """Step 5 for the batch the last ledger acknowledged but did not finish."""
         listed = os.pread(self.pending_unlinks_fd, 1 << 20, 0).decode(errors="replace").split()
+        names = []
         for value in listed:
             try:
-                name = segment_name(value)
+                names.append(segment_name(value))
             except InvalidMessage:
-                continue
-            if unlink_segment(name):
-                log.info("segment_unlinked_after_crash", segment=name)
+                log.warning("segment_not_unlinked", segment=value[:80], reason="not a segment name")
+        self._unlink_segments(names, after_crash=True)
         os.ftruncate(self.pending_unlinks_fd, 0)
 
     def _drain_before_exit(self) -> None:
