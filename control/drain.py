@@ -13,6 +13,9 @@ gone with it, and each task can still end once elsewhere:
 - anything else (a URL task, a message no host could parse) goes to the shared
   queue as it is, where it ends as any task does.
 
+The host's queue holds producers' bytes only; a task that was requeued there
+left its identity (task id, deliveries) in Redis, which goes with it.
+
 First it does what a running supervisor would: requeue the processing lists of
 supervisors whose lease expired, so the host's claimed tasks are in its queue.
 It refuses while a supervisor with that HOST_ID holds a lease.
@@ -24,7 +27,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from shared.messages import ENVELOPE_MAGIC, InvalidMessage, make_envelope, parse_envelope, salvage
+from shared.messages import salvage
 from shared.records import dead_letter_entry
 from shared.redis_queue import ReliableQueue
 
@@ -41,7 +44,6 @@ class Disposal:
 
     target: str  # SHARED or DEAD
     value: bytes
-    task_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,39 +65,28 @@ def drain_host(queue: ReliableQueue, host_id: str, *, live_host_ids: set[str], d
     moved = {SHARED: 0, DEAD: 0}
     # A snapshot: what producers push meanwhile is reported as left, not chased forever.
     for entry in queue.client.lrange(host_queue, 0, -1):
-        disposal = dispose(entry, host_id=host_id, shared_queue=queue.keys.queue, now=datetime.now())
+        task_id, deliveries = queue.identity_left(host_queue, entry) or (None, 0)
+        disposal = dispose(entry, host_id=host_id, task_id=task_id, deliveries=deliveries, now=datetime.now())
         target = queue.keys.queue if disposal.target == SHARED else queue.keys.dead
         keep = dead_letter_max if disposal.target == DEAD else 0
-        if queue.drain_host_entry(
-            host_queue, entry, target=target, value=disposal.value, task_id=disposal.task_id, keep=keep
-        ):
+        if queue.drain_host_entry(host_queue, entry, target=target, value=disposal.value, keep=keep):
             moved[disposal.target] += 1
     return DrainReport(len(orphans), moved[SHARED], moved[DEAD], queue.client.llen(host_queue))
 
 
-def dispose(entry: bytes, *, host_id: str, shared_queue: str, now: datetime) -> Disposal:
-    """Decide one entry's fate: a raw producer message or a requeued envelope."""
-    task_id, deliveries, body = None, 0, entry
-    if entry.startswith(ENVELOPE_MAGIC):
-        try:
-            envelope = parse_envelope(entry)
-        except InvalidMessage:
-            return Disposal(SHARED, entry, None)  # the next worker fails it with a record
-        task_id, deliveries, body = envelope.task_id, envelope.deliveries, envelope.body
+def dispose(entry: bytes, *, host_id: str, task_id: str | None, deliveries: int, now: datetime) -> Disposal:
+    """Decide one entry's fate; `task_id` and `deliveries` are the identity it
+    left behind if it was requeued there (for its dead letter)."""
     try:
-        message = json.loads(body)
+        message = json.loads(entry)
     except (ValueError, RecursionError):
         message = None
     if not isinstance(message, dict) or "shm_info" not in message:
-        return Disposal(SHARED, entry, task_id)
+        return Disposal(SHARED, entry)
     if isinstance(message.get("image_url"), str):
         del message["shm_info"]
-        rewritten = json.dumps(message, ensure_ascii=False).encode()
-        if task_id is not None:
-            # The envelope keeps the task's id and deliveries; its origin is now the shared queue.
-            rewritten = make_envelope(task_id, deliveries, rewritten, shared_queue)
-        return Disposal(SHARED, rewritten, task_id)
-    found = salvage(body)
+        return Disposal(SHARED, json.dumps(message, ensure_ascii=False).encode())
+    found = salvage(entry)
     error = (
         f"host {host_id} was drained: its shared-memory segment {found.segment_name or '(unnamed)'} "
         "went with it and the task has no image_url"
@@ -107,6 +98,6 @@ def dispose(entry: bytes, *, host_id: str, shared_queue: str, now: datetime) -> 
         image_id=found.image_id,
         attempts=deliveries,
         error=error,
-        message=body,
+        message=entry,
     )
-    return Disposal(DEAD, letter, task_id)
+    return Disposal(DEAD, letter)

@@ -18,6 +18,9 @@ import socket
 from shared.records import CompletionRecord
 
 SEND_BUFFER_BYTES = 1 << 20
+# The largest datagram the ledger reads; one larger would be cut, and unpickling
+# the rest would fail.
+MAX_DATAGRAM = 1 << 20
 
 
 def ledger_address(instance: str) -> str:
@@ -45,8 +48,19 @@ def connect(address: str) -> socket.socket:
 
 
 def send_records(sock: socket.socket, records: list[CompletionRecord]) -> None:
-    """One datagram: the ledger gets all of these records or none."""
-    sock.sendall(pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL))
+    """One datagram: the ledger gets all of these records or none. Records that
+    do not fit in one go one by one; a record that does not fit alone is sent
+    as its failure (CompletionRecord.too_large), so nothing the ledger reads is
+    ever cut short."""
+    payload = pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(payload) <= MAX_DATAGRAM:
+        sock.sendall(payload)
+        return
+    for record in records:
+        payload = pickle.dumps([record], protocol=pickle.HIGHEST_PROTOCOL)
+        if len(payload) > MAX_DATAGRAM:
+            payload = pickle.dumps([record.too_large(len(payload))], protocol=pickle.HIGHEST_PROTOCOL)
+        sock.sendall(payload)
 
 
 def decode_records(datagram: bytes) -> list[CompletionRecord]:

@@ -1,11 +1,13 @@
 """The wire format: hosting task messages and the envelope we keep them in.
 
 Producers RPUSH the seed's JSON messages. When a worker claims one, a Lua script
-wraps it in an envelope (`irw1 <task_id> <deliveries> <original_length> <origin>\\n<body>`)
-inside the worker's processing list, so the task keeps one identity and a
-delivery count across redeliveries. Everything in a message is untrusted: this
-module turns bytes into a `Task` or raises `InvalidMessage` with a reason a
-person can act on, and never lets another exception escape.
+wraps it, whatever its bytes, in an envelope
+(`irw2 <task_id> <deliveries> <original_length> <origin>\\n<body>`) inside the
+worker's processing list, a list only the pool writes (shared.redis_queue), so
+the task keeps one identity and a delivery count across redeliveries. The
+worker is handed at most MAX_MESSAGE_BYTES of the body. Everything in a message
+is untrusted: this module turns bytes into a `Task` or raises `InvalidMessage`
+with a reason a person can act on, and never lets another exception escape.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 
-ENVELOPE_MAGIC = b"irw1 "
+ENVELOPE_MAGIC = b"irw2 "
 # The old producer form: shm_info was a bare segment name of a 1024x1024 BGR frame.
 LEGACY_SHAPE = (1024, 1024, 3)
 LEGACY_DTYPE = "uint8"
@@ -75,8 +77,8 @@ class Task:
 def parse_envelope(raw: bytes) -> Envelope:
     """Split an envelope written by the claim script. Raises InvalidMessage."""
     header, sep, body = raw.partition(b"\n")
-    fields = header.split(b" ")  # magic, task id, deliveries, length[, origin list]
-    if not raw.startswith(ENVELOPE_MAGIC) or not sep or len(fields) not in (4, 5):
+    fields = header.split(b" ")  # magic, task id, deliveries, length, origin
+    if not raw.startswith(ENVELOPE_MAGIC) or not sep or len(fields) != 5:
         raise InvalidMessage("processing list holds an entry that is not an envelope")
     try:
         task_id = fields[1].decode("ascii")
@@ -87,12 +89,6 @@ def parse_envelope(raw: bytes) -> Envelope:
     if not TASK_ID.fullmatch(task_id) or deliveries < 1:
         raise InvalidMessage("envelope header is malformed")
     return Envelope(task_id, deliveries, body, len(body) < original_length, raw)
-
-
-def make_envelope(task_id: str, deliveries: int, body: bytes, origin: str) -> bytes:
-    """An envelope as the claim script writes it, around a whole body, for
-    operator tools that move a claimed task by hand (see control/drain.py)."""
-    return b"%s%s %d %d %s\n%s" % (ENVELOPE_MAGIC, task_id.encode("ascii"), deliveries, len(body), origin.encode(), body)
 
 
 def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:

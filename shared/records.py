@@ -16,6 +16,8 @@ COMPLETED = "completed"
 FAILED = "failed"
 # Not a results.json status: the task goes to the delayed-retry set instead.
 RETRY = "retry"
+# Bytes of the message and of each id kept in a record too large to send.
+TOO_LARGE_KEPT = 1024
 
 
 @dataclass(slots=True)
@@ -43,6 +45,27 @@ class CompletionRecord:
     file_path: str | None = None  # chosen by the ledger
     results_json: bytes | None = None  # set by the ledger: the line it appended, sent on to the results stream
     duplicate: bool = False  # set by the ledger: this task already has its record
+
+    def too_large(self, size: int) -> CompletionRecord:
+        """This task's failure, small enough to send, for a record of `size`
+        bytes that is not. The envelope keeps its header and the start of the
+        message: the acknowledgement finds the whole one by its header."""
+        header, _, body = self.envelope.partition(b"\n")
+        return CompletionRecord(
+            task_id=self.task_id,
+            delivery=self.delivery,
+            envelope=header + b"\n" + body[:TOO_LARGE_KEPT],
+            processing_key=self.processing_key,
+            request_id=(self.request_id or "")[:TOO_LARGE_KEPT] or None,
+            image_id=(self.image_id or "")[:TOO_LARGE_KEPT] or None,
+            status=FAILED,
+            finished_at=self.finished_at,
+            error=f"its completion record ({size} bytes) is too large to send to the ledger",
+            source=self.source,
+            duration_ms=self.duration_ms,
+            segment_name=self.segment_name,
+            sent_at=self.sent_at,
+        )
 
     def results_line(self) -> dict:
         """The record as results.json holds it; the seed's five fields come first."""

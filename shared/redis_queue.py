@@ -14,6 +14,8 @@ are requeued by whichever supervisor notices first.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -23,7 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from shared.config import Settings, has_hash_tag
+from shared.config import HOST_ID, Settings, has_hash_tag
 
 # Blocking waits stay well under the socket timeout so a silent dead peer
 # (Redis restarted behind a NAT, say) is noticed instead of hanging forever.
@@ -38,80 +40,141 @@ CLAIM_REPLICATION_MS = 1000
 # worker that died on them would be respawned straight into the same error.
 REDIS_ERRORS = (redis.exceptions.RedisError,)
 
-# An envelope: "irw1 <task id> <deliveries> <original length> <origin>\n<message>",
-# where origin is the list the message was first claimed from, so a requeue can
-# put it back there (a host's own queue, or the shared one).
-_STAMP = """
-local function stamp(raw, id, max_bytes, origin)
-  local task_id, deliveries, rest, body = string.match(raw, '^irw1 ([%w%-]+) (%d+) ([^\\n]*)\\n(.*)$')
-  if task_id then
-    return 'irw1 ' .. task_id .. ' ' .. (tonumber(deliveries) + 1) .. ' ' .. rest .. '\\n' .. body
+# The producers' lists (the queue, the host queues) hold only the bytes
+# producers pushed: a message taken from them is wrapped in an envelope in a
+# processing list, which only the pool writes, and goes back byte-identical.
+#
+#   envelope: "irw2 <task id> <deliveries> <length> <origin>\n<message>"
+#
+# origin is "s" (the shared queue) or "h" (the claiming host's own queue); a
+# script never takes a key's name from an envelope or a message (Redis's rule
+# for scripts: every key comes in KEYS). A message that goes back keeps its
+# identity in the redelivery hash, under "<list> <sha1 of the message>" ->
+# "<task id>:<deliveries>" (space-separated, one per copy that went back), and
+# takes it up again when it is next claimed from that list: poison detection
+# (MAX_ATTEMPTS) and the ledger's duplicate check see one task across crashes.
+#
+# The envelope always holds the whole message, so that it can go back as it
+# came; a worker is handed at most max_bytes of it, and knows from <length>
+# that it was cut (see shared.messages.parse_envelope).
+_ENVELOPES = """
+local function identity_field(list, message)
+  return list .. ' ' .. redis.sha1hex(message)
+end
+
+-- The identity a message left behind when it went back to `list`, taken up.
+local function take_identity(redelivery, list, message)
+  local field = identity_field(list, message)
+  local held = redis.call('HGET', redelivery, field)
+  if not held then return nil end
+  local first, rest = string.match(held, '^(%S+) ?(.*)$')
+  if rest == '' then redis.call('HDEL', redelivery, field) else redis.call('HSET', redelivery, field, rest) end
+  return first
+end
+
+local function leave_identity(redelivery, list, message, identity)
+  local field = identity_field(list, message)
+  local held = redis.call('HGET', redelivery, field)
+  redis.call('HSET', redelivery, field, held and (held .. ' ' .. identity) or identity)
+end
+
+-- Wrap a message taken from `list`; returns the envelope and the worker's view of it.
+local function wrap(redelivery, list, origin, message, fresh_id, max_bytes)
+  local task_id, deliveries = fresh_id, 1
+  local known = take_identity(redelivery, list, message)
+  if known then
+    local id, count = string.match(known, '^([%w%-]+):(%d+)$')
+    if id then task_id, deliveries = id, tonumber(count) + 1 end
   end
-  return 'irw1 ' .. id .. ' 1 ' .. #raw .. ' ' .. origin .. '\\n' .. string.sub(raw, 1, max_bytes)
+  local header = 'irw2 ' .. task_id .. ' ' .. deliveries .. ' ' .. #message .. ' ' .. origin .. '\\n'
+  local envelope = header .. message
+  if #message <= max_bytes then return envelope, envelope end
+  return envelope, header .. string.sub(message, 1, max_bytes)
+end
+
+-- An envelope's parts; nil for anything else (a damaged entry).
+local function unwrap(envelope)
+  return string.match(envelope, '^irw[12] ([%w%-]+) (%d+) %d+ (%S+)\\n(.*)$')
 end
 """
 
 # Up to ARGV[1] messages, the host's own queue first, and never more than half
 # of those waiting, so that the last tasks of a burst spread over the workers.
 # KEYS: shared queue, processing list, host queue (the shared queue again when
-# there is none). ARGV: count, id prefix, max message bytes.
-CLAIM_SCRIPT = _STAMP + """
+# there is none), redelivery. ARGV: count, max message bytes, then one fresh
+# task id per message.
+CLAIM_SCRIPT = _ENVELOPES + """
 local waiting = redis.call('LLEN', KEYS[3])
 if KEYS[3] ~= KEYS[1] then waiting = waiting + redis.call('LLEN', KEYS[1]) end
+local max_bytes = tonumber(ARGV[2])
 local claimed = {}
 for i = 1, math.min(tonumber(ARGV[1]), math.max(1, math.floor(waiting / 2))) do
-  local origin = KEYS[3]
-  local raw = redis.call('LPOP', origin)
-  if not raw and KEYS[3] ~= KEYS[1] then
-    origin = KEYS[1]
-    raw = redis.call('LPOP', origin)
+  local list, origin = KEYS[3], 'h'
+  if KEYS[3] == KEYS[1] then origin = 's' end
+  local message = redis.call('LPOP', list)
+  if not message and KEYS[3] ~= KEYS[1] then
+    list, origin = KEYS[1], 's'
+    message = redis.call('LPOP', list)
   end
-  if not raw then break end
-  local envelope = stamp(raw, ARGV[2] .. '-' .. i, tonumber(ARGV[3]), origin)
+  if not message then break end
+  local envelope, view = wrap(KEYS[4], list, origin, message, ARGV[2 + i], max_bytes)
   redis.call('RPUSH', KEYS[2], envelope)
-  claimed[#claimed + 1] = envelope
+  claimed[#claimed + 1] = view
 end
 return claimed
 """
 
-# After a BLMOVE put a raw message at the tail of the processing list. KEYS:
-# processing. ARGV: task id, max message bytes, the list BLMOVE took it from.
-STAMP_TAIL_SCRIPT = _STAMP + """
-local raw = redis.call('LINDEX', KEYS[1], -1)
-if not raw then return false end
-local envelope = stamp(raw, ARGV[1], tonumber(ARGV[2]), ARGV[3])
-redis.call('LSET', KEYS[1], -1, envelope)
-return envelope
+# After a BLMOVE put a message into the worker's incoming list: wrap it into
+# the processing list. KEYS: incoming, processing, redelivery, the list BLMOVE
+# took it from. ARGV: task id, max message bytes, origin of that list.
+STAMP_INCOMING_SCRIPT = _ENVELOPES + """
+local message = redis.call('LPOP', KEYS[1])
+if not message then return false end
+local envelope, view = wrap(KEYS[3], KEYS[4], ARGV[3], message, ARGV[1], tonumber(ARGV[2]))
+redis.call('RPUSH', KEYS[2], envelope)
+return view
 """
 
 # Each task back to the head of the list it came from, in the order they were
-# claimed; an envelope without an origin goes to the shared queue. A dead
-# host's URL tasks so return to the shared queue for any host, its shared-memory
-# tasks to its own queue, to wait for it. The last ARGV[1] envelopes of the list
-# were claimed but never started (a worker claims several at a time): their
-# delivery count goes back down, so that a task that kills its worker does not
-# use up the attempts of the tasks claimed with it.
+# claimed, as the bytes its producer pushed; its identity stays behind in the
+# redelivery hash. A dead host's URL tasks so return to the shared queue for
+# any host, its shared-memory tasks to its own queue, to wait for it. The last
+# ARGV[1] envelopes of the list were claimed but never started (a worker claims
+# several at a time): their delivery count goes back down, so that a task that
+# kills its worker does not use up the attempts of the tasks claimed with it.
 # A task whose record a ledger was committing (see mark_committing) goes to
-# that ledger's host queue instead: the record may be on that host's disk,
-# and only that host's ledger can tell, and drop the task as a duplicate.
-# A message BLMOVE brought in but the worker never stamped (it died or was
-# stopped between the two calls) has no origin of its own: it goes back to the
-# list that worker waited on, which register() wrote down.
-# KEYS: processing, queue, registry, committing, wait sources. ARGV: how many
+# the host queue of that list's host instead: the record may be on that
+# host's disk, and only that host's ledger can tell, and drop the task as a
+# duplicate. A message BLMOVE brought in but the worker never wrapped (it died
+# or was stopped between the two calls) goes back to the list it came from.
+# KEYS: processing, queue, registry, committing, wait sources, incoming, the
+# list's host queue, the list its worker waits on, redelivery. ARGV: how many
 # were never started.
-REQUEUE_SCRIPT = """
+REQUEUE_SCRIPT = _ENVELOPES + """
 local moved, unstarted = 0, tonumber(ARGV[1])
-local waited_on = redis.call('HGET', KEYS[5], KEYS[1]) or KEYS[2]
 while true do
   local envelope = redis.call('RPOP', KEYS[1])
   if not envelope then break end
-  local task_id, deliveries, rest = string.match(envelope, '^irw1 ([%w%-]+) (%d+) (.*)$')
-  if task_id and moved < unstarted then
-    envelope = 'irw1 ' .. task_id .. ' ' .. math.max(0, tonumber(deliveries) - 1) .. ' ' .. rest
+  local task_id, deliveries, origin, message = unwrap(envelope)
+  if task_id then
+    deliveries = tonumber(deliveries)
+    if moved < unstarted then deliveries = math.max(0, deliveries - 1) end
+    local list = KEYS[2]
+    -- An envelope of version 1 named its origin list; "h" is the host's queue.
+    if origin == 'h' or origin == KEYS[7] or redis.call('HEXISTS', KEYS[4], task_id) == 1 then
+      list = KEYS[7]
+    end
+    redis.call('LPUSH', list, message)
+    leave_identity(KEYS[9], list, message, task_id .. ':' .. deliveries)
+  else
+    redis.call('LPUSH', KEYS[2], envelope)  -- not an envelope: nothing to unwrap, nothing lost
   end
-  local origin = string.match(envelope, '^irw1 %S+ %d+ %d+ (%S+)\\n') or (task_id and KEYS[2]) or waited_on
-  local committer = task_id and redis.call('HGET', KEYS[4], task_id)
-  redis.call('LPUSH', committer or origin, envelope)
+  moved = moved + 1
+end
+while true do
+  local message = redis.call('RPOP', KEYS[6])
+  if not message then break end
+  redis.call('LPUSH', KEYS[8], message)
   moved = moved + 1
 end
 redis.call('SREM', KEYS[3], KEYS[1])
@@ -119,11 +182,18 @@ redis.call('HDEL', KEYS[5], KEYS[1])
 return moved
 """
 
-# Due retries move to the tail of the queue. KEYS: delayed, queue. ARGV: now, limit.
-PROMOTE_SCRIPT = """
+# Due retries move to the tail of the queue, as their producers' bytes, with
+# their identity left behind. KEYS: delayed, queue, redelivery. ARGV: now, limit.
+PROMOTE_SCRIPT = _ENVELOPES + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, envelope in ipairs(due) do
-  redis.call('RPUSH', KEYS[2], envelope)
+  local task_id, deliveries, _, message = unwrap(envelope)
+  if task_id then
+    redis.call('RPUSH', KEYS[2], message)
+    leave_identity(KEYS[3], KEYS[2], message, task_id .. ':' .. deliveries)
+  else
+    redis.call('RPUSH', KEYS[2], envelope)
+  end
   redis.call('ZREM', KEYS[1], envelope)
 end
 return #due
@@ -143,6 +213,20 @@ return #due
 # its duplicate then brings the announcement. A retry is scheduled only by the
 # delivery that still held the task, so a requeued task is not also retried.
 ACK_SCRIPT = """
+-- A worker holds a message cut at max_bytes as its envelope's header and the
+-- first max_bytes: that envelope is found by its header, which is unique.
+local function remove(list, envelope)
+  local removed = redis.call('LREM', list, 1, envelope)
+  if removed == 1 then return 1 end
+  local header, length = string.match(envelope, '^(irw2 [%w%-]+ %d+ (%d+) %S+\\n)')
+  if header and #envelope - #header < tonumber(length) then
+    for _, entry in ipairs(redis.call('LRANGE', list, 0, -1)) do
+      if string.sub(entry, 1, #header) == header then return redis.call('LREM', list, 1, entry) end
+    end
+  end
+  return 0
+end
+
 local dead_max, now = tonumber(ARGV[1]), tonumber(ARGV[2])
 local stream_maxlen, keep_ids = tonumber(ARGV[6]), tonumber(ARGV[7])
 local pushed_dead, announced = false, false
@@ -150,7 +234,7 @@ for i = 7, #KEYS do
   local at = 8 + (i - 7) * 6
   local envelope, kind, dead_letter, retry_at, task_id, event =
     ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
-  local removed = redis.call('LREM', KEYS[i], 1, envelope)
+  local removed = remove(KEYS[i], envelope)
   redis.call('HDEL', KEYS[6], task_id)
   if kind == 'final' then
     if redis.call('ZADD', KEYS[2], 'NX', now, task_id) == 1 then
@@ -196,14 +280,20 @@ return 0
 """
 
 # One entry of a lost host's queue on to where it can still end, unless the
-# host (or another drain) took it meanwhile; its committing mark goes with it.
-# KEYS: host queue, target list, committing. ARGV: the entry, what to push,
-# task id ('' for none), how many entries the target keeps (0: no limit).
-DRAIN_ENTRY_SCRIPT = """
+# host (or another drain) took it meanwhile. The identity it left behind goes
+# with it to the shared queue (under its new bytes), and its committing mark
+# is dropped. KEYS: host queue, target list, committing, redelivery. ARGV: the
+# entry, what to push, how many entries the target keeps (0: no limit), "1"
+# when the target is a queue (not the dead letters).
+DRAIN_ENTRY_SCRIPT = _ENVELOPES + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
-if ARGV[3] ~= '' then redis.call('HDEL', KEYS[3], ARGV[3]) end
-if tonumber(ARGV[4]) > 0 then redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1) end
+local known = take_identity(KEYS[4], KEYS[1], ARGV[1])
+if known then
+  redis.call('HDEL', KEYS[3], string.match(known, '^[^:]*'))
+  if ARGV[4] == '1' then leave_identity(KEYS[4], KEYS[2], ARGV[2], known) end
+end
+if tonumber(ARGV[3]) > 0 then redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1) end
 return 1
 """
 
@@ -221,6 +311,13 @@ end
 redis.call('RPUSH', KEYS[3], ARGV[2])
 return 0
 """
+
+
+def fresh_task_ids(count: int) -> list[str]:
+    """Task ids for new tasks: 96 random bits each, so that none can be guessed
+    from another (they appear in results.json) nor collide across hosts."""
+    randomness = os.urandom(12 * count).hex()
+    return [randomness[24 * i: 24 * (i + 1)] for i in range(count)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,8 +363,15 @@ class QueueKeys:
 
     @property
     def wait_sources(self) -> str:
-        """Hash: processing list -> the list its worker's BLMOVE waits on."""
+        """Hash: processing list -> "<the list its worker's BLMOVE waits on> <its host's queue>",
+        where a requeue sends a message that was never wrapped, and host-queue tasks."""
         return f"{self.prefix}:wait_sources"
+
+    @property
+    def redelivery(self) -> str:
+        """Hash: "<list> <sha1 of a message>" -> the identities ("<task id>:<deliveries>")
+        of the copies of that message that went back to that list (see _ENVELOPES)."""
+        return f"{self.prefix}:redelivery"
 
     @property
     def dead(self) -> str:
@@ -291,6 +395,11 @@ class QueueKeys:
     def processing(self, instance: str, worker: str) -> str:
         return f"{self.prefix}:processing:{instance}:{worker}"
 
+    def incoming(self, processing_key: str) -> str:
+        """Where a worker's blocking wait moves one message, before it is wrapped
+        into `processing_key`: a list of producers' bytes only."""
+        return processing_key.replace(":processing:", ":incoming:", 1)
+
     def lease(self, instance: str) -> str:
         return f"{self.prefix}:lease:{instance}"
 
@@ -310,6 +419,11 @@ class QueueKeys:
         """Hash: task id -> the host queue of the ledger committing its record,
         from just before the commit until the acknowledgement."""
         return f"{self.prefix}:committing"
+
+    def is_producers_list(self, key: str) -> bool:
+        """The queue or one host's queue: the lists producers push onto."""
+        host_prefix = self.host("")
+        return key == self.queue or (key.startswith(host_prefix) and HOST_ID.fullmatch(key[len(host_prefix):]) is not None)
 
     def instance_of(self, processing_key: str) -> str | None:
         prefix = f"{self.prefix}:processing:"
@@ -389,7 +503,7 @@ class ReliableQueue:
         self._host_queue = host_queue
         self._wait_on_host_queue = wait_on_host_queue
         self._claim = client.register_script(CLAIM_SCRIPT)
-        self._stamp_tail = client.register_script(STAMP_TAIL_SCRIPT)
+        self._stamp_incoming = client.register_script(STAMP_INCOMING_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
         self._promote = client.register_script(PROMOTE_SCRIPT)
         self._ack = client.register_script(ACK_SCRIPT)
@@ -398,33 +512,42 @@ class ReliableQueue:
 
     def register(self, processing_key: str) -> None:
         """List a worker's processing list, so that it is requeued if orphaned,
-        with the list its blocking wait takes from, where an unstamped message goes back."""
+        with the list its blocking wait takes from (where a message not yet
+        wrapped goes back) and its host's queue (where host-queue tasks do)."""
         with self.client.pipeline(transaction=True) as pipe:
             pipe.sadd(self.keys.registry, processing_key)
-            pipe.hset(self.keys.wait_sources, processing_key, self._wait_source())
+            pipe.hset(self.keys.wait_sources, processing_key, f"{self._wait_source()} {self._own_queue()}")
             pipe.execute()
 
-    def claim(self, processing_key: str, *, count: int, id_prefix: str) -> list[bytes]:
+    def claim(self, processing_key: str, *, count: int) -> list[bytes]:
         """Up to `count` envelopes moved into `processing_key`, without waiting:
         from this host's queue first, when it has one, then the shared queue."""
-        keys = [self.keys.queue, processing_key, self._host_queue or self.keys.queue]
-        claimed = self._claim(keys=keys, args=[count, id_prefix, self._max_bytes])
+        keys = [self.keys.queue, processing_key, self._own_queue(), self.keys.redelivery]
+        claimed = self._claim(keys=keys, args=[count, self._max_bytes, *fresh_task_ids(count)])
         if claimed:
             self._wait_for_replica()
         return claimed
 
-    def wait_and_claim(self, processing_key: str, *, task_id: str) -> bytes | None:
+    def wait_and_claim(self, processing_key: str) -> bytes | None:
         """Block up to block_seconds for one message; None when none came. With a
         host queue, the wait is on it (shared-memory tasks are the latency-bound
         ones); the shared queue is looked at on every turn by `claim`."""
         source = self._wait_source()
-        moved = self.client.blmove(source, processing_key, self._block_seconds, "LEFT", "RIGHT")
+        incoming = self.keys.incoming(processing_key)
+        moved = self.client.blmove(source, incoming, self._block_seconds, "LEFT", "RIGHT")
         if moved is None:
             return None
-        envelope = self._stamp_tail(keys=[processing_key], args=[task_id, self._max_bytes, source]) or None
+        origin = "s" if source == self.keys.queue else "h"
+        envelope = self._stamp_incoming(
+            keys=[incoming, processing_key, self.keys.redelivery, source],
+            args=[fresh_task_ids(1)[0], self._max_bytes, origin],
+        )
         if envelope:
             self._wait_for_replica()
-        return envelope
+        return envelope or None
+
+    def _own_queue(self) -> str:
+        return self._host_queue or self.keys.queue
 
     def _wait_source(self) -> str:
         return self._host_queue if self._host_queue and self._wait_on_host_queue else self.keys.queue
@@ -442,11 +565,24 @@ class ReliableQueue:
             )
 
     def requeue(self, processing_key: str, unstarted: int = 0) -> int:
-        """Return every task in a processing list to the head of the queue; the
-        last `unstarted` of them were never started and are not counted as a
-        delivery."""
-        keys = [processing_key, self.keys.queue, self.keys.registry, self.keys.committing, self.keys.wait_sources]
+        """Return every task in a processing list to the head of the list it
+        came from, as its producer's bytes; the last `unstarted` of them were
+        never started and are not counted as a delivery."""
+        wait_source, host_queue = self._registered_lists(processing_key)
+        keys = [
+            processing_key, self.keys.queue, self.keys.registry, self.keys.committing, self.keys.wait_sources,
+            self.keys.incoming(processing_key), host_queue, wait_source, self.keys.redelivery,
+        ]
         return int(self._requeue(keys=keys, args=[unstarted]))
+
+    def _registered_lists(self, processing_key: str) -> tuple[str, str]:
+        """The wait source and host queue `register` wrote down for a list.
+        Only a list of this queue is believed; anything else means the shared queue."""
+        raw = self.client.hget(self.keys.wait_sources, processing_key) or b""
+        names = raw.decode(errors="replace").split(" ")
+        lists = [name if self.keys.is_producers_list(name) else self.keys.queue for name in names[:2]]
+        wait_source = lists[0] if lists else self.keys.queue
+        return wait_source, lists[1] if len(lists) > 1 else wait_source
 
     def mark_committing(self, task_ids: list[str], host_queue: str) -> None:
         """Say, before a ledger commits their records, that these tasks' records
@@ -489,7 +625,8 @@ class ReliableQueue:
 
     def promote_due_retries(self, now: float, *, limit: int = 1000) -> int:
         """Move retries whose time has come back onto the queue."""
-        return int(self._promote(keys=[self.keys.delayed, self.keys.queue], args=[now, limit]))
+        keys = [self.keys.delayed, self.keys.queue, self.keys.redelivery]
+        return int(self._promote(keys=keys, args=[now, limit]))
 
     def depths(self) -> QueueDepths:
         """How many tasks wait, run, wait for a retry and lie dead: for `status` and metrics."""
@@ -505,14 +642,21 @@ class ReliableQueue:
     def requeue_dead_letter(self, entry: bytes, message: bytes) -> bool:
         return bool(self._requeue_dead(keys=[self.keys.dead, self.keys.queue], args=[entry, message]))
 
-    def drain_host_entry(
-        self, host_queue: str, entry: bytes, *, target: str, value: bytes, task_id: str | None, keep: int = 0
-    ) -> bool:
+    def drain_host_entry(self, host_queue: str, entry: bytes, *, target: str, value: bytes, keep: int = 0) -> bool:
         """Move one entry of a lost host's queue as `value` to the tail of
-        `target` (the shared queue, or the dead letters, trimmed to `keep`) and
-        drop its committing mark; False if it was no longer there."""
-        keys = [host_queue, target, self.keys.committing]
-        return bool(self._drain_entry(keys=keys, args=[entry, value, task_id or "", keep]))
+        `target` (the shared queue, or the dead letters, trimmed to `keep`),
+        with its identity, and drop its committing mark; False if it was no
+        longer there."""
+        keys = [host_queue, target, self.keys.committing, self.keys.redelivery]
+        to_queue = "0" if target == self.keys.dead else "1"
+        return bool(self._drain_entry(keys=keys, args=[entry, value, keep, to_queue]))
+
+    def identity_left(self, source: str, message: bytes) -> tuple[str, int] | None:
+        """The task id and deliveries a message that went back to `source` keeps, if any."""
+        field = f"{source} {hashlib.sha1(message).hexdigest()}".encode()
+        held = (self.client.hget(self.keys.redelivery, field) or b"").split(b" ")[0]
+        task_id, _, deliveries = held.decode(errors="replace").partition(":")
+        return (task_id, int(deliveries)) if task_id and deliveries.isdigit() else None
 
     def host_queues(self) -> dict[str, int]:
         """Host id -> how many tasks wait in its own queue, for every host queue that exists."""

@@ -25,7 +25,7 @@ URL = "http://images.example/cat.jpg"
 def wrap(body: bytes, *, task_id: str = "t-1", deliveries: int = 1, original_length: int | None = None) -> bytes:
     """An envelope as the Lua claim script writes it."""
     length = len(body) if original_length is None else original_length
-    return b"irw1 %s %d %d\n" % (task_id.encode(), deliveries, length) + body
+    return b"irw2 %s %d %d s\n" % (task_id.encode(), deliveries, length) + body
 
 
 def parse(message: Any, *, max_pixels: int = MAX_PIXELS) -> Task:
@@ -58,8 +58,11 @@ def test_envelope_fields() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b'{"request_id": "r"}', b"irw1 t 1 5", b"irw1 t 1\n{}", b"irw1 t x 2\n{}", b"irw1 t 0 2\n{}", b"irw1 a/b 1 2\n{}"],
-    ids=["bare-json", "no-newline", "three-fields", "bad-deliveries", "zero-deliveries", "bad-task-id"],
+    [
+        b'{"request_id": "r"}', b"irw2 t 1 5 s", b"irw2 t 1 2\n{}", b"irw2 t x 2 s\n{}", b"irw2 t 0 2 s\n{}",
+        b"irw2 a/b 1 2 s\n{}", b"irw1 t 1 2 s\n{}",
+    ],
+    ids=["bare-json", "no-newline", "no-origin", "bad-deliveries", "zero-deliveries", "bad-task-id", "old-version"],
 )
 def test_malformed_envelope_is_invalid(raw: bytes) -> None:
     with pytest.raises(InvalidMessage):
@@ -224,7 +227,7 @@ def test_task_shaped_json_is_a_task_or_invalid(value: dict[str, Any]) -> None:
 @given(st.binary(max_size=100))
 def test_arbitrary_envelope_bytes_are_an_envelope_or_invalid(raw: bytes) -> None:
     try:
-        parse_envelope(b"irw1 " + raw)
+        parse_envelope(b"irw2 " + raw)
     except InvalidMessage:
         pass
 

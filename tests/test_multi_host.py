@@ -156,8 +156,9 @@ def test_a_host_gone_for_good_is_drained_by_the_operator(
     push(redis_client, keys.host("b"), b"not json")
     committing = json.dumps({"request_id": "committing", "image_id": "committing", "image_url": url}).encode()
     processing = keys.processing("deadinstance", "w1")
-    redis_client.rpush(processing, b"irw1 b-7-1 1 %d %s\n%s" % (len(committing), keys.host("b").encode(), committing))
+    redis_client.rpush(processing, b"irw2 b-7-1 1 %d s\n%s" % (len(committing), committing))
     redis_client.sadd(keys.registry, processing)
+    redis_client.hset(keys.wait_sources, processing, f"{keys.queue} {keys.host('b')}")
     redis_client.hset(keys.committing, "b-7-1", keys.host("b"))
 
     before = command(b, "status")

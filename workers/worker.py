@@ -33,7 +33,6 @@ import os
 import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from datetime import datetime
 from multiprocessing.sharedctypes import Synchronized
@@ -70,6 +69,7 @@ from shared.redis_queue import (
     ReliableQueue,
     connect,
 )
+from shared.segments import SegmentAccess
 from shared.url_fetch import UrlFetcher
 
 log = structlog.get_logger()
@@ -112,9 +112,6 @@ class Worker:
         self.parent = os.getppid()
         self.stopping = False
         self.processing_key = QueueKeys(settings.queue).processing(instance, processing_name(os.getpid()))
-        # Task ids: unique without asking Redis, and never reused after Redis loses its data.
-        self._id_prefix = uuid.uuid4().hex[:16]
-        self._claims = 0  # never reset: it makes every task id of this process unique
         self._registered = False
         self._redis_failures = 0
         self._fetch_seconds: float | None = None
@@ -123,6 +120,7 @@ class Worker:
         self._waiting_idle = False  # in the blocking wait for work, where a stop may interrupt
         self._encoded = 0
         self._encode_cpu_seconds = 0.0
+        self.segment_access = SegmentAccess.from_settings(settings)
 
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
@@ -218,14 +216,12 @@ class Worker:
                 self._hand_back_unanswered_claims()
                 self.queue.register(self.processing_key)
                 self._registered = True
-            self._claims += 1
-            prefix = f"{self._id_prefix}-{self._claims}"
             claim_started = time.perf_counter()
-            envelopes = self.queue.claim(self.processing_key, count=CLAIM_BATCH, id_prefix=prefix)
+            envelopes = self.queue.claim(self.processing_key, count=CLAIM_BATCH)
             # The round trip's share of each task it brought.
             self._fetch_seconds = (time.perf_counter() - claim_started) / max(1, len(envelopes))
             if not envelopes:
-                one = self._wait_for_a_task(task_id=f"{prefix}-0")
+                one = self._wait_for_a_task()
                 envelopes = [one] if one is not None else []
                 self._fetch_seconds = None  # time spent waiting for work is not the task's
         except REDIS_ERRORS as exc:
@@ -240,16 +236,17 @@ class Worker:
             self._redis_failures = 0
         return envelopes
 
-    def _wait_for_a_task(self, *, task_id: str) -> bytes | None:
+    def _wait_for_a_task(self) -> bytes | None:
         """Block on the queue for one task; None after a quiet wait or a stop
         request. The stop signal ends the wait at once (request_stop raises into
         it) rather than after up to BLOCK_SECONDS: whatever the server moved
-        meanwhile sits in my processing list, which is requeued when I exit."""
+        meanwhile sits in my incoming list, which is requeued with my processing
+        list when I exit."""
         self._waiting_idle = True
         try:
             if self.stopping:  # after the flag: a stop from now on raises, one before it is seen here
                 return None
-            return self.queue.wait_and_claim(self.processing_key, task_id=task_id)
+            return self.queue.wait_and_claim(self.processing_key)
         except WaitInterrupted:
             return None
         finally:
@@ -366,12 +363,16 @@ class Worker:
             retry_at=time.time() + delay,
         )
 
-    @staticmethod
-    def _segment_to_unlink(task: Task, envelope: Envelope) -> str | None:
+    def _segment_to_unlink(self, task: Task, envelope: Envelope) -> str | None:
         """The producer handed the segment over even if its shm_info was unusable."""
         if task.segment is not None:
-            return task.segment.name
-        return salvage(envelope.body).segment_name if task.segment_error else None
+            return self._ours(task.segment.name)
+        return self._ours(salvage(envelope.body).segment_name) if task.segment_error else None
+
+    def _ours(self, name: str | None) -> str | None:
+        """A segment name the ledger may unlink: only the pipeline's (it checks
+        again, with the file in hand); any other name a message gives is left alone."""
+        return name if name is not None and self.segment_access.check_name(name) is None else None
 
     def _load_and_encode(self, task: Task) -> tuple[EncodedImage, str]:
         """SHM first; the URL when there is no segment or the segment failed."""
@@ -379,7 +380,7 @@ class Worker:
         if task.segment is not None:
             try:
                 # Attaching costs microseconds; the phase is the encode.
-                return self._timed_encode(lambda: encode_segment(task.segment, quality=quality)), "shm"
+                return self._timed_encode(lambda: encode_segment(task.segment, quality=quality, access=self.segment_access)), "shm"
             except ImageError as exc:
                 if task.image_url is None:
                     raise
@@ -421,7 +422,7 @@ class Worker:
             image_id=image_id,
             error=reason,
             source=task.source if task else None,
-            segment_name=found.segment_name,
+            segment_name=self._ours(found.segment_name),
         )
 
     def _record(
