@@ -6,17 +6,24 @@
                                                     publish, ack, unlink)
 
 The supervisor only forks, signals, reaps and reconciles. Each wakeup of its
-loop (a signal, a child's death, a metrics request, or a tick) is one
-reconcile pass: reap the dead (requeueing their processing lists), kill the
-hung, renew this instance's lease (its value is the state `status` shows)
-and, with HOST_QUEUE, its host's live key (producers look at it), recover
-lists orphaned by a dead instance, move due retries back onto the
-queue, restart the ledger if needed, and bring the workers to the desired
-count (with backoff when they keep dying at boot).
+loop (a signal, a child's death, or a tick) is one reconcile pass: reap the
+dead (requeueing their processing lists), kill the hung, renew this
+instance's lease (its value is the state `status` shows) and, with
+HOST_QUEUE, its host's live key (producers look at it), recover lists
+orphaned by a dead instance, move due retries back onto the queue, restart
+the ledger if needed, and bring the workers to the desired count (with
+backoff when they keep dying at boot). With METRICS_PORT, each pass ends by
+publishing a view of the pool for the metrics thread (control/metrics.py),
+which answers HTTP clients so that the loop never waits on one.
 
 Hazards handled here:
 - Signals are only recorded (the wakeup pipe); the loop acts on them.
-- Signals are blocked around fork so a child never runs our handler.
+- Signals are blocked around fork so a child never runs our handler, and
+  in the metrics thread for good: they are the loop's.
+- Fork with the metrics thread running: every fork happens with that thread
+  quiesced (holding no lock a child could need), and the child closes the
+  metrics sockets and the ledger's stats pipe before anything else (fork
+  copies every descriptor; close-on-exec needs an exec).
 - Ctrl-C reaches the whole process group: children ignore SIGINT, we decide.
 - A dead worker's tasks go back to the queue; a dead ledger takes the records
   it had not acknowledged with it, so all workers are recycled and their
@@ -41,6 +48,7 @@ if __name__ == "__main__":
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -51,6 +59,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
@@ -90,6 +99,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 OPERATOR_COMMANDS = ("status", "check", "dead", "host")
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Hold our signals pending in this thread; a child forked or a thread
+    started meanwhile inherits the blocked mask."""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,15 +227,13 @@ class Supervisor:
         if self.settings.metrics_port is not None:
             try:
                 self.metrics = MetricsEndpoint(
-                    address=self.settings.metrics_address,
-                    port=self.settings.metrics_port,
-                    queue=self.queue,
-                    live_workers=lambda: len(self.workers),
-                    healthy=self.healthy,
+                    address=self.settings.metrics_address, port=self.settings.metrics_port, queue=self.queue
                 )
             except OSError as exc:
                 self.log.error("metrics_port_unavailable", port=self.settings.metrics_port, error=str(exc))
                 return exitcodes.BOOT_FAILED
+            with signals_blocked():  # signals are the loop's, never the metrics thread's
+                self.metrics.start()
         self.log.info(
             "supervisor_starting",
             workers=self.desired,
@@ -229,6 +247,7 @@ class Supervisor:
             self.reconcile()
             self.announce_ready_once()
             self.ping_watchdog()
+            self.publish_metrics()
             # Until READY, look again soon: the children boot in milliseconds.
             self.sleep(self.loop_seconds if self.ready else 0.02)
         self.shutdown()
@@ -256,14 +275,9 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     def sleep(self, seconds: float) -> None:
-        """Wait for a signal, a child's death, a metrics request or the timeout;
-        then answer metrics and dispatch signals."""
+        """Wait for a signal, a child's death or the timeout; then dispatch signals."""
         waitables = [self.wakeup_r, *(child.process.sentinel for child in self.children())]
-        if self.metrics is not None:
-            waitables += [self.metrics, *([self.metrics_pipe] if self.metrics_pipe is not None else [])]
         multiprocessing.connection.wait(waitables, timeout=seconds)
-        if self.metrics is not None:
-            self.serve_metrics()
         try:
             received = os.read(self.wakeup_r, 64)
         except BlockingIOError:
@@ -411,13 +425,14 @@ class Supervisor:
         if self.metrics is None:
             self.ledger = self.spawn("ledger", 0, self.ledger_main)
             return
-        # The ledger's stats snapshots come back over a pipe of its own.
+        # The ledger's stats snapshots come back over a pipe of its own. Its read
+        # end is in metrics_pipe before the fork, so that the child closes it.
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.metrics_pipe is not None:
+            os.close(self.metrics_pipe)  # the last ledger's last words were read when it was reaped
+        self.metrics_pipe = read_end
         self.ledger = self.spawn("ledger", 0, self.ledger_main, metrics_fd=write_end)
         os.close(write_end)
-        if self.metrics_pipe is not None:
-            os.close(self.metrics_pipe)
-        self.metrics_pipe = read_end
 
     def scale_workers(self) -> None:
         if self.ledger is None or time.monotonic() < self.respawn_not_before:
@@ -430,10 +445,18 @@ class Supervisor:
         for slot in [s for s in self.workers if s >= self.desired]:
             self.signal_child(self.workers[slot], signal.SIGTERM)
 
-    def serve_metrics(self) -> None:
+    def publish_metrics(self) -> None:
+        """Give the metrics thread a fresh view: the ledger's latest stats,
+        health and counts. It reads nothing else of ours, so it needs no lock."""
+        if self.metrics is None:
+            return
+        if self.metrics.failure is not None:
+            self.log.error("metrics_thread_failed", error=repr(self.metrics.failure))
+            with signals_blocked():
+                self.metrics.start()
         if self.metrics_pipe is not None:
             self.metrics.read_snapshots(self.metrics_pipe)
-        self.metrics.answer_waiting_requests()
+        self.metrics.publish(healthy=self.healthy(), live_workers=len(self.workers))
 
     def healthy(self) -> bool:
         """Ready, and the ledger beating: what /healthz and the watchdog report."""
@@ -484,12 +507,14 @@ class Supervisor:
             return
         self.ready = True
         self.log.info("pool_ready", workers=len(self.workers))
+        self.publish_metrics()  # so that /healthz says ok by the time READY=1 is out
         self.notifier.notify("READY=1", f"STATUS=serving {self.settings.queue} with {len(self.workers)} workers")
 
     # -- shutdown ----------------------------------------------------------
 
     def shutdown(self) -> None:
         self.notifier.notify("STOPPING=1", "STATUS=draining")
+        self.publish_metrics()  # /healthz: unhealthy from now on
         self.log.info("shutdown_started", grace=self.settings.shutdown_grace, fast=self.fast_stop)
         for child in self.workers.values():
             self.signal_child(child, signal.SIGTERM)
@@ -523,6 +548,7 @@ class Supervisor:
             self.sleep(left)
             self.reap()
             self.renew_lease()
+            self.publish_metrics()
         return True
 
     # -- helpers -----------------------------------------------------------
@@ -539,16 +565,25 @@ class Supervisor:
         # daemon=True: should the supervisor itself fail, multiprocessing's exit hook
         # terminates the children instead of waiting on them forever.
         process = self.context.Process(
-            target=target, args=(self.settings,), kwargs=kwargs, name=f"{role}-{slot}", daemon=True
+            target=self.child_main, args=(target, self.settings), kwargs=kwargs, name=f"{role}-{slot}", daemon=True
         )
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
+        # The metrics thread quiesced: a child gets no lock of it copied held.
+        quiesced = self.metrics.quiesced() if self.metrics is not None else contextlib.nullcontext()
+        with signals_blocked(), quiesced:
             process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child = Child(role, slot, process, process.pid, heartbeat, unstarted=kwargs.get("unstarted"))
         self.log.info("child_started", role=role, slot=slot, pid=child.pid)
         return child
+
+    def child_main(self, target: Callable[..., None], settings: Settings, **kwargs) -> None:
+        """First thing in a forked child: close what is the supervisor's alone.
+        A worker holding the metrics listener would keep the port bound, and
+        one holding a client's connection would keep it open, after we let go."""
+        if self.metrics is not None:
+            self.metrics.close_in_child()
+        if self.metrics_pipe is not None:
+            os.close(self.metrics_pipe)
+        target(settings, **kwargs)
 
     def signal_child(self, child: Child, sig: signal.Signals) -> None:
         try:

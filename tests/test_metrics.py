@@ -44,7 +44,9 @@ def test_metrics_count_tasks_phases_restarts_and_queue(pool_factory, redis_clien
     def counted() -> str | None:
         text = scrape(port)[1]
         done = sample(text, "image_result_tasks_total", status="completed", source="shm") == 4
-        return text if done and sample(text, "image_result_tasks_total", status="failed", source="none") == 1 else None
+        done = done and sample(text, "image_result_tasks_total", status="failed", source="none") == 1
+        # The queue's figures are read from Redis every QUEUE_REFRESH_SECONDS.
+        return text if done and sample(text, "image_result_dead_letters") == 1 else None
 
     text = wait_until(counted, 10, "metrics never counted the tasks")
     assert sample(text, "image_result_task_phase_seconds_count", phase="encode") == 4
