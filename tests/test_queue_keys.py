@@ -137,6 +137,7 @@ def test_requeue_puts_back_exactly_the_bytes_producers_pushed(redis_client, queu
 
     assert queue.requeue(processing) == len(pushed)
     assert redis_client.lrange(queue_name, 0, -1) == pushed
+    assert not redis_client.exists("{other_app}:jobs")  # the list a forged envelope named
 
     again = claim_all(queue, processing)
     assert [(e.task_id, e.deliveries) for e in again] == [(e.task_id, 2) for e in first]
