@@ -1,14 +1,25 @@
-"""Prometheus metrics and /healthz, scraped over real HTTP from a running pool."""
+"""Prometheus metrics and /healthz: the HTTP thread in-process against real
+sockets, then scraped over real HTTP from a running pool."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
-from tests.helpers import push, wait_for_records, wait_until
+import pytest
+
+from control import metrics
+from control.metrics import MetricsEndpoint
+from shared.redis_queue import QueueDepths
+from tests.helpers import Pool, push, wait_for_records, wait_until
 from tests.test_reliability import push_photos, worker_pids
 from tools.local_redis import free_port
 
@@ -82,4 +93,224 @@ def test_counts_survive_a_ledger_restart(pool_factory, redis_client, queue_name,
     push_photos(redis_client, queue_name, segments, 2, size=(256, 256))
     wait_for_records(pool.output_dir, 5, pool=pool)
     wait_until(lambda: completed() == 5, 10, "counts went wrong across the ledger restart")
+    assert pool.stop() == 0
+
+
+# ---------------------------------------------------------------- the HTTP thread, in-process
+
+
+class StillQueue:
+    """Stands in for the ReliableQueue: depths() is all the endpoint asks of it."""
+
+    def depths(self) -> QueueDepths:
+        return QueueDepths(waiting=3, in_flight_by_list={}, delayed=0, dead=0)
+
+
+@pytest.fixture
+def endpoint() -> Iterator:
+    """Makes endpoints on a free loopback port, started and published healthy; closes them all."""
+    made: list[MetricsEndpoint] = []
+
+    def make(**options) -> MetricsEndpoint:
+        made.append(MetricsEndpoint(address="127.0.0.1", port=0, queue=StillQueue(), **options))
+        made[-1].start()
+        made[-1].publish(healthy=True, live_workers=1)
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for each in made:
+            each.close()
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def dropped(sock: socket.socket, within: float) -> bool:
+    """True once the server has closed sock (EOF or reset), False if it is still open after `within`."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_idle_and_slow_clients_are_dropped_at_their_deadline(endpoint):
+    server = endpoint(request_deadline=0.5)
+    idle, slow = connect(server.port), connect(server.port)
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x")  # and never the blank line
+    assert dropped(idle, within=5) and dropped(slow, within=5)
+    assert scrape(server.port, "/healthz") == (200, "ok\n")
+
+
+def test_an_oversized_request_head_is_dropped(endpoint):
+    server = endpoint()  # the deadline is 5 s; the cap acts at once
+    with connect(server.port) as client:
+        client.sendall(b"GET /" + b"a" * metrics.MAX_HEAD_BYTES)
+        assert dropped(client, within=2)
+
+
+def test_beyond_the_cap_the_oldest_client_is_dropped(endpoint):
+    server = endpoint(request_deadline=60, max_connections=4)
+    idle = [connect(server.port) for _ in range(10)]
+    try:
+        assert scrape(server.port, "/healthz") == (200, "ok\n")  # would wait 60 s without room
+        assert dropped(idle[0], within=5)
+        assert not dropped(idle[-1], within=0.2)
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_healthz_follows_what_the_loop_publishes(endpoint, monkeypatch):
+    server = endpoint()
+    assert scrape(server.port, "/healthz") == (200, "ok\n")
+    monkeypatch.setattr(metrics, "LOOP_STALE_SECONDS", 0.0)  # a loop that stopped publishing
+    assert scrape(server.port, "/healthz") == (503, "unhealthy\n")
+    monkeypatch.undo()
+    server.publish(healthy=False, live_workers=1)
+    assert scrape(server.port, "/healthz") == (503, "unhealthy\n")
+    server.child_restarted("worker")
+    server.publish(healthy=True, live_workers=3)
+    text = scrape(server.port)[1]
+    assert sample(text, "image_result_workers") == 3
+    assert sample(text, "image_result_child_restarts_total", role="worker") == 1
+    assert sample(text, "image_result_queue_depth") == 3
+    assert scrape(server.port, "/metrics?x=1")[0] == 200
+    assert scrape(server.port, "/nowhere")[0] == 404
+
+
+def test_a_failed_thread_is_recorded_and_can_be_started_again(endpoint, monkeypatch):
+    server = endpoint()
+
+    def broken(registry):
+        raise RuntimeError("collector bug")
+
+    monkeypatch.setattr(metrics, "generate_latest", broken)
+    with connect(server.port) as client:
+        client.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        wait_until(lambda: isinstance(server.failure, RuntimeError), 5, "the failure was not recorded")
+        monkeypatch.undo()
+        server.start()  # what the supervisor's loop does when it sees the failure
+        assert dropped(client, within=5)
+    assert server.failure is None
+    assert scrape(server.port)[0] == 200
+
+
+# ---------------------------------------------------------------- hostile clients against a real pool
+
+
+def metrics_env(port: int) -> dict[str, str]:
+    return {"METRICS_PORT": str(port), "METRICS_ADDRESS": "127.0.0.1"}
+
+
+def any_worker(pool: Pool) -> tuple[int, int]:
+    """(slot, pid) of a live worker."""
+    for pid, title in pool.children_by_title().items():
+        if ": worker " in title:
+            return int(title.rsplit(" ", 1)[1]), pid
+    raise AssertionError("no worker running")
+
+
+def replaced(pool: Pool, slot: int, victim: int) -> bool:
+    return any(
+        event.get("role") == "worker" and event.get("slot") == slot and event.get("pid") != victim
+        for event in pool.events("child_started")
+    )
+
+
+def trickle(sock: socket.socket, stop: threading.Event, outcome: dict[str, float]) -> None:
+    """A slow-loris client: a byte of a request head a second, until the server hangs up."""
+    started = time.monotonic()
+    for byte in b"GET /metrics HTTP/1.1\r\n" + b"X" * 1000:
+        if stop.wait(1.0):
+            return
+        try:
+            sock.send(bytes([byte]))
+        except OSError:
+            outcome["dropped_after"] = time.monotonic() - started
+            return
+
+
+def test_idle_and_slow_clients_do_not_hold_up_the_pool(pool_factory):
+    """The bug: clients of METRICS_PORT were served from the supervisor's loop,
+    and a few idle ones delayed a dead worker's replacement by 10-28 s."""
+    port = free_port()
+    pool = pool_factory(workers=2, env=metrics_env(port))
+    pool.wait_ready()
+    idle = [connect(port) for _ in range(8)]
+    loris, stop, outcome = connect(port), threading.Event(), {}
+    trickler = threading.Thread(target=trickle, args=(loris, stop, outcome), daemon=True)
+    trickler.start()
+    try:
+        time.sleep(2.5)  # the idle clients accepted, the slow one a few bytes in
+        slot, victim = any_worker(pool)
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: replaced(pool, slot, victim), 5, "the killed worker was not replaced within 5 s")
+        assert scrape(port, "/healthz") == (200, "ok\n")  # a fresh client, answered within scrape's 5 s
+        assert all(dropped(sock, within=10) for sock in idle), "an idle client was kept past its deadline"
+        trickler.join(timeout=15)
+        assert "dropped_after" in outcome, "the slow client was never dropped"
+        assert scrape(port, "/healthz") == (200, "ok\n")
+    finally:
+        stop.set()
+        for sock in [*idle, loris]:
+            sock.close()
+    assert pool.stop() == 0
+
+
+def tcp_inodes(pid: int, *, local_port: int, remote_port: int | None = None) -> set[str]:
+    """Socket inodes of 127.0.0.1 TCP sockets in pid's network namespace on
+    local_port: the listener (remote port 0) or one connection."""
+    found = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(address.split(":")[1], 16) for address in fields[1:3])
+        if local == local_port and remote == (remote_port or 0):
+            found.add(fields[9])
+    return found
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets pid holds open."""
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            held.add(target[len("socket:[") : -1])
+    return held
+
+
+def test_children_hold_no_metrics_socket(pool_factory):
+    """fork copies every descriptor: a child must close the listener and the
+    clients' connections that the supervisor holds at the time of the fork."""
+    port = free_port()
+    pool = pool_factory(workers=2, env=metrics_env(port))
+    pool.wait_ready()
+    (listener,) = tcp_inodes(pool.pid, local_port=port)
+    assert listener in socket_inodes(pool.pid)
+    for pid in pool.child_pids():
+        assert listener not in socket_inodes(pid), f"child {pid} holds the metrics listener"
+    with connect(port) as client:
+        connection = wait_until(
+            lambda: tcp_inodes(pool.pid, local_port=port, remote_port=client.getsockname()[1]) & socket_inodes(pool.pid),
+            5,
+            "the supervisor never accepted the connection",
+        )
+        slot, victim = any_worker(pool)
+        os.kill(victim, signal.SIGKILL)  # a fork while the connection is open
+        wait_until(lambda: replaced(pool, slot, victim), 5, "the killed worker was not replaced")
+        theirs = {listener, *connection}
+        assert theirs <= socket_inodes(pool.pid), "the connection was dropped before the fork: nothing tested"
+        children = pool.child_pids()
+        assert len(children) == 3  # two workers and the ledger
+        for pid in children:
+            assert not socket_inodes(pid) & theirs, f"child {pid} holds a metrics socket"
     assert pool.stop() == 0
