@@ -445,11 +445,12 @@ def connect(settings: Settings) -> redis.Redis:
     options: dict = {
         "socket_timeout": SOCKET_TIMEOUT,
         "socket_connect_timeout": CONNECT_TIMEOUT,
-        "socket_keepalive": True,
         "health_check_interval": 15,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": False,
     }
+    if not settings.redis_url.startswith("unix://"):
+        options["socket_keepalive"] = True  # TCP only: a Unix socket refuses the option
     if settings.redis_url.startswith("rediss://"):
         # TLS: verify the server against REDIS_TLS_CA_FILE (else the system's CAs),
         # and present a client certificate when the server asks for one.
@@ -662,7 +663,8 @@ class ReliableQueue:
         """Host id -> how many tasks wait in its own queue, for every host queue that exists."""
         prefix = self.keys.host("")
         keys = list(self.client.scan_iter(match=self.keys.host("*"), count=100))
-        return {key.decode()[len(prefix):]: self.client.llen(key) for key in keys}
+        # Producers can make any key here: a name that is not UTF-8 is shown, escaped, not fatal.
+        return {key.decode(errors="backslashreplace")[len(prefix):]: self.client.llen(key) for key in keys}
 
     def renew_lease(self, instance: str, ttl: float, state: bytes = b"{}", *, serving_host: str | None = None) -> None:
         """Renew this instance's lease; its value is the supervisor's state for

@@ -4,8 +4,10 @@ port and certificates made here with openssl."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,43 @@ def test_pool_refuses_a_server_it_cannot_verify(pool_factory, tls_redis, queue_n
     assert not any("READY=1" in n for n in pool.notifications())
     assert client.llen(queue_name) == 1
     assert PASSWORD not in pool.stderr_text()
+
+
+@pytest.fixture
+def unix_redis(tmp_path: Path):
+    """redis-server on a Unix socket only, with a password."""
+    socket_path = tmp_path / "redis.sock"
+    server = subprocess.Popen(
+        [find_redis_server(), "--port", "0", "--unixsocket", str(socket_path), "--unixsocketperm", "700",
+         "--requirepass", PASSWORD, "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(unix_socket_path=str(socket_path), password=PASSWORD)
+    try:
+        wait_until(lambda: _pings(client), 10, "unix-socket redis-server did not start")
+        yield f"unix://:{PASSWORD}@{socket_path}?db=3", client
+    finally:
+        client.close()
+        server.kill()
+        server.wait(timeout=10)
+
+
+def test_pool_over_a_unix_socket(pool_factory, unix_redis, queue_name, segments):
+    """REDIS_URL=unix://... as the README allows: the pool and `status` work over it."""
+    url, client = unix_redis
+    client.execute_command("SELECT", 3)
+    pool = pool_factory(workers=1, env={"REDIS_URL": url})
+    pool.wait_ready()
+    db3 = redis.Redis(unix_socket_path=url.split("@", 1)[1].split("?")[0], password=PASSWORD, db=3)
+    push(db3, queue_name, segments.message("unix", "unix", photo_of_size(64, 64)))
+    (record,) = wait_for_records(pool.output_dir, 1, 30, pool=pool)
+    assert record["status"] == "completed"
+    status = subprocess.run([sys.executable, "supervisor.py", "status"], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "REDIS_URL": url, "HOSTING_TASKS_QUEUE": queue_name})
+    assert status.returncode == 0 and "Traceback" not in status.stderr, status.stderr
+    assert PASSWORD not in status.stdout + status.stderr
+    assert pool.stop() == 0
+    db3.close()
 
 
 def test_unreadable_tls_file_is_a_configuration_error(pool_factory, tmp_path):
