@@ -350,6 +350,7 @@ class Soak:
         env = {name: value for name, value in os.environ.items() if name not in POOL_ENV_VARS}
         env.update(REDIS_URL=self.redis.url, HOSTING_TASKS_QUEUE=QUEUE, OUTPUT_DIR=str(self.output_dir),
                    LOG_FORMAT="json", LOG_LEVEL="INFO", MAX_ATTEMPTS=str(MAX_ATTEMPTS), PYTHONUNBUFFERED="1")
+        env["URL_ALLOW_LOOPBACK"] = "true"  # its photo server listens on 127.0.0.1
         with open(self.log_path, "ab") as log:
             self.pool = subprocess.Popen(
                 [sys.executable, "supervisor.py", "--workers", str(self.settings.workers)],

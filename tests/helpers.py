@@ -626,6 +626,7 @@ class Pool:
             LOG_LEVEL="INFO",
             NOTIFY_SOCKET=str(self.notify_path),
             PYTHONUNBUFFERED="1",
+            URL_ALLOW_LOOPBACK="true",  # the tests' HTTP servers listen on 127.0.0.1
         )
         env.update(self.env)
         return env

@@ -59,6 +59,7 @@ POOL_ENV = {
     "LOG_FORMAT": "json",
     "UNLINK_SHM": "true",
     "URL_ALLOWED_HOSTS": "",  # a .env allowlist must not refuse our loopback server
+    "URL_ALLOW_LOOPBACK": "true",  # which the pool refuses by default
     "PYTHONUNBUFFERED": "1",
 }
 
