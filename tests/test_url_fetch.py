@@ -603,3 +603,20 @@ def test_pool_fails_a_redirect_to_loopback_and_serves_the_next_url(
     assert "refused address" in bounced["error"] and "loopback" in bounced["error"], bounced
     assert records["good"]["status"] == "completed", records["good"]
     assert http_server.hits("/inner.png") == 0 and outer.hits("/bounce") == 1
+
+
+def test_pool_completes_a_same_host_redirect_with_a_body_at_the_first_attempt(
+    pool_factory, redis_client, queue_name, photos
+) -> None:
+    """The bug as producers met it: a kept-alive image host's 302 with an HTML body
+    made every attempt fail with a ProtocolError, retried until MAX_ATTEMPTS."""
+    with KeepAliveServer() as host:
+        host.add("/real.png", png_of(photos["camera"]), headers={"Content-Type": "image/png"})
+        moved = host.redirect("/moved.png", "/real.png", body=b"<html><body>302 Found</body></html>\n")
+        push(redis_client, queue_name, url_task("moved", moved))
+        pool = pool_factory(workers=1, env={"MAX_ATTEMPTS": "2"})  # loopback allowed, as for the whole suite
+        (record,) = wait_for_records(pool.output_dir, 1, timeout=30, pool=pool)
+        assert pool.stop() == 0
+    assert record["status"] == "completed" and record["attempts"] == 1, record
+    assert not pool.events("task_retry_scheduled")
+    assert [number for _, _, number in host.requests] == [1, 1]
