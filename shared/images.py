@@ -3,7 +3,8 @@
 Hazards handled here:
 - Attaching must not involve multiprocessing.shared_memory: on 3.11/3.12 its
   resource tracker would unlink a segment we merely read, and warn at exit.
-  We open /dev/shm/NAME read-only ourselves and map it.
+  We open /dev/shm/NAME read-only ourselves (through shared.segments, which
+  decides whether a message may name it) and map it.
 - A declared shape larger than the real segment would read out of bounds:
   the mapping is sized from the declaration only after fstat proves it fits.
 - The pixels stay in the mapping all the way into the encoder (a read-only
@@ -17,14 +18,12 @@ from __future__ import annotations
 import mmap
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 
 from shared.messages import SegmentRef
-
-SHM_DIR = Path("/dev/shm")
+from shared.segments import SegmentAccess, SegmentRefused, open_segment
 
 
 class ImageError(Exception):
@@ -48,20 +47,18 @@ class EncodedImage:
     height: int
 
 
-def segment_path(name: str) -> Path:
-    return SHM_DIR / name
-
-
-def encode_segment(ref: SegmentRef, *, quality: int) -> EncodedImage:
-    """Encode the frame in shared-memory segment `ref` without copying its pixels."""
+def encode_segment(ref: SegmentRef, *, quality: int, access: SegmentAccess) -> EncodedImage:
+    """Encode the frame in shared-memory segment `ref` without copying its pixels.
+    Only a segment `access` allows is opened (shared.segments)."""
     try:
-        fd = os.open(segment_path(ref.name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd, real_size = open_segment(ref.name, access)
     except FileNotFoundError:
         raise ImageError(f"shared memory segment {ref.name!r} does not exist") from None
+    except SegmentRefused as exc:
+        raise ImageError(str(exc)) from None
     except OSError as exc:
         raise ImageError(f"cannot open shared memory segment {ref.name!r}: {exc.strerror}") from None
     try:
-        real_size = os.fstat(fd).st_size
         _check_fits(ref, real_size)
         mapping = mmap.mmap(fd, ref.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
     finally:
@@ -117,24 +114,94 @@ def _as_uint8(pixels: np.ndarray) -> np.ndarray:
     raise ImageError(f"dtype {pixels.dtype} is not supported")
 
 
+# What a hosting stage is handed by URL. Every other format OpenCV decodes
+# (TIFF, JPEG 2000, AVIF, GIF, BMP, PNM, HDR, Sun Raster, ...) is a parser
+# that only an attacker would feed us, so it never sees the bytes.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WebP")
+_EXPECTED = "expected JPEG, PNG or WebP"
+
+# Leading bytes of each format some OpenCV build decodes (its decoders'
+# checkSignature), and a few it does not, to name them; first match wins.
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "BigTIFF"),
+    (b"MM\x00+", "BigTIFF"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"),  # JP2 file
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),  # bare J2K codestream
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "JPEG XL"),
+    (b"\xff\x0a", "JPEG XL"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"#?RADIANCE", "Radiance HDR"),
+    (b"#?RGBE", "Radiance HDR"),
+    (b"v/1\x01", "OpenEXR"),
+    (b"\x59\xa6\x6a\x95", "Sun Raster"),
+    (b"qoif", "QOI"),
+)
+# Netpbm: "P", a type character, then whitespace.
+_NETPBM = {
+    b"1": "PBM", b"4": "PBM", b"2": "PGM", b"5": "PGM", b"3": "PPM", b"6": "PPM",
+    b"7": "PAM", b"F": "PFM", b"f": "PFM",
+}
+_WHITESPACE = b" \t\n\v\f\r"
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+
+
+def image_format(data: bytes) -> str | None:
+    """The image format `data` starts like, from our fixed list of names;
+    None when it starts like none (text, HTML, empty, truncated)."""
+    if data[4:8] == b"ftyp":
+        # First: OpenCV tries its AVIF decoder before JPEG and WebP, and an
+        # ISO box ("ftyp" at offset 4) fits behind a JPEG or RIFF start, so
+        # such bytes would reach libavif even though they "start like a JPEG".
+        return _iso_media_format(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    for magic, name in _SIGNATURES:
+        if data.startswith(magic):
+            return name
+    if data[:1] == b"P" and len(data) > 2 and data[2] in _WHITESPACE:
+        return _NETPBM.get(data[1:2])
+    if data[128:132] == b"DICM":
+        return "DICOM"
+    return None
+
+
+def _iso_media_format(data: bytes) -> str:
+    """AVIF, HEIF or other ISO base media (MP4, MOV), by the ftyp box's brands."""
+    box_end = min(int.from_bytes(data[:4], "big"), len(data), 256)
+    brands = {data[8:12]} | {data[i : i + 4] for i in range(16, box_end - 3, 4)}
+    if brands & _AVIF_BRANDS:
+        return "AVIF"
+    if brands & _HEIF_BRANDS:
+        return "HEIF"
+    return "ISO media"
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode downloaded bytes to BGR. OpenCV refuses frames above MAX_PIXELS
-    before allocating them (the supervisor sets OPENCV_IO_MAX_IMAGE_PIXELS)."""
+    """Decode downloaded JPEG, PNG or WebP bytes to BGR; other formats are
+    refused by their leading bytes before any decoder sees them. OpenCV refuses
+    frames above MAX_PIXELS before allocating them (the supervisor sets
+    OPENCV_IO_MAX_IMAGE_PIXELS)."""
+    found = image_format(data)
+    if found is None:
+        raise ImageError(f"downloaded data is not a decodable image: it starts like no image format; {_EXPECTED}")
+    if found not in ACCEPTED_FORMATS:
+        raise ImageError(f"image format {found} is not accepted; {_EXPECTED}")
     try:
+        # The binding copies the decoded Mat into a numpy array, so the frame
+        # is held twice for a moment: about 6 bytes a pixel, 9 for a progressive
+        # 4:4:4 JPEG. MAX_PIXELS' default is sized for that (bench/decode_memory.py).
         frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
-        raise ImageError(f"image is corrupt or has more than MAX_PIXELS={max_pixels} pixels") from None
+        raise ImageError(f"{found} image is corrupt or has more than MAX_PIXELS={max_pixels} pixels") from None
     if frame is None:
-        raise ImageError("downloaded data is not a decodable image")
+        raise ImageError(f"downloaded data is not a decodable image: a corrupt or truncated {found}")
     if frame.shape[0] * frame.shape[1] > max_pixels:
         raise ImageError(f"image has more than MAX_PIXELS={max_pixels} pixels")
     return frame
-
-
-def unlink_segment(name: str) -> bool:
-    """Remove a segment; False when it was already gone."""
-    try:
-        os.unlink(segment_path(name))
-    except FileNotFoundError:
-        return False
-    return True
