@@ -189,7 +189,14 @@ class Supervisor:
         self.started_at = time.time()
         self.watchdog = "WATCHDOG_USEC" in os.environ
         self.keys = QueueKeys(settings.queue)
-        self.queue = ReliableQueue(connect(settings), self.keys, max_message_bytes=settings.max_message_bytes)
+        self.queue = ReliableQueue(
+            connect(settings),
+            self.keys,
+            max_message_bytes=settings.max_message_bytes,
+            replicated_claims=bool(settings.redis_sentinels),
+            min_replicas=settings.claim_min_replicas,
+        )
+        self.replicas: int | None = None  # connected to the master, under Sentinel
         self.notifier = Notifier()
         self.worker_main, self.ledger_main, self.processing_name = worker_main, ledger_main, processing_name
         self.desired = settings.workers
@@ -257,6 +264,7 @@ class Supervisor:
         self.reap()
         self.kill_hung_workers()
         self.renew_lease()
+        self.watch_replicas()
         self.requeue_lists()
         self.recover_orphaned_lists()
         self.promote_due_retries()
@@ -384,6 +392,28 @@ class Supervisor:
         )
         if renewed is not REDIS_FAILED:
             self.lease_due = time.monotonic() + self.settings.lease_ttl / 3
+
+    def watch_replicas(self) -> None:
+        """Under Sentinel, say when the master has no replica left to copy
+        claims to (claims then go on unreplicated, or pause with
+        CLAIM_MIN_REPLICAS), and when it has one again."""
+        if not self.queue.replicated_claims:
+            return
+        counted = self.redis_call("replica_count_failed", self.queue.replicas_connected)
+        if counted is REDIS_FAILED or counted == self.replicas:
+            return
+        self.replicas = counted
+        if counted >= max(1, self.settings.claim_min_replicas):
+            self.log.info("replicas_connected", replicas=counted)
+            self.notifier.notify(f"STATUS=serving {self.settings.queue}; claims copied to {counted} replicas")
+        elif self.settings.claim_min_replicas:
+            self.log.warning("claims_paused", replicas=counted, required=self.settings.claim_min_replicas)
+            self.notifier.notify(
+                f"STATUS=paused: {counted} replicas connected, CLAIM_MIN_REPLICAS={self.settings.claim_min_replicas}"
+            )
+        else:
+            self.log.warning("claims_unreplicated", replicas=counted)
+            self.notifier.notify(f"STATUS=serving {self.settings.queue}; no replica connected, claims not replicated")
 
     def serving_host(self) -> str | None:
         """The host whose live key our lease renewal keeps, for producers that

@@ -246,6 +246,7 @@ class MetricsEndpoint:
         self._gauges_due = time.monotonic() + QUEUE_REFRESH_SECONDS
         try:
             depths = self.queue.depths()
+            replicas = self.queue.replicas_connected() if self.queue.replicated_claims else None
         except REDIS_ERRORS:
             return self._gauges
         self._gauges = (
@@ -254,6 +255,8 @@ class MetricsEndpoint:
             ("image_result_delayed_retries", "Tasks waiting for a retry", depths.delayed),
             ("image_result_dead_letters", "Entries in the dead-letter list", depths.dead),
         )
+        if replicas is not None:
+            self._gauges += (("image_result_replicas_connected", "Replicas claims are copied to (Sentinel)", replicas),)
         return self._gauges
 
     # -- the HTTP thread ----------------------------------------------------

@@ -25,6 +25,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "console")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+HOST_ID = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 
 
 class ConfigError(ValueError):
@@ -50,7 +51,7 @@ class Settings:
     task_timeout: float = 300.0
     dead_letter_max: int = 10_000
     max_message_bytes: int = 65_536
-    max_pixels: int = 100_000_000
+    max_pixels: int = 25_000_000
     url_connect_timeout: float = 5.0
     url_read_timeout: float = 30.0
     url_max_bytes: int = 50 * 1024 * 1024
@@ -61,6 +62,7 @@ class Settings:
     lease_ttl: float = 15.0
     redis_sentinels: tuple[tuple[str, int], ...] = ()  # empty: REDIS_URL names the server
     redis_sentinel_master: str = "mymaster"
+    claim_min_replicas: int = 0  # 0: wait for the replicas that are connected, if any
     redis_tls_ca_file: Path | None = None
     redis_tls_cert_file: Path | None = None
     redis_tls_key_file: Path | None = None
@@ -129,6 +131,7 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         lease_ttl=get("LEASE_TTL", _float_in(2, 3600), DEFAULTS.lease_ttl),
         redis_sentinels=get("REDIS_SENTINELS", _address_list, DEFAULTS.redis_sentinels),
         redis_sentinel_master=get("REDIS_SENTINEL_MASTER", _queue_name, DEFAULTS.redis_sentinel_master),
+        claim_min_replicas=get("CLAIM_MIN_REPLICAS", _int_in(0, 16), DEFAULTS.claim_min_replicas),
         redis_tls_ca_file=get("REDIS_TLS_CA_FILE", _readable_file, DEFAULTS.redis_tls_ca_file),
         redis_tls_cert_file=get("REDIS_TLS_CERT_FILE", _readable_file, DEFAULTS.redis_tls_cert_file),
         redis_tls_key_file=get("REDIS_TLS_KEY_FILE", _readable_file, DEFAULTS.redis_tls_key_file),
@@ -293,7 +296,7 @@ def _uid_list(name: str, raw: str) -> tuple[int, ...]:
 
 
 def _host_id(name: str, raw: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,100}", raw):
+    if not HOST_ID.fullmatch(raw):
         raise ConfigError(f"{name}={raw!r} is not a host id; expected 1..100 letters, digits, '.', '_' or '-'")
     return raw
 

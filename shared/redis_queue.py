@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -33,6 +34,8 @@ BLOCK_SECONDS = 2
 SOCKET_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 CLAIM_REPLICATION_MS = 1000
+# How long a worker trusts its count of the master's connected replicas.
+REPLICA_COUNT_SECONDS = 5.0
 
 # Everything Redis can answer with is waited out with backoff and logged, never
 # a crash: an outage, a failover (READONLY from a demoted master, UNBLOCKED for
@@ -495,9 +498,13 @@ class ReliableQueue:
         host_queue: str | None = None,
         wait_on_host_queue: bool = True,
         replicated_claims: bool = False,
+        min_replicas: int = 0,
     ) -> None:
         self.client = client
         self._replicated_claims = replicated_claims
+        self._min_replicas = min_replicas
+        self._replicas: int | None = None  # connected to the master, as last counted
+        self._replicas_counted_at = 0.0
         self.keys = keys
         self._max_bytes = max_message_bytes
         self._block_seconds = block_seconds
@@ -554,16 +561,58 @@ class ReliableQueue:
         return self._host_queue if self._host_queue and self._wait_on_host_queue else self.keys.queue
 
     def _wait_for_replica(self) -> None:
-        """Under Sentinel, work starts only once a replica has the claim. A claim
-        lost in a failover (taken on an old master after its replica was
-        promoted) would leave the message in the new master's queue, to be
-        claimed again under a new task id and done twice. With no replica
-        answering within CLAIM_REPLICATION_MS this raises, and the worker waits
-        like for any Redis outage: the pool pauses rather than doubling work."""
-        if self._replicated_claims and self.client.execute_command("WAIT", 1, CLAIM_REPLICATION_MS) < 1:
+        """Under Sentinel, work starts only once the replicas connected to the
+        master (and at least CLAIM_MIN_REPLICAS) have the claim. A claim lost
+        in a failover (taken on an old master after its replica was promoted)
+        would leave the message in the new master's queue, to be claimed again
+        under a new task id and done twice.
+
+        With no replica connected (the one there was is now the master, say)
+        there is nothing to wait for, and claims go on unreplicated: the pool
+        keeps serving, and says so (`replicas_connected`). Unless the sentinels
+        name another master by now: an old master loses its replica to the
+        promotion before it is demoted, and a claim taken there is lost with
+        its data. A replica that is connected but does not answer within
+        CLAIM_REPLICATION_MS may mean a failover under way too. Either raises,
+        and the worker waits like for any Redis outage, counting the replicas
+        again on its next claim."""
+        if not self._replicated_claims:
+            return
+        required = max(self._min_replicas, self.replicas_connected())
+        if required == 0:
+            if not self._master_unchanged():
+                self._replicas_counted_at = 0.0
+                raise redis.exceptions.ConnectionError("the sentinels name another master: the claim was on an old one")
+            return
+        acknowledged = self.client.execute_command("WAIT", required, CLAIM_REPLICATION_MS)
+        if acknowledged < required:
+            self._replicas_counted_at = 0.0
             raise redis.exceptions.ConnectionError(
-                "no replica acknowledged the claim: the master may be failing over"
+                f"{acknowledged} of {required} replicas acknowledged the claim: the master may be failing over"
             )
+
+    def _master_unchanged(self) -> bool:
+        """Whether the sentinels still name the master our connections go to
+        (asking them also sends idle connections to the new one, if any)."""
+        pool = self.client.connection_pool
+        proxy = getattr(pool, "proxy", None)
+        if proxy is None:
+            return True  # not through Sentinel
+        connected_to = proxy.master_address
+        return pool.get_master_address() == connected_to
+
+    @property
+    def replicated_claims(self) -> bool:
+        return self._replicated_claims
+
+    def replicas_connected(self) -> int:
+        """The replicas connected to the master now (ROLE), counted again every
+        REPLICA_COUNT_SECONDS."""
+        if self._replicas is None or time.monotonic() - self._replicas_counted_at > REPLICA_COUNT_SECONDS:
+            role = self.client.execute_command("ROLE")
+            self._replicas = len(role[2]) if role and role[0] in (b"master", "master") else 0
+            self._replicas_counted_at = time.monotonic()
+        return self._replicas
 
     def requeue(self, processing_key: str, unstarted: int = 0) -> int:
         """Return every task in a processing list to the head of the list it

@@ -8,13 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import redis
 import redis.sentinel
 
-from tests.helpers import photo_of_size, push, wait_for_records, wait_until
+from tests.helpers import photo_of_size, push, read_results, wait_for_records, wait_until
 from tests.test_reliability import push_photos
 from tools.local_redis import find_redis_server, free_port
 
@@ -175,7 +176,7 @@ def sentinel_setup(tmp_path: Path):
     sentinel = redis.sentinel.Sentinel([("127.0.0.1", sentinel_port)], socket_timeout=2)
     try:
         wait_until(lambda: _sentinel_sees_replica(sentinel), 30, "the sentinel never saw the replica")
-        yield sentinel, sentinel_port, replica_port
+        yield sentinel, sentinel_port, replica_port, processes[0]
     finally:
         for process in processes:
             process.kill()
@@ -201,13 +202,82 @@ def push_replicated(master: redis.Redis, queue: str, segments, prefix: str, coun
     return request_ids
 
 
+def sentinel_env(sentinel_port: int, **extra: str) -> dict[str, str]:
+    return {"REDIS_SENTINELS": f"127.0.0.1:{sentinel_port}", "REDIS_SENTINEL_MASTER": "mymaster",
+            "REDIS_URL": "redis://sentinel-decides:6379/0", **extra}
+
+
+def kill_master_and_wait_for_failover(sentinel, master_process, replica_port: int) -> redis.Redis:
+    """The master dies for good; the sentinel promotes the one replica, which
+    then has no replica of its own."""
+    master_process.kill()
+    master_process.wait(timeout=10)
+    wait_until(lambda: _discovered_port(sentinel) == replica_port, 60, "no failover happened")
+    new_master = sentinel.master_for("mymaster", socket_timeout=15)
+    wait_until(lambda: new_master.execute_command("ROLE")[0] == b"master", 30, "the replica was not promoted")
+    return new_master
+
+
+def _discovered_port(sentinel) -> int | None:
+    try:
+        return sentinel.discover_master("mymaster")[1]
+    except redis.exceptions.RedisError:
+        return None
+
+
+def test_pool_keeps_serving_after_a_failover_leaves_no_replica(pool_factory, sentinel_setup, queue_name, segments):
+    """One replica, the master killed and never back: the pool goes on, with
+    claims unreplicated, and says so; every task pushed after the failover
+    completes exactly once."""
+    sentinel, sentinel_port, replica_port, master_process = sentinel_setup
+    master = sentinel.master_for("mymaster", socket_timeout=15)
+    pool = pool_factory(workers=2, env=sentinel_env(sentinel_port))
+    pool.wait_ready()
+    before = push_replicated(master, queue_name, segments, "before", 40)
+    wait_for_records(pool.output_dir, len(before), timeout=60, pool=pool)
+    new_master = kill_master_and_wait_for_failover(sentinel, master_process, replica_port)
+    after = [f"after_{n}" for n in range(30)]
+    for request_id in after:
+        push(new_master, queue_name, segments.message(request_id, request_id, photo_of_size(128, 128)))
+    records = wait_for_records(pool.output_dir, len(before) + len(after), timeout=90, pool=pool)
+    wait_until(lambda: pool.events("claims_unreplicated"), 20, "the pool never said claims are unreplicated")
+    assert any("no replica connected" in n for n in pool.notifications())
+    assert pool.stop() == 0
+    recorded = [r["request_id"] for r in records]
+    assert sorted(r for r in recorded if r.startswith("after_")) == sorted(after), "a later task was lost or doubled"
+    assert all(r["status"] == "completed" for r in records)
+
+
+def test_claim_min_replicas_pauses_until_a_replica_is_back(pool_factory, sentinel_setup, queue_name, segments, tmp_path):
+    """A deployment that would rather pause than claim unreplicated sets
+    CLAIM_MIN_REPLICAS; the pool resumes once a replica of the new master is up."""
+    sentinel, sentinel_port, replica_port, master_process = sentinel_setup
+    pool = pool_factory(workers=1, env=sentinel_env(sentinel_port, CLAIM_MIN_REPLICAS="1"))
+    pool.wait_ready()
+    new_master = kill_master_and_wait_for_failover(sentinel, master_process, replica_port)
+    push(new_master, queue_name, segments.message("paused", "paused", photo_of_size(64, 64)))
+    wait_until(lambda: pool.events("claims_paused"), 30, "the pool never said it pauses")
+    time.sleep(2)
+    assert not read_results(pool.output_dir), "a task was done while no replica could copy its claim"
+    replica = subprocess.Popen(
+        [find_redis_server(), "--port", str(free_port()), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path), "--replicaof", "127.0.0.1", str(replica_port)], stdout=subprocess.DEVNULL,
+    )
+    try:
+        (record,) = wait_for_records(pool.output_dir, 1, timeout=60, pool=pool)
+        assert record["request_id"] == "paused" and record["status"] == "completed"
+        assert pool.stop() == 0
+    finally:
+        replica.kill()
+        replica.wait(timeout=10)
+
+
 def test_pool_follows_a_sentinel_failover_without_losing_acknowledged_work(
     pool_factory, sentinel_setup, queue_name, segments
 ):
-    sentinel, sentinel_port, replica_port = sentinel_setup
+    sentinel, sentinel_port, replica_port, _ = sentinel_setup
     master = sentinel.master_for("mymaster", socket_timeout=15)
-    env = {"REDIS_SENTINELS": f"127.0.0.1:{sentinel_port}", "REDIS_SENTINEL_MASTER": "mymaster",
-           "REDIS_URL": "redis://sentinel-decides:6379/0"}
+    env = sentinel_env(sentinel_port)
     pool = pool_factory(workers=2, env=env)
     pool.wait_ready()
     before = push_replicated(master, queue_name, segments, "before", 150)

@@ -143,6 +143,7 @@ class Worker:
             host_queue=QueueKeys(self.settings.queue).host(self.settings.host_id),
             wait_on_host_queue=self.settings.host_queue,
             replicated_claims=bool(self.settings.redis_sentinels),
+            min_replicas=self.settings.claim_min_replicas,
         )
         self.fetcher = UrlFetcher(self.settings)
         self.ledger = self._connect_ledger()
