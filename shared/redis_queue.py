@@ -43,262 +43,29 @@ REPLICA_COUNT_SECONDS = 5.0
 # worker that died on them would be respawned straight into the same error.
 REDIS_ERRORS = (redis.exceptions.RedisError,)
 
-# The producers' lists (the queue, the host queues) hold only the bytes
-# producers pushed: a message taken from them is wrapped in an envelope in a
-# processing list, which only the pool writes, and goes back byte-identical.
-#
-#   envelope: "irw2 <task id> <deliveries> <length> <origin>\n<message>"
-#
-# origin is "s" (the shared queue) or "h" (the claiming host's own queue); a
-# script never takes a key's name from an envelope or a message (Redis's rule
-# for scripts: every key comes in KEYS). A message that goes back keeps its
-# identity in the redelivery hash, under "<list> <sha1 of the message>" ->
-# "<task id>:<deliveries>" (space-separated, one per copy that went back), and
-# takes it up again when it is next claimed from that list: poison detection
-# (MAX_ATTEMPTS) and the ledger's duplicate check see one task across crashes.
-#
-# The envelope always holds the whole message, so that it can go back as it
-# came; a worker is handed at most max_bytes of it, and knows from <length>
-# that it was cut (see shared.messages.parse_envelope).
-_ENVELOPES = """
-local function identity_field(list, message)
-  return list .. ' ' .. redis.sha1hex(message)
-end
-
--- The identity a message left behind when it went back to `list`, taken up.
-local function take_identity(redelivery, list, message)
-  local field = identity_field(list, message)
-  local held = redis.call('HGET', redelivery, field)
-  if not held then return nil end
-  local first, rest = string.match(held, '^(%S+) ?(.*)$')
-  if rest == '' then redis.call('HDEL', redelivery, field) else redis.call('HSET', redelivery, field, rest) end
-  return first
-end
-
-local function leave_identity(redelivery, list, message, identity)
-  local field = identity_field(list, message)
-  local held = redis.call('HGET', redelivery, field)
-  redis.call('HSET', redelivery, field, held and (held .. ' ' .. identity) or identity)
-end
-
--- Wrap a message taken from `list`; returns the envelope and the worker's view of it.
-local function wrap(redelivery, list, origin, message, fresh_id, max_bytes)
-  local task_id, deliveries = fresh_id, 1
-  local known = take_identity(redelivery, list, message)
-  if known then
-    local id, count = string.match(known, '^([%w%-]+):(%d+)$')
-    if id then task_id, deliveries = id, tonumber(count) + 1 end
-  end
-  local header = 'irw2 ' .. task_id .. ' ' .. deliveries .. ' ' .. #message .. ' ' .. origin .. '\\n'
-  local envelope = header .. message
-  if #message <= max_bytes then return envelope, envelope end
-  return envelope, header .. string.sub(message, 1, max_bytes)
-end
-
--- An envelope's parts; nil for anything else (a damaged entry).
-local function unwrap(envelope)
-  return string.match(envelope, '^irw[12] ([%w%-]+) (%d+) %d+ (%S+)\\n(.*)$')
-end
-"""
-
-# Up to ARGV[1] messages, the host's own queue first, and never more than half
-# of those waiting, so that the last tasks of a burst spread over the workers.
-# KEYS: shared queue, processing list, host queue (the shared queue again when
-# there is none), redelivery. ARGV: count, max message bytes, then one fresh
-# task id per message.
-CLAIM_SCRIPT = _ENVELOPES + """
-local waiting = redis.call('LLEN', KEYS[3])
-if KEYS[3] ~= KEYS[1] then waiting = waiting + redis.call('LLEN', KEYS[1]) end
-local max_bytes = tonumber(ARGV[2])
-local claimed = {}
-for i = 1, math.min(tonumber(ARGV[1]), math.max(1, math.floor(waiting / 2))) do
-  local list, origin = KEYS[3], 'h'
-  if KEYS[3] == KEYS[1] then origin = 's' end
-  local message = redis.call('LPOP', list)
-  if not message and KEYS[3] ~= KEYS[1] then
-    list, origin = KEYS[1], 's'
-    message = redis.call('LPOP', list)
-  end
-  if not message then break end
-  local envelope, view = wrap(KEYS[4], list, origin, message, ARGV[2 + i], max_bytes)
-  redis.call('RPUSH', KEYS[2], envelope)
-  claimed[#claimed + 1] = view
-end
-return claimed
-"""
-
-# After a BLMOVE put a message into the worker's incoming list: wrap it into
-# the processing list. KEYS: incoming, processing, redelivery, the list BLMOVE
-# took it from. ARGV: task id, max message bytes, origin of that list.
-STAMP_INCOMING_SCRIPT = _ENVELOPES + """
-local message = redis.call('LPOP', KEYS[1])
-if not message then return false end
-local envelope, view = wrap(KEYS[3], KEYS[4], ARGV[3], message, ARGV[1], tonumber(ARGV[2]))
-redis.call('RPUSH', KEYS[2], envelope)
-return view
-"""
-
-# Each task back to the head of the list it came from, in the order they were
-# claimed, as the bytes its producer pushed; its identity stays behind in the
-# redelivery hash. A dead host's URL tasks so return to the shared queue for
-# any host, its shared-memory tasks to its own queue, to wait for it. The last
-# ARGV[1] envelopes of the list were claimed but never started (a worker claims
-# several at a time): their delivery count goes back down, so that a task that
-# kills its worker does not use up the attempts of the tasks claimed with it.
-# A task whose record a ledger was committing (see mark_committing) goes to
-# the host queue of that list's host instead: the record may be on that
-# host's disk, and only that host's ledger can tell, and drop the task as a
-# duplicate. A message BLMOVE brought in but the worker never wrapped (it died
-# or was stopped between the two calls) goes back to the list it came from.
-# KEYS: processing, queue, registry, committing, wait sources, incoming, the
-# list's host queue, the list its worker waits on, redelivery. ARGV: how many
-# were never started.
-REQUEUE_SCRIPT = _ENVELOPES + """
-local moved, unstarted = 0, tonumber(ARGV[1])
-while true do
-  local envelope = redis.call('RPOP', KEYS[1])
-  if not envelope then break end
-  local task_id, deliveries, origin, message = unwrap(envelope)
-  if task_id then
-    deliveries = tonumber(deliveries)
-    if moved < unstarted then deliveries = math.max(0, deliveries - 1) end
-    local list = KEYS[2]
-    -- An envelope of version 1 named its origin list; "h" is the host's queue.
-    if origin == 'h' or origin == KEYS[7] or redis.call('HEXISTS', KEYS[4], task_id) == 1 then
-      list = KEYS[7]
-    end
-    redis.call('LPUSH', list, message)
-    leave_identity(KEYS[9], list, message, task_id .. ':' .. deliveries)
-  else
-    redis.call('LPUSH', KEYS[2], envelope)  -- not an envelope: nothing to unwrap, nothing lost
-  end
-  moved = moved + 1
-end
-while true do
-  local message = redis.call('RPOP', KEYS[6])
-  if not message then break end
-  redis.call('LPUSH', KEYS[8], message)
-  moved = moved + 1
-end
-redis.call('SREM', KEYS[3], KEYS[1])
-redis.call('HDEL', KEYS[5], KEYS[1])
-return moved
-"""
-
-# Due retries move to the tail of the queue, as their producers' bytes, with
-# their identity left behind. KEYS: delayed, queue, redelivery. ARGV: now, limit.
-PROMOTE_SCRIPT = _ENVELOPES + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-for _, envelope in ipairs(due) do
-  local task_id, deliveries, _, message = unwrap(envelope)
-  if task_id then
-    redis.call('RPUSH', KEYS[2], message)
-    leave_identity(KEYS[3], KEYS[2], message, task_id .. ':' .. deliveries)
-  else
-    redis.call('RPUSH', KEYS[2], envelope)
-  end
-  redis.call('ZREM', KEYS[1], envelope)
-end
-return #due
-"""
+# The Lua scripts, one file each in shared/lua/ with its KEYS and ARGV in its
+# header; envelopes.lua holds what those that wrap and unwrap messages share.
+LUA_DIR = Path(__file__).resolve().parent / "lua"
 
 
-# Acknowledge a batch in one atomic step. KEYS: dead, announced, delayed, the
-# stats bucket, the results stream, committing, then one processing list per task. ARGV:
-# dead max, now, the batch's completed, failed and retried counts, the stream's
-# MAXLEN (0: no stream), how many announced ids to keep, then per task:
-# envelope, kind, dead letter, retry time, task id, event.
-# Kinds: "final" (the task has its record: announce it), "retry" (into the
-# delayed set), "ack" (only leave the processing list).
-# A task's outcome is announced (its dead letter pushed, its completion event
-# added to the stream) once per task id, whichever delivery gets here: a ledger
-# killed with acknowledgements pending leaves the task to be redelivered, and
-# its duplicate then brings the announcement. A retry is scheduled only by the
-# delivery that still held the task, so a requeued task is not also retried.
-ACK_SCRIPT = """
--- A worker holds a message cut at max_bytes as its envelope's header and the
--- first max_bytes: that envelope is found by its header, which is unique.
-local function remove(list, envelope)
-  local removed = redis.call('LREM', list, 1, envelope)
-  if removed == 1 then return 1 end
-  local header, length = string.match(envelope, '^(irw2 [%w%-]+ %d+ (%d+) %S+\\n)')
-  if header and #envelope - #header < tonumber(length) then
-    for _, entry in ipairs(redis.call('LRANGE', list, 0, -1)) do
-      if string.sub(entry, 1, #header) == header then return redis.call('LREM', list, 1, entry) end
-    end
-  end
-  return 0
-end
+def load_script(name: str, *, envelopes: bool = False) -> str:
+    source = (LUA_DIR / f"{name}.lua").read_text()
+    return (LUA_DIR / "envelopes.lua").read_text() + "\n" + source if envelopes else source
 
-local dead_max, now = tonumber(ARGV[1]), tonumber(ARGV[2])
-local stream_maxlen, keep_ids = tonumber(ARGV[6]), tonumber(ARGV[7])
-local pushed_dead, announced = false, false
-for i = 7, #KEYS do
-  local at = 8 + (i - 7) * 6
-  local envelope, kind, dead_letter, retry_at, task_id, event =
-    ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
-  local removed = remove(KEYS[i], envelope)
-  redis.call('HDEL', KEYS[6], task_id)
-  if kind == 'final' then
-    if redis.call('ZADD', KEYS[2], 'NX', now, task_id) == 1 then
-      announced = true
-      if dead_letter ~= '' then
-        redis.call('RPUSH', KEYS[1], dead_letter)
-        pushed_dead = true
-      end
-      if stream_maxlen > 0 then
-        redis.call('XADD', KEYS[5], 'MAXLEN', '~', stream_maxlen, '*', 'record', event)
-      end
-    end
-  elseif kind == 'retry' and removed == 1 then
-    redis.call('ZADD', KEYS[3], tonumber(retry_at), envelope)
-  end
-end
-if pushed_dead then
-  redis.call('LTRIM', KEYS[1], -dead_max, -1)
-end
-if announced then
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(keep_ids + 1))
-end
-redis.call('HINCRBY', KEYS[4], 'completed', ARGV[3])
-redis.call('HINCRBY', KEYS[4], 'failed', ARGV[4])
-redis.call('HINCRBY', KEYS[4], 'retried', ARGV[5])
-redis.call('EXPIRE', KEYS[4], 120)
-return 1
-"""
+
+CLAIM_SCRIPT = load_script("claim", envelopes=True)
+STAMP_INCOMING_SCRIPT = load_script("stamp_incoming", envelopes=True)
+REQUEUE_SCRIPT = load_script("requeue", envelopes=True)
+PROMOTE_SCRIPT = load_script("promote", envelopes=True)
+ACK_SCRIPT = load_script("ack")
+REQUEUE_DEAD_SCRIPT = load_script("requeue_dead")
+DRAIN_ENTRY_SCRIPT = load_script("drain_entry", envelopes=True)
+
 # Announced task ids kept at least this long in count, so a redelivered
 # duplicate (seconds later) is still recognised.
 MIN_ANNOUNCED_IDS = 100_000
 # Stats buckets are this many seconds wide; `status` sums the last minute's.
 STATS_BUCKET_SECONDS = 10
-
-# A dead letter back onto the queue, unless someone else already moved it.
-# KEYS: dead, queue. ARGV: the dead-letter entry, the raw message.
-REQUEUE_DEAD_SCRIPT = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[2], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-# One entry of a lost host's queue on to where it can still end, unless the
-# host (or another drain) took it meanwhile. The identity it left behind goes
-# with it to the shared queue (under its new bytes), and its committing mark
-# is dropped. KEYS: host queue, target list, committing, redelivery. ARGV: the
-# entry, what to push, how many entries the target keeps (0: no limit), "1"
-# when the target is a queue (not the dead letters).
-DRAIN_ENTRY_SCRIPT = _ENVELOPES + """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-local known = take_identity(KEYS[4], KEYS[1], ARGV[1])
-if known then
-  redis.call('HDEL', KEYS[3], string.match(known, '^[^:]*'))
-  if ARGV[4] == '1' then leave_identity(KEYS[4], KEYS[2], ARGV[2], known) end
-end
-if tonumber(ARGV[3]) > 0 then redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1) end
-return 1
-"""
 
 # A producer's shared-memory task that also has a URL: onto its host's queue
 # while a pool serves that host, else onto the shared queue as a URL task. In

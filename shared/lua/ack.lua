@@ -1,0 +1,74 @@
+-- ack.lua: acknowledge a batch of tasks in one atomic step. Per task, its kind:
+-- "final" (its record is durable: announce it), "retry" (into the delayed set),
+-- "ack" (only leave the processing list). A task's outcome is announced (its
+-- dead letter pushed, its completion event added to the stream) once per task
+-- id, whichever delivery gets here: a ledger killed with acknowledgements
+-- pending leaves the task to be redelivered, and its duplicate then brings the
+-- announcement. A retry is scheduled only by the delivery that still held the
+-- task, so a requeued task is not also retried.
+--
+-- KEYS[1]  dead letters (list)
+-- KEYS[2]  announced (sorted set of task ids)
+-- KEYS[3]  delayed (sorted set)
+-- KEYS[4]  this 10 s stats bucket (hash)
+-- KEYS[5]  the results stream (KEYS[1] again when there is no stream)
+-- KEYS[6]  committing (hash)
+-- KEYS[7..] one processing list per task, in the order of the tasks below
+-- ARGV[1]  dead letters kept
+-- ARGV[2]  now (epoch seconds)
+-- ARGV[3], ARGV[4], ARGV[5]  the batch's completed, failed and retried counts
+-- ARGV[6]  the stream's MAXLEN (0: no stream)
+-- ARGV[7]  announced ids kept
+-- then six per task, task n at ARGV[8 + 6 * (n - 1)]:
+--   envelope (as the worker holds it), kind, dead letter ('' for none),
+--   retry time, task id, results-stream event
+
+-- A worker holds a message cut at max_bytes as its envelope's header and the
+-- first max_bytes: that envelope is found by its header, which is unique.
+local function remove(list, envelope)
+  local removed = redis.call('LREM', list, 1, envelope)
+  if removed == 1 then return 1 end
+  local header, length = string.match(envelope, '^(irw2 [%w%-]+ %d+ (%d+) %S+\n)')
+  if header and #envelope - #header < tonumber(length) then
+    for _, entry in ipairs(redis.call('LRANGE', list, 0, -1)) do
+      if string.sub(entry, 1, #header) == header then return redis.call('LREM', list, 1, entry) end
+    end
+  end
+  return 0
+end
+
+local dead_max, now = tonumber(ARGV[1]), tonumber(ARGV[2])
+local stream_maxlen, keep_ids = tonumber(ARGV[6]), tonumber(ARGV[7])
+local pushed_dead, announced = false, false
+for i = 7, #KEYS do
+  local at = 8 + (i - 7) * 6
+  local envelope, kind, dead_letter, retry_at, task_id, event =
+    ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
+  local removed = remove(KEYS[i], envelope)
+  redis.call('HDEL', KEYS[6], task_id)
+  if kind == 'final' then
+    if redis.call('ZADD', KEYS[2], 'NX', now, task_id) == 1 then
+      announced = true
+      if dead_letter ~= '' then
+        redis.call('RPUSH', KEYS[1], dead_letter)
+        pushed_dead = true
+      end
+      if stream_maxlen > 0 then
+        redis.call('XADD', KEYS[5], 'MAXLEN', '~', stream_maxlen, '*', 'record', event)
+      end
+    end
+  elseif kind == 'retry' and removed == 1 then
+    redis.call('ZADD', KEYS[3], tonumber(retry_at), envelope)
+  end
+end
+if pushed_dead then
+  redis.call('LTRIM', KEYS[1], -dead_max, -1)
+end
+if announced then
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(keep_ids + 1))
+end
+redis.call('HINCRBY', KEYS[4], 'completed', ARGV[3])
+redis.call('HINCRBY', KEYS[4], 'failed', ARGV[4])
+redis.call('HINCRBY', KEYS[4], 'retried', ARGV[5])
+redis.call('EXPIRE', KEYS[4], 120)
+return 1
