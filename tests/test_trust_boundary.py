@@ -238,4 +238,4 @@ def test_after_sigterm_under_load_the_queue_holds_exactly_the_producers_bytes(
     left = redis_client.lrange(queue_name, 0, -1)
     assert 0 < len(left) and len(done) + len(left) == len(pushed)
     assert sorted(left) == sorted(m for m in pushed if json.loads(m)["request_id"] not in done)
-    assert left == [m for m in pushed if m in set(left)]  # in the order they were pushed
+    assert len(set(left)) == len(left)  # each once
