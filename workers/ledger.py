@@ -96,20 +96,13 @@ class Ledger:
         self.stopping = False
         self.keys = QueueKeys(settings.queue)
         self.results = ResultsFile(settings.output_dir / output.RESULTS_NAME)
-        self.pending_unlinks = settings.output_dir / ".unlink-pending"
-        self.pending_unlinks_fd = -1  # kept open: it is rewritten for every batch
-        self.segment_access = SegmentAccess.from_settings(settings)
+        self.unlinks = SegmentUnlinks(settings.output_dir / ".unlink-pending", SegmentAccess.from_settings(settings))
         self.selector = selectors.DefaultSelector()
         self.connections = 0
         self.unwritten: list[CompletionRecord] = []  # read but not yet durable
         self.batch_started_at = 0.0  # when the first of them arrived
         self.unacknowledged: list[CompletionRecord] = []  # durable, not yet acknowledged
-        # Task id -> status of its record, for telling redelivered duplicates apart.
-        self.recorded: dict[str, str] = {}
-        # The last lines the previous ledger wrote: a duplicate of one of those
-        # announces the record as it was written.
-        self.lines_from_last_run: dict[str, dict] = {}
-        self.recorded_order: deque[str] = deque()
+        self.recorded = RecordedTasks()
         self.write_failures = 0
         self.write_retry_at = 0.0
         self.ack_failures = 0
@@ -119,15 +112,13 @@ class Ledger:
         try:
             output.prepare_output_dir(self.settings.output_dir)
             recent = self.results.open()
-            self.pending_unlinks_fd = os.open(
-                self.pending_unlinks, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-            )
+            self.unlinks.open()
         except (OSError, ResultsFileError) as exc:
             log.error("ledger_boot_failed", reason=str(exc))
             return exitcodes.BOOT_FAILED
-        self._learn_from_last_run(recent)
+        self.recorded.learn_from_last_run(recent)
         self._finish_interrupted_publications(recent)
-        self._finish_interrupted_unlinks()
+        self.unlinks.finish_interrupted()
         self.queue = ReliableQueue(connect(self.settings), self.keys, max_message_bytes=self.settings.max_message_bytes)
         listener = channel.listen(channel.ledger_address(self.instance))
         listener.setblocking(False)
@@ -245,7 +236,7 @@ class Ledger:
     def _commit(self) -> None:
         if not self.unwritten or time.monotonic() < self.write_retry_at:
             return
-        fresh, duplicates = self._split_duplicates(self.unwritten)
+        fresh, duplicates = self.recorded.split_duplicates(self.unwritten)
         for record in duplicates:
             record.duplicate = True
         try:
@@ -266,13 +257,25 @@ class Ledger:
         self.write_failures = 0
         crash_point("ledger_after_append")
         self._publish(published)
+        self._note_committed(fresh)
+        self._drop_duplicates(duplicates)
+        for record in self.unwritten:
+            self._remove_earlier_partials(record)
+        self.unacknowledged.extend(self.unwritten)
+        self.unwritten = []
+
+    def _note_committed(self, fresh: list[CompletionRecord]) -> None:
+        """Remember what is now recorded (for duplicates) and count it (for metrics)."""
         committed_at = time.time()
         for record in fresh:
             if record.status != RETRY:
-                self._remember(record.task_id, record.status)
+                self.recorded.remember(record.task_id, record.status)
             if self.metrics_fd is not None:
                 timings = {**record.timings, "ledger": max(0.0, committed_at - record.sent_at)}
                 self.stats.observe(status=record.status, source=record.source, timings=timings)
+
+    def _drop_duplicates(self, duplicates: list[CompletionRecord]) -> None:
+        """A redelivered task that already has its record: only its partial file goes."""
         self.stats.duplicates += len(duplicates)
         for record in duplicates:
             if record.partial_path:
@@ -280,27 +283,11 @@ class Ledger:
             log.info(
                 "duplicate_dropped", task_id=record.task_id, request_id=record.request_id, image_id=record.image_id
             )
-        for record in self.unwritten:
-            self._remove_earlier_partials(record)
-        self.unacknowledged.extend(self.unwritten)
-        self.unwritten = []
 
     def _postpone_commit(self, *, base: float, cap: float) -> None:
         """The batch stays unwritten and is tried again after a backoff."""
         self.write_failures += 1
         self.write_retry_at = time.monotonic() + compute_backoff(self.write_failures, base=base, cap=cap)
-
-    def _split_duplicates(self, records: list[CompletionRecord]) -> tuple[list, list]:
-        fresh, duplicates, seen = [], [], set()
-        for record in records:
-            task_id = record.task_id
-            if task_id is not None and (task_id in self.recorded or task_id in seen):
-                duplicates.append(record)
-            else:
-                fresh.append(record)
-                if task_id is not None and record.status != RETRY:
-                    seen.add(task_id)
-        return fresh, duplicates
 
     def _mark_committing(self, records: list[CompletionRecord]) -> bool:
         """Step 2, first half: tell Redis these records may soon be on this host's
@@ -385,24 +372,6 @@ class Ledger:
         for delivery in range(1, record.delivery):
             output.remove_quietly(output.partial_path(self.settings.output_dir, record.task_id, delivery))
 
-    def _remember(self, task_id: str | None, status: str) -> None:
-        if task_id is None or task_id in self.recorded:
-            return
-        self.recorded[task_id] = status
-        self.recorded_order.append(task_id)
-        if len(self.recorded_order) > REMEMBERED_IDS:
-            self.recorded.pop(self.recorded_order.popleft(), None)
-
-    def _learn_from_last_run(self, recent: list[dict]) -> None:
-        """The ids (and last lines) of the records already in results.json, so
-        that their redelivered duplicates are recognised."""
-        for line in recent:
-            task_id = line.get("task_id")
-            self._remember(task_id if isinstance(task_id, str) else None, str(line.get("status")))
-        for line in recent[-LINES_KEPT_FROM_LAST_RUN:]:
-            if isinstance(line.get("task_id"), str):
-                self.lines_from_last_run[line["task_id"]] = line
-
     def _finish_interrupted_publications(self, recent: list[dict]) -> None:
         """Step 3 for records that were durable when the last ledger died."""
         for line in recent:
@@ -432,7 +401,7 @@ class Ledger:
             return
         batch = self.unacknowledged
         doomed = self._segments_to_unlink(batch)
-        self._note_pending_unlinks(doomed)
+        self.unlinks.note_pending(doomed)
         try:
             acks = [self._acknowledgement(record) for record in batch]
             counts = Counter(record.status for record in batch if not record.duplicate)
@@ -455,14 +424,14 @@ class Ledger:
             self.ack_failures = 0
         self.unacknowledged = []
         crash_point("ledger_after_ack")
-        self._unlink_segments(doomed)
+        self.unlinks.unlink(doomed)
 
     def _acknowledgement(self, record: CompletionRecord) -> Acknowledgement:
         """What Redis must do for this record: announce a final outcome (a failure's
         dead letter, the results-stream event), schedule a retry, or only let go."""
         # An envelope too broken to carry a task id is identified by its bytes.
         task_id = record.task_id or "raw-" + hashlib.sha1(record.envelope).hexdigest()
-        final_status = self.recorded.get(record.task_id or "") if record.duplicate else record.status
+        final_status = self.recorded.status_of(record.task_id) if record.duplicate else record.status
         if record.status == RETRY and not record.duplicate:
             return Acknowledgement(record.processing_key, record.envelope, "retry", task_id, retry_at=record.retry_at)
         if final_status not in (COMPLETED, FAILED):
@@ -471,7 +440,7 @@ class Ledger:
         # announces the line its first delivery was recorded with.
         event = record.results_json
         if event is None:
-            line = self.lines_from_last_run.get(task_id) if record.duplicate else None
+            line = self.recorded.line_from_last_run(task_id) if record.duplicate else None
             event = encode_line(line if line is not None else {**record.results_line(), "status": final_status})
         return Acknowledgement(
             record.processing_key,
@@ -487,42 +456,6 @@ class Ledger:
             return []
         # A retry still needs its pixels; a duplicate's segment went with its first record.
         return [r.segment_name for r in records if r.segment_name and (r.status != RETRY or r.duplicate)]
-
-    def _note_pending_unlinks(self, names: list[str]) -> None:
-        """Write down the segments about to be unlinked, so that a ledger killed
-        between acknowledging and unlinking does not leak them: the next ledger
-        unlinks what is listed. No fsync: /dev/shm does not survive a power cut."""
-        if names:
-            listing = "\n".join(names).encode()
-            os.pwrite(self.pending_unlinks_fd, listing, 0)
-            os.ftruncate(self.pending_unlinks_fd, len(listing))
-
-    def _unlink_segments(self, names: list[str], *, after_crash: bool = False) -> None:
-        """Step 5. A name that is not the pipeline's, or a file that is not a
-        segment we own, is left alone and logged (shared.segments): no name in
-        a message can make this raise, so none can stop the ledger."""
-        for name in names:
-            outcome = unlink_segment(name, self.segment_access)
-            if outcome == "unlinked" and after_crash:
-                log.info("segment_unlinked_after_crash", segment=name)
-            elif outcome == "unlinked":
-                log.debug("segment_unlinked", segment=name)
-            elif outcome != "gone":
-                log.warning("segment_not_unlinked", segment=name, reason=outcome)
-        if names:
-            os.ftruncate(self.pending_unlinks_fd, 0)
-
-    def _finish_interrupted_unlinks(self) -> None:
-        """Step 5 for the batch the last ledger acknowledged but did not finish."""
-        listed = os.pread(self.pending_unlinks_fd, 1 << 20, 0).decode(errors="replace").split()
-        names = []
-        for value in listed:
-            try:
-                names.append(segment_name(value))
-            except InvalidMessage:
-                log.warning("segment_not_unlinked", segment=value[:80], reason="not a segment name")
-        self._unlink_segments(names, after_crash=True)
-        os.ftruncate(self.pending_unlinks_fd, 0)
 
     def _drain_before_exit(self) -> None:
         """Make durable and acknowledge what is left, for a bounded time."""
@@ -552,6 +485,103 @@ class Ledger:
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
+
+
+class RecordedTasks:
+    """The task ids this host has records for, to tell a redelivered duplicate
+    from a task to record: the end of results.json, read at start, and every
+    record since, up to REMEMBERED_IDS."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, str] = {}  # task id -> status of its record
+        self._order: deque[str] = deque()
+        # The last lines the previous ledger wrote: a duplicate of one of those
+        # announces the record as it was written.
+        self._lines_from_last_run: dict[str, dict] = {}
+
+    def learn_from_last_run(self, recent: list[dict]) -> None:
+        for line in recent:
+            task_id = line.get("task_id")
+            self.remember(task_id if isinstance(task_id, str) else None, str(line.get("status")))
+        for line in recent[-LINES_KEPT_FROM_LAST_RUN:]:
+            if isinstance(line.get("task_id"), str):
+                self._lines_from_last_run[line["task_id"]] = line
+
+    def remember(self, task_id: str | None, status: str) -> None:
+        if task_id is None or task_id in self._status:
+            return
+        self._status[task_id] = status
+        self._order.append(task_id)
+        if len(self._order) > REMEMBERED_IDS:
+            self._status.pop(self._order.popleft(), None)
+
+    def status_of(self, task_id: str | None) -> str | None:
+        return self._status.get(task_id or "")
+
+    def line_from_last_run(self, task_id: str) -> dict | None:
+        return self._lines_from_last_run.get(task_id)
+
+    def split_duplicates(self, records: list[CompletionRecord]) -> tuple[list, list]:
+        """(to record, duplicates): a task recorded before, or twice in `records`
+        (a retry does not count: it records nothing)."""
+        fresh, duplicates, seen = [], [], set()
+        for record in records:
+            task_id = record.task_id
+            if task_id is not None and (task_id in self._status or task_id in seen):
+                duplicates.append(record)
+            else:
+                fresh.append(record)
+                if task_id is not None and record.status != RETRY:
+                    seen.add(task_id)
+        return fresh, duplicates
+
+
+class SegmentUnlinks:
+    """Step 5: unlink the segments of acknowledged tasks, with the list of those
+    about to go written down first, so that a ledger killed between
+    acknowledging and unlinking leaks none: the next one unlinks what is listed.
+    No fsync: /dev/shm does not survive a power cut. A name that is not the
+    pipeline's, or a file that is not a segment we own, is left alone and
+    logged (shared.segments): no name in a message can make this raise, so
+    none can stop the ledger, now or on replay."""
+
+    def __init__(self, path: Path, access: SegmentAccess) -> None:
+        self.path = path
+        self.access = access
+        self._fd = -1  # kept open: it is rewritten for every batch
+
+    def open(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+    def note_pending(self, names: list[str]) -> None:
+        if names:
+            listing = "\n".join(names).encode()
+            os.pwrite(self._fd, listing, 0)
+            os.ftruncate(self._fd, len(listing))
+
+    def unlink(self, names: list[str], *, after_crash: bool = False) -> None:
+        for name in names:
+            outcome = unlink_segment(name, self.access)
+            if outcome == "unlinked" and after_crash:
+                log.info("segment_unlinked_after_crash", segment=name)
+            elif outcome == "unlinked":
+                log.debug("segment_unlinked", segment=name)
+            elif outcome != "gone":
+                log.warning("segment_not_unlinked", segment=name, reason=outcome)
+        if names:
+            os.ftruncate(self._fd, 0)
+
+    def finish_interrupted(self) -> None:
+        """Step 5 for the batch the last ledger acknowledged but did not finish."""
+        listed = os.pread(self._fd, 1 << 20, 0).decode(errors="replace").split()
+        names = []
+        for value in listed:
+            try:
+                names.append(segment_name(value))
+            except InvalidMessage:
+                log.warning("segment_not_unlinked", segment=value[:80], reason="not a segment name")
+        self.unlink(names, after_crash=True)
+        os.ftruncate(self._fd, 0)
 
 
 def ledger_main(
