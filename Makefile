@@ -1,6 +1,7 @@
 # image-result-worker: everything a newcomer needs starts here.
 #   make run WORKERS=8   set up .venv, make sure a Redis answers, run the pool
 #   make test            set up .venv and run the whole suite (private Redis)
+#   make test-fast       only the in-process decision tests (seconds)
 #   make bench           the throughput benchmark (not part of make test); BENCH_ARGS="--quick" etc.
 #   make bench-instructions  the pool's instructions per task beyond the limit, by callgrind (~3 min)
 #   make soak            20,000 tasks under random kills (not part of make test)
@@ -15,7 +16,7 @@ BENCH_ARGS ?=
 INSTRUCTIONS_ARGS ?=
 RUN_DIR := .run
 
-.PHONY: run test lint bench bench-instructions soak demo venv stop-redis clean
+.PHONY: run test test-fast lint bench bench-instructions soak demo venv stop-redis clean
 
 venv: $(STAMP)
 
@@ -32,6 +33,9 @@ run: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m fast -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

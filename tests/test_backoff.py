@@ -8,6 +8,8 @@ import pytest
 
 from shared.backoff import compute_backoff
 
+pytestmark = pytest.mark.fast
+
 
 def test_grows_exponentially_without_jitter() -> None:
     delays = [compute_backoff(n, base=0.1, cap=100.0, jitter=0.0) for n in range(1, 6)]

@@ -6,8 +6,12 @@ from __future__ import annotations
 import socket
 from datetime import datetime
 
+import pytest
+
 from shared import channel
 from shared.records import COMPLETED, FAILED, CompletionRecord
+
+pytestmark = pytest.mark.fast
 
 
 def record(n: int, *, error: str | None = None) -> CompletionRecord:

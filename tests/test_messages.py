@@ -18,6 +18,8 @@ from shared.messages import (
     salvage,
 )
 
+pytestmark = pytest.mark.fast
+
 MAX_PIXELS = 100_000_000
 URL = "http://images.example/cat.jpg"
 

@@ -170,13 +170,9 @@ class Worker:
         )
 
     def _work_through(self, claimed: list[bytes]) -> bool:
-        """Run the claimed tasks in order and send their records; False if the
-        ledger is gone. Under a backlog the ledger lingers anyway, so the records
-        of one claim go together, in one datagram, within OUTBOX_SECONDS. A held
-        record waits for the task after it (a slow download, say); if that task
-        kills this worker, the held tasks are done again, never lost."""
-        outbox: list[CompletionRecord] = []
-        held_since = 0.0
+        """Run the claimed tasks in order and send their records (see Outbox);
+        False if the ledger is gone."""
+        outbox = Outbox(backlog=self._backlog)
         for position, envelope in enumerate(claimed, 1):
             if self.stopping:
                 break  # the rest go back to the queue when the supervisor requeues my list
@@ -184,18 +180,14 @@ class Worker:
             self.heartbeat.value = time.monotonic()  # TASK_TIMEOUT is per task, not per claim
             crash_point("worker_after_claim")
             try:
-                outbox.append(self._handle(envelope))
+                record = self._handle(envelope)
             except StopRequested:
                 break
-            if len(outbox) == 1:
-                held_since = time.monotonic()
-            hold = self._backlog and position < len(claimed) and time.monotonic() - held_since < OUTBOX_SECONDS
-            if hold and sum(len(record.envelope) for record in outbox) < OUTBOX_BYTES:
-                continue
-            if not self._send(outbox):
+            ready = outbox.add(record, more_coming=position < len(claimed), now=time.monotonic())
+            if ready and not self._send(ready):
                 return False
-            outbox = []
-        return not outbox or self._send(outbox)
+        rest = outbox.take()
+        return not rest or self._send(rest)
 
     def _connect_ledger(self) -> socket.socket | None:
         """The ledger may still be starting; give it a few seconds."""
@@ -466,6 +458,40 @@ class Worker:
         if self._waiting_idle:
             self._waiting_idle = False
             raise WaitInterrupted
+
+
+class Outbox:
+    """The records of one claim on their way to the ledger. Under a backlog the
+    ledger lingers anyway, so they go together, in one datagram, within
+    OUTBOX_SECONDS and OUTBOX_BYTES; otherwise each goes at once. A held record
+    waits for the task after it (a slow download, say); if that task kills this
+    worker, the held tasks are done again, never lost."""
+
+    def __init__(self, *, backlog: bool) -> None:
+        self.backlog = backlog
+        self._held: list[CompletionRecord] = []
+        self._held_since = 0.0
+        self._held_bytes = 0
+
+    def add(self, record: CompletionRecord, *, more_coming: bool, now: float) -> list[CompletionRecord]:
+        """Hold `record`, or return it with those held before it: the records to send now."""
+        if not self._held:
+            self._held_since = now
+        self._held.append(record)
+        self._held_bytes += len(record.envelope)
+        if (
+            self.backlog
+            and more_coming
+            and now - self._held_since < OUTBOX_SECONDS
+            and self._held_bytes < OUTBOX_BYTES
+        ):
+            return []
+        return self.take()
+
+    def take(self) -> list[CompletionRecord]:
+        """Every record held, to send."""
+        ready, self._held, self._held_bytes = self._held, [], 0
+        return ready
 
 
 class StopRequested(Exception):
