@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +36,11 @@ import pytest
 import redis
 
 import shared.redis_queue
-from client import Producer
+
+try:
+    from image_result_client import Producer
+except ImportError:  # before the client package's rename
+    from client import Producer
 from shared.config import has_hash_tag
 from shared.redis_queue import QueueKeys
 from tests.helpers import (
@@ -61,7 +66,8 @@ WAIT = 60.0
 # What the pool's processes and its operator commands run (pool user), and
 # what producers run (producer user); read by the static checks.
 POOL_SOURCES = ("supervisor.py", "workers", "shared", "control")
-PRODUCER_SOURCES = ("client",)
+PRODUCER_MODULE = sys.modules[Producer.__module__]
+PRODUCER_SOURCES = (str(Path(PRODUCER_MODULE.__file__).parent.relative_to(REPO_ROOT)),)
 # redis-py methods whose command is not their upper-cased name.
 METHOD_COMMANDS = {
     "delete": ("del",),
@@ -167,15 +173,23 @@ def lua_commands(script: str) -> set[str]:
     return {name.lower() for name in re.findall(r"redis\.p?call\(\s*['\"]([A-Za-z]+)['\"]", script)}
 
 
-def test_every_command_in_the_pools_lua_scripts_is_granted() -> None:
+def lua_files(directory: str) -> dict[str, str]:
+    return {str(path.relative_to(REPO_ROOT)): path.read_text() for path in (REPO_ROOT / directory).rglob("*.lua")}
+
+
+def test_every_command_in_the_lua_scripts_is_granted() -> None:
+    """The pool's: what shared.redis_queue runs, and any .lua file under shared/.
+    The producer's: what its module registers, and any .lua file beside it."""
     scripts = {name: value for name, value in vars(shared.redis_queue).items() if name.endswith("_SCRIPT")}
     assert len(scripts) >= 7 and all(lua_commands(script) for script in scripts.values())
-    for name, script in scripts.items():
+    for name, script in {**scripts, **lua_files("shared")}.items():
         missing = lua_commands(script) - granted(POOL_USER)
         assert not missing, f"{name} runs {sorted(missing)}, which configs/redis-acl.conf does not grant {POOL_USER}"
-    producer_source = (REPO_ROOT / "client" / "producer.py").read_text()
-    for name in re.findall(r"register_script\((\w+)\)", producer_source):
-        missing = lua_commands(scripts[name]) - granted(PRODUCER_USER)
+    registered = re.findall(r"register_script\((\w+)\)", Path(PRODUCER_MODULE.__file__).read_text())
+    producer_scripts = {name: vars(PRODUCER_MODULE)[name] for name in registered}
+    assert producer_scripts and all(lua_commands(script) for script in producer_scripts.values())
+    for name, script in {**producer_scripts, **lua_files(PRODUCER_SOURCES[0])}.items():
+        missing = lua_commands(script) - granted(PRODUCER_USER)
         assert not missing, f"{name} runs {sorted(missing)}, which configs/redis-acl.conf does not grant {PRODUCER_USER}"
 
 
