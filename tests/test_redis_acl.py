@@ -226,6 +226,23 @@ def test_every_command_the_code_sends_is_granted() -> None:
     assert not missing, f"configs/redis-acl.conf does not grant {PRODUCER_USER}: {missing}"
 
 
+def test_nothing_is_granted_that_the_code_does_not_send() -> None:
+    """The other direction: a grant the code no longer needs is taken away.
+    SELECT is redis-py's, on connecting to a database other than 0."""
+    pool = set(client_commands(POOL_SOURCES))
+    for script in [*scripts_of(vars(shared.redis_queue)), *lua_files("shared").values()]:
+        pool |= lua_commands(script)
+    producer = set(client_commands(PRODUCER_SOURCES))
+    for script in [*scripts_of(vars(PRODUCER_MODULE)), *lua_files(PRODUCER_SOURCES[0]).values()]:
+        producer |= lua_commands(script)
+    assert granted(POOL_USER) - pool == {"select"}
+    assert granted(PRODUCER_USER) - producer == {"select"}
+
+
+def scripts_of(namespace: dict) -> list[str]:
+    return [value for name, value in namespace.items() if name.endswith("_SCRIPT") and isinstance(value, str)]
+
+
 # ---------------------------------------------------------------- a server with the ACL
 
 
