@@ -43,8 +43,9 @@ COPY workers/ ./workers/
 COPY shared/ ./shared/
 # Operator commands (status, check for the HEALTHCHECK, dead), imported on demand.
 COPY control/ ./control/
-# The producer client, so `python -m client enqueue` runs from this image too.
-COPY client/ ./client/
+# The producer client: the pool imports its protocol (queue keys, message limits),
+# and `python -m image_result_client enqueue` runs from this image too.
+COPY image_result_client/ ./image_result_client/
 
 # A named volume mounted here starts as a copy of this directory, owned by the worker.
 VOLUME /app/output

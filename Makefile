@@ -6,6 +6,7 @@
 #   make bench-instructions  the pool's instructions per task beyond the limit, by callgrind (~3 min)
 #   make soak            20,000 tasks under random kills (not part of make test)
 #   make demo            a private Redis and pool, a few real photos through shm and a URL
+#   make client-wheel    dist/image_result_client-*.whl, the producer client for upstream stages
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +17,7 @@ BENCH_ARGS ?=
 INSTRUCTIONS_ARGS ?=
 RUN_DIR := .run
 
-.PHONY: run test test-fast lint bench bench-instructions soak demo venv stop-redis clean
+.PHONY: run test test-fast lint bench bench-instructions soak demo client-wheel venv stop-redis clean
 
 venv: $(STAMP)
 
@@ -52,8 +53,13 @@ demo: $(STAMP)
 soak: $(STAMP)
 	$(BIN)/python soak/soak.py
 
+# Only the client package (pyproject.toml); pip fetches the build backend, flit_core.
+client-wheel: $(STAMP)
+	rm -rf dist
+	$(BIN)/pip wheel --quiet --no-deps --wheel-dir dist .
+
 stop-redis: $(STAMP)
 	$(BIN)/python -m tools.local_redis stop --data-dir $(RUN_DIR)/redis
 
 clean:
-	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache .hypothesis dist

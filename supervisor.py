@@ -67,9 +67,10 @@ from multiprocessing.sharedctypes import Synchronized
 import structlog
 
 from control.metrics import MetricsEndpoint
+from image_result_client import __version__
 from shared import exitcodes
 from shared.backoff import compute_backoff
-from shared.cli import OneLineParser, complain
+from shared.cli import PROGRAM, OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.logs import configure_logging
 from shared.output import LOCK_NAME, prepare_output_dir
@@ -90,6 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Run the image-result worker pool.",
         epilog="Operator commands: supervisor.py status [--json] | check | dead list|requeue|purge | host drain ID",
     )
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     parser.add_argument(
         "--workers", metavar="N", type=int, help="worker processes, 1..256 (default: WORKERS, else CPU count)"
     )

@@ -61,7 +61,7 @@ import cv2
 import numpy as np
 import redis
 
-from client.producer import unlink_segment, write_segment
+from image_result_client.producer import unlink_segment, write_segment
 from shared.images import encode_segment
 from shared.messages import SegmentRef
 from shared.output import RESULTS_NAME, write_durably

@@ -1,5 +1,6 @@
-"""Submit images to image-result-worker from Python (`client.Producer`) or the shell (`python -m client`)."""
+"""The producer client's old name in this repository; it is `image_result_client`
+now (`pip install` installs only that). Kept while docs and scripts move over."""
 
-from client.producer import Producer, Submission, WaitTimeout
+from image_result_client import Producer, Submission, WaitTimeout
 
 __all__ = ["Producer", "Submission", "WaitTimeout"]

@@ -14,9 +14,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
+
+# What producers must agree on (names, defaults, the queue-name rule) is the client's.
+from image_result_client.protocol import (
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_QUEUE,
+    DEFAULT_REDIS_URL,
+    DEFAULT_RESULTS_STREAM,
+    DEFAULT_SEGMENT_PREFIX,
+    HOST_ID,
+    check_list_name,
+)
+from image_result_client.protocol import has_hash_tag as has_hash_tag
+from image_result_client.redact import redact_url
 
 T = TypeVar("T")
 
@@ -25,7 +38,6 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "console")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
-HOST_ID = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 
 
 class ConfigError(ValueError):
@@ -34,9 +46,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    redis_url: str = "redis://localhost:6379"
-    queue: str = "hosting_tasks"
-    output_dir: Path = Path("./output/translated")
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = DEFAULT_QUEUE
+    output_dir: Path = DEFAULT_OUTPUT_DIR
     jpeg_quality: int = 80
     log_level: str = "INFO"
     log_format: str = "auto"
@@ -45,7 +57,7 @@ class Settings:
     host_queue: bool = False
     shutdown_grace: float = 30.0
     unlink_shm: bool = True
-    shm_name_prefix: str = "img_shm_"  # empty: any segment name
+    shm_name_prefix: str = DEFAULT_SEGMENT_PREFIX  # empty: any segment name
     shm_owner_uids: tuple[int, ...] = ()  # empty: only the pool's own uid
     max_attempts: int = 5
     task_timeout: float = 300.0
@@ -66,7 +78,7 @@ class Settings:
     redis_tls_ca_file: Path | None = None
     redis_tls_cert_file: Path | None = None
     redis_tls_key_file: Path | None = None
-    results_stream: str = "hosting_results"
+    results_stream: str = DEFAULT_RESULTS_STREAM
     results_stream_maxlen: int = 100_000  # 0: no stream
     metrics_port: int | None = None  # off unless set
     metrics_address: str = "0.0.0.0"
@@ -140,64 +152,6 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         metrics_port=get("METRICS_PORT", _int_in(1, 65535), DEFAULTS.metrics_port),
         metrics_address=get("METRICS_ADDRESS", _address, DEFAULTS.metrics_address),
     )
-
-
-def has_hash_tag(key: str) -> bool:
-    """Whether Redis Cluster hashes `key` on a tag: the text between its first
-    "{" and the first "}" after it, when that text is not empty."""
-    start = key.find("{")
-    return start >= 0 and key.find("}", start + 1) > start + 1
-
-
-# Query parameters whose value is hidden: redis-py reads `password` (and any
-# other name it is given) from the query; a name that says it is a secret is one.
-_SECRET_PARAMETER_WORDS = ("pass", "secret", "token", "auth", "credential")
-_URL_HEAD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)(.*)", re.DOTALL)
-_IGNORED_BY_URLSPLIT = str.maketrans("", "", "\t\r\n")
-
-
-def redact_url(url: str) -> str:
-    """The URL with every credential replaced by ***, safe for logs and errors.
-
-    Hidden: the password of `user:password@` (the user name stays), a lone
-    `token@` (redis-py sends it to AUTH, and people put passwords there), any
-    query parameter whose name says it is a secret (`?password=`, percent-encoded
-    or not), and, when an unencoded / ? or # in a password made the "@" fall
-    outside the authority, everything up to that "@".
-    """
-    # Read the text as urlsplit, and so redis-py, does.
-    text = url.lstrip("".join(map(chr, range(0x21)))).translate(_IGNORED_BY_URLSPLIT)
-    match = _URL_HEAD.fullmatch(text)
-    head, authority, rest = match.groups() if match else ("", "", text)
-    rest = _redact_query(rest)
-    if authority and "@" not in authority and "@" in rest:
-        cut = rest.rindex("@")
-        authority, rest = authority + rest[:cut + 1], rest[cut + 1:]
-    return head + _redact_userinfo(authority) + rest
-
-
-def _redact_userinfo(authority: str) -> str:
-    userinfo, at, host = authority.rpartition("@")
-    if not at or not userinfo:
-        return authority
-    user, colon, password = userinfo.partition(":")
-    if not colon:
-        return f"***@{host}"
-    return f"{user}:***@{host}" if password else authority
-
-
-def _redact_query(rest: str) -> str:
-    """`rest` (path?query#fragment) with secret query parameters' values hidden."""
-    body, hash_, fragment = rest.partition("#")
-    path, question, query = body.partition("?")
-    if not question:
-        return rest
-    pieces = re.split(r"([&;])", query)
-    for index, piece in enumerate(pieces):
-        name, equals, value = piece.partition("=")
-        if equals and value and any(word in unquote_plus(name).lower() for word in _SECRET_PARAMETER_WORDS):
-            pieces[index] = f"{name}=***"
-    return f"{path}?{''.join(pieces)}{hash_}{fragment}"
 
 
 def _int_in(low: int, high: int) -> Callable[[str, str], int]:
@@ -308,10 +262,10 @@ def _address(name: str, raw: str) -> str:
 
 
 def _queue_name(name: str, raw: str) -> str:
-    if len(raw) > 200 or any(c.isspace() for c in raw):
-        raise ConfigError(f"{name}={raw!r} is not a valid list name; expected 1..200 characters, no spaces")
-    if ("{" in raw or "}" in raw) and not has_hash_tag(raw):
-        raise ConfigError(f"{name}={raw!r}: braces must form one Redis Cluster hash tag, like {{hosting_tasks}}")
+    try:
+        check_list_name(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}={raw!r}: {exc}") from None
     return raw
 
 

@@ -16,17 +16,20 @@ import json
 import re
 from dataclasses import dataclass
 
+# The limits a producer's message must keep are the client's to publish.
+from image_result_client.protocol import (
+    ITEM_SIZES,
+    MAX_DIMENSION,
+    MAX_ID_LENGTH,
+    MAX_URL_LENGTH,
+    SEGMENT_NAME,
+    SUPPORTED_DTYPES,
+)
+
 ENVELOPE_MAGIC = b"irw2 "
 # The old producer form: shm_info was a bare segment name of a 1024x1024 BGR frame.
 LEGACY_SHAPE = (1024, 1024, 3)
 LEGACY_DTYPE = "uint8"
-MAX_ID_LENGTH = 512
-MAX_URL_LENGTH = 8192
-MAX_DIMENSION = 65_535
-SUPPORTED_DTYPES = ("uint8", "uint16", "float32", "float64")
-ITEM_SIZES = {"uint8": 1, "uint16": 2, "float32": 4, "float64": 8}
-# POSIX shm names are file names in /dev/shm; this keeps them from being anything else.
-SEGMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 # Task ids are made by our claim script; one read back from Redis is checked all the same,
 # because it becomes part of a file name.
 TASK_ID = re.compile(r"[A-Za-z0-9-]{1,64}")

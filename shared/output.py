@@ -18,13 +18,15 @@ import errno
 import os
 import re
 import unicodedata
-from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-PARTIAL_DIR = ".partial"
-RESULTS_NAME = "results.json"
+# Where files and records are, as readers of OUTPUT_DIR (the client) rely on it.
+from image_result_client.protocol import PARTIAL_DIR
+from image_result_client.protocol import RESULTS_NAME as RESULTS_NAME
+from image_result_client.protocol import awaiting_publication as awaiting_publication
+from image_result_client.protocol import partial_path as partial_path
+
 LOCK_NAME = ".lock"
 # Leaves room for "_YYYYMMDD_HHMMSS_NNN.jpg" within the 255-byte name limit.
 MAX_STEM_BYTES = 160
@@ -58,24 +60,6 @@ def final_name(image_id: str, when: datetime, collision: int = 0) -> str:
     if collision:
         name += f"_{collision}"
     return name + ".jpg"
-
-
-def partial_path(output_dir: Path, task_id: str, delivery: int) -> Path:
-    return output_dir / PARTIAL_DIR / f"{task_id}.{delivery}.jpg"
-
-
-def awaiting_publication(output_dir: Path, record: Mapping[str, Any]) -> bool:
-    """Whether a completed record's JPEG is still under .partial/: the record is
-    the commit point and is appended first, the ledger gives the file its final
-    name a moment later (or, if it died in between, the next ledger does at
-    start). A reader of results.json that opens file_path waits while this holds."""
-    if record.get("status") != "completed":
-        return False
-    try:
-        partial = partial_path(output_dir, str(record["task_id"]), int(record["attempts"]))
-    except (KeyError, TypeError, ValueError):
-        return False
-    return partial.exists()
 
 
 def prepare_output_dir(output_dir: Path) -> None:

@@ -26,7 +26,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from shared.config import HOST_ID, Settings, has_hash_tag
+# The keys and the producers' script are the client's to publish; here they are used.
+from image_result_client.protocol import PUSH_FOR_HOST_SCRIPT as PUSH_FOR_HOST_SCRIPT
+from image_result_client.protocol import STATS_BUCKET_SECONDS as STATS_BUCKET_SECONDS
+from image_result_client.protocol import QueueKeys
+from shared.config import Settings
 
 # Blocking waits stay well under the socket timeout so a silent dead peer
 # (Redis restarted behind a NAT, say) is noticed instead of hanging forever.
@@ -64,24 +68,6 @@ DRAIN_ENTRY_SCRIPT = load_script("drain_entry", envelopes=True)
 # Announced task ids kept at least this long in count, so a redelivered
 # duplicate (seconds later) is still recognised.
 MIN_ANNOUNCED_IDS = 100_000
-# Stats buckets are this many seconds wide; `status` sums the last minute's.
-STATS_BUCKET_SECONDS = 10
-
-# A producer's shared-memory task that also has a URL: onto its host's queue
-# while a pool serves that host, else onto the shared queue as a URL task. In
-# one script, so the key cannot expire between the look and the push.
-# KEYS: the host's live key, the host's queue, the shared queue. ARGV: the
-# message, the message without shm_info. Returns 1 for the host queue, 0 for
-# the shared queue.
-PUSH_FOR_HOST_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
-  return 1
-end
-redis.call('RPUSH', KEYS[3], ARGV[2])
-return 0
-"""
-
 
 def fresh_task_ids(count: int) -> list[str]:
     """Task ids for new tasks: 96 random bits each, so that none can be guessed
@@ -111,95 +97,6 @@ class QueueDepths:
     @property
     def in_flight(self) -> int:
         return sum(self.in_flight_by_list.values())
-
-
-@dataclass(frozen=True, slots=True)
-class QueueKeys:
-    """Every key of one queue. They share the queue's Redis Cluster hash slot:
-    `{hosting_tasks}:dead` hashes on `hosting_tasks`, as the bare queue key
-    `hosting_tasks` does, so each Lua script touches one slot."""
-
-    queue: str
-
-    @property
-    def prefix(self) -> str:
-        # A queue name that carries its own hash tag already picks the slot.
-        return self.queue if has_hash_tag(self.queue) else "{" + self.queue + "}"
-
-    @property
-    def registry(self) -> str:
-        """The set of every processing list in use, so orphans can be found without SCAN."""
-        return f"{self.prefix}:processing"
-
-    @property
-    def wait_sources(self) -> str:
-        """Hash: processing list -> "<the list its worker's BLMOVE waits on> <its host's queue>",
-        where a requeue sends a message that was never wrapped, and host-queue tasks."""
-        return f"{self.prefix}:wait_sources"
-
-    @property
-    def redelivery(self) -> str:
-        """Hash: "<list> <sha1 of a message>" -> the identities ("<task id>:<deliveries>")
-        of the copies of that message that went back to that list (see _ENVELOPES)."""
-        return f"{self.prefix}:redelivery"
-
-    @property
-    def dead(self) -> str:
-        return f"{self.prefix}:dead"
-
-    @property
-    def announced(self) -> str:
-        """Sorted set of task ids whose outcome was announced (dead letter,
-        results stream), so each is announced once."""
-        return f"{self.prefix}:announced"
-
-    def stats(self, epoch_seconds: float) -> str:
-        """Hash of counts for one STATS_BUCKET_SECONDS-wide slice of time."""
-        return f"{self.prefix}:stats:{int(epoch_seconds) // STATS_BUCKET_SECONDS}"
-
-    @property
-    def delayed(self) -> str:
-        """Sorted set of envelopes waiting for a retry, scored by when they are due."""
-        return f"{self.prefix}:delayed"
-
-    def processing(self, instance: str, worker: str) -> str:
-        return f"{self.prefix}:processing:{instance}:{worker}"
-
-    def incoming(self, processing_key: str) -> str:
-        """Where a worker's blocking wait moves one message, before it is wrapped
-        into `processing_key`: a list of producers' bytes only."""
-        return processing_key.replace(":processing:", ":incoming:", 1)
-
-    def lease(self, instance: str) -> str:
-        return f"{self.prefix}:lease:{instance}"
-
-    def host(self, host_id: str) -> str:
-        """The queue of tasks meant for one host: shared-memory tasks, and tasks
-        whose record that host's ledger may hold."""
-        return f"{self.prefix}:host:{host_id}"
-
-    def live_host(self, host_id: str) -> str:
-        """A key that exists while a supervisor serving `host_id`'s queue
-        (HOST_QUEUE=true) renews its lease; producers look at it. Not under
-        `:host:`, where host_queues() finds the host queues."""
-        return f"{self.prefix}:live_host:{host_id}"
-
-    @property
-    def committing(self) -> str:
-        """Hash: task id -> the host queue of the ledger committing its record,
-        from just before the commit until the acknowledgement."""
-        return f"{self.prefix}:committing"
-
-    def is_producers_list(self, key: str) -> bool:
-        """The queue or one host's queue: the lists producers push onto."""
-        host_prefix = self.host("")
-        return key == self.queue or (key.startswith(host_prefix) and HOST_ID.fullmatch(key[len(host_prefix):]) is not None)
-
-    def instance_of(self, processing_key: str) -> str | None:
-        prefix = f"{self.prefix}:processing:"
-        if not processing_key.startswith(prefix):
-            return None
-        return processing_key[len(prefix):].split(":", 1)[0]
 
 
 def connect(settings: Settings) -> redis.Redis:

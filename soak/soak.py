@@ -56,7 +56,7 @@ if str(REPO_ROOT) not in sys.path:
 import cv2
 import redis
 
-from client.producer import write_segment
+from image_result_client.producer import write_segment
 from shared.redis_queue import QueueKeys
 from tests.helpers import (
     POOL_ENV_VARS,

@@ -30,13 +30,12 @@ import cv2
 import numpy as np
 import redis
 
-from client.producer import write_segment
-from shared.output import awaiting_publication
+from image_result_client.producer import write_segment
+from image_result_client.protocol import RESULTS_NAME, awaiting_publication
 from shared.redis_queue import QueueKeys
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHM_DIR = Path("/dev/shm")
-RESULTS_NAME = "results.json"
 
 # Settings the pool reads from its environment; a developer's shell or a systemd
 # session must not leak any of them into a test.

@@ -1,4 +1,4 @@
-"""The producer client (`client.Producer`) and its CLI (`python -m client enqueue`),
+"""The producer client (`image_result_client.Producer`) and its CLI (`python -m image_result_client enqueue`),
 against the real pool on a private redis-server, real /dev/shm segments and a
 loopback HTTP server.
 
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import redis
 
-from client import Producer, Submission, WaitTimeout
-from client.producer import ResultsReader
+from image_result_client import Producer, Submission, WaitTimeout
+from image_result_client.producer import ResultsReader
 from shared.output import partial_path, prepare_output_dir, publish, write_partial
 from shared.redis_queue import QueueKeys
 from shared.results_file import ResultsFile
@@ -50,7 +50,7 @@ SUBMIT_AND_EXIT = """
 import json, sys
 from multiprocessing import resource_tracker
 import numpy as np
-from client import Producer
+from image_result_client import Producer
 
 frame = np.load(sys.argv[3])
 with Producer.from_url(sys.argv[1], queue=sys.argv[2]) as producer:
@@ -88,11 +88,11 @@ def shm_prefix() -> Iterator[str]:
 
 
 def run_cli(args: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`python -m client ...` in cwd (no .env there), with only the settings given."""
+    """`python -m image_result_client ...` in cwd (no .env there), with only the settings given."""
     clean = {name: value for name, value in os.environ.items() if name not in POOL_ENV_VARS}
     clean.update(env, PYTHONPATH=str(REPO_ROOT))
     return subprocess.run(
-        [sys.executable, "-m", "client", *args],
+        [sys.executable, "-m", "image_result_client", *args],
         check=False,
         cwd=cwd,
         env=clean,

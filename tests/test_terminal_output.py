@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import pytest
 import structlog
 
-import client.__main__ as client_main
+import image_result_client.__main__ as client_main
 from shared.config import Settings, redact_url
 from shared.logs import configure_logging, escape_for_terminal
 from shared.output import LOCK_NAME

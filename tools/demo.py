@@ -2,7 +2,7 @@
 
     private redis-server (free port, temp dir)      loopback HTTP server (one photo)
                  \\                                    /
-    client.Producer --RPUSH--> queue "demo" --> python supervisor.py --workers 2
+    image_result_client.Producer --RPUSH--> queue "demo" --> python supervisor.py --workers 2
         5 photos through /dev/shm, 1 URL               --> output/demo/*.jpg, results.json
                  \\__________ wait(): progress bar until every record is there
 
@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO))  # run as `python tools/demo.py`: make the repo im
 import cv2
 import redis
 
-from client.__main__ import ProgressBar, record_line
-from client.producer import Producer, Submission, WaitTimeout, unlink_segment
+from image_result_client.__main__ import ProgressBar, record_line
+from image_result_client.producer import Producer, Submission, WaitTimeout, unlink_segment
 from tools.local_redis import LocalRedis
 
 QUEUE = "demo"

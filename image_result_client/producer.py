@@ -2,7 +2,7 @@
 
     import numpy as np
     from pathlib import Path
-    from client import Producer
+    from image_result_client import Producer
 
     with Producer.from_url("redis://localhost:6379", queue="hosting_tasks") as producer:
         frame = np.zeros((720, 1280, 3), np.uint8)               # BGR uint8, or any supported frame
@@ -35,10 +35,10 @@ Hazards handled here:
   nobody will read the segment, so it is unlinked here.
 - wait() reads results.json while the ledger appends to it: only complete
   lines are parsed, and the offset already scanned is kept, so each poll reads
-  only what was appended since (see shared/results_file.py for the format).
+  only what was appended since (the pool's shared/results_file.py writes it).
 
-Depends on redis, numpy, the standard library and this project's shared/ (for the
-wire format's names and limits); no OpenCV.
+Depends on redis, numpy and the standard library (the wire format's names and
+limits are in image_result_client.protocol, which the pool imports too); no OpenCV.
 """
 
 from __future__ import annotations
@@ -62,19 +62,23 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared.config import DEFAULTS
-from shared.messages import (
+from image_result_client.protocol import (
+    DEFAULT_QUEUE,
+    DEFAULT_RESULTS_STREAM,
+    DEFAULT_SEGMENT_PREFIX,
     MAX_DIMENSION,
     MAX_ID_LENGTH,
     MAX_URL_LENGTH,
+    PUSH_FOR_HOST_SCRIPT,
+    RESULTS_NAME,
     SEGMENT_NAME,
     SUPPORTED_DTYPES,
+    QueueKeys,
+    awaiting_publication,
 )
-from shared.output import RESULTS_NAME, awaiting_publication
-from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 
 SHM_DIR = Path("/dev/shm")
-DEFAULT_PREFIX = "img_shm_"
+DEFAULT_PREFIX = DEFAULT_SEGMENT_PREFIX
 URL_SCHEMES = ("http", "https")
 CONNECT_TIMEOUT = 5.0
 SOCKET_TIMEOUT = 10.0
@@ -111,9 +115,9 @@ class Producer:
         self,
         client: redis.Redis,
         *,
-        queue: str = DEFAULTS.queue,
+        queue: str = DEFAULT_QUEUE,
         host_id: str | None = None,
-        results_stream: str = DEFAULTS.results_stream,
+        results_stream: str = DEFAULT_RESULTS_STREAM,
     ) -> None:
         self.client = client
         self.queue = queue
@@ -134,9 +138,9 @@ class Producer:
         cls,
         redis_url: str,
         *,
-        queue: str = DEFAULTS.queue,
+        queue: str = DEFAULT_QUEUE,
         host_id: str | None = None,
-        results_stream: str = DEFAULTS.results_stream,
+        results_stream: str = DEFAULT_RESULTS_STREAM,
     ) -> Producer:
         """A producer with its own client; close() (or `with`) releases it."""
         client = redis.Redis.from_url(

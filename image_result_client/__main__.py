@@ -1,0 +1,284 @@
+"""`image-result-client enqueue` (or `python -m image_result_client enqueue`):
+submit image files or URLs from the shell.
+
+    image-result-client enqueue photo.jpg scans/*.png https://example.com/a.jpg
+    image-result-client enqueue --wait --timeout 60 photo.jpg     # progress bar, then one line per record
+    image-result-client --version
+
+A file is read with OpenCV and handed over through shared memory (image_id =
+the file's stem); an http(s) URL is queued as a URL task. REDIS_URL,
+HOSTING_TASKS_QUEUE and OUTPUT_DIR come from the environment, then `.env`, as
+for the pool; the options override them. OpenCV (for files) and python-dotenv
+(for a `.env`) come with the `cli` extra and are imported only when needed, so
+URLs can be queued without them; when one is needed and missing, that is a
+usage error naming the extra.
+
+Every argument is checked before anything is queued, so a typo queues nothing.
+Exit status: 0 all records completed (or, without --wait, all queued), 1 a task
+failed, the wait timed out or Redis is unreachable, 2 a usage error.
+
+Records and errors carry ids and texts that came through the queue; every line
+for a person goes through terminal.say, so control characters in them are
+shown as escapes, never sent to the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import ModuleType
+from typing import IO, Any, NoReturn
+from urllib.parse import urlsplit
+
+import redis
+
+from image_result_client import __version__
+from image_result_client.producer import DEFAULT_PREFIX, Producer, Submission, WaitTimeout, check_url
+from image_result_client.protocol import DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE, DEFAULT_REDIS_URL, check_list_name
+from image_result_client.redact import redact_url
+from image_result_client.terminal import say
+
+PROG = "image-result-client"
+USAGE_ERROR = 2
+FAILED = 1
+DEFAULT_TIMEOUT = 300.0
+SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+CLI_EXTRA = "pip install 'image-result-client[cli]'"
+# Redis not answering, as opposed to answering with an error.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+
+
+class UsageError(Exception):
+    """Shown as one line; exit 2."""
+
+
+class RedisUnreachable(Exception):
+    """Shown as one line; exit 1."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        say(f"{PROG}: {message}; see --help", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where tasks go and records appear: the pool's settings of those names."""
+
+    redis_url: str
+    queue: str
+    output_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    argument: str
+    url: str | None = None
+    path: Path | None = None
+
+
+class ProgressBar:
+    """`[#####-----] 5/10 done, 1 failed` on a stream: redrawn in place with \\r
+    on a terminal, one line per change otherwise (logs, CI)."""
+
+    def __init__(self, total: int, *, stream: IO[str] | None = None, width: int = 20) -> None:
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.interactive = self.stream.isatty()
+        self._last: str | None = None
+
+    def update(self, done: int, failed: int) -> None:
+        filled = self.width * done // self.total if self.total else self.width
+        line = f"[{'#' * filled}{'-' * (self.width - filled)}] {done}/{self.total} done, {failed} failed"
+        if line == self._last:
+            return
+        self._last = line
+        self.stream.write(f"\r{line}" if self.interactive else f"{line}\n")
+        self.stream.flush()
+
+    def on_progress(self, records: list[dict[str, Any]], total: int) -> None:
+        """A Producer.wait on_progress callback."""
+        self.update(len(records), sum(1 for record in records if record.get("status") != "completed"))
+
+    def finish(self) -> None:
+        if self.interactive and self._last is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def record_line(record: dict[str, Any]) -> str:
+    """`completed <request_id> <file_path>` or `failed <request_id> <error>`."""
+    status = record.get("status")
+    detail = record.get("file_path") if status == "completed" else record.get("error")
+    return f"{status:<9} {record.get('request_id')} {detail}"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(prog=PROG, description="Submit images to image-result-worker.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    enqueue = commands.add_parser("enqueue", help="queue image files (through shared memory) and http(s) URLs")
+    enqueue.add_argument("--redis-url", help="default: REDIS_URL (environment, then .env)")
+    enqueue.add_argument("--queue", help="default: HOSTING_TASKS_QUEUE")
+    enqueue.add_argument("--wait", action="store_true", help="show progress until every record is in results.json")
+    enqueue.add_argument("--output-dir", help="the pool's OUTPUT_DIR, for --wait (default: OUTPUT_DIR)")
+    enqueue.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds --wait waits (default: %(default)g)")
+    enqueue.add_argument("--shm-prefix", default=DEFAULT_PREFIX, help="segment name prefix (default: %(default)s)")
+    enqueue.add_argument("inputs", nargs="+", metavar="PATH_OR_URL")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    return args
+
+
+def load_settings(args: argparse.Namespace, *, dotenv_path: Path = Path(".env")) -> Target:
+    """REDIS_URL, HOSTING_TASKS_QUEUE and OUTPUT_DIR as the pool reads them (the
+    environment over `.env`, empty means the default), the options over both."""
+    values = read_dotenv(dotenv_path)
+    values.update(os.environ)
+    overrides = {"REDIS_URL": args.redis_url, "HOSTING_TASKS_QUEUE": args.queue, "OUTPUT_DIR": args.output_dir}
+    values.update({name: value for name, value in overrides.items() if value is not None})
+    redis_url = values.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL
+    queue = values.get("HOSTING_TASKS_QUEUE", "").strip() or DEFAULT_QUEUE
+    output_dir = values.get("OUTPUT_DIR", "").strip()
+    try:
+        check_list_name(queue)
+    except ValueError as exc:
+        raise UsageError(f"HOSTING_TASKS_QUEUE={queue!r}: {exc}") from None
+    if "\0" in output_dir:
+        raise UsageError("OUTPUT_DIR contains a NUL byte; expected a directory path")
+    return Target(redis_url, queue, (Path(output_dir).expanduser() if output_dir else DEFAULT_OUTPUT_DIR).resolve())
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """The settings in a `.env` file, read as the pool reads it; none without one."""
+    if not path.is_file():
+        return {}
+    try:
+        from dotenv import dotenv_values
+    except ImportError:
+        raise UsageError(f"reading {path} needs python-dotenv: {CLI_EXTRA}") from None
+    return {name: value for name, value in dotenv_values(path).items() if value is not None}
+
+
+def opencv() -> ModuleType:
+    """cv2, imported only to read image files: `import image_result_client` never needs it."""
+    try:
+        import cv2
+    except ImportError as exc:
+        raise UsageError(f"reading image files needs OpenCV ({CLI_EXTRA}): {exc}") from None
+    return cv2
+
+
+def classify(arguments: Sequence[str]) -> list[Item]:
+    """Each argument as a URL or a readable image file; UsageError otherwise."""
+    cv2 = None
+    items = []
+    for argument in arguments:
+        if SCHEME.match(argument):
+            try:
+                check_url(argument)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            items.append(Item(argument, url=argument))
+            continue
+        path = Path(argument)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise UsageError(f"cannot read {argument!r}: not a readable file")
+        cv2 = cv2 or opencv()
+        if not cv2.haveImageReader(str(path)):
+            raise UsageError(f"cannot read {argument!r}: not an image format OpenCV knows")
+        items.append(Item(argument, path=path))
+    return items
+
+
+def url_image_id(url: str) -> str:
+    """The URL's file stem (https://x/a/photo.jpg -> photo), else its host."""
+    parts = urlsplit(url)
+    return PurePosixPath(parts.path).stem or parts.hostname or "image"
+
+
+def submit(producer: Producer, item: Item, *, prefix: str) -> Submission:
+    if item.url is not None:
+        return producer.submit_url(item.url, image_id=url_image_id(item.url))
+    cv2 = opencv()
+    # ANYCOLOR: grayscale stays one channel (a third of the segment); EXIF rotation applies.
+    frame = cv2.imread(str(item.path), cv2.IMREAD_ANYCOLOR)
+    if frame is None:
+        raise UsageError(f"cannot read {item.argument!r}: OpenCV could not decode it")
+    try:
+        return producer.submit_array(frame, image_id=item.path.stem, prefix=prefix)
+    except ValueError as exc:
+        raise UsageError(f"cannot queue {item.argument!r}: {exc}") from None
+
+
+def enqueue(args: argparse.Namespace, settings: Target) -> int:
+    items = classify(args.inputs)
+    submissions: list[Submission] = []
+    try:
+        producer = Producer.from_url(settings.redis_url, queue=settings.queue)
+    except ValueError as exc:  # redis-py's word on the URL: scheme, port, query
+        raise UsageError(f"REDIS_URL={redact_url(settings.redis_url)!r} is not a Redis URL: {exc}") from None
+    with producer:
+        try:
+            producer.client.ping()  # before reading any file: fail at once when Redis is away
+            for item in items:
+                submissions.append(submit(producer, item, prefix=args.shm_prefix))
+        except redis.RedisError as exc:
+            # submit_array unlinked the segment of the message that did not go out.
+            problem = "cannot reach Redis" if isinstance(exc, UNREACHABLE) else "Redis refused the request"
+            queued = f" ({len(submissions)} already queued)" if submissions else ""
+            raise RedisUnreachable(f"{problem} at {redact_url(settings.redis_url)}: {exc}{queued}") from None
+        except UsageError as exc:
+            if submissions:
+                raise UsageError(f"{exc} ({len(submissions)} already queued)") from None
+            raise
+        if not args.wait:
+            for submission, item in zip(submissions, items, strict=True):
+                say(f"queued    {submission.request_id} {item.argument}")
+            return 0
+        return wait_and_report(producer, submissions, output_dir=settings.output_dir, timeout=args.timeout)
+
+
+def wait_and_report(producer: Producer, submissions: list[Submission], *, output_dir: Path, timeout: float) -> int:
+    bar = ProgressBar(len(submissions))
+    try:
+        records = producer.wait(submissions, output_dir=output_dir, timeout=timeout, on_progress=bar.on_progress)
+    except WaitTimeout as exc:
+        bar.finish()
+        for record in exc.records:
+            say(record_line(record))
+        say(f"{PROG}: {exc}", file=sys.stderr)
+        return FAILED
+    bar.finish()
+    for record in records:
+        say(record_line(record))
+    return 0 if all(record.get("status") == "completed" for record in records) else FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_settings(args)
+        return enqueue(args, settings)
+    except UsageError as exc:
+        say(f"{PROG}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except RedisUnreachable as exc:
+        say(f"{PROG}: {exc}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt:
+        # Whatever was queued stays queued; a progress bar may be mid-line.
+        print(f"\n{PROG}: interrupted" if sys.stderr.isatty() else f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
