@@ -3,6 +3,12 @@
 JSON lines when stderr is not a terminal (journald, containers, log shippers),
 readable console lines on a terminal; LOG_FORMAT forces either. Events are short
 snake_case names with fields; the task loop binds request_id and image_id.
+
+A console line is made to fit CONSOLE_COLUMNS where it can: a shorter time
+stamp, and long values cut with an ellipsis, the longest first, what says why
+(error, cause, reason) last, never below a readable length, and never an id
+(request_id, image_id, task_id: what a line is searched by). A line of many
+fields can still be wider. A JSON line always carries every value whole.
 """
 
 from __future__ import annotations
@@ -17,6 +23,14 @@ from shared.terminal import has_control, printable
 
 _PLAIN_TYPES = (bool, int, float, type(None))
 _MULTILINE_KEYS = ("exception", "stack")  # tracebacks: their own lines are real
+CONSOLE_COLUMNS = 120
+PAD_EVENT = 22
+# Values that say why the line was logged: cut after every other, and less.
+_REASON_KEYS = ("error", "cause", "reason")
+_SHORTEST_CUT = 24  # characters a cut value keeps, ellipsis included
+_SHORTEST_CUT_REASON = 40
+# Never cut: what a line is searched by, and what a line cannot do without.
+_FIXED_KEYS = ("timestamp", "level", "event", "request_id", "image_id", "task_id", *_MULTILINE_KEYS)
 
 
 class _Shown:
@@ -54,6 +68,46 @@ def escape_for_terminal(
     return event_dict
 
 
+class FittedConsoleRenderer:
+    """structlog's ConsoleRenderer, with long values cut (see the top of this
+    module) so that the line fits `columns` where it can. Runs after
+    escape_for_terminal: what it cuts is already printable."""
+
+    def __init__(self, *, colors: bool, columns: int = CONSOLE_COLUMNS) -> None:
+        self.columns = columns
+        self._render = structlog.dev.ConsoleRenderer(colors=colors, pad_event_to=PAD_EVENT)
+        # Measured without colour codes, which take no columns.
+        self._measure = structlog.dev.ConsoleRenderer(colors=False, pad_event_to=PAD_EVENT) if colors else self._render
+
+    def __call__(self, logger: object, method: str, event_dict: structlog.typing.EventDict) -> str:
+        first_line = self._measure(logger, method, dict(event_dict)).split("\n", 1)[0]
+        excess = len(first_line) - self.columns
+        if excess > 0:
+            _cut_values(event_dict, excess)
+        return self._render(logger, method, event_dict)
+
+
+def _cut_values(event_dict: structlog.typing.EventDict, excess: int) -> None:
+    """Cut the longest values until `excess` characters are gone or none is left to cut."""
+    shown = {key: _as_shown(value) for key, value in event_dict.items() if key not in _FIXED_KEYS}
+    for reasons in (False, True):
+        shortest = _SHORTEST_CUT_REASON if reasons else _SHORTEST_CUT
+        keys = [key for key in shown if (key in _REASON_KEYS) == reasons]
+        while excess > 0:
+            key = max(keys, key=lambda k: len(shown[k]), default=None)
+            if key is None or len(shown[key]) <= shortest:
+                break
+            keep = max(shortest, len(shown[key]) - excess)
+            excess -= len(shown[key]) - keep
+            shown[key] = shown[key][: keep - 1] + "\u2026"
+            event_dict[key] = _Shown(shown[key])
+
+
+def _as_shown(value: object) -> str:
+    """A value as the console renderer shows it: a string as it is, anything else by repr."""
+    return value if isinstance(value, str) else repr(value)
+
+
 def configure_logging(settings: Settings, *, role: str) -> None:
     """Configure structlog for this process; `role` is bound to every event."""
     level = logging.getLevelName(settings.log_level)
@@ -64,13 +118,14 @@ def configure_logging(settings: Settings, *, role: str) -> None:
     renderers: list[structlog.typing.Processor] = (
         [structlog.processors.JSONRenderer()]
         if use_json
-        else [escape_for_terminal, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
+        else [escape_for_terminal, FittedConsoleRenderer(colors=sys.stderr.isatty())]
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            # UTC either way; on a console to the second, eight columns fewer.
+            structlog.processors.TimeStamper(fmt="iso" if use_json else "%Y-%m-%d %H:%M:%S", utc=True),
             structlog.processors.format_exc_info,
             *renderers,
         ],
