@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
         prog="supervisor.py",
         description="Run the image-result worker pool.",
-        epilog="Operator commands: supervisor.py status [--json] | check | dead list|requeue|purge | host drain ID",
+        epilog="Operator commands: supervisor.py status [--json] | check | dead list|requeue|purge | host drain ID"
+        " | task REQUEST_ID [--json] | dashboard [--port N] [--address A]",
     )
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     parser.add_argument(
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 
-OPERATOR_COMMANDS = ("status", "check", "dead", "host")
+OPERATOR_COMMANDS = ("status", "check", "dead", "host", "task", "dashboard")
 
 
 @contextlib.contextmanager
@@ -119,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in OPERATOR_COMMANDS:
         # A one-shot command has no loop: Ctrl-C and SIGTERM act at once, as usual.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        from control.commands import main as run_command
+        if argv[0] == "task":
+            from control.lookup import main as run_command
+        elif argv[0] == "dashboard":
+            from control.dashboard import main as run_command
+        else:
+            from control.commands import main as run_command
 
         return run_command(argv)
     args = parse_args(argv)

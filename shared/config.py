@@ -11,7 +11,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -82,6 +82,9 @@ class Settings:
     results_stream_maxlen: int = 100_000  # 0: no stream
     metrics_port: int | None = None  # off unless set
     metrics_address: str = "0.0.0.0"
+    dashboard_port: int = 8090
+    dashboard_address: str = "127.0.0.1"  # it can change the queue: loopback unless chosen
+    dashboard_token: str | None = field(default=None, repr=False)  # None: the dashboard is read-only
 
     @classmethod
     def from_env(
@@ -151,6 +154,9 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         results_stream_maxlen=get("RESULTS_STREAM_MAXLEN", _int_in(0, 100_000_000), DEFAULTS.results_stream_maxlen),
         metrics_port=get("METRICS_PORT", _int_in(1, 65535), DEFAULTS.metrics_port),
         metrics_address=get("METRICS_ADDRESS", _address, DEFAULTS.metrics_address),
+        dashboard_port=get("DASHBOARD_PORT", _int_in(1, 65535), DEFAULTS.dashboard_port),
+        dashboard_address=get("DASHBOARD_ADDRESS", _address, DEFAULTS.dashboard_address),
+        dashboard_token=get("DASHBOARD_TOKEN", _token, DEFAULTS.dashboard_token),
     )
 
 
@@ -258,6 +264,17 @@ def _host_id(name: str, raw: str) -> str:
 def _address(name: str, raw: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9.:\-]{1,253}", raw):
         raise ConfigError(f"{name}={raw!r} is not an address to listen on; expected e.g. 0.0.0.0 or 127.0.0.1")
+    return raw
+
+
+def _token(name: str, raw: str) -> str:
+    """A shared secret typed by people: long enough not to be guessed, and
+    printable ASCII, so that it passes unchanged through an HTTP header."""
+    if not re.fullmatch(r"[!-~]{16,256}", raw):
+        raise ConfigError(
+            f"{name} is not a usable token; expected 16..256 printable ASCII characters without spaces "
+            "(e.g. from `openssl rand -hex 24`)"
+        )
     return raw
 
 

@@ -1,0 +1,594 @@
+"""The web dashboard: `python supervisor.py dashboard [--port N] [--address A]`.
+
+    browser --GET /, /static/*--> the page and its script (from this package, no CDN)
+    browser --GET /api/overview every 2 s--> Overview (control/dashboard_data.py):
+        one cached read of Redis per second, shared by every client
+    browser --GET /api/task?id=--> control.lookup.find_task, with a budget
+    browser --GET /thumb?name=--> a small JPEG of a file a record names, from OUTPUT_DIR
+    browser --POST /api/dead/{requeue,requeue-all,purge}, /api/unlock--> with the token
+
+A process of its own, apart from the pool: it reads Redis (and OUTPUT_DIR, where
+it is local) from any host that reaches them, and the pool never waits on it.
+
+Why the standard library's ThreadingHTTPServer and not a web framework: the
+dashboard serves four fixed files, a few JSON answers and thumbnails to a few
+operators; routing is a dict, and what it needs beyond http.server (a
+deadline per connection, a cap on connections and on request size, the
+security headers) is a few lines either way. A framework would add a
+dependency and its own defaults to audit, for none of that. A thread per
+connection is what a blocking Redis client and a thumbnail decode need; the
+number of threads is capped (MAX_CONNECTIONS).
+
+Changes (requeue, purge) need DASHBOARD_TOKEN: unset, the dashboard is
+read-only and its buttons say so. Against cross-site requests (CSRF):
+- the token is not a cookie: the page's script sends it in a header
+  (X-Dashboard-Token) from what the operator typed, so a page of another site
+  can neither read it nor make the browser attach it;
+- a cross-origin request with that header needs a CORS preflight, which is
+  never granted (no Access-Control-Allow-* header is ever sent);
+- a POST must carry an Origin naming this very host and port, no
+  Sec-Fetch-Site other than same-origin, and Content-Type application/json
+  (which an HTML form cannot send).
+Against DNS rebinding, when bound to a loopback address only a loopback Host
+header is served. Everything shown comes from Redis, where producers write: the
+page's script builds the DOM with textContent only, and a strict
+Content-Security-Policy (no inline script, no eval, nothing from elsewhere)
+stops whatever might slip through.
+
+Hazards handled here:
+- A client that sends nothing, trickles its request or never reads the
+  reply: every connection has CONNECTION_DEADLINE from accept to close; a
+  watcher thread shuts down the socket of one past it, which ends its thread.
+- Too many connections: beyond MAX_CONNECTIONS a new one is closed at once.
+- Large requests: a request head is at most MAX_HEAD_BYTES, a body at most
+  MAX_BODY_BYTES (Content-Length only; chunked bodies are refused).
+- A thumbnail is served only for a file a record sent to a page names, by
+  its bare name, opened in OUTPUT_DIR without following a symlink: a name
+  cannot reach outside OUTPUT_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections import OrderedDict
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import redis
+import structlog
+
+from control import dashboard_data
+from control.dashboard_data import ActionResult, Overview
+from control.lookup import DASHBOARD_BUDGET, find_task
+from shared import exitcodes
+from shared.cli import OneLineParser, complain
+from shared.config import ConfigError, Settings
+from shared.logs import configure_logging
+from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
+from shared.terminal import printable
+
+CONNECTION_DEADLINE = 10.0
+IO_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64
+MAX_HEAD_BYTES = 16 * 1024
+MAX_BODY_BYTES = 4096
+# Redis answers a dashboard read in a millisecond; one that takes seconds means an outage.
+REDIS_TIMEOUT = 3.0
+SEARCHES_AT_ONCE = 2
+THUMB_SIZE = 160
+THUMB_MAX_FILE_BYTES = 64 << 20
+THUMBS_CACHED = 256
+TOKEN_HEADER = "X-Dashboard-Token"
+STATIC = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "/static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
+    "/favicon.ico": ("favicon.svg", "image/svg+xml"),
+}
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+    ("X-Content-Type-Options", "nosniff"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"),
+    ("Cache-Control", "no-store"),
+)
+
+log = structlog.get_logger()
+
+
+class Refused(Exception):
+    """A request the dashboard will not serve; the status and a reason for the page."""
+
+    def __init__(self, status: HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# -- decisions (pure, tested in milliseconds) -----------------------------------------
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(host_header: str | None, *, bound_to_loopback: bool) -> None:
+    """Bound to loopback, serve only requests addressed to a loopback name: a
+    page of another site that rebinds its own name to 127.0.0.1 still sends
+    its own name as Host."""
+    if not bound_to_loopback:
+        return
+    host = (host_header or "").strip()
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if not is_loopback(name):
+        raise Refused(HTTPStatus.MISDIRECTED_REQUEST, "this dashboard answers only to a loopback host name")
+
+
+def authorize_change(headers: dict[str, str], *, token: str | None) -> None:
+    """Whether a POST that changes the queue may go ahead; `headers` has
+    lower-case names. Raises Refused with the reason."""
+    if token is None:
+        raise Refused(HTTPStatus.FORBIDDEN, "read-only: DASHBOARD_TOKEN is not set where the dashboard runs")
+    host = headers.get("host", "")
+    origin = headers.get("origin")
+    if origin is None:
+        raise Refused(HTTPStatus.FORBIDDEN, "refused: a change needs an Origin header (send it as a browser does)")
+    if not host or origin != f"http://{host}":
+        raise Refused(HTTPStatus.FORBIDDEN, "refused: the request comes from another site (Origin is not this host)")
+    if headers.get("sec-fetch-site", "same-origin") != "same-origin":
+        raise Refused(HTTPStatus.FORBIDDEN, "refused: the request comes from another site (Sec-Fetch-Site)")
+    if headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
+        raise Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "refused: a change is sent as application/json")
+    given = headers.get(TOKEN_HEADER.lower())
+    if given is None:
+        raise Refused(HTTPStatus.FORBIDDEN, "refused: enter the token to make changes")
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise Refused(HTTPStatus.FORBIDDEN, "refused: wrong token")
+
+
+def thumbnail_name(raw: str | None) -> str:
+    """A bare file name: no directory, not hidden, nothing a path could use."""
+    name = raw or ""
+    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise Refused(HTTPStatus.NOT_FOUND, "no such thumbnail")
+    return name
+
+
+# -- thumbnails -------------------------------------------------------------------------
+
+
+class Thumbnails:
+    """Small JPEGs of the records' files, made once each (a decode at 1/8
+    scale, then a resize) and kept in a bounded cache."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self._cache: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> bytes:
+        data, identity = self._read(name)
+        with self._lock:
+            if identity in self._cache:
+                self._cache.move_to_end(identity)
+                return self._cache[identity]
+        thumb = _shrink(data)
+        with self._lock:
+            self._cache[identity] = thumb
+            while len(self._cache) > THUMBS_CACHED:
+                self._cache.popitem(last=False)
+        return thumb
+
+    def _read(self, name: str) -> tuple[bytes, tuple[str, int, int]]:
+        try:
+            dir_fd = os.open(self.output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            raise Refused(HTTPStatus.NOT_FOUND, "OUTPUT_DIR is not readable here") from None
+        try:
+            # Relative to OUTPUT_DIR, one component, no symlink followed: nothing outside it.
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError:
+            raise Refused(HTTPStatus.NOT_FOUND, "no such file in OUTPUT_DIR") from None
+        finally:
+            os.close(dir_fd)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > THUMB_MAX_FILE_BYTES:
+                raise Refused(HTTPStatus.NOT_FOUND, "not a file a thumbnail is made of")
+            with os.fdopen(fd, "rb", closefd=False) as file:
+                data = file.read(THUMB_MAX_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
+        return data, (name, info.st_ino, info.st_mtime_ns)
+
+
+def _shrink(data: bytes) -> bytes:
+    import cv2
+    import numpy as np
+
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
+    if image is None:
+        raise Refused(HTTPStatus.NOT_FOUND, "not an image")
+    height, width = image.shape[:2]
+    scale = THUMB_SIZE / max(height, width)
+    if scale < 1:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    if not ok:
+        raise Refused(HTTPStatus.NOT_FOUND, "not an image")
+    return encoded.tobytes()
+
+
+# -- the server --------------------------------------------------------------------------
+
+
+class Dashboard:
+    """What the request handlers share: settings, Redis, the cached overview."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, *, bound_to_loopback: bool) -> None:
+        self.settings = settings
+        self.client = client
+        self.queue = ReliableQueue(client, QueueKeys(settings.queue), max_message_bytes=settings.max_message_bytes)
+        self.overview = Overview(client, settings)
+        self.thumbnails = Thumbnails(settings.output_dir)
+        self.bound_to_loopback = bound_to_loopback
+        self.searches = threading.BoundedSemaphore(SEARCHES_AT_ONCE)
+        self.changes = threading.Lock()  # one change at a time: requeue-all and purge do not interleave
+        self.assets = {path: (_asset(name), kind) for path, (name, kind) in STATIC.items()}
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("control").joinpath("dashboard_static", name).read_bytes()
+
+
+class DashboardServer(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        dashboard: Dashboard,
+        *,
+        deadline: float = CONNECTION_DEADLINE,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, Handler)
+        self.dashboard = dashboard
+        self.deadline = deadline
+        self.max_connections = max_connections
+        self._open: dict[socket.socket, float] = {}
+        self._open_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._enforce_deadlines, name="deadlines", daemon=True)
+        self._watcher.start()
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def process_request(self, request: socket.socket, client_address) -> None:  # type: ignore[override]
+        with self._open_lock:
+            if len(self._open) >= self.max_connections:
+                self.shutdown_request(request)  # full: this one goes, the ones being served stay
+                return
+            self._open[request] = time.monotonic() + self.deadline
+        super().process_request(request, client_address)
+
+    def close_request(self, request: socket.socket) -> None:  # type: ignore[override]
+        with self._open_lock:
+            self._open.pop(request, None)
+        super().close_request(request)
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
+        # A client that went away or was cut off at its deadline is no error of ours.
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError | _TooLarge):
+            log.error("dashboard_request_failed", error=repr(error), client=str(client_address[0]))
+
+    def server_close(self) -> None:
+        self._stopping.set()
+        super().server_close()
+
+    def _enforce_deadlines(self) -> None:
+        while not self._stopping.wait(0.2):
+            now = time.monotonic()
+            with self._open_lock:
+                late = [sock for sock, deadline in self._open.items() if deadline <= now]
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)  # its thread's read or write fails at once
+                except OSError:
+                    pass
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _CappedReader:
+    """The request's input, cut off after `cap` bytes: a head cannot be endless."""
+
+    def __init__(self, raw, cap: int) -> None:
+        self.raw, self.left = raw, cap
+
+    def readline(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            raise _TooLarge
+        line = self.raw.readline(self.left if size < 0 else min(size, self.left))
+        self.left -= len(line)
+        return line
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > self.left:
+            raise _TooLarge
+        data = self.raw.read(size)
+        self.left -= len(data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.raw, name)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: DashboardServer
+    timeout = IO_TIMEOUT  # each read and write; the connection's deadline bounds the whole
+    server_version = "image-result-dashboard"
+    sys_version = ""
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _CappedReader(self.rfile, MAX_HEAD_BYTES + MAX_BODY_BYTES)  # type: ignore[assignment]
+
+    @property
+    def dashboard(self) -> Dashboard:
+        return self.server.dashboard
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        pass  # no line per request on stderr; changes are logged as events
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except _TooLarge:
+            self.close_connection = True
+            limit = {"error": f"a request head is at most {MAX_HEAD_BYTES} bytes"}
+            self._reply(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "application/json", _json(limit))
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (a bad request line, an unknown method
+        such as a CORS preflight's OPTIONS) as JSON, with our headers."""
+        self.close_connection = True
+        status = HTTPStatus(code)
+        self._reply(status, "application/json", _json({"error": message or status.phrase}))
+
+    # -- methods ------------------------------------------------------------------
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._serve(self._get)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._serve(self._get, head=True)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._serve(self._post)
+
+    def _serve(self, route, *, head: bool = False) -> None:
+        try:
+            check_host(self.headers.get("Host"), bound_to_loopback=self.dashboard.bound_to_loopback)
+            status, kind, body = route()
+        except Refused as refused:
+            status, kind, body = refused.status, "application/json", _json({"error": refused.reason})
+        except REDIS_ERRORS as exc:
+            reason = printable(f"Redis at {self.dashboard.settings.redacted_redis_url()} is unreachable: {exc}")
+            status, kind, body = HTTPStatus.SERVICE_UNAVAILABLE, "application/json", _json({"error": reason})
+        except (OSError, _TooLarge):
+            raise  # the client's connection: nothing to answer on
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: a 500 and a log line, the server goes on
+            log.exception("dashboard_request_failed", path=self.path[:200])
+            status, kind, body = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json", _json({"error": repr(exc)})
+        self._reply(status, kind, body, head=head)
+
+    def _reply(self, status: HTTPStatus, kind: str, body: bytes, *, head: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in SECURITY_HEADERS:
+            self.send_header(name, value)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _get(self) -> tuple[HTTPStatus, str, bytes]:
+        url = urlsplit(self.path)
+        try:
+            query = parse_qs(url.query, max_num_fields=4)
+        except ValueError:
+            raise Refused(HTTPStatus.BAD_REQUEST, "too many query fields") from None
+        if url.path in self.dashboard.assets:
+            body, kind = self.dashboard.assets[url.path]
+            return HTTPStatus.OK, kind, body
+        if url.path == "/api/overview":
+            return HTTPStatus.OK, "application/json", self.dashboard.overview.get()
+        if url.path == "/api/task":
+            return HTTPStatus.OK, "application/json", self._search(query.get("id", [""])[0])
+        if url.path == "/thumb":
+            name = thumbnail_name(query.get("name", [""])[0])
+            if not self.dashboard.overview.thumbnail_allowed(name):
+                raise Refused(HTTPStatus.NOT_FOUND, "no record names this file")
+            return HTTPStatus.OK, "image/jpeg", self.dashboard.thumbnails.get(name)
+        raise Refused(HTTPStatus.NOT_FOUND, "no such page")
+
+    def _search(self, wanted: str) -> bytes:
+        wanted = wanted.strip()
+        if not wanted or len(wanted) > 512:
+            raise Refused(HTTPStatus.BAD_REQUEST, "give a request id (1..512 characters)")
+        if not self.dashboard.searches.acquire(blocking=False):
+            raise Refused(HTTPStatus.TOO_MANY_REQUESTS, "other searches are running; try again in a moment")
+        try:
+            search = find_task(self.dashboard.client, self.dashboard.settings, wanted, budget=DASHBOARD_BUDGET)
+        finally:
+            self.dashboard.searches.release()
+        return _json(search.as_json())
+
+    def _post(self) -> tuple[HTTPStatus, str, bytes]:
+        if self.headers.get("Transfer-Encoding"):
+            raise Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise Refused(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
+        if not 0 <= length <= MAX_BODY_BYTES:
+            self.close_connection = True
+            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a request body is at most {MAX_BODY_BYTES} bytes")
+        # Read before any refusal: a reply sent over unread bytes can reach the client as a reset.
+        raw_body = self.rfile.read(length) if length else b"{}"
+        path = urlsplit(self.path).path
+        actions = {
+            "/api/unlock": self._unlock,
+            "/api/dead/requeue": self._requeue,
+            "/api/dead/requeue-all": self._requeue_all,
+            "/api/dead/purge": self._purge,
+        }
+        if path not in actions:
+            raise Refused(HTTPStatus.NOT_FOUND, "no such action")
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        try:
+            authorize_change(headers, token=self.dashboard.settings.dashboard_token)
+        except Refused as refused:
+            log.warning("dashboard_change_refused", action=path, reason=refused.reason, client=self.client_address[0])
+            raise
+        body = _json_object(raw_body)
+        if body is None:
+            raise Refused(HTTPStatus.BAD_REQUEST, "the body is not a JSON object")
+        with self.dashboard.changes:
+            result = actions[path](body)
+        if path != "/api/unlock":
+            log.info("dashboard_change", action=path, outcome=result.message, client=self.client_address[0])
+        return HTTPStatus.OK, "application/json", _json(result.as_json())
+
+    def _unlock(self, body: dict) -> ActionResult:
+        return ActionResult(True, "token accepted")
+
+    def _requeue(self, body: dict) -> ActionResult:
+        letter_id = body.get("id")
+        if not isinstance(letter_id, str) or len(letter_id) != 40:
+            raise Refused(HTTPStatus.BAD_REQUEST, "name the dead letter by its id")
+        return dashboard_data.requeue_dead_letter(self.dashboard.queue, letter_id)
+
+    def _requeue_all(self, body: dict) -> ActionResult:
+        return dashboard_data.requeue_all_dead_letters(self.dashboard.queue)
+
+    def _purge(self, body: dict) -> ActionResult:
+        return dashboard_data.purge_dead_letters(self.dashboard.queue)
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, default=str).encode()
+
+
+def _json_object(raw: bytes) -> dict | None:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="supervisor.py dashboard", description="Serve the web dashboard.")
+    parser.add_argument("--port", type=int, metavar="N", help="port to listen on (default: DASHBOARD_PORT, 8090)")
+    parser.add_argument(
+        "--address", metavar="A", help="address to listen on (default: DASHBOARD_ADDRESS, 127.0.0.1)"
+    )
+    return parser
+
+
+def make_server(
+    settings: Settings, *, address: str, port: int, deadline: float = CONNECTION_DEADLINE
+) -> DashboardServer:
+    client = connect(settings)
+    # A dashboard read is one round trip: do not let an outage hold a page for the pool's 10 s.
+    client.connection_pool.connection_kwargs.update(socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
+    dashboard = Dashboard(settings, client, bound_to_loopback=is_loopback(address))
+    return DashboardServer((address, port), dashboard, deadline=deadline)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv[1:] if argv and argv[0] == "dashboard" else argv)
+    environ = dict(os.environ)
+    if args.port:  # 0: any free port (tests); the log line says which
+        environ["DASHBOARD_PORT"] = str(args.port)
+    if args.address is not None:
+        environ["DASHBOARD_ADDRESS"] = args.address
+    try:
+        settings = Settings.from_env(environ)
+    except ConfigError as exc:
+        complain(str(exc).replace("DASHBOARD_PORT", "--port/DASHBOARD_PORT"))
+        return exitcodes.CONFIG_ERROR
+    configure_logging(settings, role="dashboard")
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(settings.max_pixels))  # before thumbnails load OpenCV
+    port = settings.dashboard_port if args.port != 0 else 0
+    try:
+        server = make_server(settings, address=settings.dashboard_address, port=port)
+    except OSError as exc:
+        complain(f"cannot listen on {settings.dashboard_address}:{port}: {exc.strerror or exc}")
+        return exitcodes.BOOT_FAILED
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25}, name="http", daemon=True)
+    serving.start()
+    host = settings.dashboard_address
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{server.port}/"
+    log.info(
+        "dashboard_listening",
+        url=url,
+        port=server.port,
+        queue=settings.queue,
+        redis=settings.redacted_redis_url(),
+        writable=settings.dashboard_token is not None,
+    )
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()
+    server.server_close()
+    log.info("dashboard_stopped")
+    return exitcodes.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
