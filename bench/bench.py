@@ -60,6 +60,7 @@ if str(REPO_ROOT) not in sys.path:
 import cv2
 import numpy as np
 import redis
+from dashboard_load import dashboard_clients  # bench/dashboard_load.py, beside this file
 
 from image_result_client.producer import unlink_segment, write_segment
 from shared.images import encode_segment
@@ -121,6 +122,7 @@ class BenchSettings:
     sizes: tuple[str, ...]
     max_foreign: float
     tmp_base: Path | None
+    dashboard_clients: int = 0  # `supervisor.py dashboard` and N polling clients beside each pool round
 
     def tasks_for(self, share: float) -> int:
         # Even, so the limit's W=2 processes get the same number of tasks.
@@ -152,6 +154,11 @@ def parse_args(argv: Sequence[str] | None) -> BenchSettings:
         "--tmp", type=Path, metavar="DIR",
         help="where OUTPUT_DIRs go (default: the system temp dir); use the disk you deploy on",
     )
+    parser.add_argument(
+        "--dashboard-clients", type=int, default=0, metavar="N",
+        help="run the web dashboard beside each pool round, with N clients polling it as the page does "
+        "(compare the pool's throughput with a run without it)",
+    )
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = [s for s in sections if s not in SECTIONS]
@@ -175,6 +182,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchSettings:
         sizes=sizes,
         max_foreign=args.max_foreign,
         tmp_base=args.tmp,
+        dashboard_clients=max(0, args.dashboard_clients),
     )
 
 
@@ -816,8 +824,12 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
             pipe.rpush(queue, task.message())
         pipe.execute()
     rusage_before = children_rusage_ns()
+    watched = dashboard_clients(
+        redis_url=bench.redis_server.url, queue=queue, output_dir=workdir / "out", workdir=workdir / "dashboard",
+        clients=bench.settings.dashboard_clients, env_drop=POOL_ENV_VARS,
+    )
     try:
-        with bench.pool(workdir, queue) as pool:
+        with watched as watchers, bench.pool(workdir, queue) as pool:
             first_claim = FirstClaim(bench, pool, queue, len(tasks))
             pool.wait_ready(on_tick=first_claim.look)
             # The window opens at the first claim, or at READY if none came before.
@@ -853,6 +865,8 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
             bench_ns = time.process_time_ns() - start.bench_ns
             if pool.tree() != pids:
                 bench.failures.append(f"{label}: the pool's processes changed during the run: {pids} -> {pool.tree()}")
+            if watchers is not None and (watchers.failures or not watchers.requests):
+                bench.failures.append(f"{label}: dashboard clients: {watchers.failures} of {watchers.requests} requests failed")
             stop_started = time.perf_counter()
             code = pool.stop()
             stop_s = time.perf_counter() - stop_started
@@ -1336,6 +1350,8 @@ def print_header(settings: BenchSettings, tmp: Path) -> None:
     for line in machine_lines(tmp):
         print(line)
     print(f"settings  W={WORKERS}, quality {QUALITY}, rounds {settings.rounds}, tasks at 1024x1024 {settings.tasks}")
+    if settings.dashboard_clients:
+        print(f"dashboard beside each pool round, {settings.dashboard_clients} clients polling it every 2 s")
     others = ForeignLoad().start()
     time.sleep(1.0)
     busy = others.percent()
