@@ -9,9 +9,10 @@ shared memory, so every open and every unlink goes through here:
   call touches it;
 - the segment is opened without following a symbolic link and without
   blocking (a FIFO in /dev/shm would otherwise hang the worker in open());
-- only a regular file owned by the pool's user, or by a user in
-  SHM_OWNER_UIDS, is read or unlinked (a directory, a device, a socket or a
-  root-owned file of another service is not ours);
+- only a regular file with one name, owned by the pool's user or by a user
+  in SHM_OWNER_UIDS, is read or unlinked (a directory, a device, a socket, a
+  hard link to another file, or a root-owned file of another service is not
+  ours);
 - an unlink that fails for any reason but "already gone" is logged and
   skipped: a name can fail its own task, never stop the ledger, now or when
   `.unlink-pending` is replayed at the next start.
@@ -58,6 +59,9 @@ class SegmentAccess:
             return f"{name[:80]!r} in {SHM_DIR} is not a shared memory segment (not a regular file)"
         if info.st_uid not in self.owner_uids:
             return f"segment {name[:80]!r} is owned by uid {info.st_uid}, not by the pool's user or SHM_OWNER_UIDS"
+        if info.st_nlink != 1:
+            # A hard link under a pipeline name to some other file of ours: not a segment a producer made.
+            return f"{name[:80]!r} in {SHM_DIR} has {info.st_nlink} names; a segment has one"
         return None
 
 

@@ -57,6 +57,11 @@ class Planted:
         path.symlink_to(target)
         return path
 
+    def hardlink(self, name: str, target: Path) -> Path:
+        path = self._track(name)
+        os.link(target, path)
+        return path
+
     def _track(self, name: str) -> Path:
         path = SHM_DIR / name
         self.paths.append(path)
@@ -102,6 +107,8 @@ def test_only_prefixed_regular_files_of_allowed_owners_are_opened(planted: Plant
             open_segment(path.name, access)
     with pytest.raises(SegmentRefused, match="symbolic link"):
         open_segment(planted.symlink(unique("img_shm_link"), victim).name, access)
+    with pytest.raises(SegmentRefused, match="2 names"):
+        open_segment(planted.hardlink(unique("img_shm_hardlink"), victim).name, access)
     fd, size = open_segment(planted.file(unique("img_shm_ok"), b"x" * 10).name, access)
     os.close(fd)
     assert size == 10
@@ -111,7 +118,8 @@ def test_unlink_leaves_anything_not_ours_and_never_raises(planted: Planted) -> N
     access = SegmentAccess("img_shm_", frozenset({os.getuid()}))
     victim = planted.file(unique("victim_app_state"))
     kept = [victim, planted.directory(unique("img_shm_dir")), planted.fifo(unique("img_shm_fifo")),
-            planted.file(unique("img_shm_foreign"), uid=54321), planted.symlink(unique("img_shm_link"), victim)]
+            planted.file(unique("img_shm_foreign"), uid=54321), planted.symlink(unique("img_shm_link"), victim),
+            planted.hardlink(unique("img_shm_hardlink"), victim)]
     for path in kept:
         assert unlink_segment(path.name, access) not in ("unlinked", "gone")
         assert os.path.lexists(path)
