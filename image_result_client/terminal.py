@@ -19,7 +19,11 @@ from typing import TextIO
 
 _NAMED = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
-_UNSAFE_CODES = [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), *_BIDI]
+# Line and paragraph separators break a line on some terminals. A lone
+# surrogate (JSON's "\ud800") cannot be encoded as UTF-8: printed, it raises,
+# or with surrogateescape becomes a raw byte such as 0x9b, a C1 control.
+_BREAKS_AND_SURROGATES = [0x2028, 0x2029, *range(0xD800, 0xE000)]
+_UNSAFE_CODES = [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), *_BIDI, *_BREAKS_AND_SURROGATES]
 
 
 def _escape(code: int) -> str:
@@ -31,12 +35,12 @@ def _escape(code: int) -> str:
 
 _ESCAPES = {code: _escape(code) for code in _UNSAFE_CODES}
 _ESCAPES_BUT_NEWLINE = {code: text for code, text in _ESCAPES.items() if code != ord("\n")}
-_UNSAFE = re.compile("[" + "".join(re.escape(chr(code)) for code in _UNSAFE_CODES) + "]")
+_UNSAFE = re.compile("[" + "".join(re.escape(chr(code)) for code in _UNSAFE_CODES if code < 0xD800) + "\ud800-\udfff]")
 
 
 def printable(text: str, *, multiline: bool = False) -> str:
-    """`text` with every control character (C0, DEL, C1) and bidi control shown
-    as an escape; newlines are kept when `multiline` (a traceback), escaped
+    """`text` with every control character (C0, DEL, C1), bidi control, line
+    separator and lone surrogate shown as an escape; newlines are kept when `multiline` (a traceback), escaped
     otherwise, so one value can never paint a line of its own."""
     return text.translate(_ESCAPES_BUT_NEWLINE if multiline else _ESCAPES)
 

@@ -56,6 +56,8 @@ RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-
         ("\u2066x\u2069\u200f", "\\u2066x\\u2069\\u200f"),
         ("photo_01 café 写真 ✓", "photo_01 café 写真 ✓"),
         ("C:\\x1b stays as typed", "C:\\x1b stays as typed"),
+        ("\ud800-lone \udc9b2J", "\\ud800-lone \\udc9b2J"),
+        ("a\u2028b\u2029", "a\\u2028b\\u2029"),
     ],
 )
 def test_printable_shows_control_characters_as_escapes(text: str, shown: str) -> None:
@@ -209,6 +211,21 @@ def test_status_dead_list_and_check_show_hostile_text_escaped(redis_server, redi
     assert entry["request_id"] == "req" + HOSTILE["title"]
     report = json.loads(run("status", "--json").stdout)
     assert report["supervisors"][0]["host"] == "box" + HOSTILE["title"]
+
+
+def test_dead_list_shows_lone_surrogates_escaped(redis_server, redis_client, queue_name, tmp_path):
+    """JSON can carry a lone surrogate ("\\ud800"), which UTF-8 cannot encode:
+    printed raw it raised, or became the C1 byte 0x9b; `dead list` must go on."""
+    keys = QueueKeys(queue_name)
+    for request_id in ("\ud800-lone", "\udc9b2J\udc9b31mRED"):
+        redis_client.rpush(keys.dead, dead_letter_entry(
+            failed_at=datetime.now(timezone.utc), task_id="t", request_id=request_id, image_id="x", attempts=1,
+            error="bad", message=json.dumps({"request_id": request_id}).encode(),
+        ))
+    done = operator_command("dead", "list", redis_url=redis_server.url, queue=queue_name, output_dir=tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert "\\ud800-lone" in done.stdout and "\\udc9b2J\\udc9b31mRED" in done.stdout
+    assert not RAW_CONTROL.search(done.stdout)
 
 
 def test_hostile_ids_through_a_real_pool_reach_no_terminal_raw(pool_factory, redis_client, queue_name):
