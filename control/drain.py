@@ -85,7 +85,8 @@ def dispose(entry: bytes, *, host_id: str, task_id: str | None, deliveries: int,
         return Disposal(SHARED, entry)
     if isinstance(message.get("image_url"), str):
         del message["shm_info"]
-        return Disposal(SHARED, json.dumps(message, ensure_ascii=False).encode())
+        # ASCII: a message can carry a lone surrogate ("\\ud800"), which UTF-8 cannot encode.
+        return Disposal(SHARED, json.dumps(message, ensure_ascii=True).encode())
     found = salvage(entry)
     error = (
         f"host {host_id} was drained: its shared-memory segment {found.segment_name or '(unnamed)'} "

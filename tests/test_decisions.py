@@ -9,6 +9,7 @@ the decision is a signal that must arrive.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from control.drain import DEAD, SHARED, dispose
 from shared import exitcodes
 from shared.config import Settings
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
@@ -234,7 +236,7 @@ def test_under_a_backlog_records_wait_for_the_last_of_the_claim_or_the_deadline(
     assert outbox.add(record("b"), more_coming=True, now=OUTBOX_SECONDS / 2) == []
     assert [r.task_id for r in outbox.add(record("c"), more_coming=False, now=OUTBOX_SECONDS / 2)] == ["a", "b", "c"]
     assert outbox.add(record("d"), more_coming=True, now=1.0) == []
-    assert [r.task_id for r in outbox.add(record("e"), more_coming=True, now=1.0 + OUTBOX_SECONDS)] == ["d", "e"]
+    assert [r.task_id for r in outbox.add(record("e"), more_coming=True, now=1.0 + 2 * OUTBOX_SECONDS)] == ["d", "e"]
     assert outbox.take() == []
 
 
@@ -244,3 +246,23 @@ def test_under_a_backlog_a_full_outbox_goes_before_its_deadline():
     big.envelope = b"x" * OUTBOX_BYTES
     assert outbox.add(record("a"), more_coming=True, now=0.0) == []
     assert [r.task_id for r in outbox.add(big, more_coming=True, now=0.0)] == ["a", "big"]
+
+
+# ------------------------------------------------------------ host drain
+
+
+def test_drain_sends_a_task_with_a_url_on_without_its_segment_whatever_its_text():
+    """A lone surrogate in a message once made every drain of that host die."""
+    entry = b'{"request_id": "\\ud800", "image_id": "x", "shm_info": "img_shm_gone", "image_url": "http://h/a"}'
+    disposal = dispose(entry, host_id="lost", task_id=None, deliveries=0, now=datetime(2026, 12, 2))
+    assert disposal.target == SHARED
+    assert disposal.value == b'{"request_id": "\\ud800", "image_id": "x", "image_url": "http://h/a"}'
+
+
+def test_drain_dead_letters_a_shared_memory_task_without_url_with_its_identity():
+    entry = b'{"request_id": "r", "image_id": "i", "shm_info": "img_shm_gone"}'
+    disposal = dispose(entry, host_id="lost", task_id="abc", deliveries=2, now=datetime(2026, 12, 2))
+    assert disposal.target == DEAD
+    letter = json.loads(disposal.value)
+    assert (letter["task_id"], letter["attempts"], letter["message"]) == ("abc", 2, entry.decode())
+    assert "host lost was drained" in letter["error"]
