@@ -22,8 +22,10 @@ Hazards handled here:
 - A client that sends nothing, or a byte a second (slow loris), or never
   reads its reply: every connection has REQUEST_DEADLINE from accept to the
   last byte of the reply, and a request head is at most MAX_HEAD_BYTES.
-- Many connections at once: beyond MAX_CONNECTIONS the oldest is dropped, so
-  a fresh scrape is still answered and file descriptors stay bounded.
+- Many connections at once: beyond MAX_CONNECTIONS the oldest one still
+  sending its request is dropped (never one being answered), and requests
+  that arrived are read before new connections are accepted, so a scrape is
+  answered through a flood of connects and file descriptors stay bounded.
 - Fork while the thread runs: whatever lock it holds at that instant is
   copied held into the child. So the thread never logs (structlog's writer
   and sys.stderr each have a lock), never touches Redis or the supervisor's
@@ -269,11 +271,13 @@ class MetricsEndpoint:
                 with self._quiet:
                     if self._stopping:
                         return
+                    # Clients first, then new connections: a request already in
+                    # has its answer under way before a flood of connects evicts anyone.
                     for key, _ in events:
-                        if key.fileobj is self.listener:
-                            self._accept()
-                        elif key.data.sock.fileno() >= 0:  # not dropped earlier in this pass
-                            self._advance(key.data)
+                        if key.fileobj is not self.listener and key.data.sock.fileno() >= 0:
+                            self._advance(key.data)  # (not dropped earlier in this pass)
+                    if any(key.fileobj is self.listener for key, _ in events):
+                        self._accept()
                     timeout = self._drop_late()
         except Exception as exc:  # noqa: BLE001 - recorded: the loop logs it and restarts us
             self.failure = exc
@@ -286,10 +290,16 @@ class MetricsEndpoint:
                 return  # none left (BlockingIOError), or one that went away before we took it
             sock.setblocking(False)
             if len(self._clients) >= self.max_connections:
-                self._drop(next(iter(self._clients.values())))
+                self._drop(self._least_worth_keeping())
             client = _Client(sock, time.monotonic() + self.request_deadline)
             self._clients[sock] = client
             self._poller.register(sock, selectors.EVENT_READ, client)
+
+    def _least_worth_keeping(self) -> _Client:
+        """The oldest client still sending its request (idle, a slow loris, a
+        flood's), before any whose answer is on its way."""
+        waiting = (client for client in self._clients.values() if client.reply is None)
+        return next(waiting, None) or next(iter(self._clients.values()))
 
     def _advance(self, client: _Client) -> None:
         try:

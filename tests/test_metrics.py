@@ -102,6 +102,8 @@ def test_counts_survive_a_ledger_restart(pool_factory, redis_client, queue_name,
 class StillQueue:
     """Stands in for the ReliableQueue: depths() is all the endpoint asks of it."""
 
+    replicated_claims = False
+
     def depths(self) -> QueueDepths:
         return QueueDepths(waiting=3, in_flight_by_list={}, delayed=0, dead=0)
 
@@ -164,6 +166,33 @@ def test_beyond_the_cap_the_oldest_client_is_dropped(endpoint):
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_flood_of_connects_does_not_cost_a_scrape_its_answer(endpoint):
+    """A client that opens connections as fast as it can once made every
+    other scrape fail: the eviction took connections whose request was in."""
+    server = endpoint(request_deadline=60, max_connections=8)
+    stop = threading.Event()
+    flood: list[socket.socket] = []
+
+    def open_connections() -> None:
+        while not stop.is_set() and len(flood) < 2000:
+            try:
+                flood.append(connect(server.port))
+            except OSError:
+                time.sleep(0.001)
+
+    flooder = threading.Thread(target=open_connections)
+    flooder.start()
+    try:
+        answers = [scrape(server.port, "/healthz") for _ in range(20)]
+    finally:
+        stop.set()
+        flooder.join(timeout=10)
+        for sock in flood:
+            sock.close()
+    assert answers == [(200, "ok\n")] * 20
+    assert len(flood) > 50  # the flood was on while the scrapes ran
 
 
 def test_healthz_follows_what_the_loop_publishes(endpoint, monkeypatch):
