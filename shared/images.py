@@ -25,6 +25,9 @@ import numpy as np
 from shared.messages import SegmentRef
 from shared.segments import SegmentAccess, SegmentRefused, open_segment
 
+# Rows of a float frame converted to uint8 at a time.
+FLOAT_BAND_ROWS = 64
+
 
 class ImageError(Exception):
     """The image could not be loaded or encoded; the message says why.
@@ -109,8 +112,14 @@ def _as_uint8(pixels: np.ndarray) -> np.ndarray:
         return (pixels >> 8).astype(np.uint8)
     if pixels.dtype.kind == "f":
         # Float frames are taken as 0..1 intensities, the usual convention upstream.
-        scaled = np.nan_to_num(pixels, nan=0.0, posinf=1.0, neginf=0.0) * 255.0
-        return np.clip(scaled, 0, 255).astype(np.uint8)
+        # In bands of rows: each step on a whole float64 frame would make a
+        # full-size copy, several times the frame, where the pool reads it in place.
+        frame = np.empty(pixels.shape, np.uint8)
+        for start in range(0, pixels.shape[0], FLOAT_BAND_ROWS):
+            band = np.nan_to_num(pixels[start : start + FLOAT_BAND_ROWS], nan=0.0, posinf=1.0, neginf=0.0)
+            band *= 255.0
+            frame[start : start + FLOAT_BAND_ROWS] = np.clip(band, 0, 255, out=band)
+        return frame
     raise ImageError(f"dtype {pixels.dtype} is not supported")
 
 

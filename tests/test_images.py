@@ -350,3 +350,16 @@ def test_a_tiff_by_url_fails_naming_its_format_and_the_next_task_is_served(
     assert served["status"] == "completed", served
     assert (served["height"], served["width"]) == chelsea.shape[:2]
     assert not pool.events("child_died")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float_frames_convert_in_bands_exactly_as_whole(dtype: type) -> None:
+    """The conversion goes band by band to bound a worker's memory; every band
+    boundary must give what the whole-frame formula gives, NaN and inf included."""
+    from shared.images import FLOAT_BAND_ROWS, _as_uint8
+
+    rng = np.random.default_rng(7)
+    frame = (rng.random((FLOAT_BAND_ROWS * 3 + 5, 33, 3)) * 1.4 - 0.2).astype(dtype)
+    frame[0, 0, 0], frame[FLOAT_BAND_ROWS, 1, 1], frame[-1, 2, 2] = np.nan, np.inf, -np.inf
+    whole = np.clip(np.nan_to_num(frame, nan=0.0, posinf=1.0, neginf=0.0) * 255.0, 0, 255).astype(np.uint8)
+    assert np.array_equal(_as_uint8(frame), whole)
