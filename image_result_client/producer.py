@@ -33,6 +33,14 @@ Hazards handled here:
   and pushes in the same step: to the host's queue, or to the shared queue
   without shm_info (its segment name means nothing on another host), and then
   nobody will read the segment, so it is unlinked here.
+- That script is the pool's to load (with every lease renewal): a producer may
+  only run a cached script (EVALSHA), since one that could load its own could
+  freeze Redis for everyone with a loop. So this client never loads it, and
+  does not use redis-py's Script, which would on NOSCRIPT. NOSCRIPT means no
+  pool has renewed its lease since Redis lost its scripts (a restart, SCRIPT
+  FLUSH, a failover), so none has said since that it serves a host: the task
+  goes to the shared queue without shm_info, as the script sends it for a host
+  not served. Never a wrong place: a pool on any host can download it.
 - wait() reads results.json while the ledger appends to it: only complete
   lines are parsed, and the offset already scanned is kept, so each poll reads
   only what was appended since (the pool's shared/results_file.py writes it).
@@ -43,6 +51,7 @@ limits are in image_result_client.protocol, which the pool imports too); no Open
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -89,6 +98,9 @@ READ_CHUNK = 4 * 1024 * 1024
 
 Progress = Callable[[list[dict[str, Any]], int], None]
 
+# What EVALSHA names the producers' script by; the pool loads it (see _push_where_served).
+PUSH_FOR_HOST_SHA = hashlib.sha1(PUSH_FOR_HOST_SCRIPT.encode()).hexdigest()
+
 
 @dataclass(frozen=True, slots=True)
 class Submission:
@@ -129,7 +141,6 @@ class Producer:
         # the host that holds the segment: its own queue (pools with HOST_QUEUE=true).
         self._keys = QueueKeys(queue)
         self.shm_queue = self._keys.host(self.host_id) if self.host_id else queue
-        self._push_for_host = client.register_script(PUSH_FOR_HOST_SCRIPT)
         self._owns_client = False
         self._readers: dict[Path, ResultsReader] = {}
 
@@ -185,7 +196,9 @@ class Producer:
         With a host_id as well, the task goes to the host's queue only while a
         pool serves it (see host_is_served); else it goes to the shared queue as
         a URL task, for a pool on any host, and the segment is unlinked at once:
-        the Submission then says source "url" and names no segment.
+        the Submission then says source "url" and names no segment. So it does
+        too while Redis lacks the pool's script (no pool has renewed its lease
+        since Redis restarted or flushed its scripts).
 
         Raises ValueError for a frame, id, prefix or URL the pool would refuse,
         and redis errors when the message could not be pushed (the segment is
@@ -248,9 +261,16 @@ class Producer:
         """Push onto the host's queue while a pool serves it, else onto the
         shared queue without shm_info, in one script; returns the queue."""
         self._note_stream_start()
-        without_segment = {key: value for key, value in message.items() if key != "shm_info"}
+        without_segment = json.dumps({key: value for key, value in message.items() if key != "shm_info"})
         keys = [self._keys.live_host(self.host_id), self.shm_queue, self.queue]
-        to_host = self._push_for_host(keys=keys, args=[json.dumps(message), json.dumps(without_segment)])
+        try:
+            to_host = self.client.evalsha(PUSH_FOR_HOST_SHA, len(keys), *keys, json.dumps(message), without_segment)
+        except redis.exceptions.NoScriptError:
+            # No pool has renewed its lease since Redis lost its scripts, so
+            # none has said since that it serves this host. Never load it from
+            # here (the producer user may not): send it as for a host not served.
+            self.client.rpush(self.queue, without_segment)
+            return self.queue
         return self.shm_queue if to_host else self.queue
 
     def _note_stream_start(self) -> None:

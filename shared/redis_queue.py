@@ -382,8 +382,16 @@ class ReliableQueue:
     def renew_lease(self, instance: str, ttl: float, state: bytes = b"{}", *, serving_host: str | None = None) -> None:
         """Renew this instance's lease; its value is the supervisor's state for
         `status`. With `serving_host`, also say for as long that a pool serves
-        that host's queue (its live key, holding this instance's id)."""
+        that host's queue (its live key, holding this instance's id).
+
+        Also loads the producers' script (push_for_host.lua): producers may
+        only run it (EVALSHA), never load a script of their own, so the pool
+        puts it there and puts it back within LEASE_TTL/3 after a Redis
+        restart, a SCRIPT FLUSH or a failover. In the same transaction as the
+        live key, so a live key set here never stands without the script.
+        Loading a cached script again is cheap and changes nothing."""
         with self.client.pipeline(transaction=True) as pipe:
+            pipe.script_load(PUSH_FOR_HOST_SCRIPT)
             pipe.set(self.keys.lease(instance), state, px=int(ttl * 1000))
             if serving_host is not None:
                 pipe.set(self.keys.live_host(serving_host), instance, px=int(ttl * 1000))
