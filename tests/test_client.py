@@ -26,7 +26,7 @@ import redis
 from image_result_client import Producer, Submission, WaitTimeout
 from image_result_client.producer import ResultsReader
 from shared.output import partial_path, prepare_output_dir, publish, write_partial
-from shared.redis_queue import QueueKeys
+from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 from shared.results_file import ResultsFile
 from tests.conftest import PoolFactory
 from tests.helpers import (
@@ -397,6 +397,7 @@ def test_a_push_to_a_served_hosts_queue_that_fails_leaves_no_segment(
     redis_client: redis.Redis, redis_server: LocalRedis, queue_name: str, photos: dict[str, np.ndarray], shm_prefix: str
 ) -> None:
     keys = QueueKeys(queue_name)
+    redis_client.script_load(PUSH_FOR_HOST_SCRIPT)  # as a serving pool's lease renewal does
     redis_client.set(keys.live_host("a"), b"instance1", px=60_000)
     redis_client.set(keys.host("a"), b"not a list")  # the script's RPUSH fails with WRONGTYPE
     with Producer.from_url(redis_server.url, queue=queue_name, host_id="a") as producer:
