@@ -57,7 +57,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
@@ -292,17 +292,20 @@ class Producer:
         OUTPUT_DIR/results.json when `output_dir` is given (the pool's host),
         else from the pool's RESULTS_STREAM in Redis (any host).
 
-        Matches by request_id, so each must be unique (the default uuid4 ids
-        are). `on_progress(records_so_far, total)` is called once at the start
+        Matches by request_id and image_id, and takes the first record of
+        each, so each request_id must be unique (the default uuid4 ids are):
+        a record of another message with the same request_id that comes
+        later, or names another image, is not taken for this one. `on_progress(records_so_far, total)` is called once at the start
         and whenever more records have appeared. Raises WaitTimeout (a
         TimeoutError) naming how many are missing.
         """
         reader = self._reader(Path(output_dir)) if output_dir is not None else self._stream_reader()
         wanted = [s.request_id for s in submissions]
+        image_ids = {s.request_id: s.image_id for s in submissions}
         deadline = time.monotonic() + timeout
         reported = -1
         while True:
-            found = reader.find(wanted)
+            found = reader.find(wanted, image_ids=image_ids)
             if on_progress is not None and len(found) != reported:
                 reported = len(found)
                 on_progress(list(found.values()), len(set(wanted)))
@@ -338,15 +341,29 @@ class StreamReader:
         self._last = after
         self._records: dict[str, dict[str, Any]] = {}
 
-    def find(self, request_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    def find(
+        self, request_ids: Iterable[str], *, image_ids: Mapping[str, str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """The first record seen for each request id (of that image, with `image_ids`)."""
         wanted = set(request_ids)
         for _, entries in self.client.xread({self._stream: self._last}, count=1000, block=int(POLL_SECONDS * 1000)) or []:
             for entry_id, fields in entries:
                 self._last = entry_id
-                record = json.loads(fields[b"record"])
-                if isinstance(record, dict) and record.get("request_id") in wanted:
-                    self._records[record["request_id"]] = record
+                try:
+                    record = json.loads(fields.get(b"record", b""))
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and _is_for(record, wanted, image_ids):
+                    self._records.setdefault(record["request_id"], record)
         return {k: v for k, v in self._records.items() if k in wanted}
+
+
+def _is_for(record: dict[str, Any], wanted: set[str], image_ids: Mapping[str, str] | None) -> bool:
+    """Whether `record` is a wanted request's, and of the image it submitted."""
+    request_id = record.get("request_id")
+    if not isinstance(request_id, str) or request_id not in wanted:
+        return False
+    return image_ids is None or request_id not in image_ids or record.get("image_id") == image_ids[request_id]
 
 
 class ResultsReader:
@@ -368,11 +385,16 @@ class ResultsReader:
         self._by_request: dict[str, dict[str, Any]] = {}
         self._wanted: set[str] = set()
         self._published: set[str] = set()  # request ids whose record find() may hand out
+        self._image_ids: dict[str, str] = {}
 
-    def find(self, request_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        """Records seen so far for these request ids (the first record of each),
-        a completed one only once its JPEG has its final name."""
+    def find(
+        self, request_ids: Iterable[str], *, image_ids: Mapping[str, str] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Records seen so far for these request ids (the first record of each,
+        of that image with `image_ids`), a completed one only once its JPEG has
+        its final name."""
         self._wanted.update(request_ids)
+        self._image_ids.update(image_ids or {})
         self._scan()
         found = {}
         for rid in self._wanted:
@@ -438,7 +460,7 @@ class ResultsReader:
         request_id = record.get("request_id")
         if isinstance(request_id, int) and not isinstance(request_id, bool):
             request_id = str(request_id)  # the pool accepts integer ids and records them as given
-        if isinstance(request_id, str) and request_id in self._wanted:
+        if isinstance(request_id, str) and _is_for({**record, "request_id": request_id}, self._wanted, self._image_ids):
             self._by_request.setdefault(request_id, record)
 
 

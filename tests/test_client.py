@@ -280,7 +280,7 @@ def test_results_reader_follows_appends_torn_at_every_byte_and_a_repaired_tear(t
 def test_wait_times_out_naming_how_many_are_missing(tmp_path: Path) -> None:
     ledger = ResultsFile(tmp_path / "results.json")
     ledger.open()
-    ledger.append([{"timestamp": "t", "request_id": "here", "status": "completed"}])
+    ledger.append([{"timestamp": "t", "request_id": "here", "image_id": "a", "status": "completed"}])
     ledger.close()
     producer = Producer(redis.Redis(host="127.0.0.1", port=free_port()), queue="nowhere")
     submissions = [Submission("here", "a", "url", None), Submission("gone", "b", "url", None)]
@@ -497,3 +497,25 @@ def test_wait_through_the_results_stream_from_any_host(
     assert [r["request_id"] for r in records] == ["req-1", "req-2"]
     assert all(r["status"] == "completed" and r["image_id"].startswith("page_") for r in records)
     assert pool.stop() == 0
+
+
+def test_wait_takes_the_first_record_of_the_submitted_image_not_a_later_copy(
+    redis_client: redis.Redis, redis_server: LocalRedis, queue_name: str
+) -> None:
+    """Anyone who can push can reuse a request_id they saw in the results
+    stream; the record of that copy, later or of another image, is not this
+    submission's."""
+    stream = f"{queue_name}:results"
+    mine = Submission(request_id="req-1", image_id="page-1", source="url", segment=None)
+    other = Submission(request_id="req-2", image_id="page-2", source="url", segment=None)
+    with Producer.from_url(redis_server.url, queue=queue_name, results_stream=stream) as producer:
+        producer.submit_url("http://127.0.0.1/never-fetched.png", image_id="page-0")  # notes where the stream starts
+        for record in (
+            {"request_id": "req-2", "image_id": "evil", "status": "completed"},  # an impostor first
+            {"request_id": "req-1", "image_id": "page-1", "status": "completed"},
+            {"request_id": "req-1", "image_id": "evil", "status": "completed"},  # an impostor later
+            {"request_id": "req-2", "image_id": "page-2", "status": "failed"},
+        ):
+            redis_client.xadd(stream, {"record": json.dumps(record)})
+        found = producer.wait([mine, other], timeout=WAIT)
+    assert [(r["image_id"], r["status"]) for r in found] == [("page-1", "completed"), ("page-2", "failed")]
