@@ -1,6 +1,8 @@
-"""`UrlFetcher` against hostile URLs: which addresses it refuses, that it connects
-to the address it checked, that every redirect hop is checked and leaves its
-connection clean, and that its errors do not tell a port scanner what it wants.
+"""`UrlFetcher` against hostile URLs: which addresses it refuses (this host's own
+among them), that it connects to the address it checked, that every redirect hop is
+checked and leaves its connection clean, that one deadline holds for the whole fetch
+however a server drips, that a compressed body is undone within URL_MAX_BYTES, and
+that its errors do not tell a port scanner what it wants.
 
 Three layers: `refusal()` decided in-process from a table; UrlFetcher against real
 HTTP/1.1 keep-alive servers on this host; and a real pool with default settings.
@@ -20,8 +22,11 @@ import ssl
 import struct
 import subprocess
 import threading
+import time
+import tracemalloc
+import zlib
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -133,6 +138,7 @@ class Route:
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     reset: bool = False  # read the request, then close the connection with an RST
+    delay: float = 0.0  # seconds to wait before answering
 
 
 class KeepAliveServer:
@@ -144,6 +150,7 @@ class KeepAliveServer:
         self.requests: list[tuple[str, str, int]] = []  # (path, Host header, connection number)
         self.connections = 0
         self.server_names: list[str | None] = []  # TLS SNI, one per handshake
+        self.accept_encodings: list[str | None] = []  # the Accept-Encoding of each request
         self._lock = threading.Lock()
         owner = self
 
@@ -159,7 +166,9 @@ class KeepAliveServer:
             def do_GET(self) -> None:  # noqa: N802 - BaseHTTPRequestHandler naming
                 with owner._lock:
                     owner.requests.append((self.path, self.headers.get("Host", ""), self.number))
+                    owner.accept_encodings.append(self.headers.get("Accept-Encoding"))
                     route = owner.routes.get(self.path.split("?", 1)[0], Route(404, b"not found\n"))
+                time.sleep(route.delay)
                 if route.reset:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
@@ -202,12 +211,15 @@ class KeepAliveServer:
         host = host or (f"[{self.host}]" if ":" in self.host else self.host)
         return f"{scheme}://{host}:{self.port}{path}"
 
-    def add(self, path: str, body: bytes = b"", status: int = 200, headers: Mapping[str, str] | None = None) -> str:
-        self.routes[path] = Route(status, body, tuple((headers or {}).items()))
+    def add(
+        self, path: str, body: bytes = b"", status: int = 200, headers: Mapping[str, str] | None = None,
+        *, delay: float = 0.0,
+    ) -> str:
+        self.routes[path] = Route(status, body, tuple((headers or {}).items()), delay=delay)
         return self.url(path)
 
-    def redirect(self, path: str, location: str, body: bytes = b"", status: int = 302) -> str:
-        return self.add(path, body, status, {"Location": location, "Content-Type": "text/html"})
+    def redirect(self, path: str, location: str, body: bytes = b"", status: int = 302, *, delay: float = 0.0) -> str:
+        return self.add(path, body, status, {"Location": location, "Content-Type": "text/html"}, delay=delay)
 
     def hits(self, path: str) -> int:
         return sum(1 for seen, _, _ in self.requests if seen.split("?", 1)[0] == path)
@@ -246,6 +258,68 @@ def dns(monkeypatch: pytest.MonkeyPatch) -> Dns:
     fake = Dns(socket.getaddrinfo)
     monkeypatch.setattr(socket, "getaddrinfo", fake.getaddrinfo)
     return fake
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 that plays `script(connection, stopped)` on each
+    connection, for what no HTTP server library sends: a status line, then drips."""
+
+    def __init__(self, script: Callable[[socket.socket, threading.Event], None]) -> None:
+        self._script = script
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)
+        self.port = self._listener.getsockname()[1]
+        self.stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> RawServer:
+        self._acceptor.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopped.set()
+        self._acceptor.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._listener.close()
+
+    def url(self, path: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._play, args=(connection,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _play(self, connection: socket.socket) -> None:
+        with connection:
+            try:
+                self._script(connection, self.stopped)
+            except OSError:
+                pass  # the client hung up, as a deadline makes it do
+
+
+DRIP_SECONDS = 12.0  # how long a dripping server keeps it up: far past every deadline below
+
+
+def drip(head: bytes, byte: bytes, interval: float = 0.25) -> Callable[[socket.socket, threading.Event], None]:
+    """Read the request, send `head`, then one `byte` each `interval` (well within any
+    per-read timeout) for DRIP_SECONDS."""
+
+    def script(connection: socket.socket, stopped: threading.Event) -> None:
+        connection.recv(65536)
+        connection.sendall(head)
+        ends = time.monotonic() + DRIP_SECONDS
+        while time.monotonic() < ends and not stopped.wait(interval):
+            connection.sendall(byte)
+
+    return script
 
 
 def fetch_error(fetcher: url_fetch.UrlFetcher, url: str) -> ImageError:
@@ -317,6 +391,44 @@ def test_a_name_with_one_refused_address_among_good_ones_is_refused(server: Keep
     dns["mixed.test"] = [["10.255.255.1", "169.254.169.254"]]
     error = fetch_error(url_fetch.UrlFetcher(settings()), server.url("/a.jpg", "mixed.test"))
     assert "refused address" in str(error) and "link-local" in str(error)
+
+
+def _own_address(family: socket.AddressFamily) -> str | None:
+    """This machine's address of `family` other than loopback and link-local, or None."""
+    probe = "192.0.2.1" if family == socket.AF_INET else "2001:db8::1"
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.connect((probe, 9))  # no packet is sent: this only picks a source address
+            address = udp.getsockname()[0]
+    except OSError:
+        return None
+    ip = ipaddress.ip_address(address)
+    return None if ip.is_loopback or ip.is_link_local or ip.is_unspecified else address
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_this_hosts_own_addresses_are_refused_as_loopback(family: socket.AddressFamily, dns) -> None:
+    """A service of this host bound to the wildcard address (METRICS_PORT's default
+    0.0.0.0, say) answers on the host's own addresses too: they are loopback in all
+    but name, in every spelling, and URL_ALLOW_LOOPBACK is what opens them."""
+    address = _own_address(family)
+    if address is None:
+        pytest.skip(f"this machine has no {family.name} address besides loopback and link-local")
+    with KeepAliveServer("0.0.0.0" if family == socket.AF_INET else "::") as anywhere:
+        anywhere.add("/metrics", b"internal")
+        dns["me.test"] = [[address]]
+        hosts = ["me.test", address] if family == socket.AF_INET else ["me.test", f"[{address}]"]
+        if family == socket.AF_INET and socket.has_ipv6:
+            hosts.append(f"[::ffff:{address}]")
+        for host in hosts:
+            error = fetch_error(url_fetch.UrlFetcher(settings()), anywhere.url("/metrics", host))
+            assert str(error).startswith("refused address: "), (host, error)
+            assert str(error).endswith(" resolves to an address of this host (refused as loopback)"), (host, error)
+            assert not error.transient
+        assert anywhere.hits("/metrics") == 0
+        allowed = url_fetch.UrlFetcher(settings(url_allow_loopback=True))
+        for host in hosts:
+            assert allowed.fetch(anywhere.url("/metrics", host)) == b"internal", host
 
 
 # ---------------------------------------------------------------- resolve once, connect to what was checked
@@ -491,6 +603,208 @@ def test_a_reset_before_the_response_is_transient_and_coarse(server: KeepAliveSe
     assert detail["log_level"] == "debug" and detail["error"]
 
 
+# ---------------------------------------------------------------- one deadline for the whole fetch
+
+GZIP_HEADER_WITH_A_NAME = b"\x1f\x8b\x08\x08" + b"\x00" * 4 + b"\x00\x03"  # FNAME: a NUL-ended name follows
+DRIPS = {
+    # The status line, then a header line a byte at a time.
+    "header": ("http", drip(b"HTTP/1.1 200 OK\r\nX-Drip: ", b"a")),
+    # Headers done, then a gzip header whose file name never ends: bytes arrive, none decode.
+    "gzip-file-name": ("http", drip(
+        b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Encoding: gzip\r\nContent-Length: 100000\r\n\r\n"
+        + GZIP_HEADER_WITH_A_NAME, b"a")),
+    "body": ("http", drip(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n", b"x")),
+    # A TLS record header announcing 16 KiB of handshake, then its bytes one by one.
+    "tls-handshake": ("https", drip(b"\x16\x03\x03\x40\x00", b"\x00")),
+}
+
+
+@pytest.mark.parametrize("case", DRIPS)
+def test_a_dripping_server_holds_a_fetch_no_longer_than_url_read_timeout(case: str) -> None:
+    """Each byte comes well within the per-read timeout; URL_READ_TIMEOUT is also the
+    whole fetch's, wherever the server drips (before headers end, in a gzip header
+    that decodes to nothing, in the body, in the TLS handshake)."""
+    scheme, script = DRIPS[case]
+    fetcher = url_fetch.UrlFetcher(settings(url_allow_loopback=True, url_read_timeout=1.0))
+    with RawServer(script) as raw:
+        url = raw.url("/slow.png", scheme)
+        started = time.monotonic()
+        error = fetch_error(fetcher, url)
+        took = time.monotonic() - started
+    assert str(error) == f"{url} took longer than URL_READ_TIMEOUT=1s", error
+    assert error.transient
+    assert took < 1.8, took
+
+
+def test_one_deadline_covers_every_redirect_hop(server: KeepAliveServer) -> None:
+    """Each hop answers in 0.4 s, within URL_READ_TIMEOUT=1s; four of them do not.
+    The connection the deadline cut is not used again."""
+    server.redirect("/a", "/b", delay=0.4)
+    server.redirect("/b", "/c", delay=0.4)
+    server.redirect("/c", "/d.jpg", delay=0.4)
+    server.add("/d.jpg", b"jpeg", delay=0.4)
+    fetcher = url_fetch.UrlFetcher(settings(url_allow_loopback=True, url_read_timeout=1.0))
+    started = time.monotonic()
+    error = fetch_error(fetcher, server.url("/a"))
+    took = time.monotonic() - started
+    assert str(error).endswith(" took longer than URL_READ_TIMEOUT=1s") and error.transient, error
+    assert took < 1.5, took
+    server.add("/quick.jpg", b"jpeg")
+    assert fetcher.fetch(server.url("/quick.jpg")) == b"jpeg"
+    assert [number for _, _, number in server.requests] == [1, 1, 1, 2]
+
+
+def _full_listener() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket whose accept queue is full: a connection to it gets no
+    answer at all, as from a filtered port. Also returns the connections that fill it."""
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    queued: list[socket.socket] = []
+    while len(queued) < 16:
+        client = socket.socket()
+        client.settimeout(0.2)
+        try:
+            client.connect(listener.getsockname())
+        except TimeoutError:
+            client.close()
+            return listener, queued
+        queued.append(client)
+    raise AssertionError("the listener kept taking connections")
+
+
+def test_connecting_counts_against_the_deadline() -> None:
+    listener, queued = _full_listener()
+    try:
+        port = listener.getsockname()[1]
+        fetcher = url_fetch.UrlFetcher(settings(url_allow_loopback=True, url_connect_timeout=4.0, url_read_timeout=0.8))
+        started = time.monotonic()
+        error = fetch_error(fetcher, f"http://127.0.0.1:{port}/a.jpg")
+        took = time.monotonic() - started
+    finally:
+        for sock in [*queued, listener]:
+            sock.close()
+    assert str(error) == f"http://127.0.0.1:{port}/a.jpg took longer than URL_READ_TIMEOUT=0.8s", error
+    assert error.transient and took < 1.5, took
+
+
+def test_at_most_max_addresses_of_a_name_are_tried(dns) -> None:
+    """A name with many addresses cannot multiply URL_CONNECT_TIMEOUT by their number."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    addresses = [f"127.0.0.{last}" for last in range(2, 12)]
+    dns["many.test"] = [addresses]
+    fetcher = url_fetch.UrlFetcher(settings(url_allow_loopback=True))
+    with capture_logs() as logs:
+        error = fetch_error(fetcher, f"http://many.test:{port}/a.jpg")
+    assert str(error) == f"cannot connect to the image host for http://many.test:{port}/a.jpg"
+    tried = [entry["address"] for entry in logs if entry["event"] == "url_connect_failed"]
+    assert url_fetch.MAX_ADDRESSES == 4 and tried == addresses[:4]
+
+
+# ---------------------------------------------------------------- content encodings
+
+
+def compressed(data: bytes, wbits: int) -> bytes:
+    """`data` as gzip (wbits 31), zlib-wrapped deflate (15) or raw deflate (-15)."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    return compressor.compress(data) + compressor.flush()
+
+
+def bomb(wbits: int, size: int = 1 << 30) -> bytes:
+    """`size` zero bytes as gzip (wbits 31) or zlib (15), about 1/1000 of that, made in
+    a blink: after a full flush each MiB of zeros compresses to the same bytes."""
+    mib = bytes(1 << 20)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    head = compressor.compress(mib) + compressor.flush(zlib.Z_FULL_FLUSH)
+    step = compressor.compress(mib) + compressor.flush(zlib.Z_FULL_FLUSH)
+    end = compressor.flush()  # the last, empty block and a trailer for 2 MiB, put right below
+    check = 0 if wbits == 31 else 1
+    for _ in range(size >> 20):
+        check = zlib.crc32(mib, check) if wbits == 31 else zlib.adler32(mib, check)
+    trailer = struct.pack("<II", check, size & 0xFFFF_FFFF) if wbits == 31 else struct.pack(">I", check)
+    return head + step * ((size >> 20) - 1) + end[: -len(trailer)] + trailer
+
+
+IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 400  # compresses well, as the test needs, unlike real images
+ENCODINGS = {
+    "gzip": ("gzip", compressed(IMAGE, 31)),
+    "x-gzip": ("x-gzip", compressed(IMAGE, 31)),
+    "deflate": ("deflate", compressed(IMAGE, 15)),
+    "raw-deflate": ("deflate", compressed(IMAGE, -15)),  # what some servers send as deflate
+    "two-gzip-members": ("gzip", compressed(IMAGE[:5000], 31) + compressed(IMAGE[5000:], 31)),
+    "identity": ("identity", IMAGE),
+}
+
+
+@pytest.mark.parametrize("case", ENCODINGS)
+def test_a_server_that_compresses_anyway_is_understood_and_its_connection_kept(
+    server: KeepAliveServer, case: str
+) -> None:
+    """The fetcher asks for identity; a server that gzips regardless is undone, and the
+    connection is clean for the next request (it failed as an internal error)."""
+    coding, body = ENCODINGS[case]
+    url = server.add("/a.png", body, headers={"Content-Type": "image/png", "Content-Encoding": coding})
+    fetcher = url_fetch.UrlFetcher(settings(url_allow_loopback=True))
+    assert fetcher.fetch(url) == IMAGE
+    assert fetcher.fetch(url) == IMAGE
+    assert [number for _, _, number in server.requests] == [1, 1]
+    assert server.accept_encodings == ["identity", "identity"]
+
+
+@pytest.mark.parametrize("wbits", [31, 15], ids=["gzip", "deflate"])
+def test_a_decompression_bomb_stops_at_url_max_bytes_in_bounded_memory(server: KeepAliveServer, wbits: int) -> None:
+    """1 GiB of zeros in 1 MiB: URL_MAX_BYTES bounds what it decompresses to."""
+    limit = 4 << 20  # above the bomb's own size, so only its decompressed size can exceed it
+    coding = "gzip" if wbits == 31 else "deflate"
+    url = server.add("/bomb.png", bomb(wbits), headers={"Content-Type": "image/png", "Content-Encoding": coding})
+    fetcher = url_fetch.UrlFetcher(settings(url_allow_loopback=True, url_max_bytes=limit))
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        error = fetch_error(fetcher, url)
+        took = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(error) == f"{url} is larger than URL_MAX_BYTES={limit} once decompressed", error
+    assert not error.transient
+    assert took < 3.0, took
+    assert peak < 8 * limit, peak  # the bomb unpacks to 256 times the limit
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, br", "gzip, gzip"])
+def test_other_content_encodings_are_a_permanent_error(server: KeepAliveServer, coding: str) -> None:
+    url = server.add("/a.png", b"compressed somehow", headers={"Content-Encoding": coding})
+    error = fetch_error(url_fetch.UrlFetcher(settings(url_allow_loopback=True)), url)
+    assert str(error) == f"{url} came with Content-Encoding {coding!r}; only gzip and deflate are undone", error
+    assert not error.transient
+
+
+def test_a_corrupt_or_truncated_gzip_body_is_a_permanent_error(server: KeepAliveServer) -> None:
+    garbage = server.add("/garbage.png", b"this is not gzip", headers={"Content-Encoding": "gzip"})
+    short = server.add("/short.png", compressed(IMAGE, 31)[:-100], headers={"Content-Encoding": "gzip"})
+    fetcher = url_fetch.UrlFetcher(settings(url_allow_loopback=True))
+    for url in (garbage, short):
+        error = fetch_error(fetcher, url)
+        assert str(error) == f"{url} has a corrupt gzip body" and not error.transient, error
+
+
+def test_a_gzip_body_cut_off_is_transient_not_an_internal_error() -> None:
+    """The connection ends before Content-Length: the same error as without gzip (it
+    became a RuntimeError from reading the rest of the body differently)."""
+    body = compressed(IMAGE, 31)
+    head = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(body)
+
+    def script(connection: socket.socket, _: threading.Event) -> None:
+        connection.recv(65536)
+        connection.sendall(head + body[: len(body) // 2])
+
+    with RawServer(script) as raw:
+        error = fetch_error(url_fetch.UrlFetcher(settings(url_allow_loopback=True)), raw.url("/a.png"))
+    assert str(error) == f"download of {raw.url('/a.png')} was cut off" and error.transient, error
+
+
 # ---------------------------------------------------------------- behaviour kept
 
 
@@ -568,41 +882,46 @@ def test_pool_fails_a_loopback_url_naming_the_refusal_and_serves_the_next_task(
     assert letters["loopback"]["error"] == records["loopback"]["error"]
 
 
-def _non_loopback_address() -> str | None:
-    """An address of this host other than loopback and link-local (a private one, say), or None."""
-    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
-        try:
-            with socket.socket(family, socket.SOCK_DGRAM) as udp:
-                udp.connect((probe, 9))  # no packet is sent: this only picks a source address
-                address = udp.getsockname()[0]
-        except OSError:
-            continue
-        ip = ipaddress.ip_address(address)
-        if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
-            return address
-    return None
-
-
-def test_pool_fails_a_redirect_to_loopback_and_serves_the_next_url(
-    pool_factory, redis_client, queue_name, http_server, photos
+def test_pool_refuses_this_hosts_own_address_by_default(
+    pool_factory, redis_client, queue_name, segments, photos
 ) -> None:
-    address = _non_loopback_address()
-    if address is None:
-        pytest.skip("this host has no address besides loopback that the defaults allow")
-    inner = http_server.add("/inner.png", png_of(photos["coffee"]), content_type="image/png")
-    with KeepAliveServer(address) as outer:
-        bounce = outer.redirect("/bounce", inner, body=b"<html>moved</html>")
-        good = outer.add("/good.png", png_of(photos["astronaut"]), headers={"Content-Type": "image/png"})
+    """A service of the pool's host bound to the wildcard is loopback in all but name."""
+    family = next((f for f in (socket.AF_INET, socket.AF_INET6) if _own_address(f)), None)
+    if family is None:
+        pytest.skip("this machine has no address besides loopback and link-local")
+    address = _own_address(family)
+    with KeepAliveServer("0.0.0.0" if family == socket.AF_INET else "::") as anywhere:
+        anywhere.add("/a.png", png_of(photos["coffee"]), headers={"Content-Type": "image/png"})
+        own = anywhere.url("/a.png", address if family == socket.AF_INET else f"[{address}]")
+        push(redis_client, queue_name, url_task("own", own))
+        push(redis_client, queue_name, segments.message("good", "good", photos["chelsea"]))
+        pool = pool_factory(workers=1, env=DEFAULT_LOOPBACK)
+        records = {r["request_id"]: r for r in wait_for_records(pool.output_dir, 2, timeout=30, pool=pool)}
+        assert pool.stop() == 0
+    refused = records["own"]
+    assert refused["status"] == "failed" and refused["attempts"] == 1, refused
+    assert "refused address" in refused["error"] and "loopback" in refused["error"], refused
+    assert records["good"]["status"] == "completed"
+    assert anywhere.hits("/a.png") == 0
+
+
+def test_pool_fails_a_redirect_to_cloud_metadata_and_serves_the_next_url(
+    pool_factory, redis_client, queue_name, photos
+) -> None:
+    """Loopback allowed (as for the whole suite), the first hop passes; its redirect does not."""
+    with KeepAliveServer() as host:
+        bounce = host.redirect("/bounce", "http://169.254.169.254/latest/meta-data/", body=b"<html>moved</html>")
+        good = host.add("/good.png", png_of(photos["astronaut"]), headers={"Content-Type": "image/png"})
         push(redis_client, queue_name, url_task("bounce", bounce))
         push(redis_client, queue_name, url_task("good", good))
-        pool = pool_factory(workers=1, env=DEFAULT_LOOPBACK)
+        pool = pool_factory(workers=1)
         records = {r["request_id"]: r for r in wait_for_records(pool.output_dir, 2, timeout=30, pool=pool)}
         assert pool.stop() == 0
     bounced = records["bounce"]
     assert bounced["status"] == "failed" and bounced["attempts"] == 1, bounced
-    assert "refused address" in bounced["error"] and "loopback" in bounced["error"], bounced
+    assert "refused address" in bounced["error"] and "link-local" in bounced["error"], bounced
     assert records["good"]["status"] == "completed", records["good"]
-    assert http_server.hits("/inner.png") == 0 and outer.hits("/bounce") == 1
+    assert host.hits("/bounce") == 1 and host.hits("/good.png") == 1
 
 
 def test_pool_completes_a_same_host_redirect_with_a_body_at_the_first_attempt(
