@@ -239,8 +239,9 @@ def wait_for_records(
                 f"pool exited with {pool.poll()} after {len(records)} of {count} records\n{pool.stderr_tail()}"
             )
         time.sleep(0.1)
+    seen = f"; the pool: {pool.describe()}" if pool is not None else ""
     raise AssertionError(
-        f"saw {len(records)} of {count} records in {Path(output_dir) / RESULTS_NAME} after {timeout}s"
+        f"saw {len(records)} of {count} records in {Path(output_dir) / RESULTS_NAME} after {timeout}s{seen}"
     )
 
 
@@ -250,11 +251,14 @@ def wait_for_queue_drained(client: redis.Redis, queue: str, timeout: float = 30.
     records written."""
     prefix = QueueKeys(queue).prefix
 
-    def drained() -> bool:
-        lists = [queue.encode(), *client.keys(f"{prefix}:processing:*")]
-        return all(client.llen(key) == 0 for key in lists)
+    def lists() -> dict[str, int]:
+        return {key.decode(): client.llen(key) for key in [queue.encode(), *client.keys(f"{prefix}:processing:*")]}
 
-    wait_until(drained, timeout, f"{queue} or its processing lists still hold tasks")
+    try:
+        wait_until(lambda: not any(lists().values()), timeout, "")
+    except AssertionError:
+        held = {key: n for key, n in lists().items() if n}
+        raise AssertionError(f"after {timeout}s these lists of {queue} still hold tasks: {held}") from None
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.05) -> Any:
@@ -458,6 +462,7 @@ class Pool:
     args: tuple[str, ...] = ()
     script: str = "supervisor.py"
     cwd: Path | None = None  # where it runs, and so which .env it reads; default the repo
+    python: str = sys.executable  # another install's interpreter (make install's venv)
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     _datagrams: list[str] = field(default_factory=list, init=False)
     _notify: socket.socket | None = field(default=None, init=False)
@@ -484,7 +489,7 @@ class Pool:
     def start(self) -> Pool:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._open_notify_socket()
-        command = [sys.executable, str(REPO_ROOT / self.script), *self._worker_args(), *self.args]
+        command = [self.python, str(REPO_ROOT / self.script), *self._worker_args(), *self.args]
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 command,
@@ -586,6 +591,29 @@ class Pool:
     def events(self, name: str) -> list[dict[str, Any]]:
         """Log lines whose "event" is name."""
         return [line for line in self.log_lines() if line.get("event") == name]
+
+    def describe(self) -> str:
+        """What a wait that timed out saw: where the tasks are in Redis, and the
+        children's deaths and requeues the log tells of."""
+        keys = QueueKeys(self.queue)
+        try:
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+            with client:
+                in_flight = {key.decode().rsplit(":", 1)[-1]: client.llen(key) for key in client.smembers(keys.registry)}
+                per_list = ", ".join(f"{worker}: {n}" for worker, n in in_flight.items()) or "no lists"
+                where = (
+                    f"queue {client.llen(keys.queue)}, in flight {sum(in_flight.values())} ({per_list}), "
+                    f"delayed {client.zcard(keys.delayed)}, dead {client.llen(keys.dead)}"
+                )
+        except redis.exceptions.RedisError as exc:
+            where = f"Redis unreadable ({exc})"
+        lines = self.log_lines()
+        deaths = [f"{e.get('role')} {e.get('slot')}: {e.get('cause')}" for e in lines if e.get("event") == "child_died"]
+        requeued = sum(e.get("tasks", 0) for e in lines if e.get("event") == "tasks_requeued")
+        return (
+            f"{where}; {len(deaths)} children died ({'; '.join(deaths[-3:]) or 'none'}); "
+            f"{requeued} tasks requeued; exit code {self.poll()}"
+        )
 
     def kill_all(self, timeout: float = 10.0) -> None:
         """SIGKILL the whole session and reap; safe to call at any time, repeatedly."""
