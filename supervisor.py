@@ -8,11 +8,13 @@
 The supervisor only forks, signals, reaps and reconciles. Each wakeup of its
 loop (a signal, a child's death, or a tick) is one reconcile pass: reap the
 dead (requeueing their processing lists), kill the hung, renew this
-instance's lease (its value is the state `status` shows) and, with
-HOST_QUEUE, its host's live key (producers look at it), recover lists
-orphaned by a dead instance, move due retries back onto the queue, restart
-the ledger if needed, and bring the workers to the desired count (with
-backoff when they keep dying at boot). With METRICS_PORT, each pass ends by
+instance's lease (its value is the state `status` shows, with each worker's
+task in hand: every LEASE_TTL/3, and at once when a child starts or exits or
+the pool becomes ready) and, with HOST_QUEUE, its host's live key (producers
+look at it), recover lists orphaned by a dead instance, move due retries back
+onto the queue, log progress while there is work (control/progress.py),
+restart the ledger if needed, and bring the workers to the desired count
+(with backoff when they keep dying at boot). With METRICS_PORT, each pass ends by
 publishing a view of the pool for the metrics thread (control/metrics.py),
 which answers HTTP clients so that the loop never waits on one.
 
@@ -67,16 +69,19 @@ from multiprocessing.sharedctypes import Synchronized
 import structlog
 
 from control.metrics import MetricsEndpoint
+from control.progress import ProgressMeter
 from image_result_client import __version__
 from shared import exitcodes
 from shared.backoff import compute_backoff
 from shared.cli import PROGRAM, OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.logs import configure_logging
-from shared.output import LOCK_NAME, prepare_output_dir
+from shared.output import LOCK_NAME
+from shared.output_dir import check_output_dir
 from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
 from shared.sdnotify import Notifier
+from shared.task_board import TaskBoard, describe_task, read_entries
 
 LOOP_SECONDS = 1.0
 LEDGER_STOP_TIMEOUT = 15.0
@@ -89,8 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = OneLineParser(
         prog="supervisor.py",
         description="Run the image-result worker pool.",
-        epilog="Operator commands: supervisor.py status [--json] | check | dead list|requeue|purge | host drain ID"
-        " | task REQUEST_ID [--json] | dashboard [--port N] [--address A]",
+        epilog="Operator commands (each with --help): supervisor.py status [--json] [--watch] | check"
+        " | dead list|show|requeue|purge | host drain ID | task REQUEST_ID [--json] | dashboard [--port N] [--address A]",
     )
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     parser.add_argument(
@@ -131,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = Settings.from_env(workers_override=args.workers)
+        # Before any fork: a wrong OUTPUT_DIR is a bad setting (exit 2, no restart loop).
+        created = check_output_dir(settings.output_dir)
     except ConfigError as exc:
         complain(exc)
         return exitcodes.CONFIG_ERROR
@@ -138,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     # Supervisor imports the worker modules (once, so that every fork shares them).
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(settings.max_pixels)
     configure_logging(settings, role="supervisor")
+    if created:
+        structlog.get_logger().info("output_dir_created", directories=[str(path) for path in created])
     instance = uuid.uuid4().hex[:12]
     try:
         lock_fd = lock_output_dir(settings, instance)
@@ -153,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 def lock_output_dir(settings: Settings, instance: str) -> int:
     """Hold OUTPUT_DIR for this supervisor: results.json must have one writer.
     The lock file names the holder, which is how `check` finds its supervisor."""
-    prepare_output_dir(settings.output_dir)
     fd = os.open(settings.output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -175,6 +183,7 @@ class Child:
     started_at: float = field(default_factory=time.monotonic)
     processing_key: str | None = None
     unstarted: Synchronized | None = None  # a worker's claimed but not started tasks
+    board: TaskBoard | None = None  # a worker's task in hand, for `status`
     killed_because: str | None = None  # set when we SIGKILL it, for the exit log
 
     @property
@@ -220,8 +229,9 @@ class Supervisor:
         self.ready = False
         self.boot_failures = 0
         self.respawn_not_before = 0.0
-        self.lease_due = 0.0
+        self.lease_due = 0.0  # 0: renew on the next pass (the state `status` shows has changed)
         self.orphan_scan_due = 0.0
+        self.progress = ProgressMeter(self.keys)
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.metrics: MetricsEndpoint | None = None
         self.metrics_pipe: int | None = None
@@ -245,8 +255,13 @@ class Supervisor:
                     address=self.settings.metrics_address, port=self.settings.metrics_port, queue=self.queue
                 )
             except OSError as exc:
-                self.log.error("metrics_port_unavailable", port=self.settings.metrics_port, error=str(exc))
-                return exitcodes.BOOT_FAILED
+                # In use by another program, an address not of this host, a port below
+                # 1024: settings to correct, so exit 2 (systemd does not restart-loop).
+                complain(
+                    f"METRICS_PORT={self.settings.metrics_port} on METRICS_ADDRESS={self.settings.metrics_address!r}"
+                    f" cannot be listened on: {os.strerror(exc.errno) if exc.errno else exc}"
+                )
+                return exitcodes.CONFIG_ERROR
             with signals_blocked():  # signals are the loop's, never the metrics thread's
                 self.metrics.start()
         self.log.info(
@@ -276,6 +291,7 @@ class Supervisor:
         self.requeue_lists()
         self.recover_orphaned_lists()
         self.promote_due_retries()
+        self.report_progress()
         self.ensure_ledger()
         self.scale_workers()
 
@@ -313,7 +329,8 @@ class Supervisor:
     def handle_hup(self) -> None:
         """Re-read settings as at start (environment, then .env) and replace the
         workers gracefully with ones that use them. What only a restart can
-        change (where the queue, Redis, output and metrics are) is kept."""
+        change (where the queue, Redis, output and metrics are) is kept, and so
+        is the worker count SIGTTIN/SIGTTOU set, unless WORKERS itself changed."""
         try:
             fresh = Settings.from_env(workers_override=self.workers_override)
         except ConfigError as exc:
@@ -323,19 +340,24 @@ class Supervisor:
         if fixed:
             self.log.warning("reload_needs_restart", settings=fixed)
             fresh = dataclasses.replace(fresh, **{name: getattr(self.settings, name) for name in fixed})
+        workers_changed = fresh.workers != self.settings.workers
         self.settings = fresh
-        self.desired = fresh.workers
-        self.log.info("settings_reloaded", workers=self.desired)
+        if workers_changed:
+            self.desired = fresh.workers
+        self.log.info("settings_reloaded", workers=self.desired, workers_from="WORKERS" if workers_changed else "kept")
+        self.state_changed()
         for child in self.workers.values():
             self.signal_child(child, signal.SIGTERM)
 
     def handle_ttin(self) -> None:
         self.desired = min(256, self.desired + 1)
         self.log.info("workers_scaled", desired=self.desired)
+        self.state_changed()
 
     def handle_ttou(self) -> None:
         self.desired = max(1, self.desired - 1)
         self.log.info("workers_scaled", desired=self.desired)
+        self.state_changed()
 
     # -- reconcile steps ---------------------------------------------------
 
@@ -348,6 +370,7 @@ class Supervisor:
             child.process.close()
             self.log_exit(child, code)
             self.note_boot_outcome(child, code)
+            self.state_changed()
             if self.metrics is not None and not self.stopping:
                 self.metrics.child_restarted(child.role)
             if child.role == "ledger":
@@ -400,6 +423,11 @@ class Supervisor:
         )
         if renewed is not REDIS_FAILED:
             self.lease_due = time.monotonic() + self.settings.lease_ttl / 3
+
+    def state_changed(self) -> None:
+        """What `status` shows changed (readiness, a child, the desired count):
+        renew the lease with it on this pass, not up to LEASE_TTL/3 later."""
+        self.lease_due = 0.0
 
     def watch_replicas(self) -> None:
         """Under Sentinel, say when the master has no replica left to copy
@@ -457,6 +485,22 @@ class Supervisor:
         if moved is not REDIS_FAILED and moved:
             self.log.info("retries_due", tasks=moved)
 
+    def report_progress(self) -> None:
+        """While there is work, a `progress` line every PROGRESS_SECONDS, from
+        the counts the ledger's acknowledgements keep in Redis (control/progress.py)."""
+        fields = self.redis_call(
+            "progress_read_failed",
+            self.progress.step,
+            self.queue.client,
+            every=self.settings.progress_seconds,
+            # A worker claims from its host's queue first, with HOST_QUEUE or not.
+            waiting_lists=(self.keys.queue, self.keys.host(self.settings.host_id)),
+            now=time.monotonic(),
+            wall_now=time.time(),
+        )
+        if fields is not REDIS_FAILED and fields is not None:
+            self.log.info("progress", **fields)
+
     def ensure_ledger(self) -> None:
         if self.ledger is not None or time.monotonic() < self.respawn_not_before:
             return
@@ -513,8 +557,10 @@ class Supervisor:
             self.notifier.notify("WATCHDOG=1")
 
     def state(self) -> bytes:
-        """What `status` and `check` read from the lease: who runs, and how recently each child beat."""
+        """What `status` and `check` read from the lease: who runs, how recently
+        each child beat, and the task each worker has in hand (None: idle)."""
         now = time.monotonic()
+        tasks = self.tasks_in_hand(now)
 
         def describe(child: Child) -> dict:
             beat = child.heartbeat.value
@@ -530,13 +576,46 @@ class Supervisor:
                 "started_at": self.started_at,
                 "updated_at": time.time(),
                 "ready": self.ready,
+                "stopping": self.stopping,
                 "desired_workers": self.desired,
                 "task_timeout": self.settings.task_timeout,
                 "lease_ttl": self.settings.lease_ttl,
-                "workers": [describe(child) for child in sorted(self.workers.values(), key=lambda c: c.slot)],
+                "workers": [
+                    {**describe(child), "task": tasks.get(child.slot)}
+                    for child in sorted(self.workers.values(), key=lambda c: c.slot)
+                ],
                 "ledger": describe(self.ledger) if self.ledger else None,
             }
         ).encode()
+
+    def tasks_in_hand(self, now: float) -> dict[int, dict]:
+        """Slot -> the task that worker is on: its phase and age from the
+        worker's board, its ids from its entry in the worker's processing list,
+        read only here, once per lease renewal (shared/task_board.py)."""
+        readings = {}
+        for slot, child in self.workers.items():
+            if child.board is not None and child.unstarted is not None:
+                reading = child.board.read(unstarted=child.unstarted.value)
+                if reading is not None:
+                    readings[slot] = reading
+        wanted = {
+            slot: (self.workers[slot].processing_key, reading.index)
+            for slot, reading in readings.items()
+            if reading.has_ids
+        }
+        entries = self.redis_call("task_lookup_failed", read_entries, self.queue.client, wanted)
+        if entries is REDIS_FAILED:
+            entries = {}
+        wall_now = time.time()
+        return {
+            slot: describe_task(
+                reading,
+                entries.get(slot) if self.workers[slot].board.still(reading) else None,
+                now=now,
+                wall_now=wall_now,
+            )
+            for slot, reading in readings.items()
+        }
 
     def announce_ready_once(self) -> None:
         if self.ready or self.ledger is None or not self.ledger.booted:
@@ -546,6 +625,8 @@ class Supervisor:
         self.ready = True
         self.log.info("pool_ready", workers=len(self.workers))
         self.publish_metrics()  # so that /healthz says ok by the time READY=1 is out
+        self.state_changed()
+        self.renew_lease()  # and `status` says ready
         self.notifier.notify("READY=1", f"STATUS=serving {self.settings.queue} with {len(self.workers)} workers")
 
     # -- shutdown ----------------------------------------------------------
@@ -553,6 +634,8 @@ class Supervisor:
     def shutdown(self) -> None:
         self.notifier.notify("STOPPING=1", "STATUS=draining")
         self.publish_metrics()  # /healthz: unhealthy from now on
+        self.state_changed()
+        self.renew_lease()  # `status`: stopping
         self.log.info("shutdown_started", grace=self.settings.shutdown_grace, fast=self.fast_stop)
         for child in self.workers.values():
             self.signal_child(child, signal.SIGTERM)
@@ -600,6 +683,7 @@ class Supervisor:
         if role == "worker":
             kwargs["slot"] = slot
             kwargs["unstarted"] = self.context.Value("i", 0, lock=False)
+            kwargs["board"] = TaskBoard(self.context)
         # daemon=True: should the supervisor itself fail, multiprocessing's exit hook
         # terminates the children instead of waiting on them forever.
         process = self.context.Process(
@@ -609,8 +693,11 @@ class Supervisor:
         quiesced = self.metrics.quiesced() if self.metrics is not None else contextlib.nullcontext()
         with signals_blocked(), quiesced:
             process.start()
-        child = Child(role, slot, process, process.pid, heartbeat, unstarted=kwargs.get("unstarted"))
+        child = Child(
+            role, slot, process, process.pid, heartbeat, unstarted=kwargs.get("unstarted"), board=kwargs.get("board")
+        )
         self.log.info("child_started", role=role, slot=slot, pid=child.pid)
+        self.state_changed()
         return child
 
     def child_main(self, target: Callable[..., None], settings: Settings, **kwargs) -> None:

@@ -3,16 +3,19 @@
 They read what the pool keeps in Redis: the queue, the processing lists, the
 delayed retries, the dead letters, the per-10-second counts the ledger adds
 with each acknowledgement, and each supervisor's lease, whose value is its
-state (children and how recently each beat). `dead requeue|purge` and `host
-drain` (control/drain.py) change the queue; none touches results.json.
+state as of its last renewal (children, how recently each beat, the task each
+worker has in hand). `dead requeue|purge` and `host drain` (control/drain.py)
+change the queue; none touches results.json. `dead purge` asks first on a
+terminal and, without one, refuses unless given --yes.
 
 Everything printed for a person goes through shared.terminal: host ids, list
 names, ids and errors come from Redis, where whoever can write may put terminal
 control sequences; `--json` output is escaped by json.dumps.
 
-Exit codes: 0 fine, 1 unhealthy (`check`), a refused drain or Redis
-unreachable, 2 usage or configuration error, always with one line on stderr,
-never a traceback.
+Exit codes: 0 fine (also Ctrl-C ending `status --watch`), 1 unhealthy
+(`check`), a refused drain, a purge declined, no such dead letter or Redis
+unreachable, 2 usage or configuration error (a purge without --yes and
+without a terminal), always with one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import argparse
 import base64
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -44,6 +49,8 @@ from shared.redis_queue import (
 from shared.terminal import printable, say
 
 UNHEALTHY = 1
+# Home the cursor and clear the screen: `status --watch` draws each refresh anew.
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 class Unhealthy(Exception):
@@ -52,25 +59,71 @@ class Unhealthy(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="supervisor.py", description="Inspect and repair a running pool.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    status = commands.add_parser("status", help="queue depth, in-flight tasks, workers, recent outcomes")
-    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-    commands.add_parser("check", help="exit 0 when healthy, 1 with the reason otherwise")
-    dead = commands.add_parser("dead", help="inspect and replay dead letters")
-    dead_commands = dead.add_subparsers(dest="dead_command", required=True)
-    listing = dead_commands.add_parser("list", help="print dead letters, oldest first")
-    listing.add_argument("--limit", type=int, default=50, metavar="N")
-    listing.add_argument("--json", action="store_true", help="one JSON entry per line")
-    requeue = dead_commands.add_parser("requeue", help="push dead letters' messages back onto the queue")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    status = _subcommand(commands, "status", "queue depth, in-flight tasks, each worker's task, recent outcomes")
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts (one a line with --watch)")
+    status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    status.add_argument(
+        "--interval", type=_interval, default=2.0, metavar="S", help="seconds between refreshes with --watch (default 2)"
+    )
+    _subcommand(commands, "check", "exit 0 when healthy, 1 with the reason otherwise")
+    dead = _subcommand(commands, "dead", "list, show, replay or delete dead letters")
+    dead_commands = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+    listing = _subcommand(dead_commands, "list", "print dead letters, oldest first, each with its number")
+    listing.add_argument("--limit", type=_count, default=50, metavar="N", help="at most N (default 50)")
+    listing.add_argument("--error", metavar="TEXT", help="only those whose error contains TEXT, in any case")
+    listing.add_argument(
+        "--older-than", type=_age_limit, metavar="AGE", help="only those that failed more than AGE ago: 90s, 15m, 1h, 2d"
+    )
+    listing.add_argument("--newer-than", type=_age_limit, metavar="AGE", help="only those that failed less than AGE ago")
+    listing.add_argument("--json", action="store_true", help="one JSON entry per line, as stored")
+    show = _subcommand(dead_commands, "show", "print one dead letter whole, its message included")
+    show.add_argument("index", type=int, metavar="N", help="its number in `dead list` (0: the oldest, -1: the newest)")
+    show.add_argument("--json", action="store_true", help="the entry as stored, as one JSON object")
+    requeue = _subcommand(dead_commands, "requeue", "push dead letters' messages back onto the queue, oldest first")
     requeue.add_argument("--limit", type=int, default=None, metavar="N", help="at most N, oldest first")
-    dead_commands.add_parser("purge", help="delete every dead letter")
-    host = commands.add_parser("host", help="let go of what a host that is gone for good holds")
-    host_commands = host.add_subparsers(dest="host_command", required=True)
-    drain = host_commands.add_parser(
-        "drain", help="its URL tasks to the shared queue, its shared-memory tasks to the dead letters"
+    purge = _subcommand(dead_commands, "purge", "delete every dead letter (asks first on a terminal)")
+    purge.add_argument("--yes", action="store_true", help="do not ask; needed without a terminal")
+    host = _subcommand(commands, "host", "let go of what a host that is gone for good holds")
+    host_commands = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
+    drain = _subcommand(
+        host_commands, "drain", "its URL tasks to the shared queue, its shared-memory tasks to the dead letters"
     )
     drain.add_argument("host_id", metavar="HOST_ID", help="the lost host's HOST_ID, as `status` lists it")
     return parser
+
+
+def _subcommand(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    """A subcommand whose one line of help is also what its own --help opens with."""
+    return commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+
+def _interval(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an interval; expected 0.1..3600 seconds")
+    return seconds
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count; expected 1 or more")
+    return int(text)
+
+
+_AGE = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _age_limit(text: str) -> float:
+    """An age in seconds, from 90, 90s, 15m, 1.5h or 2d."""
+    match = _AGE.fullmatch(text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age; expected e.g. 90s, 15m, 1h or 2d")
+    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
 
 
 def main(argv: list[str]) -> int:
@@ -102,6 +155,7 @@ def collect_status(queue: ReliableQueue, *, now: float) -> dict:
     supervisors = [json.loads(raw) for raw in _lease_values(client, keys)]
     depths = queue.depths()
     return {
+        "collected_at": now,
         "queue": keys.queue,
         "queue_depth": depths.waiting,
         "in_flight": depths.in_flight,
@@ -116,34 +170,111 @@ def collect_status(queue: ReliableQueue, *, now: float) -> dict:
 
 
 def status(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> int:
+    if args.watch:
+        return _watch(args, settings, queue)
     report = collect_status(queue, now=time.time())
     if args.json:
         print(json.dumps(report, sort_keys=True))
         return exitcodes.OK
-    say(f"queue {report['queue']}: {report['queue_depth']} waiting, {report['in_flight']} in flight, "
-         f"{report['delayed_retries']} delayed retries, {report['dead_letters']} dead letters")
+    for line in render_status(report):
+        say(line)
+    return exitcodes.OK
+
+
+def render_status(report: dict) -> list[str]:
+    """The report as lines for a person, not yet made printable (say() does that).
+
+    Each supervisor's part is its state as of its last lease renewal, which
+    it says; the ages in it are from now."""
+    lines = [
+        f"queue {report['queue']}: {report['queue_depth']} waiting, {report['in_flight']} in flight, "
+        f"{report['delayed_retries']} delayed retries, {report['dead_letters']} dead letters"
+    ]
     served = {supervisor.get("host_id") for supervisor in report["supervisors"]}
     for host_id, depth in sorted(report["host_queues"].items()):
         whose = "" if host_id in served else "  (no supervisor: `host drain` it if the host is gone for good)"
-        say(f"host {host_id}: {depth} waiting in its own queue{whose}")
+        lines.append(f"host {host_id}: {depth} waiting in its own queue{whose}")
     if report["committing"]:
-        say(f"{report['committing']} records being committed")
+        lines.append(f"{report['committing']} records being committed")
     minute = report["last_minute"]
-    say(f"last minute: {minute['completed']} completed, {minute['failed']} failed, {minute['retried']} retried")
+    lines.append(f"last minute: {minute['completed']} completed, {minute['failed']} failed, {minute['retried']} retried")
     if not report["supervisors"]:
-        say("no supervisor is running on this queue")
+        lines.append("no supervisor is running on this queue")
     for supervisor in report["supervisors"]:
-        say(f"supervisor {supervisor['instance']} on {supervisor['host']} pid {supervisor['pid']}, "
-             f"{len(supervisor['workers'])}/{supervisor['desired_workers']} workers"
-             f"{'' if supervisor['ready'] else ' (starting)'}")
-        ledger = supervisor["ledger"]
-        if ledger:
-            say(f"  ledger  pid {ledger['pid']:>7}  last beat {_age(ledger['heartbeat_age'])}")
-        for worker in supervisor["workers"]:
-            tasks = report["in_flight_by_list"].get(worker["processing_list"], 0)
-            say(f"  worker {worker['slot']:<2} pid {worker['pid']:>7}  last beat {_age(worker['heartbeat_age'])}"
-                 f"  in flight {tasks}")
-    return exitcodes.OK
+        lines.extend(_render_supervisor(supervisor, report["in_flight_by_list"], now=report["collected_at"]))
+    return lines
+
+
+def _render_supervisor(state: dict, in_flight_by_list: dict[str, int], *, now: float) -> list[str]:
+    updated_at = state.get("updated_at", now)
+    stale = max(0.0, now - updated_at)  # what the ages in the state are older by now
+    condition = " (stopping)" if state.get("stopping") else "" if state["ready"] else " (starting)"
+    lines = [
+        f"supervisor {state['instance']} on {state['host']} pid {state['pid']}, "
+        f"{len(state['workers'])}/{state['desired_workers']} workers{condition}, "
+        f"as of {time.strftime('%H:%M:%S', time.localtime(updated_at))} ({_duration(stale)} ago)"
+    ]
+    ledger = state["ledger"]
+    if ledger:
+        lines.append(f"  ledger     pid {ledger['pid']:>7}  last beat {_ago(ledger['heartbeat_age'], stale)}")
+    for worker in state["workers"]:
+        tasks = in_flight_by_list.get(worker["processing_list"], 0)
+        line = (
+            f"  worker {worker['slot']:<3} pid {worker['pid']:>7}  last beat {_ago(worker['heartbeat_age'], stale)}"
+            f"  in flight {tasks}"
+        )
+        if "task" in worker:  # a supervisor of an older version does not say
+            line += "  " + _render_task(worker["task"], stale)
+        lines.append(line)
+    return lines
+
+
+def _render_task(task: dict | None, stale: float) -> str:
+    if task is None:
+        return "idle"
+    text = f"{task['phase']} for {_duration(task['age'] + stale)}"
+    if "task_id" in task:
+        text += f": request {_cut(_shown(task.get('request_id')))}, image {_cut(_shown(task.get('image_id')))}"
+        if task.get("attempt", 1) > 1:
+            text += f", attempt {task['attempt']}"
+    return text
+
+
+def _watch(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> int:
+    """`status` again every --interval until Ctrl-C, which exits 0. On a
+    terminal each refresh clears the screen and draws anew; otherwise (or with
+    --json) the refreshes follow one another."""
+    redraw = sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            now = time.time()
+            try:
+                report = collect_status(queue, now=now)
+            except REDIS_ERRORS as exc:  # Redis may come back: keep watching
+                report, lines = None, [f"Redis at {settings.redacted_redis_url()} is unreachable: {exc}"]
+            else:
+                lines = render_status(report)
+            if args.json:
+                if report is not None:
+                    print(json.dumps(report, sort_keys=True))
+                else:
+                    say(lines[0], file=sys.stderr)
+            else:
+                if redraw:
+                    sys.stdout.write(CLEAR_SCREEN)
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+                say(f"every {args.interval:g}s, Ctrl-C to stop: {stamp}")
+                for line in lines:
+                    say(line)
+                if not redraw:
+                    print()
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return exitcodes.OK
+    except BrokenPipeError:  # `status --watch | head`: the reader is gone, so are we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exitcodes.OK
 
 
 def _lease_values(client: redis.Redis, keys: QueueKeys) -> list[bytes]:
@@ -160,8 +291,30 @@ def _last_minute(client: redis.Redis, keys: QueueKeys, now: float) -> dict[str, 
     return totals
 
 
-def _age(seconds: float | None) -> str:
-    return "never" if seconds is None else f"{seconds:.1f}s ago"
+def _ago(seconds: float | None, stale: float = 0.0) -> str:
+    return "never" if seconds is None else f"{_duration(seconds + stale)} ago"
+
+
+def _duration(seconds: float) -> str:
+    """4.2s, 12m05s, 3h04m, 2d03h."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _shown(value: object) -> str:
+    """A value for a line of text: "-" when missing (never "None")."""
+    return "-" if value is None or value == "" else str(value)
+
+
+def _cut(text: str, width: int = 64) -> str:
+    """An id in a line of `status`: at most `width` characters, cut with an ellipsis."""
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
 
 
 # -- check -------------------------------------------------------------------
@@ -236,22 +389,160 @@ def host(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> 
 
 
 def dead(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> int:
-    keys, client = queue.keys, queue.client
     if args.dead_command == "list":
-        for raw in client.lrange(keys.dead, 0, max(0, args.limit) - 1):
-            entry = json.loads(raw)
-            if args.json:
-                print(json.dumps(entry, sort_keys=True))
-            else:
-                say(f"{entry['failed_at']}  {entry['request_id']}  {entry['image_id']}  "
-                     f"attempts={entry['attempts']}  {entry['error']}")
-        return exitcodes.OK
+        return _list_dead(args, queue)
+    if args.dead_command == "show":
+        return _show_dead(args, queue)
     if args.dead_command == "purge":
-        removed = client.llen(keys.dead)
-        client.delete(keys.dead)
-        say(f"purged {removed} dead letters")
-        return exitcodes.OK
+        return _purge_dead(args, queue)
     return _requeue_dead(queue, limit=args.limit)
+
+
+def _list_dead(args: argparse.Namespace, queue: ReliableQueue) -> int:
+    """Oldest first, those that pass the filters, each with its number for `dead show`."""
+    keep = _dead_filter(args, now=time.time())
+    shown = 0
+    for index, entry in _dead_entries(queue):
+        if shown >= args.limit:
+            break
+        if not keep(entry):
+            continue
+        shown += 1
+        if args.json:
+            print(json.dumps(entry, sort_keys=True))
+        else:
+            say(f"{index:>5}  {_shown(entry.get('failed_at'))}  {_shown(entry.get('request_id'))}  "
+                f"{_shown(entry.get('image_id'))}  attempts={_shown(entry.get('attempts'))}  "
+                f"{_shown(entry.get('error'))}")
+    if not shown and not args.json:
+        total = queue.client.llen(queue.keys.dead)
+        say(f"no dead letters in {queue.keys.dead}" if not total else
+            f"none of the {total} dead letters in {queue.keys.dead} match")
+    return exitcodes.OK
+
+
+DEAD_PAGE = 500
+
+
+def _dead_entries(queue: ReliableQueue) -> Iterator[tuple[int, dict]]:
+    """(number, entry), oldest first, a page at a time. The list may change
+    meanwhile (new dead letters at its end, the oldest trimmed): numbers are
+    positions as each page was read."""
+    start = 0
+    while True:
+        page = queue.client.lrange(queue.keys.dead, start, start + DEAD_PAGE - 1)
+        for offset, raw in enumerate(page):
+            yield start + offset, _dead_entry(raw)
+        if len(page) < DEAD_PAGE:
+            return
+        start += DEAD_PAGE
+
+
+def _dead_entry(raw: bytes) -> dict:
+    """An entry as the ledger wrote it, or what can be shown of one that is not."""
+    try:
+        entry = json.loads(raw)
+    except ValueError:
+        entry = None
+    return entry if isinstance(entry, dict) else {"unreadable": raw.decode(errors="backslashreplace")}
+
+
+def _dead_filter(args: argparse.Namespace, *, now: float) -> Callable[[dict], bool]:
+    text = args.error.casefold() if args.error else None
+    ages = args.older_than is not None or args.newer_than is not None
+
+    def keep(entry: dict) -> bool:
+        if text is not None and text not in str(entry.get("error") or "").casefold():
+            return False
+        if not ages:
+            return True
+        failed_at = _epoch(entry.get("failed_at"))
+        if failed_at is None:
+            return False  # no telling its age
+        age = now - failed_at
+        return (args.older_than is None or age > args.older_than) and (
+            args.newer_than is None or age < args.newer_than
+        )
+
+    return keep
+
+
+def _epoch(text: object) -> float | None:
+    """failed_at as seconds since the epoch; one without a zone is the local time
+    (the ledger writes its host's local time)."""
+    try:
+        return datetime.fromisoformat(str(text)).timestamp()
+    except ValueError:
+        return None
+
+
+def _show_dead(args: argparse.Namespace, queue: ReliableQueue) -> int:
+    keys, client = queue.keys, queue.client
+    raw = client.lindex(keys.dead, args.index)
+    if raw is None:
+        complain(printable(f"no dead letter {args.index}: {keys.dead} holds {client.llen(keys.dead)}"))
+        return UNHEALTHY
+    entry = _dead_entry(raw)
+    if args.json:
+        print(json.dumps(entry, sort_keys=True))
+        return exitcodes.OK
+    say(f"dead letter {args.index} of {keys.dead}")
+    for name in ("failed_at", "task_id", "request_id", "image_id", "attempts", "error"):
+        say(f"{name:<11} {_shown(entry.get(name))}")
+    for name in sorted(set(entry) - {"failed_at", "task_id", "request_id", "image_id", "attempts", "error"}):
+        if name != "message":
+            say(f"{name:<11} {entry[name]}")
+    if "message" in entry:
+        for line in _message_lines(str(entry["message"])):
+            say(line)
+    return exitcodes.OK
+
+
+def _message_lines(message: str) -> list[str]:
+    """The producer's message: indented JSON when it is JSON, else as it is."""
+    try:
+        parsed = json.loads(message)
+    except (ValueError, RecursionError):
+        return [f"message     {message}"]
+    shown = json.dumps(parsed, indent=2, ensure_ascii=False, sort_keys=True).splitlines()
+    return [f"message     {shown[0]}", *(" " * 12 + line for line in shown[1:])]
+
+
+def _purge_dead(args: argparse.Namespace, queue: ReliableQueue) -> int:
+    """Delete every dead letter; a person at a terminal says yes first, a
+    script says --yes."""
+    keys, client = queue.keys, queue.client
+    count = client.llen(keys.dead)
+    if not count:
+        say(f"no dead letters in {keys.dead}")
+        return exitcodes.OK
+    if not args.yes:
+        if not sys.stdin.isatty():
+            complain(printable(f"dead purge would delete {count} dead letters from {keys.dead}; "
+                               "without a terminal to ask on, pass --yes"))
+            return exitcodes.CONFIG_ERROR
+        if not _confirm(f"delete {count} dead letters from {keys.dead}? [y/N] "):
+            say("nothing deleted")
+            return UNHEALTHY
+    with client.pipeline(transaction=True) as pipe:
+        pipe.llen(keys.dead)
+        pipe.delete(keys.dead)
+        removed, _ = pipe.execute()
+    say(f"purged {removed} dead letters")
+    return exitcodes.OK
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; only y or yes is a yes (Ctrl-C and Ctrl-D are a no)."""
+    sys.stderr.write(printable(question))
+    sys.stderr.flush()
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        answer = ""
+    if not answer.endswith("\n"):
+        sys.stderr.write("\n")
+    return answer.strip().lower() in ("y", "yes")
 
 
 def _requeue_dead(queue: ReliableQueue, *, limit: int | None) -> int:

@@ -72,6 +72,7 @@ class Settings:
     url_allow_loopback: bool = False
     url_allow_private: bool = True
     lease_ttl: float = 15.0
+    progress_seconds: float = 30.0  # 0: no progress lines
     redis_sentinels: tuple[tuple[str, int], ...] = ()  # empty: REDIS_URL names the server
     redis_sentinel_master: str = "mymaster"
     claim_min_replicas: int = 0  # 0: wait for the replicas that are connected, if any
@@ -144,6 +145,7 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         url_allow_loopback=get("URL_ALLOW_LOOPBACK", _bool, DEFAULTS.url_allow_loopback),
         url_allow_private=get("URL_ALLOW_PRIVATE", _bool, DEFAULTS.url_allow_private),
         lease_ttl=get("LEASE_TTL", _float_in(2, 3600), DEFAULTS.lease_ttl),
+        progress_seconds=get("PROGRESS_SECONDS", _float_in(0, 3600), DEFAULTS.progress_seconds),
         redis_sentinels=get("REDIS_SENTINELS", _address_list, DEFAULTS.redis_sentinels),
         redis_sentinel_master=get("REDIS_SENTINEL_MASTER", _queue_name, DEFAULTS.redis_sentinel_master),
         claim_min_replicas=get("CLAIM_MIN_REPLICAS", _int_in(0, 16), DEFAULTS.claim_min_replicas),

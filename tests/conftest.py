@@ -7,6 +7,7 @@ a /dev/shm segment behind.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -98,6 +99,7 @@ def pool_factory(tmp_path: Path, redis_server: LocalRedis, queue_name: str) -> I
         queue: str | None = None,
         script: str = "supervisor.py",
         cwd: Path | None = None,
+        python: str = sys.executable,
     ) -> Pool:
         pool = Pool(
             workdir=tmp_path / f"pool{len(pools)}",
@@ -109,6 +111,7 @@ def pool_factory(tmp_path: Path, redis_server: LocalRedis, queue_name: str) -> I
             args=tuple(args),
             script=script,
             cwd=cwd,
+            python=python,
         )
         pools.append(pool)
         return pool.start()

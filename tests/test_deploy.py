@@ -8,12 +8,18 @@
   and the pool, gives the drain its time; the producer stub really feeds a pool.
 - configs/image-result-worker.service: `systemd-analyze verify` is clean and the
   settings the README promises are there (and the ones that would hide /dev/shm are not).
+- `make install` / `make install-systemd` into a temporary prefix: the code and a venv
+  of requirements.txt alone, idempotent; the installed unit passes `verify` with its
+  paths in the prefix; its Environment= and the installed settings file, combined as
+  systemd does, put OUTPUT_DIR inside ReadWritePaths=; and the installed interpreter
+  and code run a pool that completes a task.
 """
 
 from __future__ import annotations
 
 import ast
 import fnmatch
+import io
 import json
 import os
 import re
@@ -22,15 +28,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 import pytest
+import redis
 
 from shared.config import DEFAULTS
 from tests.conftest import PoolFactory
-from tests.helpers import POOL_ENV_VARS, REPO_ROOT, unlink_segment, wait_for_records
+from tests.helpers import POOL_ENV_VARS, REPO_ROOT, push, shm_message, unlink_segment, wait_for_records
 from tools.local_redis import LocalRedis
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -205,6 +214,7 @@ import importlib, pathlib, sys
 names = sorted(
     ".".join(path.with_suffix("").parts).removesuffix(".__init__")
     for path in pathlib.Path(".").rglob("*.py")
+    if not path.parts[0].startswith(".")  # an install's .venv is not ours to import
 )
 for name in names:
     importlib.import_module(name)
@@ -221,6 +231,8 @@ def repository_imports(app: Path) -> set[str]:
     """Top-level repository modules imported anywhere in app's files, function bodies included."""
     names: set[str] = set()
     for path in app.rglob("*.py"):
+        if path.relative_to(app).parts[0].startswith("."):
+            continue  # an install's .venv
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 names.update(alias.name.split(".")[0] for alias in node.names)
@@ -502,3 +514,212 @@ def test_unit_verify_would_catch_a_mistake(tmp_path: Path) -> None:
     result = systemd_analyze_verify(analyze, unit)
     problems = [line for line in (result.stdout + result.stderr).splitlines() if not about_this_machine(line, user)]
     assert any("WatchdogSecs" in line for line in problems), result.stderr
+
+
+# ---------------------------------------------------------------- make install
+
+
+@dataclass(frozen=True)
+class Installed:
+    prefix: Path
+    unit: Path
+    env_file: Path
+    make_variables: tuple[str, ...]
+    first_seconds: float
+    again_seconds: float
+    old_package: Path  # in the prefix, in the manifest, as an older install would have left it
+
+
+# Make passes its command line to a sub-make through these: an outer `make test X=...` must not reach ours.
+MAKE_VARIABLES_INHERITED = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES")
+
+
+def run_make(*arguments: str) -> float:
+    """`make ARGUMENTS` in the repository; returns the seconds it took, fails with its output."""
+    env = {name: value for name, value in os.environ.items() if name not in (*POOL_ENV_VARS, *MAKE_VARIABLES_INHERITED)}
+    started = time.monotonic()
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO_ROOT), *arguments],
+        env=env, check=False, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, f"make {' '.join(arguments)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
+    """`make install` twice and `make install-systemd` into a temporary root, as an
+    operator would into /opt and /etc: pip really installs, with this machine's pip
+    configuration (index, mirrors, cache), from requirements.txt."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = tmp_path_factory.mktemp("install")
+    prefix = root / "opt" / "image-result-worker"
+    variables = (
+        f"PREFIX={prefix}",
+        f"SYSTEMD_DIR={root / 'etc' / 'systemd' / 'system'}",
+        f"ENV_FILE={root / 'etc' / 'image-result-worker.env'}",
+        f"PYTHON={sys.executable}",  # venv takes the interpreter behind our venv's
+    )
+    first = run_make("install", *variables)
+    # An upgrade: a package of the previous install is gone from the tree.
+    old_package = prefix / "old_package"
+    old_package.mkdir()
+    (old_package / "__init__.py").write_text("raise ImportError('left by an older install')\n")
+    with open(prefix / ".installed-files", "a") as manifest:
+        manifest.write("old_package/\n")
+    again = run_make("install", *variables)
+    run_make("install-systemd", *variables)
+    return Installed(
+        prefix=prefix,
+        unit=root / "etc" / "systemd" / "system" / UNIT_FILE.name,
+        env_file=root / "etc" / "image-result-worker.env",
+        make_variables=variables,
+        first_seconds=first,
+        again_seconds=again,
+        old_package=old_package,
+    )
+
+
+def pins(path: Path) -> dict[str, str]:
+    """name -> version of each `name==version` line, names normalized as pip does."""
+    found = {}
+    for line in path.read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if "==" in requirement:
+            name, _, version = requirement.partition("==")
+            found[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.strip()
+    return found
+
+
+def copied_into_image() -> set[str]:
+    """The top-level names the Dockerfile COPYs: what the service is made of."""
+    names = set()
+    for item in instructions_named("COPY"):
+        *sources, _ = [word for word in shlex.split(item.arguments) if not word.startswith("--")]
+        names.update(PurePosixPath(source).parts[0] for source in sources)
+    return names
+
+
+@pytest.mark.timeout(300)
+def test_make_install_puts_the_service_and_a_runtime_only_venv_in_the_prefix(installed: Installed) -> None:
+    prefix = installed.prefix
+    timings = f"install took {installed.first_seconds:.1f} s, again {installed.again_seconds:.1f} s"
+    entries = {path.name for path in prefix.iterdir()} - {"__pycache__"}
+    assert entries == copied_into_image() | {".venv", ".installed-files"}, timings
+    assert not installed.old_package.exists(), "a package gone from the tree stays in the prefix after an upgrade"
+
+    python = prefix / ".venv" / "bin" / "python"
+    assert "include-system-site-packages = false" in (prefix / ".venv" / "pyvenv.cfg").read_text()
+    frozen = subprocess.run(
+        [str(python), "-m", "pip", "freeze"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    installed_pins = {
+        re.sub(r"[-_.]+", "-", name).lower(): version
+        for name, _, version in (line.partition("==") for line in frozen.splitlines() if "==" in line)
+    }
+    runtime = pins(REPO_ROOT / "requirements.txt")
+    assert {name: installed_pins.get(name) for name in runtime} == runtime, frozen
+    dev_only = pins(REPO_ROOT / "requirements-dev.txt").keys() - runtime.keys()
+    assert not dev_only & installed_pins.keys(), f"development packages in the service's venv: {dev_only & installed_pins.keys()}"
+
+    # Every module of the install imports with the install's interpreter alone, from the prefix.
+    missing = {name for name in repository_imports(prefix) if not (prefix / name).exists() and not (prefix / f"{name}.py").exists()}
+    assert not missing, f"imported but not installed: {sorted(missing)}"
+    env = {name: value for name, value in os.environ.items() if name not in POOL_ENV_VARS}
+    result = subprocess.run(
+        [str(python), "-E", "-c", IMPORT_EVERY_MODULE, str(REPO_ROOT) + os.sep],
+        cwd=prefix, env=env, check=False, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# A setting shown commented out in the settings file: "# NAME=value".
+COMMENTED_SETTING = re.compile(r"^# ([A-Z][A-Z0-9_]*=.*)$")
+
+
+def unit_environment(service: dict[str, list[str]], environment_file: str) -> dict[str, str]:
+    """What systemd gives ExecStart=: the Environment= lines in order, then the
+    EnvironmentFile=, which wins over them wherever it stands (systemd.exec(5))."""
+    from dotenv import dotenv_values
+
+    env: dict[str, str] = {}
+    for value in service.get("Environment", []):
+        env.update(word.split("=", 1) for word in shlex.split(value))
+    env.update({name: value for name, value in dotenv_values(stream=io.StringIO(environment_file)).items() if value is not None})
+    return env
+
+
+def effective_output_dir(service: dict[str, list[str]], environment_file: str) -> PurePosixPath:
+    raw = unit_environment(service, environment_file).get("OUTPUT_DIR") or str(DEFAULTS.output_dir)
+    return PurePosixPath(os.path.normpath(PurePosixPath(service["WorkingDirectory"][-1]) / raw))
+
+
+def writable_under_unit(service: dict[str, list[str]], path: PurePosixPath) -> bool:
+    """Whether ProtectSystem=strict leaves path writable: ReadWritePaths= and StateDirectory=."""
+    writable = [PurePosixPath(entry.lstrip("-+")) for value in service.get("ReadWritePaths", []) for entry in value.split()]
+    writable += [PurePosixPath("/var/lib") / entry.split(":")[0] for value in service.get("StateDirectory", []) for entry in value.split()]
+    return any(path.is_relative_to(directory) for directory in writable)
+
+
+def test_installed_settings_file_keeps_output_dir_where_the_unit_can_write(installed: Installed) -> None:
+    service = read_unit(installed.unit)["Service"]
+    assert [value.lstrip("-") for value in service["EnvironmentFile"]] == [str(installed.env_file)]
+    shipped = (REPO_ROOT / "configs" / "example.env").read_text()
+    assert installed.env_file.read_text() == shipped
+    assert installed.env_file.stat().st_mode & 0o777 == 0o600, "it may hold the Redis password"
+
+    output_dir = effective_output_dir(service, shipped)
+    assert writable_under_unit(service, output_dir), f"OUTPUT_DIR {output_dir} is read-only under ProtectSystem=strict"
+    # The check fails for what example.env once shipped: its defaults set, not
+    # commented, and its ./output/translated won over the unit's OUTPUT_DIR.
+    uncommented = "\n".join(COMMENTED_SETTING.sub(r"\1", line) for line in shipped.splitlines())
+    assert not writable_under_unit(service, effective_output_dir(service, uncommented))
+
+    # An operator's settings file is never replaced.
+    installed.env_file.write_text("REDIS_URL=redis://redis.internal:6379\n")
+    run_make("install-systemd", *installed.make_variables)
+    assert installed.env_file.read_text() == "REDIS_URL=redis://redis.internal:6379\n"
+    installed.env_file.write_text(shipped)
+
+
+def test_installed_unit_passes_systemd_analyze_verify(installed: Installed) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not found (Debian package systemd)")
+    service = read_unit(installed.unit)["Service"]
+    prefix = installed.prefix
+    assert service["ExecStart"][-1] == f"{prefix}/.venv/bin/python {prefix}/supervisor.py"
+    assert service["WorkingDirectory"][-1] == str(prefix)
+    result = systemd_analyze_verify(analyze, installed.unit)
+    messages = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    problems = [line for line in messages if not about_this_machine(line, service["User"][-1])]
+    assert problems == [], "\n".join(problems)
+    assert result.returncode == 0 or messages, result.stderr
+
+
+@pytest.mark.timeout(300)
+def test_installed_pool_completes_a_task(
+    installed: Installed, pool_factory: PoolFactory, redis_client: redis.Redis, queue_name: str,
+    photos: dict[str, np.ndarray], tmp_path: Path,
+) -> None:
+    """The install's interpreter and code, from its WorkingDirectory, with the unit's
+    environment (OUTPUT_DIR aside: /var/lib is not ours here): a task goes through."""
+    service = read_unit(installed.unit)["Service"]
+    env = unit_environment(service, installed.env_file.read_text())
+    env.pop("OUTPUT_DIR")
+    pool = pool_factory(
+        workers=1,
+        python=str(installed.prefix / ".venv" / "bin" / "python"),
+        script=str(installed.prefix / "supervisor.py"),
+        cwd=installed.prefix,
+        env=env,
+    )
+    pool.wait_ready(timeout=60)
+    # OpenCV and numpy, loaded before the fork, come from the install's venv, not ours.
+    mapped = Path(f"/proc/{pool.pid}/maps").read_text()
+    assert f"{installed.prefix}/.venv/" in mapped and f"{Path(sys.prefix).resolve()}/" not in mapped
+    push(redis_client, queue_name, shm_message("req-installed", "img-installed", photos["astronaut"]))
+    records = wait_for_records(tmp_path / "out", 1, pool=pool)
+    assert [(record["status"], record["image_id"]) for record in records] == [("completed", "img-installed")], records
+    assert pool.stop(signal.SIGTERM, timeout=60) == 0, pool.stderr_tail()

@@ -13,6 +13,13 @@ the commands out of the code (Lua scripts and client calls).
 
 Then the defence itself: as either user, a key outside its patterns, a command
 outside its list, and a script that reaches for either are refused (NOPERM).
+
+Scripts: a producer that could load its own could freeze Redis for everyone
+(a loop after a write cannot be killed; Lua's memory is outside maxmemory). So
+producers may only EVALSHA what is cached: the pool loads their one script
+(push_for_host.lua) with every lease renewal, and a producer that meets
+NOSCRIPT sends the task by URL instead of loading it. The pool's own cached
+scripts, run by a producer, stop at their first command (none is granted).
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ try:
     from image_result_client import Producer
 except ImportError:  # before the client package's rename
     from client import Producer
+from image_result_client.producer import PUSH_FOR_HOST_SHA
 from shared.config import has_hash_tag
-from shared.redis_queue import QueueKeys
+from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 from tests.helpers import (
     REPO_ROOT,
     SHM_DIR,
@@ -62,6 +70,10 @@ POOL_USER, PRODUCER_USER = "image-result-worker", "hosting-producer"
 QUEUE, STREAM = "hosting_tasks", "hosting_results"
 HOST = "acl-host"
 WAIT = 60.0
+# The red team's script, with a loop short enough not to hang the suite should it ever run.
+FREEZER = "redis.call('RPUSH', KEYS[1], 'x') for i = 1, 1e6 do end"
+# A command or key inside a script that the caller's ACL lacks (Redis 7.0; 7.2 and later).
+SCRIPT_REFUSED = r"user executing the script can't|[Nn]o permissions"
 
 # What the pool's processes and its operator commands run (pool user), and
 # what producers run (producer user); read by the static checks.
@@ -73,6 +85,7 @@ METHOD_COMMANDS = {
     "delete": ("del",),
     "scan_iter": ("scan",),
     "register_script": ("evalsha", "script|load"),  # EVALSHA, SCRIPT LOAD once on NOSCRIPT
+    "script_load": ("script|load",),
     "pipeline": ("multi", "exec"),  # every pipeline of ours is transaction=True
 }
 # Methods on a client that send nothing; shared/channel.py names its socket client.
@@ -185,8 +198,7 @@ def test_every_command_in_the_lua_scripts_is_granted() -> None:
     for name, script in {**scripts, **lua_files("shared")}.items():
         missing = lua_commands(script) - granted(POOL_USER)
         assert not missing, f"{name} runs {sorted(missing)}, which configs/redis-acl.conf does not grant {POOL_USER}"
-    registered = re.findall(r"register_script\((\w+)\)", Path(PRODUCER_MODULE.__file__).read_text())
-    producer_scripts = {name: vars(PRODUCER_MODULE)[name] for name in registered}
+    producer_scripts = {name: value for name, value in vars(PRODUCER_MODULE).items() if name.endswith("_SCRIPT")}
     assert producer_scripts and all(lua_commands(script) for script in producer_scripts.values())
     for name, script in {**producer_scripts, **lua_files(PRODUCER_SOURCES[0])}.items():
         missing = lua_commands(script) - granted(PRODUCER_USER)
@@ -224,6 +236,23 @@ def test_every_command_the_code_sends_is_granted() -> None:
     assert not missing, f"configs/redis-acl.conf does not grant {POOL_USER}: {missing}"
     missing = {name: sorted(where) for name, where in producer.items() if name not in granted(PRODUCER_USER)}
     assert not missing, f"configs/redis-acl.conf does not grant {PRODUCER_USER}: {missing}"
+
+
+# Every way to put code into Redis: a producer that had one could run any loop there.
+LOADS_CODE = frozenset({"script", "script|load", "eval", "eval_ro", "function", "function|load", "function|restore"})
+
+
+def test_producers_have_no_way_to_load_a_script() -> None:
+    """They may EVALSHA (what the pool loaded), never load; and their client
+    never tries: not through redis-py's Script either, which loads on NOSCRIPT."""
+    line = acl_lines()[PRODUCER_USER]
+    assert "+@" not in line and "allcommands" not in line
+    assert not granted(PRODUCER_USER) & LOADS_CODE
+    assert "evalsha" in granted(PRODUCER_USER) and "evalsha" in client_commands(PRODUCER_SOURCES)
+    assert not set(client_commands(PRODUCER_SOURCES)) & LOADS_CODE
+    # The script producers run may only look at a key and push, as they could without it.
+    assert lua_commands(PUSH_FOR_HOST_SCRIPT) == {"exists", "rpush"}
+    assert "script|load" in granted(POOL_USER) and not granted(POOL_USER) & (LOADS_CODE - {"script|load"})
 
 
 def test_nothing_is_granted_that_the_code_does_not_send() -> None:
@@ -408,7 +437,7 @@ def test_pool_and_producers_do_everything_as_restricted_users(
         assert "requeued 1 dead letters" in operator(pool, users, "dead", "requeue", "--limit", "1")
         wait_until(lambda: len(read_results(pool.output_dir)) == len(expected) + 1, WAIT, "requeued letter not redone")
         wait_until(lambda: admin.llen(keys.dead) == 2, 10, "bad-1 not dead-lettered again")
-        assert "purged 2 dead letters" in operator(pool, users, "dead", "purge")
+        assert "purged 2 dead letters" in operator(pool, users, "dead", "purge", "--yes")
         assert pool.stop() == 0
     finally:
         for producer in (shared_queue, for_host, for_gone_host):
@@ -416,6 +445,120 @@ def test_pool_and_producers_do_everything_as_restricted_users(
     assert users.denials() == []
     assert users.passwords[POOL_USER] not in pool.stderr_text()
     assert len(pool.events("child_died")) == 1
+
+
+# ---------------------------------------------------------------- the producers' script
+
+
+def test_producers_push_by_url_until_a_pool_loads_their_script(
+    pool_factory, users: Users, http_server, shm_prefix: str
+) -> None:
+    """The script is there only while a pool renews its lease: without it (no
+    pool yet, or Redis lost its scripts) a frame with a fallback URL goes to
+    the shared queue as a URL task, and the producer never tries to load it."""
+    admin, keys = users.admin, QueueKeys(QUEUE)
+    frame = photo_of_size(256, 256)
+    fallback = http_server.add("/photo.png", png(frame), content_type="image/png")
+    producer = Producer.from_url(users.url(PRODUCER_USER), queue=QUEUE, host_id=HOST)
+
+    def submit(image_id: str):
+        return producer.submit_array(frame, image_id=image_id, prefix=shm_prefix, fallback_url=fallback)
+
+    def submit_after_script_flush():
+        """SCRIPT FLUSH, then submit; whether the pool renewed its lease in
+        between (the lease's PTTL went up), which puts the script back."""
+        [lease] = admin.keys(keys.lease("*"))
+        wait_until(lambda: admin.pttl(lease) > 2500, 10, "the lease was not renewed")  # next renewal ~1 s away
+        before = admin.pttl(lease)
+        admin.script_flush()
+        submission = submit(f"flushed_{len(sent)}")
+        return submission, admin.pttl(lease) >= before
+
+    sent = []
+    try:
+        # No pool has loaded it since Redis started: nobody serves the host.
+        assert admin.script_exists(PUSH_FOR_HOST_SHA) == [False]
+        before_pool = submit("before_pool")
+        assert (before_pool.source, before_pool.segment, before_pool.queue) == ("url", None, QUEUE)
+        assert json.loads(admin.lindex(QUEUE, 0)) == {
+            "request_id": before_pool.request_id, "image_id": "before_pool", "image_url": fallback}
+        sent.append(before_pool)
+
+        env = {"REDIS_URL": users.url(POOL_USER), "HOST_QUEUE": "true", "HOST_ID": HOST,
+               "URL_ALLOW_LOOPBACK": "true", "LEASE_TTL": "3"}
+        pool = pool_factory(workers=1, queue=QUEUE, env=env)
+        pool.wait_ready()
+        assert admin.script_exists(PUSH_FOR_HOST_SHA) == [True] and producer.host_is_served()
+        served = submit("served")
+        assert (served.source, served.queue) == ("shm", keys.host(HOST))
+        sent.append(served)
+
+        # Redis loses its scripts while the host's live key stands.
+        for _ in range(5):
+            flushed, renewed_meanwhile = submit_after_script_flush()
+            sent.append(flushed)
+            if not renewed_meanwhile:
+                break
+        assert not renewed_meanwhile, "the lease was renewed between every SCRIPT FLUSH and its submission"
+        assert producer.host_is_served()
+        assert (flushed.source, flushed.segment, flushed.queue) == ("url", None, QUEUE)
+
+        # The next renewal (within LEASE_TTL/3) loads it again.
+        wait_until(lambda: admin.script_exists(PUSH_FOR_HOST_SHA) == [True], 5, "the pool did not load the script again")
+        served_again = submit("served_again")
+        assert (served_again.source, served_again.queue) == ("shm", keys.host(HOST))
+        sent.append(served_again)
+
+        records = producer.wait(sent, timeout=WAIT)
+        assert [(r["status"], r["source"]) for r in records] == [
+            ("completed", "url" if s.source == "url" else "shm") for s in sent], records
+        assert pool.stop() == 0
+    finally:
+        producer.close()
+    # Neither the producer (no SCRIPT LOAD) nor the pool (its own scripts, reloaded) was refused.
+    assert users.denials() == []
+
+
+# The pool's scripts, each with keys the producer's selector allows and arguments
+# that would take or remove messages, and the first command each runs.
+POOL_SCRIPTS_AS_PRODUCER = {
+    "CLAIM_SCRIPT": (["Q", "H:x", "H:h", "H:r"], [10, 65536, "a", "b"], "llen"),
+    "STAMP_INCOMING_SCRIPT": (["Q", "H:x", "H:r", "H:h"], ["a", 65536, "s"], "lpop"),
+    "ACK_SCRIPT": (["H:d", "H:a", "H:y", "H:s", "H:d", "H:c", "Q"], [10, 0, 0, 0, 0, 0, 10, "m1", "ack", "", 0, "t", ""],
+                   "lrem"),
+    "REQUEUE_SCRIPT": (["Q", "H:h", "H:r", "H:c", "H:w", "H:h", "H:h", "H:h", "H:r"], [0], "rpop"),
+    "PROMOTE_SCRIPT": (["L:h", "Q", "H:r"], [1e12, 10], "zrangebyscore"),
+    "REQUEUE_DEAD_SCRIPT": (["Q", "H:x"], ["m1", "m1"], "lrem"),
+    "DRAIN_ENTRY_SCRIPT": (["H:h", "H:x", "H:c", "H:r"], ["m2", "m2", 0, "1"], "lrem"),
+}
+
+
+def test_a_producer_cannot_run_the_pools_scripts(users: Users) -> None:
+    """Every script of the pool is in the cache, where EVALSHA reaches it. Run
+    by a producer on keys it may name, each stops at its first command, before
+    it changed anything: the script runs with the producer's permissions."""
+    admin, keys = users.admin, QueueKeys(QUEUE)
+    pool_user, producer = users.client(POOL_USER), users.client(PRODUCER_USER)
+    names = {"Q": QUEUE, "H": keys.host("")[:-1], "L": keys.live_host("")[:-1]}
+    admin.rpush(QUEUE, "m1")
+    admin.rpush(keys.host("h"), "m2")
+    admin.set(keys.live_host("h"), "instance")
+    before = {key: admin.dump(key) for key in admin.keys("*")}
+    try:
+        assert set(POOL_SCRIPTS_AS_PRODUCER) == {name for name in vars(shared.redis_queue) if name.endswith("_SCRIPT")
+                                                  and name != "PUSH_FOR_HOST_SCRIPT"}
+        for name, (script_keys, args, first_command) in POOL_SCRIPTS_AS_PRODUCER.items():
+            sha = pool_user.script_load(getattr(shared.redis_queue, name))  # as the pool's register_script does
+            script_keys = [names[key[0]] + key[1:] for key in script_keys]
+            with pytest.raises(redis.exceptions.ResponseError, match=SCRIPT_REFUSED):
+                producer.evalsha(sha, len(script_keys), *script_keys, *args)
+            assert users.denials()[0] | {"count": 1} == {
+                "reason": "command", "context": "lua", "object": first_command, "username": PRODUCER_USER, "count": 1,
+            }, name
+        assert {key: admin.dump(key) for key in admin.keys("*")} == before
+    finally:
+        pool_user.close()
+        producer.close()
 
 
 # ---------------------------------------------------------------- the defence
@@ -443,12 +586,21 @@ def test_outside_their_keys_and_commands_both_users_are_refused(users: Users) ->
             # A live key of its own making would send other producers' frames to a host nobody serves.
             lambda: producer.set(QueueKeys(QUEUE).live_host("h"), "x"),
             lambda: producer.rpush(QueueKeys(QUEUE).live_host("h"), "x"),
+            # No code of its own: what it runs, the pool loaded.
+            lambda: producer.script_load(FREEZER),
+            lambda: producer.eval(FREEZER, 1, QUEUE),
+            lambda: producer.execute_command("EVAL_RO", "return 1", 0),
+            lambda: producer.function_load("#!lua name=mine\nredis.register_function('f', function() return 1 end)"),
+            lambda: producer.fcall("f", 0),
+            lambda: producer.script_flush(),  # would send every host's frames by URL
+            lambda: producer.execute_command("SCRIPT", "KILL"),
         ]
         for attempt in refused:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 attempt()
         # A script that reaches a key or command it was not given, by name from ARGV, is
-        # stopped at that call: Redis checks each call against the caller's ACL.
+        # stopped at that call: Redis checks each call against the caller's ACL. The
+        # producer's are scripts someone else cached (it cannot load one), run by EVALSHA.
         in_scripts = [
             (pool_user, "return redis.call('SET', ARGV[1], 1)", [], ["other_app:x"]),
             (pool_user, "return redis.call('FLUSHALL')", [], []),
@@ -457,8 +609,11 @@ def test_outside_their_keys_and_commands_both_users_are_refused(users: Users) ->
             (producer, "return redis.call('RPUSH', ARGV[1], 'x')", [], ["other_app:x"]),
         ]
         for client, source, script_keys, args in in_scripts:
-            with pytest.raises(redis.exceptions.ResponseError, match="user executing the script can't"):
-                client.register_script(source)(keys=script_keys, args=args)
+            with pytest.raises(redis.exceptions.ResponseError, match=SCRIPT_REFUSED):
+                if client is producer:
+                    producer.evalsha(users.admin.script_load(source), len(script_keys), *script_keys, *args)
+                else:
+                    client.register_script(source)(keys=script_keys, args=args)
         assert users.admin.keys("*") == []
         assert {entry["username"] for entry in users.denials()} == {POOL_USER, PRODUCER_USER}
         # What they may do still works.

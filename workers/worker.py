@@ -70,6 +70,7 @@ from shared.redis_queue import (
     connect,
 )
 from shared.segments import SegmentAccess
+from shared.task_board import ENCODE, LOAD, WRITE, TaskBoard
 from shared.url_fetch import UrlFetcher
 
 log = structlog.get_logger()
@@ -100,7 +101,14 @@ def processing_name(pid: int) -> str:
 
 class Worker:
     def __init__(
-        self, settings: Settings, *, slot: int, instance: str, heartbeat: Synchronized, unstarted: Synchronized
+        self,
+        settings: Settings,
+        *,
+        slot: int,
+        instance: str,
+        heartbeat: Synchronized,
+        unstarted: Synchronized,
+        board: TaskBoard,
     ) -> None:
         self.settings = settings
         self.slot = slot
@@ -109,6 +117,8 @@ class Worker:
         # How many tasks at the end of my processing list I claimed but have not
         # started; the supervisor reads it when I die, to requeue them uncounted.
         self.unstarted = unstarted
+        # What I am doing, for `status`: a few stores per task (shared/task_board.py).
+        self.board = board
         self.parent = os.getppid()
         self.stopping = False
         self.processing_key = QueueKeys(settings.queue).processing(instance, processing_name(os.getpid()))
@@ -179,10 +189,13 @@ class Worker:
             self.unstarted.value -= 1
             self.heartbeat.value = time.monotonic()  # TASK_TIMEOUT is per task, not per claim
             crash_point("worker_after_claim")
+            self.board.start()
             try:
                 record = self._handle(envelope)
             except StopRequested:
                 break
+            finally:
+                self.board.end()
             ready = outbox.add(record, more_coming=position < len(claimed), now=time.monotonic())
             if ready and not self._send(ready):
                 return False
@@ -297,6 +310,7 @@ class Worker:
             return self._failed(envelope, envelope.raw, task, reason, started)
         partial = output.partial_path(self.settings.output_dir, envelope.task_id, envelope.deliveries)
         write_started = time.perf_counter()
+        self.board.enter(WRITE)
         if not self._write_partial(partial, image.jpeg):
             raise StopRequested  # the task stays in my processing list and is requeued
         self._timings["write"] = time.perf_counter() - write_started
@@ -382,6 +396,7 @@ class Worker:
             log.warning("shm_info_invalid_trying_url", error=task.segment_error)
         assert task.image_url is not None  # parse_task guarantees one source
         load_started = time.perf_counter()
+        self.board.enter(LOAD)
         body = self.fetcher.fetch(task.image_url)
         frame = decode_image(body, max_pixels=self.settings.max_pixels)
         self._timings["load"] = time.perf_counter() - load_started
@@ -392,6 +407,7 @@ class Worker:
         its CPU time to this worker's total, which `worker_stopped` logs: the
         share of the worker's CPU that went to the encoder, and so what the rest
         cost, whatever the encoder's own speed did meanwhile."""
+        self.board.enter(ENCODE)
         wall_started, cpu_started = time.perf_counter(), time.thread_time()
         image = encode()
         self._timings["encode"] = time.perf_counter() - wall_started
@@ -505,10 +521,16 @@ class WaitInterrupted(BaseException):
 
 
 def worker_main(
-    settings: Settings, *, slot: int, instance: str, heartbeat: Synchronized, unstarted: Synchronized
+    settings: Settings,
+    *,
+    slot: int,
+    instance: str,
+    heartbeat: Synchronized,
+    unstarted: Synchronized,
+    board: TaskBoard,
 ) -> None:
     """Entry point of a forked worker process."""
-    worker = Worker(settings, slot=slot, instance=instance, heartbeat=heartbeat, unstarted=unstarted)
+    worker = Worker(settings, slot=slot, instance=instance, heartbeat=heartbeat, unstarted=unstarted, board=board)
     process.reset_signals_in_child(worker.request_stop)
     process.die_with_parent(worker.parent)
     process.set_title(f"worker {slot}")
