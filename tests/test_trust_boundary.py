@@ -247,3 +247,25 @@ def test_after_sigterm_under_load_the_queue_holds_exactly_the_producers_bytes(
     assert 0 < len(left) and len(done) + len(left) == len(pushed)
     assert sorted(left) == sorted(m for m in pushed if json.loads(m)["request_id"] not in done)
     assert len(set(left)) == len(left)  # each once
+
+
+def test_a_hanging_download_costs_the_tasks_done_before_it_nothing(
+    pool_factory: PoolFactory, redis_client: redis.Redis, queue_name: str, segments: SegmentTracker, http_server,
+) -> None:
+    """Under a backlog a worker holds finished records a moment to send them
+    together. A download that hangs its worker until TASK_TIMEOUT once took
+    those records with it: the tasks were done again, each charged a delivery
+    (with MAX_ATTEMPTS=1, failed as "gave up"). Records go before a download."""
+    hang = http_server.trickle("/hang.png", interval=0.5)
+    frame = photo_of_size(32, 32)
+    for n in range(40):
+        if n == 6:
+            push(redis_client, queue_name, {"request_id": "hang", "image_id": "hang", "image_url": hang})
+        push(redis_client, queue_name, segments.message(f"t{n}", f"t{n}", frame))
+    pool = pool_factory(workers=1, env={"TASK_TIMEOUT": "2", "URL_READ_TIMEOUT": "120", "MAX_ATTEMPTS": "1"})
+    records = {r["request_id"]: r for r in wait_for_records(pool.output_dir, 41, WAIT, pool=pool)}
+    assert pool.stop() == 0
+    assert pool.events("worker_hung")  # the download did hang its worker
+    assert records["hang"]["status"] == "failed"
+    done = {rid: (r["status"], r["attempts"]) for rid, r in records.items() if rid != "hang"}
+    assert done == {f"t{n}": ("completed", 1) for n in range(40)}

@@ -79,10 +79,8 @@ HOST_QUEUE_BLOCK_SECONDS = 0.25
 # Tasks claimed per round trip when the queue holds twice that many (a claim
 # never takes more than half of what waits, so the last tasks spread over the
 # workers). A claim costs a worker far more than its Python: on two cores its
-# round trip switches Redis in and the worker out and back, cooling the caches.
-# At 8 a claim came to about 40 us of a worker's CPU per 512x512 task; 32
-# took about a quarter off the pool's CPU beyond the limit there, and changed
-# nothing measurable at 1024x1024 and 3840x2160 (README, Performance).
+# round trip switches Redis in and the worker out and back, cooling the caches
+# (why 32 and not 8: docs/performance.md).
 CLAIM_BATCH = 32
 # A claim of at least this many tasks means at least as many are still waiting
 # (a claim takes at most half): a backlog, in which records may wait a moment
@@ -131,6 +129,8 @@ class Worker:
         self._encoded = 0
         self._encode_cpu_seconds = 0.0
         self.segment_access = SegmentAccess.from_settings(settings)
+        self._outbox = Outbox(backlog=False)  # the current claim's
+        self._ledger_lost = False
 
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
@@ -182,7 +182,7 @@ class Worker:
     def _work_through(self, claimed: list[bytes]) -> bool:
         """Run the claimed tasks in order and send their records (see Outbox);
         False if the ledger is gone."""
-        outbox = Outbox(backlog=self._backlog)
+        outbox = self._outbox = Outbox(backlog=self._backlog)
         for position, envelope in enumerate(claimed, 1):
             if self.stopping:
                 break  # the rest go back to the queue when the supervisor requeues my list
@@ -200,7 +200,17 @@ class Worker:
             if ready and not self._send(ready):
                 return False
         rest = outbox.take()
-        return not rest or self._send(rest)
+        return not self._ledger_lost and (not rest or self._send(rest))
+
+    def _send_held_records(self) -> None:
+        """Before a download, which may take up to URL_READ_TIMEOUT (or hang its
+        worker until TASK_TIMEOUT): the records held for a batch go first, so
+        that if this task kills the worker, the tasks done before it are not
+        done again, nor charged a delivery for it."""
+        held = self._outbox.take()
+        if held and not self._send(held):
+            self._ledger_lost = True
+            raise StopRequested
 
     def _connect_ledger(self) -> socket.socket | None:
         """The ledger may still be starting; give it a few seconds."""
@@ -395,6 +405,7 @@ class Worker:
         elif task.segment_error:
             log.warning("shm_info_invalid_trying_url", error=task.segment_error)
         assert task.image_url is not None  # parse_task guarantees one source
+        self._send_held_records()
         load_started = time.perf_counter()
         self.board.enter(LOAD)
         body = self.fetcher.fetch(task.image_url)
