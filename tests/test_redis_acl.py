@@ -43,11 +43,7 @@ import pytest
 import redis
 
 import shared.redis_queue
-
-try:
-    from image_result_client import Producer
-except ImportError:  # before the client package's rename
-    from client import Producer
+from image_result_client import Producer
 from image_result_client.producer import PUSH_FOR_HOST_SHA
 from shared.config import has_hash_tag
 from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
