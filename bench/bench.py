@@ -62,7 +62,7 @@ import numpy as np
 import redis
 from dashboard_load import dashboard_clients  # bench/dashboard_load.py, beside this file
 
-from image_result_client.producer import unlink_segment, write_segment
+from image_result_client.producer import DEFAULT_PREFIX, unlink_segment, write_segment
 from shared.images import encode_segment
 from shared.messages import SegmentRef
 from shared.output import RESULTS_NAME, write_durably
@@ -217,7 +217,7 @@ class Segments:
 
     def make(self, frame: np.ndarray) -> str:
         """A segment holding frame, created the way producers do."""
-        name = "irw_bench_" + uuid.uuid4().hex
+        name = f"{DEFAULT_PREFIX}bench_{uuid.uuid4().hex}"  # the pipeline's names, which the pool accepts
         write_segment(name, frame)
         self.names.add(name)
         return name
