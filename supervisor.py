@@ -78,6 +78,7 @@ from shared.config import ConfigError, Settings
 from shared.logs import configure_logging
 from shared.output import LOCK_NAME
 from shared.output_dir import check_output_dir
+from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
 from shared.sdnotify import Notifier
@@ -213,6 +214,7 @@ class Supervisor:
             replicated_claims=bool(settings.redis_sentinels),
             min_replicas=settings.claim_min_replicas,
         )
+        self.registry = PoolRegistry(self.queue.client, self.keys)
         self.replicas: int | None = None  # connected to the master, under Sentinel
         self.notifier = Notifier()
         self.worker_main, self.ledger_main, self.processing_name = worker_main, ledger_main, processing_name
@@ -252,7 +254,10 @@ class Supervisor:
         if self.settings.metrics_port is not None:
             try:
                 self.metrics = MetricsEndpoint(
-                    address=self.settings.metrics_address, port=self.settings.metrics_port, queue=self.queue
+                    address=self.settings.metrics_address,
+                    port=self.settings.metrics_port,
+                    registry=self.registry,
+                    queue=self.queue,
                 )
             except OSError as exc:
                 # In use by another program, an address not of this host, a port below
@@ -415,7 +420,7 @@ class Supervisor:
             return
         renewed = self.redis_call(
             "lease_renewal_failed",
-            self.queue.renew_lease,
+            self.registry.renew_lease,
             self.instance,
             self.settings.lease_ttl,
             self.state(),
@@ -470,7 +475,7 @@ class Supervisor:
     def recover_orphaned_lists(self) -> None:
         if time.monotonic() < self.orphan_scan_due:
             return
-        orphans = self.redis_call("orphan_scan_failed", self.queue.orphaned_lists)
+        orphans = self.redis_call("orphan_scan_failed", self.registry.orphaned_lists)
         if orphans is REDIS_FAILED:
             return
         self.orphan_scan_due = time.monotonic() + self.settings.lease_ttl
@@ -653,7 +658,7 @@ class Supervisor:
         self.requeue_lists()
         # The host's live key stays: another supervisor with our HOST_ID may be
         # serving the host queue too. Ours expires within LEASE_TTL.
-        self.redis_call("lease_drop_failed", self.queue.drop_lease, self.instance)
+        self.redis_call("lease_drop_failed", self.registry.drop_lease, self.instance)
         if self.metrics is not None:
             self.metrics.close()
         self.log.info("shutdown_complete", left_for_next_start=len(self.lists_to_requeue))

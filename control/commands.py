@@ -38,6 +38,7 @@ from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.output import LOCK_NAME
+from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import (
     REDIS_ERRORS,
@@ -133,15 +134,15 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         complain(exc)
         return exitcodes.CONFIG_ERROR
-    queue = ReliableQueue(connect(settings), QueueKeys(settings.queue), max_message_bytes=settings.max_message_bytes)
-    handler: Callable[[argparse.Namespace, Settings, ReliableQueue], int] = {
+    registry = PoolRegistry(connect(settings), QueueKeys(settings.queue))
+    handler: Callable[[argparse.Namespace, Settings, PoolRegistry], int] = {
         "status": status,
         "check": check,
         "dead": dead,
         "host": host,
     }[args.command]
     try:
-        return handler(args, settings, queue)
+        return handler(args, settings, registry)
     except REDIS_ERRORS as exc:
         complain(printable(f"Redis at {settings.redacted_redis_url()} is unreachable: {exc}"))
         return UNHEALTHY
@@ -150,10 +151,10 @@ def main(argv: list[str]) -> int:
 # -- status ------------------------------------------------------------------
 
 
-def collect_status(queue: ReliableQueue, *, now: float) -> dict:
-    keys, client = queue.keys, queue.client
+def collect_status(registry: PoolRegistry, *, now: float) -> dict:
+    keys, client = registry.keys, registry.client
     supervisors = [json.loads(raw) for raw in _lease_values(client, keys)]
-    depths = queue.depths()
+    depths = registry.depths()
     return {
         "collected_at": now,
         "queue": keys.queue,
@@ -162,17 +163,17 @@ def collect_status(queue: ReliableQueue, *, now: float) -> dict:
         "in_flight_by_list": depths.in_flight_by_list,
         "delayed_retries": depths.delayed,
         "dead_letters": depths.dead,
-        "host_queues": queue.host_queues(),
+        "host_queues": registry.host_queues(),
         "committing": client.hlen(keys.committing),
         "last_minute": _last_minute(client, keys, now),
         "supervisors": supervisors,
     }
 
 
-def status(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> int:
+def status(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -> int:
     if args.watch:
-        return _watch(args, settings, queue)
-    report = collect_status(queue, now=time.time())
+        return _watch(args, settings, registry)
+    report = collect_status(registry, now=time.time())
     if args.json:
         print(json.dumps(report, sort_keys=True))
         return exitcodes.OK
@@ -240,7 +241,7 @@ def _render_task(task: dict | None, stale: float) -> str:
     return text
 
 
-def _watch(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> int:
+def _watch(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -> int:
     """`status` again every --interval until Ctrl-C, which exits 0. On a
     terminal each refresh clears the screen and draws anew; otherwise (or with
     --json) the refreshes follow one another."""
@@ -249,7 +250,7 @@ def _watch(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -
         while True:
             now = time.time()
             try:
-                report = collect_status(queue, now=now)
+                report = collect_status(registry, now=now)
             except REDIS_ERRORS as exc:  # Redis may come back: keep watching
                 report, lines = None, [f"Redis at {settings.redacted_redis_url()} is unreachable: {exc}"]
             else:
@@ -320,10 +321,10 @@ def _cut(text: str, width: int = 64) -> str:
 # -- check -------------------------------------------------------------------
 
 
-def check(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> int:
+def check(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -> int:
     try:
         instance = _holder_of(settings.output_dir)
-        _check_supervisor(queue, instance)
+        _check_supervisor(registry, instance)
     except Unhealthy as exc:
         say(f"unhealthy: {exc}", file=sys.stderr)
         return UNHEALTHY
@@ -346,8 +347,8 @@ def _holder_of(output_dir: Path) -> str:
     return holder["instance"]
 
 
-def _check_supervisor(queue: ReliableQueue, instance: str) -> None:
-    raw = queue.client.get(queue.keys.lease(instance))
+def _check_supervisor(registry: PoolRegistry, instance: str) -> None:
+    raw = registry.client.get(registry.keys.lease(instance))
     if raw is None:
         raise Unhealthy(f"supervisor {instance} has not renewed its lease in Redis")
     state = json.loads(raw)
@@ -366,21 +367,22 @@ def _check_supervisor(queue: ReliableQueue, instance: str) -> None:
 # -- host drain ----------------------------------------------------------------
 
 
-def host(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> int:
-    live_host_ids = {json.loads(raw).get("host_id") for raw in _lease_values(queue.client, queue.keys)}
+def host(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -> int:
+    live_host_ids = {json.loads(raw).get("host_id") for raw in _lease_values(registry.client, registry.keys)}
     try:
+        requeuer = ReliableQueue(registry.client, registry.keys, max_message_bytes=settings.max_message_bytes)
         report = drain_host(
-            queue, args.host_id, live_host_ids=live_host_ids, dead_letter_max=settings.dead_letter_max
+            registry, requeuer, args.host_id, live_host_ids=live_host_ids, dead_letter_max=settings.dead_letter_max
         )
     except HostStillServed as exc:
         complain(printable(str(exc)))
         return UNHEALTHY
     if report.requeued_lists:
         say(f"requeued {report.requeued_lists} processing lists of stopped supervisors")
-    say(f"host {args.host_id}: {report.to_shared_queue} tasks to the shared queue {queue.keys.queue}, "
+    say(f"host {args.host_id}: {report.to_shared_queue} tasks to the shared queue {registry.keys.queue}, "
          f"{report.dead_lettered} shared-memory tasks to the dead letters")
     if report.left:
-        say(f"{report.left} tasks arrived meanwhile and wait in {queue.keys.host(args.host_id)}: "
+        say(f"{report.left} tasks arrived meanwhile and wait in {registry.keys.host(args.host_id)}: "
              "drain again once producers no longer send to this host")
     return exitcodes.OK
 
@@ -388,21 +390,21 @@ def host(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> 
 # -- dead letters ------------------------------------------------------------
 
 
-def dead(args: argparse.Namespace, settings: Settings, queue: ReliableQueue) -> int:
+def dead(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -> int:
     if args.dead_command == "list":
-        return _list_dead(args, queue)
+        return _list_dead(args, registry)
     if args.dead_command == "show":
-        return _show_dead(args, queue)
+        return _show_dead(args, registry)
     if args.dead_command == "purge":
-        return _purge_dead(args, queue)
-    return _requeue_dead(queue, limit=args.limit)
+        return _purge_dead(args, registry)
+    return _requeue_dead(registry, limit=args.limit)
 
 
-def _list_dead(args: argparse.Namespace, queue: ReliableQueue) -> int:
+def _list_dead(args: argparse.Namespace, registry: PoolRegistry) -> int:
     """Oldest first, those that pass the filters, each with its number for `dead show`."""
     keep = _dead_filter(args, now=time.time())
     shown = 0
-    for index, entry in _dead_entries(queue):
+    for index, entry in _dead_entries(registry):
         if shown >= args.limit:
             break
         if not keep(entry):
@@ -415,22 +417,22 @@ def _list_dead(args: argparse.Namespace, queue: ReliableQueue) -> int:
                 f"{_shown(entry.get('image_id'))}  attempts={_shown(entry.get('attempts'))}  "
                 f"{_shown(entry.get('error'))}")
     if not shown and not args.json:
-        total = queue.client.llen(queue.keys.dead)
-        say(f"no dead letters in {queue.keys.dead}" if not total else
-            f"none of the {total} dead letters in {queue.keys.dead} match")
+        total = registry.client.llen(registry.keys.dead)
+        say(f"no dead letters in {registry.keys.dead}" if not total else
+            f"none of the {total} dead letters in {registry.keys.dead} match")
     return exitcodes.OK
 
 
 DEAD_PAGE = 500
 
 
-def _dead_entries(queue: ReliableQueue) -> Iterator[tuple[int, dict]]:
+def _dead_entries(registry: PoolRegistry) -> Iterator[tuple[int, dict]]:
     """(number, entry), oldest first, a page at a time. The list may change
     meanwhile (new dead letters at its end, the oldest trimmed): numbers are
     positions as each page was read."""
     start = 0
     while True:
-        page = queue.client.lrange(queue.keys.dead, start, start + DEAD_PAGE - 1)
+        page = registry.client.lrange(registry.keys.dead, start, start + DEAD_PAGE - 1)
         for offset, raw in enumerate(page):
             yield start + offset, _dead_entry(raw)
         if len(page) < DEAD_PAGE:
@@ -476,8 +478,8 @@ def _epoch(text: object) -> float | None:
         return None
 
 
-def _show_dead(args: argparse.Namespace, queue: ReliableQueue) -> int:
-    keys, client = queue.keys, queue.client
+def _show_dead(args: argparse.Namespace, registry: PoolRegistry) -> int:
+    keys, client = registry.keys, registry.client
     raw = client.lindex(keys.dead, args.index)
     if raw is None:
         complain(printable(f"no dead letter {args.index}: {keys.dead} holds {client.llen(keys.dead)}"))
@@ -508,10 +510,10 @@ def _message_lines(message: str) -> list[str]:
     return [f"message     {shown[0]}", *(" " * 12 + line for line in shown[1:])]
 
 
-def _purge_dead(args: argparse.Namespace, queue: ReliableQueue) -> int:
+def _purge_dead(args: argparse.Namespace, registry: PoolRegistry) -> int:
     """Delete every dead letter; a person at a terminal says yes first, a
     script says --yes."""
-    keys, client = queue.keys, queue.client
+    keys, client = registry.keys, registry.client
     count = client.llen(keys.dead)
     if not count:
         say(f"no dead letters in {keys.dead}")
@@ -545,15 +547,15 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _requeue_dead(queue: ReliableQueue, *, limit: int | None) -> int:
+def _requeue_dead(registry: PoolRegistry, *, limit: int | None) -> int:
     """Oldest first; each message goes back as the producer sent it, once."""
     moved = 0
     end = -1 if limit is None else max(0, limit) - 1
-    for raw in queue.client.lrange(queue.keys.dead, 0, end):
+    for raw in registry.client.lrange(registry.keys.dead, 0, end):
         entry = json.loads(raw)
         message = (
             base64.b64decode(entry["message_base64"]) if "message_base64" in entry else entry["message"].encode()
         )
-        moved += queue.requeue_dead_letter(raw, message)
+        moved += registry.requeue_dead_letter(raw, message)
     say(f"requeued {moved} dead letters")
     return exitcodes.OK

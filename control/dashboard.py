@@ -77,7 +77,8 @@ from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.logs import configure_logging
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
+from shared.pool_registry import PoolRegistry
+from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
 from shared.terminal import printable
 
 CONNECTION_DEADLINE = 10.0
@@ -253,7 +254,7 @@ class Dashboard:
     def __init__(self, settings: Settings, client: redis.Redis, *, bound_to_loopback: bool) -> None:
         self.settings = settings
         self.client = client
-        self.queue = ReliableQueue(client, QueueKeys(settings.queue), max_message_bytes=settings.max_message_bytes)
+        self.registry = PoolRegistry(client, QueueKeys(settings.queue))
         self.overview = Overview(client, settings)
         self.thumbnails = Thumbnails(settings.output_dir)
         self.bound_to_loopback = bound_to_loopback
@@ -504,13 +505,13 @@ class Handler(BaseHTTPRequestHandler):
         letter_id = body.get("id")
         if not isinstance(letter_id, str) or len(letter_id) != 40:
             raise Refused(HTTPStatus.BAD_REQUEST, "name the dead letter by its id")
-        return dashboard_data.requeue_dead_letter(self.dashboard.queue, letter_id)
+        return dashboard_data.requeue_dead_letter(self.dashboard.registry, letter_id)
 
     def _requeue_all(self, body: dict) -> ActionResult:
-        return dashboard_data.requeue_all_dead_letters(self.dashboard.queue)
+        return dashboard_data.requeue_all_dead_letters(self.dashboard.registry)
 
     def _purge(self, body: dict) -> ActionResult:
-        return dashboard_data.purge_dead_letters(self.dashboard.queue)
+        return dashboard_data.purge_dead_letters(self.dashboard.registry)
 
 
 def _json(value: object) -> bytes:

@@ -52,7 +52,8 @@ from control.lookup import (
     scan_keys,
 )
 from shared.config import Settings
-from shared.redis_queue import REDIS_ERRORS, STATS_BUCKET_SECONDS, QueueKeys, ReliableQueue
+from shared.pool_registry import PoolRegistry
+from shared.redis_queue import REDIS_ERRORS, STATS_BUCKET_SECONDS, QueueKeys
 
 REFRESH_SECONDS = 1.0
 SCAN_SECONDS = 15.0
@@ -304,30 +305,30 @@ class Overview:
 # -- changes: dead letters ---------------------------------------------------------------
 
 
-def requeue_dead_letter(queue: ReliableQueue, letter_id: str) -> ActionResult:
+def requeue_dead_letter(registry: PoolRegistry, letter_id: str) -> ActionResult:
     """Put one dead letter's message back onto the queue, named by its id
     (the SHA-1 of its entry, as the overview sends it)."""
-    for _, raw in list_pages(queue.client, queue.keys.dead, limit=FIND_DEAD_LIMIT, newest_first=True):
+    for _, raw in list_pages(registry.client, registry.keys.dead, limit=FIND_DEAD_LIMIT, newest_first=True):
         if _letter_id(raw) != letter_id:
             continue
         message = dead_letter_message(_json_object(raw) or {})
         if message is None:
             return ActionResult(False, "this dead letter holds no message that can be requeued")
-        if queue.requeue_dead_letter(raw, message):
+        if registry.requeue_dead_letter(raw, message):
             return ActionResult(True, "requeued 1 dead letter", moved=1)
         break  # someone else moved it meanwhile
     return ActionResult(False, "no such dead letter (requeued or purged meanwhile?)")
 
 
 def requeue_all_dead_letters(
-    queue: ReliableQueue, *, limit: int = REQUEUE_ALL_MAX, seconds: float = REQUEUE_ALL_SECONDS
+    registry: PoolRegistry, *, limit: int = REQUEUE_ALL_MAX, seconds: float = REQUEUE_ALL_SECONDS
 ) -> ActionResult:
     """Oldest first, each message back once, as `dead requeue` does; stops
     after `limit` entries or `seconds` and says how many remain."""
     moved, unreadable, deadline = 0, 0, time.monotonic() + seconds
     skip = 0  # entries at the head we cannot requeue, left where they are
     while moved + unreadable < limit and time.monotonic() < deadline:
-        page = queue.client.lrange(queue.keys.dead, skip, skip + 99)
+        page = registry.client.lrange(registry.keys.dead, skip, skip + 99)
         if not page:
             break
         for raw in page:
@@ -335,20 +336,20 @@ def requeue_all_dead_letters(
             if message is None:
                 unreadable += 1
                 skip += 1
-            elif queue.requeue_dead_letter(raw, message):
+            elif registry.requeue_dead_letter(raw, message):
                 moved += 1
             if moved + unreadable >= limit or time.monotonic() >= deadline:
                 break
-    remaining = int(queue.client.llen(queue.keys.dead))
+    remaining = int(registry.client.llen(registry.keys.dead))
     note = f"; {unreadable} hold no message and stay" if unreadable else ""
     return ActionResult(True, f"requeued {moved} dead letters{note}", moved=moved, remaining=remaining)
 
 
-def purge_dead_letters(queue: ReliableQueue) -> ActionResult:
+def purge_dead_letters(registry: PoolRegistry) -> ActionResult:
     """Delete every dead letter (UNLINK: Redis frees a long list in the background)."""
-    with queue.client.pipeline(transaction=True) as pipe:
-        pipe.llen(queue.keys.dead)
-        pipe.unlink(queue.keys.dead)
+    with registry.client.pipeline(transaction=True) as pipe:
+        pipe.llen(registry.keys.dead)
+        pipe.unlink(registry.keys.dead)
         removed, _ = pipe.execute()
     return ActionResult(True, f"purged {removed} dead letters", moved=int(removed))
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from shared.messages import salvage
+from shared.pool_registry import PoolRegistry
 from shared.records import dead_letter_entry
 from shared.redis_queue import ReliableQueue
 
@@ -54,24 +55,27 @@ class DrainReport:
     left: int  # entries that arrived during the drain, or that the host took back
 
 
-def drain_host(queue: ReliableQueue, host_id: str, *, live_host_ids: set[str], dead_letter_max: int) -> DrainReport:
+def drain_host(
+    registry: PoolRegistry, queue: ReliableQueue, host_id: str, *, live_host_ids: set[str], dead_letter_max: int
+) -> DrainReport:
     """Move every entry of `host_id`'s queue to where it can still end."""
     if host_id in live_host_ids:
         raise HostStillServed(f"host {host_id} has a running supervisor; stop it (or wait LEASE_TTL) first")
-    orphans = queue.orphaned_lists()
+    orphans = registry.orphaned_lists()
     for key in orphans:
         queue.requeue(key)
-    host_queue = queue.keys.host(host_id)
+    keys, client = registry.keys, registry.client
+    host_queue = keys.host(host_id)
     moved = {SHARED: 0, DEAD: 0}
     # A snapshot: what producers push meanwhile is reported as left, not chased forever.
-    for entry in queue.client.lrange(host_queue, 0, -1):
-        task_id, deliveries = queue.identity_left(host_queue, entry) or (None, 0)
+    for entry in client.lrange(host_queue, 0, -1):
+        task_id, deliveries = registry.identity_left(host_queue, entry) or (None, 0)
         disposal = dispose(entry, host_id=host_id, task_id=task_id, deliveries=deliveries, now=datetime.now())
-        target = queue.keys.queue if disposal.target == SHARED else queue.keys.dead
+        target = keys.queue if disposal.target == SHARED else keys.dead
         keep = dead_letter_max if disposal.target == DEAD else 0
-        if queue.drain_host_entry(host_queue, entry, target=target, value=disposal.value, keep=keep):
+        if registry.drain_host_entry(host_queue, entry, target=target, value=disposal.value, keep=keep):
             moved[disposal.target] += 1
-    return DrainReport(len(orphans), moved[SHARED], moved[DEAD], queue.client.llen(host_queue))
+    return DrainReport(len(orphans), moved[SHARED], moved[DEAD], client.llen(host_queue))
 
 
 def dispose(entry: bytes, *, host_id: str, task_id: str | None, deliveries: int, now: datetime) -> Disposal:

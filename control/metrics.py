@@ -60,6 +60,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
+from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, ReliableQueue
 from shared.task_stats import BUCKETS, TaskStats
@@ -138,13 +139,15 @@ class MetricsEndpoint:
         *,
         address: str,
         port: int,
+        registry: PoolRegistry,
         queue: ReliableQueue,
         request_deadline: float = REQUEST_DEADLINE,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.listener = socket.create_server((address, port), reuse_port=False)
         self.listener.setblocking(False)
-        self.queue = queue
+        self.pool_registry = registry  # queue depths
+        self.queue = queue  # replicas claims are copied to, under Sentinel
         self.request_deadline = request_deadline
         self.max_connections = max_connections
         # The loop's alone.
@@ -247,7 +250,7 @@ class MetricsEndpoint:
             return self._gauges
         self._gauges_due = time.monotonic() + QUEUE_REFRESH_SECONDS
         try:
-            depths = self.queue.depths()
+            depths = self.pool_registry.depths()
             replicas = self.queue.replicas_connected() if self.queue.replicated_claims else None
         except REDIS_ERRORS:
             return self._gauges

@@ -1,4 +1,4 @@
-"""The reliable queue in Redis: keys, connection, and the atomic moves.
+"""The reliable queue in Redis: the connection, and the task path's atomic moves.
 
     HOSTING_TASKS_QUEUE  --claim (Lua) / BLMOVE-->  {queue}:processing:{instance}:{worker}
           ^                                                 |
@@ -7,14 +7,14 @@
 
 A task is always in exactly one list. Claiming wraps a producer's message in an
 envelope (see shared.messages) carrying a task id and a delivery count, so a
-redelivered task keeps its identity. Each supervisor renews a lease key; the
-processing lists of an instance whose lease expired (the whole tree was killed)
-are requeued by whichever supervisor notices first.
+redelivered task keeps its identity. What the pool keeps about itself (leases,
+orphaned lists, host queues, depths, dead letters, draining a host) is in
+shared.pool_registry; the scripts are in shared/lua/, the keys in
+image_result_client.protocol.QueueKeys (docs/design.md#redis-keys).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -62,8 +62,8 @@ STAMP_INCOMING_SCRIPT = load_script("stamp_incoming", envelopes=True)
 REQUEUE_SCRIPT = load_script("requeue", envelopes=True)
 PROMOTE_SCRIPT = load_script("promote", envelopes=True)
 ACK_SCRIPT = load_script("ack")
-REQUEUE_DEAD_SCRIPT = load_script("requeue_dead")
-DRAIN_ENTRY_SCRIPT = load_script("drain_entry", envelopes=True)
+REQUEUE_DEAD_SCRIPT = load_script("requeue_dead")  # run by shared.pool_registry
+DRAIN_ENTRY_SCRIPT = load_script("drain_entry", envelopes=True)  # run by shared.pool_registry
 
 # Announced task ids kept at least this long in count, so a redelivered
 # duplicate (seconds later) is still recognised.
@@ -85,18 +85,6 @@ class Acknowledgement:
     dead_letter: bytes = b""
     retry_at: float = 0.0
     event: bytes = b""  # the record for the results stream
-
-
-@dataclass(frozen=True, slots=True)
-class QueueDepths:
-    waiting: int
-    in_flight_by_list: dict[str, int]
-    delayed: int
-    dead: int
-
-    @property
-    def in_flight(self) -> int:
-        return sum(self.in_flight_by_list.values())
 
 
 def connect(settings: Settings) -> redis.Redis:
@@ -179,8 +167,6 @@ class ReliableQueue:
         self._requeue = client.register_script(REQUEUE_SCRIPT)
         self._promote = client.register_script(PROMOTE_SCRIPT)
         self._ack = client.register_script(ACK_SCRIPT)
-        self._requeue_dead = client.register_script(REQUEUE_DEAD_SCRIPT)
-        self._drain_entry = client.register_script(DRAIN_ENTRY_SCRIPT)
 
     def register(self, processing_key: str) -> None:
         """List a worker's processing list, so that it is requeued if orphaned,
@@ -341,71 +327,3 @@ class ReliableQueue:
         """Move retries whose time has come back onto the queue."""
         keys = [self.keys.delayed, self.keys.queue, self.keys.redelivery]
         return int(self._promote(keys=keys, args=[now, limit]))
-
-    def depths(self) -> QueueDepths:
-        """How many tasks wait, run, wait for a retry and lie dead: for `status` and metrics."""
-        client, keys = self.client, self.keys
-        in_flight = {key.decode(): client.llen(key) for key in client.smembers(keys.registry)}
-        return QueueDepths(
-            waiting=client.llen(keys.queue),
-            in_flight_by_list=in_flight,
-            delayed=client.zcard(keys.delayed),
-            dead=client.llen(keys.dead),
-        )
-
-    def requeue_dead_letter(self, entry: bytes, message: bytes) -> bool:
-        return bool(self._requeue_dead(keys=[self.keys.dead, self.keys.queue], args=[entry, message]))
-
-    def drain_host_entry(self, host_queue: str, entry: bytes, *, target: str, value: bytes, keep: int = 0) -> bool:
-        """Move one entry of a lost host's queue as `value` to the tail of
-        `target` (the shared queue, or the dead letters, trimmed to `keep`),
-        with its identity, and drop its committing mark; False if it was no
-        longer there."""
-        keys = [host_queue, target, self.keys.committing, self.keys.redelivery]
-        to_queue = "0" if target == self.keys.dead else "1"
-        return bool(self._drain_entry(keys=keys, args=[entry, value, keep, to_queue]))
-
-    def identity_left(self, source: str, message: bytes) -> tuple[str, int] | None:
-        """The task id and deliveries a message that went back to `source` keeps, if any."""
-        field = f"{source} {hashlib.sha1(message).hexdigest()}".encode()
-        held = (self.client.hget(self.keys.redelivery, field) or b"").split(b" ")[0]
-        task_id, _, deliveries = held.decode(errors="replace").partition(":")
-        return (task_id, int(deliveries)) if task_id and deliveries.isdigit() else None
-
-    def host_queues(self) -> dict[str, int]:
-        """Host id -> how many tasks wait in its own queue, for every host queue that exists."""
-        prefix = self.keys.host("")
-        keys = list(self.client.scan_iter(match=self.keys.host("*"), count=100))
-        # Producers can make any key here: a name that is not UTF-8 is shown, escaped, not fatal.
-        return {key.decode(errors="backslashreplace")[len(prefix):]: self.client.llen(key) for key in keys}
-
-    def renew_lease(self, instance: str, ttl: float, state: bytes = b"{}", *, serving_host: str | None = None) -> None:
-        """Renew this instance's lease; its value is the supervisor's state for
-        `status`. With `serving_host`, also say for as long that a pool serves
-        that host's queue (its live key, holding this instance's id).
-
-        Also loads the producers' script (push_for_host.lua): producers may
-        only run it (EVALSHA), never load a script of their own, so the pool
-        puts it there and puts it back within LEASE_TTL/3 after a Redis
-        restart, a SCRIPT FLUSH or a failover. In the same transaction as the
-        live key, so a live key set here never stands without the script.
-        Loading a cached script again is cheap and changes nothing."""
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.script_load(PUSH_FOR_HOST_SCRIPT)
-            pipe.set(self.keys.lease(instance), state, px=int(ttl * 1000))
-            if serving_host is not None:
-                pipe.set(self.keys.live_host(serving_host), instance, px=int(ttl * 1000))
-            pipe.execute()
-
-    def drop_lease(self, instance: str) -> None:
-        self.client.delete(self.keys.lease(instance))
-
-    def orphaned_lists(self) -> list[str]:
-        """Processing lists whose owner's lease has expired."""
-        orphans = []
-        for raw_key in self.client.smembers(self.keys.registry):
-            key = raw_key.decode()
-            instance = self.keys.instance_of(key)
-            if instance is None or not self.client.exists(self.keys.lease(instance)):
-                orphans.append(key)
-        return orphans

@@ -18,7 +18,7 @@ import pytest
 
 from control import metrics
 from control.metrics import MetricsEndpoint
-from shared.redis_queue import QueueDepths
+from shared.pool_registry import QueueDepths
 from tests.helpers import Pool, push, wait_for_records, wait_until
 from tests.test_reliability import push_photos, worker_pids
 from tools.local_redis import free_port
@@ -114,7 +114,7 @@ def endpoint() -> Iterator:
     made: list[MetricsEndpoint] = []
 
     def make(**options) -> MetricsEndpoint:
-        made.append(MetricsEndpoint(address="127.0.0.1", port=0, queue=StillQueue(), **options))
+        made.append(MetricsEndpoint(address="127.0.0.1", port=0, registry=StillQueue(), queue=StillQueue(), **options))
         made[-1].start()
         made[-1].publish(healthy=True, live_workers=1)
         return made[-1]

@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.metrics import MetricsEndpoint
-from shared.redis_queue import QueueDepths
+from shared.pool_registry import QueueDepths
 from shared.task_stats import PHASES, TaskStats
 from tests.helpers import REPO_ROOT
 
@@ -57,7 +57,7 @@ class _Queue:
 
 def exported_series() -> set[str]:
     """Every sample name /metrics serves when each kind of figure has a value."""
-    endpoint = MetricsEndpoint(address="127.0.0.1", port=0, queue=_Queue())
+    endpoint = MetricsEndpoint(address="127.0.0.1", port=0, registry=_Queue(), queue=_Queue())
     try:
         stats = TaskStats()
         for phase in PHASES:

@@ -11,7 +11,8 @@ from collections import Counter
 
 import cv2
 
-from shared.redis_queue import QueueKeys, ReliableQueue
+from shared.pool_registry import PoolRegistry
+from shared.redis_queue import QueueKeys
 from tests.helpers import photo_of_size, push, read_results, wait_for_records, wait_until
 from tests.test_operator_commands import command
 
@@ -205,7 +206,7 @@ def test_a_supervisor_serving_its_host_queue_keeps_the_hosts_live_key(
     assert 0 < redis_client.pttl(keys.live_host("a")) <= 2000
     assert not redis_client.exists(keys.live_host("b"))
     # Not taken for a host queue by `status` and `host drain`.
-    assert ReliableQueue(redis_client, keys, max_message_bytes=1 << 20).host_queues() == {}
+    assert PoolRegistry(redis_client, keys).host_queues() == {}
     assert serving.stop() == 0
     wait_until(lambda: not redis_client.exists(keys.live_host("a")), 30, "the live key outlived its supervisor")
     assert shared_only.stop() == 0

@@ -21,6 +21,7 @@ import redis
 
 from control.lookup import Budget, describe, find_task, lines_from_end
 from shared.config import Settings
+from shared.pool_registry import PoolRegistry
 from shared.records import dead_letter_entry
 from shared.redis_queue import QueueKeys, ReliableQueue
 from shared.results_file import ResultsFile
@@ -81,7 +82,7 @@ def test_in_flight_names_the_supervisor_worker_and_the_task_in_hand(setup, redis
         }],
         "ledger": None,
     }
-    queue.renew_lease("inst1", 30, json.dumps(state).encode())
+    PoolRegistry(redis_client, queue.keys).renew_lease("inst1", 30, json.dumps(state).encode())
 
     [place] = find_task(redis_client, settings, "busy").found
 
