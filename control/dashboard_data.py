@@ -63,6 +63,7 @@ STATS_BUCKETS_READ = 120 // STATS_BUCKET_SECONDS + 1
 HISTORY_SECONDS = 15 * 60
 SAMPLE_SECONDS = 2.0
 RECENT_RECORDS = 40
+THUMBS_SHOWN = 8
 RECENT_DEAD = 50
 RESULTS_TAIL_BYTES = 512 * 1024
 # Names of files the page may ask a thumbnail of: those of records it was sent.
@@ -288,7 +289,10 @@ class Overview:
                 "width", "height", "bytes", "duration_ms",
             )}
             item.update(file_of(record, self.settings.output_dir))
-            item["thumb"] = item["file"].rsplit("/", 1)[-1] if item["file_here"] else None
+            # Thumbnails for the newest few only: each is a request from every
+            # open page, and the dashboard shares the pool's host.
+            wanted = item["file_here"] and len(items) < THUMBS_SHOWN
+            item["thumb"] = item["file"].rsplit("/", 1)[-1] if wanted else None
             if item["thumb"]:
                 self._allow_thumbnail(item["thumb"])
             items.append(item)

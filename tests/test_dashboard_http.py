@@ -26,7 +26,10 @@ import redis
 from control.dashboard import (
     CONTENT_SECURITY_POLICY,
     MAX_BODY_BYTES,
+    THUMB_BURST,
+    THUMBS_PER_SECOND,
     Refused,
+    Thumbnails,
     authorize_change,
     check_host,
     make_server,
@@ -405,3 +408,24 @@ def test_an_outage_keeps_the_last_figures_and_says_so(redis_server, redis_client
     stale = json.loads(overview.get())
     assert stale["totals"]["waiting"] == 1 and "unreachable" in stale["error"] and "127.0.0.1:1" in stale["error"]
     assert overview.get() is overview.get()  # within the refresh period: no new attempt
+
+
+def test_thumbnails_are_made_at_a_bounded_rate_and_served_from_the_cache(tmp_path) -> None:
+    """Each new thumbnail is a JPEG decode; a pool finishing 80 4K frames a
+    second must not have the dashboard decode 80 a second beside it."""
+    ok, jpeg = cv2.imencode(".jpg", np.full((400, 600, 3), 90, np.uint8))
+    assert ok
+    names = [f"frame_{n}.jpg" for n in range(THUMB_BURST + 3)]
+    for name in names:
+        (tmp_path / name).write_bytes(jpeg.tobytes())
+    now = [100.0]
+    thumbnails = Thumbnails(tmp_path, clock=lambda: now[0])
+
+    made = [thumbnails.get(name) for name in names[:THUMB_BURST]]
+    assert all(thumb.startswith(b"\xff\xd8") for thumb in made)
+    with pytest.raises(Refused) as refused:
+        thumbnails.get(names[THUMB_BURST])
+    assert refused.value.status == HTTPStatus.SERVICE_UNAVAILABLE
+    assert thumbnails.get(names[0]) == made[0]  # cached: no budget needed
+    now[0] += 1 / THUMBS_PER_SECOND
+    assert thumbnails.get(names[THUMB_BURST]).startswith(b"\xff\xd8")

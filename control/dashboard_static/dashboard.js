@@ -330,7 +330,8 @@
     $("records").replaceChildren(...(records.items || []).map((record) => {
       const picture = record.thumb
         ? el("img", { src: `/thumb?name=${encodeURIComponent(record.thumb)}`, alt: text(record.image_id), loading: "lazy" })
-        : el("div", { class: "noimage" }, record.status === "completed" ? "file not on this host" : "no file");
+        : el("div", { class: "noimage" }, record.status !== "completed" ? "no file"
+          : record.file_here ? "thumbnails for the newest only" : "file not on this host");
       return el("div", { class: "record", "data-status": text(record.status) },
         picture,
         el("div", {}, el("span", { class: `badge ${record.status === "completed" ? "completed" : "failed"}` }, text(record.status)),
