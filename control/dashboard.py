@@ -74,7 +74,7 @@ import structlog
 
 from control import dashboard_data
 from control.dashboard_data import ActionResult, Overview
-from control.lookup import DASHBOARD_BUDGET, find_task
+from control.lookup import DASHBOARD_BUDGET, find_task, json_object
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
@@ -517,7 +517,7 @@ class Handler(BaseHTTPRequestHandler):
         except Refused as refused:
             log.warning("dashboard_change_refused", action=path, reason=refused.reason, client=self.client_address[0])
             raise
-        body = _json_object(raw_body)
+        body = json_object(raw_body)
         if body is None:
             raise Refused(HTTPStatus.BAD_REQUEST, "the body is not a JSON object")
         with self.dashboard.changes:
@@ -544,14 +544,6 @@ class Handler(BaseHTTPRequestHandler):
 
 def _json(value: object) -> bytes:
     return json.dumps(value, default=str).encode()
-
-
-def _json_object(raw: bytes) -> dict | None:
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from control.lookup import (
     dead_letter_message,
     dead_letter_view,
     file_of,
+    json_object,
     lines_from_end,
     list_pages,
     record_of_line,
@@ -193,7 +194,7 @@ class Overview:
                 pipe.mget(lease_keys)
             second = _raise_first_error(pipe.execute(raise_on_error=False))
         in_flight = {name.decode(errors="backslashreplace"): _count(n) for name, n in zip(lists, second, strict=False)}
-        states = [s for s in map(_json_object, (second[len(lists)] or []) if lease_keys else []) if s is not None]
+        states = [s for s in map(json_object, (second[len(lists)] or []) if lease_keys else []) if s is not None]
         self._note_throughput(slot, buckets)
         totals = {
             "waiting": _count(waiting),
@@ -315,7 +316,7 @@ def requeue_dead_letter(registry: PoolRegistry, letter_id: str) -> ActionResult:
     for _, raw in list_pages(registry.client, registry.keys.dead, limit=FIND_DEAD_LIMIT, newest_first=True):
         if _letter_id(raw) != letter_id:
             continue
-        message = dead_letter_message(_json_object(raw) or {})
+        message = dead_letter_message(json_object(raw) or {})
         if message is None:
             return ActionResult(False, "this dead letter holds no message that can be requeued")
         if registry.requeue_dead_letter(raw, message):
@@ -336,7 +337,7 @@ def requeue_all_dead_letters(
         if not page:
             break
         for raw in page:
-            message = dead_letter_message(_json_object(raw) or {})
+            message = dead_letter_message(json_object(raw) or {})
             if message is None:
                 unreadable += 1
                 skip += 1
@@ -366,7 +367,7 @@ def _letter_id(raw: bytes) -> str:
 
 
 def _dead_view(raw: bytes, now: float) -> dict:
-    entry = _json_object(raw)
+    entry = json_object(raw)
     if entry is None:
         return {"id": _letter_id(raw), "error": "(not a dead-letter entry)", "message": None, "unreadable": True}
     return dead_letter_view(raw, entry, now)
@@ -420,16 +421,6 @@ def _raise_first_error(results: list) -> list:
         if isinstance(result, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
             raise result
     return [None if isinstance(r, Exception) else r for r in results]
-
-
-def _json_object(raw: bytes | None) -> dict | None:
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _count(value: object) -> int:

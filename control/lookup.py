@@ -118,7 +118,7 @@ def lease_states(client: redis.Redis, keys: QueueKeys, *, max_calls: int | None 
     states = {}
     prefix = keys.lease("")
     for key, raw in zip(found, client.mget(found) if found else [], strict=True):
-        state = _json_object(raw)
+        state = json_object(raw)
         if state is not None:
             states[key.decode(errors="backslashreplace")[len(prefix):]] = state
     return states
@@ -175,7 +175,7 @@ def record_of_line(line: bytes) -> dict | None:
     text = line.strip().rstrip(b",]").strip()
     if not text.startswith(b"{"):
         return None
-    return _json_object(text)
+    return json_object(text)
 
 
 def results_path(settings: Settings) -> Path | None:
@@ -195,7 +195,9 @@ def dead_letter_message(entry: dict) -> bytes | None:
     return message.encode("utf-8", errors="surrogatepass") if isinstance(message, str) else None
 
 
-def _json_object(raw: bytes | str | None) -> dict | None:
+def json_object(raw: bytes | str | None) -> dict | None:
+    """`raw` as a JSON object, or None for anything else: what Redis holds may
+    have been written by anyone who can write there."""
     if raw is None:
         return None
     try:
