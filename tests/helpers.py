@@ -224,7 +224,7 @@ def wait_for_records(
     output_dir: Path, count: int, timeout: float = 60.0, *, pool: Pool | None = None
 ) -> list[dict[str, Any]]:
     """Poll results.json until it holds at least count records, and every
-    completed one's JPEG has its final name (README, "Output"); returns them all.
+    completed one's JPEG has its final name (docs/formats.md); returns them all.
 
     With pool given, fails at once (with its stderr tail) if the pool exits.
     """

@@ -7,7 +7,7 @@
 - configs/docker-compose.yml: parses, shares one IPC namespace between the producer
   and the pool, gives the drain its time; the producer stub really feeds a pool.
 - configs/image-result-worker.service: `systemd-analyze verify` is clean and the
-  settings the README promises are there (and the ones that would hide /dev/shm are not).
+  settings docs/operations.md promises are there (and the ones that would hide /dev/shm are not).
 - `make install` / `make install-systemd` into a temporary prefix: the code and a venv
   of requirements.txt alone, idempotent; the installed unit passes `verify` with its
   paths in the prefix; its Environment= and the installed settings file, combined as

@@ -130,7 +130,7 @@ def unix_redis(tmp_path: Path):
 
 
 def test_pool_over_a_unix_socket(pool_factory, unix_redis, queue_name, segments):
-    """REDIS_URL=unix://... as the README allows: the pool and `status` work over it."""
+    """REDIS_URL=unix://... as docs/operations.md allows: the pool and `status` work over it."""
     url, client = unix_redis
     client.execute_command("SELECT", 3)
     pool = pool_factory(workers=1, env={"REDIS_URL": url})
