@@ -7,6 +7,7 @@ a /dev/shm segment behind.
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import redis
 
-from tests.helpers import HttpServer, Pool, SegmentTracker, load_photos
+from tests.helpers import SHM_DIR, HttpServer, Pool, SegmentTracker, load_photos, unlink_segment
 from tools.local_redis import LocalRedis
 
 
@@ -68,6 +69,19 @@ def segments() -> Iterator[SegmentTracker]:
         yield tracker
     finally:
         tracker.cleanup()
+
+
+@pytest.fixture
+def shm_prefix() -> Iterator[str]:
+    """A segment name prefix of the test's own (inside the pool's SHM_NAME_PREFIX);
+    whatever is left under it is unlinked afterwards."""
+    prefix = f"img_shm_test_{uuid.uuid4().hex[:8]}_"
+    try:
+        yield prefix
+    finally:
+        for name in os.listdir(SHM_DIR):
+            if name.startswith(prefix):
+                unlink_segment(name)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +73,6 @@ def read_jpeg(record: dict[str, Any], flags: int = cv2.IMREAD_COLOR) -> np.ndarr
 
 def segments_with_prefix(prefix: str) -> list[str]:
     return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
-
-
-@pytest.fixture
-def shm_prefix() -> Iterator[str]:
-    """A segment prefix of the test's own; what is left with it is unlinked afterwards."""
-    prefix = f"img_shm_test_{uuid.uuid4().hex[:8]}_"
-    try:
-        yield prefix
-    finally:
-        for name in segments_with_prefix(prefix):
-            unlink_segment(name)
 
 
 def run_cli(args: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -14,8 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -24,7 +22,7 @@ import pytest
 
 import image_result_client
 from tests.conftest import PoolFactory
-from tests.helpers import POOL_ENV_VARS, REPO_ROOT, SHM_DIR, HttpServer, unlink_segment
+from tests.helpers import POOL_ENV_VARS, REPO_ROOT, SHM_DIR, HttpServer
 from tools.local_redis import LocalRedis
 
 VENV_TIMEOUT = 60.0
@@ -106,17 +104,6 @@ def outside(tmp_path: Path) -> Path:
     path = tmp_path / "producer-stage"
     path.mkdir()
     return path
-
-
-@pytest.fixture
-def shm_prefix() -> Iterator[str]:
-    prefix = f"img_shm_install_{uuid.uuid4().hex[:8]}_"
-    try:
-        yield prefix
-    finally:
-        for name in os.listdir(SHM_DIR):
-            if name.startswith(prefix):
-                unlink_segment(name)
 
 
 # ---------------------------------------------------------------- one version

@@ -33,7 +33,6 @@ import re
 import secrets
 import signal
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,10 +48,8 @@ from shared.config import has_hash_tag
 from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 from tests.helpers import (
     REPO_ROOT,
-    SHM_DIR,
     photo_of_size,
     read_results,
-    unlink_segment,
     wait_for_queue_drained,
     wait_until,
 )
@@ -318,18 +315,6 @@ def users(tmp_path: Path) -> Iterator[Users]:
     finally:
         admin.close()
         server.stop()
-
-
-@pytest.fixture
-def shm_prefix() -> Iterator[str]:
-    """A segment prefix of the test's own; what is left with it is unlinked afterwards."""
-    prefix = f"img_shm_acl_{uuid.uuid4().hex[:8]}_"
-    try:
-        yield prefix
-    finally:
-        for name in os.listdir(SHM_DIR):
-            if name.startswith(prefix):
-                unlink_segment(name)
 
 
 def png(image: np.ndarray) -> bytes:
