@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -686,3 +687,57 @@ class Pool:
                 self._datagrams.append(self._notify.recv(65536).decode(errors="replace"))
             except BlockingIOError:
                 return
+
+
+# ---------------------------------------------------------------- shared by several test modules
+
+
+def push_photos(client: redis.Redis, queue: str, segments, count: int, *, size: tuple[int, int]) -> list[str]:
+    """Push `count` SHM tasks of a real photo; returns their request ids."""
+    frame = photo_of_size(*size)
+    request_ids = []
+    for index in range(count):
+        request_id = f"req_{index:04d}"
+        push(client, queue, segments.message(request_id, f"image_{index:04d}", frame))
+        request_ids.append(request_id)
+    return request_ids
+
+
+def worker_pids(pool: Pool) -> list[int]:
+    # Titles are "image-result-worker: worker N" and "image-result-worker: ledger".
+    return [pid for pid, title in pool.children_by_title().items() if ": worker " in title]
+
+
+def assert_exactly_once(output_dir: Path, request_ids: list[str], client: redis.Redis, queue: str) -> list[dict]:
+    """One record per task, one file per completed record, no leftovers anywhere."""
+    records = read_results(output_dir)
+    counts = Counter(record["request_id"] for record in records)
+    assert sorted(counts) == sorted(request_ids), "a task is missing from results.json"
+    assert max(counts.values()) == 1, f"doubled: {[k for k, v in counts.items() if v > 1]}"
+    files = sorted(p.name for p in output_dir.glob("*.jpg"))
+    recorded = sorted(Path(r["file_path"]).name for r in records if r["status"] == "completed")
+    assert files == recorded, "files on disk and completed records differ"
+    assert list((output_dir / ".partial").iterdir()) == [], "stray partial files"
+    assert client.llen(queue) == 0
+    for key in client.keys(f"{QueueKeys(queue).prefix}:processing:*"):
+        assert client.llen(key) == 0, f"{key!r} still holds tasks"
+    return records
+
+
+def operator_env(*, redis_url: str, queue: str, output_dir: Path) -> dict[str, str]:
+    """The environment of an operator's command: only these settings."""
+    env = {k: v for k, v in os.environ.items() if k not in POOL_ENV_VARS}
+    env.update(REDIS_URL=redis_url, HOSTING_TASKS_QUEUE=queue, OUTPUT_DIR=str(output_dir))
+    return env
+
+
+def operator_command(*args: str, redis_url: str, queue: str, output_dir: Path) -> subprocess.CompletedProcess:
+    """`python supervisor.py ARGS` as an operator runs it, with only these settings from the environment."""
+    env = operator_env(redis_url=redis_url, queue=queue, output_dir=output_dir)
+    return subprocess.run(
+        [sys.executable, "supervisor.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+def command(pool: Pool, *args: str, redis_url: str | None = None) -> subprocess.CompletedProcess:
+    return operator_command(*args, redis_url=redis_url or pool.redis_url, queue=pool.queue, output_dir=pool.output_dir)

@@ -14,8 +14,14 @@ import json
 import pytest
 
 from shared.redis_queue import QueueKeys
-from tests.helpers import push, segment_exists, wait_for_queue_drained, wait_for_records
-from tests.test_reliability import assert_exactly_once, push_photos
+from tests.helpers import (
+    assert_exactly_once,
+    push,
+    push_photos,
+    segment_exists,
+    wait_for_queue_drained,
+    wait_for_records,
+)
 
 CRASH_POINTS = [
     "worker_after_claim",  # claimed, nothing done

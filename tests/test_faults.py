@@ -16,13 +16,15 @@ import pytest
 
 from shared.results_file import ResultsFile
 from tests.helpers import (
+    assert_exactly_once,
     photo_of_size,
     push,
+    push_photos,
     read_results,
     wait_for_records,
     wait_until,
+    worker_pids,
 )
-from tests.test_reliability import assert_exactly_once, push_photos, worker_pids
 
 
 @pytest.fixture

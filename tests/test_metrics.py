@@ -19,8 +19,7 @@ import pytest
 from control import metrics
 from control.metrics import MetricsEndpoint
 from shared.pool_registry import QueueDepths
-from tests.helpers import Pool, push, wait_for_records, wait_until
-from tests.test_reliability import push_photos, worker_pids
+from tests.helpers import Pool, push, push_photos, wait_for_records, wait_until, worker_pids
 from tools.local_redis import free_port
 
 

@@ -13,8 +13,7 @@ import cv2
 
 from shared.pool_registry import PoolRegistry
 from shared.redis_queue import QueueKeys
-from tests.helpers import photo_of_size, push, read_results, wait_for_records, wait_until
-from tests.test_operator_commands import command
+from tests.helpers import command, photo_of_size, push, read_results, wait_for_records, wait_until
 
 
 def test_a_dead_hosts_url_tasks_move_on_and_its_shared_memory_tasks_wait(

@@ -12,33 +12,27 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
 from control.commands import CLEAR_SCREEN
 from shared.records import dead_letter_entry
 from shared.redis_queue import QueueKeys
-from tests.helpers import POOL_ENV_VARS, REPO_ROOT, Pool, push, wait_for_records, wait_until
-from tests.test_reliability import push_photos, worker_pids
+from tests.helpers import (
+    REPO_ROOT,
+    Pool,
+    command,
+    operator_command,
+    operator_env,
+    push,
+    push_photos,
+    wait_for_records,
+    wait_until,
+    worker_pids,
+)
 
 TITLE = "\x1b]0;pwned\x07"  # retitles a terminal window
 RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def operator_env(*, redis_url: str, queue: str, output_dir: Path) -> dict[str, str]:
-    """The environment of an operator's command: only these settings."""
-    env = {k: v for k, v in os.environ.items() if k not in POOL_ENV_VARS}
-    env.update(REDIS_URL=redis_url, HOSTING_TASKS_QUEUE=queue, OUTPUT_DIR=str(output_dir))
-    return env
-
-
-def operator_command(*args: str, redis_url: str, queue: str, output_dir: Path) -> subprocess.CompletedProcess:
-    """`python supervisor.py ARGS` as an operator runs it, with only these settings from the environment."""
-    env = operator_env(redis_url=redis_url, queue=queue, output_dir=output_dir)
-    return subprocess.run(
-        [sys.executable, "supervisor.py", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=30
-    )
 
 
 def on_terminal(
@@ -82,10 +76,6 @@ def on_terminal(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         os.close(master)
-
-
-def command(pool: Pool, *args: str, redis_url: str | None = None) -> subprocess.CompletedProcess:
-    return operator_command(*args, redis_url=redis_url or pool.redis_url, queue=pool.queue, output_dir=pool.output_dir)
 
 
 def test_status_reports_queue_workers_and_recent_outcomes(pool_factory, redis_client, queue_name, segments):

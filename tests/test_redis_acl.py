@@ -48,13 +48,14 @@ from shared.config import has_hash_tag
 from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 from tests.helpers import (
     REPO_ROOT,
+    assert_exactly_once,
+    command,
     photo_of_size,
     read_results,
     wait_for_queue_drained,
     wait_until,
+    worker_pids,
 )
-from tests.test_operator_commands import command
-from tests.test_reliability import assert_exactly_once, worker_pids
 from tools.local_redis import LocalRedis
 
 ACL_FILE = REPO_ROOT / "configs" / "redis-acl.conf"

@@ -15,8 +15,7 @@ import pytest
 import redis
 import redis.sentinel
 
-from tests.helpers import photo_of_size, push, read_results, wait_for_records, wait_until
-from tests.test_reliability import push_photos
+from tests.helpers import photo_of_size, push, push_photos, read_results, wait_for_records, wait_until
 from tools.local_redis import find_redis_server, free_port
 
 PASSWORD = "s3cret-tls-pw"

@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -21,31 +20,18 @@ import redis
 from shared.redis_queue import QueueKeys
 from tests.helpers import (
     Pool,
+    assert_exactly_once,
     photo_of_size,
     pid_alive,
     push,
+    push_photos,
     read_results,
     segment_exists,
     wait_for_queue_drained,
     wait_for_records,
     wait_until,
+    worker_pids,
 )
-
-
-def push_photos(client: redis.Redis, queue: str, segments, count: int, *, size: tuple[int, int]) -> list[str]:
-    """Push `count` SHM tasks of a real photo; returns their request ids."""
-    frame = photo_of_size(*size)
-    request_ids = []
-    for index in range(count):
-        request_id = f"req_{index:04d}"
-        push(client, queue, segments.message(request_id, f"image_{index:04d}", frame))
-        request_ids.append(request_id)
-    return request_ids
-
-
-def worker_pids(pool: Pool) -> list[int]:
-    # Titles are "image-result-worker: worker N" and "image-result-worker: ledger".
-    return [pid for pid, title in pool.children_by_title().items() if ": worker " in title]
 
 
 def ledger_pid(pool: Pool) -> int | None:
@@ -63,22 +49,6 @@ def tree_cpu_seconds(pool: Pool) -> float:
             continue
         ticks += int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def assert_exactly_once(output_dir: Path, request_ids: list[str], client: redis.Redis, queue: str) -> list[dict]:
-    """One record per task, one file per completed record, no leftovers anywhere."""
-    records = read_results(output_dir)
-    counts = Counter(record["request_id"] for record in records)
-    assert sorted(counts) == sorted(request_ids), "a task is missing from results.json"
-    assert max(counts.values()) == 1, f"doubled: {[k for k, v in counts.items() if v > 1]}"
-    files = sorted(p.name for p in output_dir.glob("*.jpg"))
-    recorded = sorted(Path(r["file_path"]).name for r in records if r["status"] == "completed")
-    assert files == recorded, "files on disk and completed records differ"
-    assert list((output_dir / ".partial").iterdir()) == [], "stray partial files"
-    assert client.llen(queue) == 0
-    for key in client.keys(f"{QueueKeys(queue).prefix}:processing:*"):
-        assert client.llen(key) == 0, f"{key!r} still holds tasks"
-    return records
 
 
 def test_worker_killed_mid_load_loses_and_doubles_nothing(pool_factory, redis_client, queue_name, segments):

@@ -23,8 +23,7 @@ from shared.output import LOCK_NAME
 from shared.records import dead_letter_entry
 from shared.redis_queue import QueueKeys
 from shared.terminal import has_control, printable
-from tests.helpers import push, wait_for_records, wait_until
-from tests.test_operator_commands import command, operator_command
+from tests.helpers import command, operator_command, push, wait_for_records, wait_until
 from tools.local_redis import free_port
 
 # Each would repaint an operator's terminal if printed raw.
