@@ -69,7 +69,7 @@ from shared.output import RESULTS_NAME, write_durably
 from shared.records import COMPLETED, CompletionRecord
 from shared.redis_queue import QueueKeys
 from shared.results_file import ResultsFile
-from shared.segments import SegmentAccess
+from shared.segments import SHM_DIR, SegmentAccess
 from tests.helpers import POOL_ENV_VARS, photo_of_size
 from tools.local_redis import LocalRedis
 
@@ -97,7 +97,6 @@ LEDGER_BATCH = 256
 # CPUs busy is run again, at most this many times per round.
 MAX_REDOS = 2
 SECTIONS = ("memory", "ledger", "throughput", "latency", "startup", "idle")
-SHM_DIR = Path("/dev/shm")
 # The baselines read the bench's own segments with the pool's checks.
 SEGMENT_ACCESS = SegmentAccess(prefix="", owner_uids=frozenset({os.getuid()}))
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

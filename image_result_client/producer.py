@@ -81,12 +81,12 @@ from image_result_client.protocol import (
     PUSH_FOR_HOST_SCRIPT,
     RESULTS_NAME,
     SEGMENT_NAME,
+    SHM_DIR,
     SUPPORTED_DTYPES,
     QueueKeys,
     awaiting_publication,
 )
 
-SHM_DIR = Path("/dev/shm")
 DEFAULT_PREFIX = DEFAULT_SEGMENT_PREFIX
 URL_SCHEMES = ("http", "https")
 CONNECT_TIMEOUT = 5.0

@@ -29,6 +29,8 @@ DEFAULT_QUEUE = "hosting_tasks"
 DEFAULT_RESULTS_STREAM = "hosting_results"
 DEFAULT_OUTPUT_DIR = Path("./output/translated")
 DEFAULT_SEGMENT_PREFIX = "img_shm_"
+# Where POSIX shared memory segments live: a segment named N is the file SHM_DIR/N.
+SHM_DIR = Path("/dev/shm")
 
 MAX_ID_LENGTH = 512
 MAX_URL_LENGTH = 8192

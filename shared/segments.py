@@ -26,9 +26,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from image_result_client.protocol import SHM_DIR
 from shared.config import Settings
-
-SHM_DIR = Path("/dev/shm")
 
 
 class SegmentRefused(Exception):

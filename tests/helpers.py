@@ -34,9 +34,9 @@ import redis
 from image_result_client.producer import write_segment
 from image_result_client.protocol import RESULTS_NAME, awaiting_publication
 from shared.redis_queue import QueueKeys
+from shared.segments import SHM_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHM_DIR = Path("/dev/shm")
 
 # Settings the pool reads from its environment; a developer's shell or a systemd
 # session must not leak any of them into a test.

@@ -12,13 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO_ROOT
-
-SHM = Path("/dev/shm")
+from tests.helpers import REPO_ROOT, SHM_DIR
 
 
 def test_bench_runs_a_small_round_checks_its_output_and_cleans_up(tmp_path: Path) -> None:
-    segments_before = set(os.listdir(SHM))
+    segments_before = set(os.listdir(SHM_DIR))
     command = [
         sys.executable, "bench/bench.py",
         "--sections", "throughput,startup",
@@ -37,5 +35,5 @@ def test_bench_runs_a_small_round_checks_its_output_and_cleans_up(tmp_path: Path
     for figure in ("pool / limit at 512x512", "CPU per task beyond the limit, 512x512", "start-up to READY, 8 workers"):
         assert figure in targets, output
     assert list(tmp_path.iterdir()) == [], "the benchmark left its temp directory behind"
-    left = {name for name in set(os.listdir(SHM)) - segments_before if not name.startswith("PostgreSQL")}
+    left = {name for name in set(os.listdir(SHM_DIR)) - segments_before if not name.startswith("PostgreSQL")}
     assert left == set(), f"the benchmark left segments in /dev/shm: {sorted(left)}"
