@@ -7,16 +7,14 @@
 
 The supervisor only forks, signals, reaps and reconciles. Each wakeup of its
 loop (a signal, a child's death, or a tick) is one reconcile pass: reap the
-dead (requeueing their processing lists), kill the hung, renew this
-instance's lease (its value is the state `status` shows, with each worker's
-task in hand: every LEASE_TTL/3, and at once when a child starts or exits or
-the pool becomes ready) and, with HOST_QUEUE, its host's live key (producers
-look at it), recover lists orphaned by a dead instance, move due retries back
-onto the queue, log progress while there is work (control/progress.py),
-restart the ledger if needed, and bring the workers to the desired count
-(with backoff when they keep dying at boot). With METRICS_PORT, each pass ends by
-publishing a view of the pool for the metrics thread (control/metrics.py),
-which answers HTTP clients so that the loop never waits on one.
+dead, kill the hung, do the pass's chores in Redis (control/upkeep.py: renew
+this instance's lease, whose value is the state `status` shows, requeue dead
+workers' lists and those orphaned by a dead instance, move due retries back
+onto the queue, log progress while there is work), restart the ledger if
+needed, and bring the workers to the desired count (with backoff when they
+keep dying at boot). With METRICS_PORT, each pass ends by publishing a view of
+the pool for the metrics thread (control/metrics.py), which answers HTTP
+clients so that the loop never waits on one.
 
 Hazards handled here:
 - Signals are only recorded (the wakeup pipe); the loop acts on them.
@@ -69,7 +67,7 @@ from multiprocessing.sharedctypes import Synchronized
 import structlog
 
 from control.metrics import MetricsEndpoint
-from control.progress import ProgressMeter
+from control.upkeep import PoolUpkeep
 from image_result_client import __version__
 from shared import exitcodes
 from shared.backoff import compute_backoff
@@ -82,13 +80,12 @@ from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
 from shared.sdnotify import Notifier
-from shared.task_board import TaskBoard, describe_task, read_entries
+from shared.task_board import TaskBoard
 
 LOOP_SECONDS = 1.0
 LEDGER_STOP_TIMEOUT = 15.0
 # Settings a SIGHUP cannot change: the ledger, the lease and the metrics socket hang on them.
 RESTART_ONLY_SETTINGS = ("redis_url", "queue", "output_dir", "metrics_port", "metrics_address", "lease_ttl")
-REDIS_FAILED = object()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -215,25 +212,21 @@ class Supervisor:
             min_replicas=settings.claim_min_replicas,
         )
         self.registry = PoolRegistry(self.queue.client, self.keys)
-        self.replicas: int | None = None  # connected to the master, under Sentinel
         self.notifier = Notifier()
+        self.upkeep = PoolUpkeep(
+            settings, instance=instance, queue=self.queue, registry=self.registry, notifier=self.notifier
+        )
         self.worker_main, self.ledger_main, self.processing_name = worker_main, ledger_main, processing_name
         self.desired = settings.workers
         # Wake often enough to renew the lease several times within its TTL.
         self.loop_seconds = min(LOOP_SECONDS, settings.lease_ttl / 4)
         self.workers: dict[int, Child] = {}
         self.ledger: Child | None = None
-        # Processing lists to requeue, with how many tasks at their end were never started.
-        self.lists_to_requeue: list[tuple[str, int]] = []
-        self.redis_failing: set[str] = set()
         self.stopping = False
         self.fast_stop = False
         self.ready = False
         self.boot_failures = 0
         self.respawn_not_before = 0.0
-        self.lease_due = 0.0  # 0: renew on the next pass (the state `status` shows has changed)
-        self.orphan_scan_due = 0.0
-        self.progress = ProgressMeter(self.keys)
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.metrics: MetricsEndpoint | None = None
         self.metrics_pipe: int | None = None
@@ -292,11 +285,11 @@ class Supervisor:
         self.reap()
         self.kill_hung_workers()
         self.renew_lease()
-        self.watch_replicas()
-        self.requeue_lists()
-        self.recover_orphaned_lists()
-        self.promote_due_retries()
-        self.report_progress()
+        self.upkeep.watch_replicas()
+        self.upkeep.requeue_lists()
+        self.upkeep.recover_orphaned_lists()
+        self.upkeep.promote_due_retries()
+        self.upkeep.report_progress()
         self.ensure_ledger()
         self.scale_workers()
 
@@ -347,6 +340,7 @@ class Supervisor:
             fresh = dataclasses.replace(fresh, **{name: getattr(self.settings, name) for name in fixed})
         workers_changed = fresh.workers != self.settings.workers
         self.settings = fresh
+        self.upkeep.reload(fresh)
         if workers_changed:
             self.desired = fresh.workers
         self.log.info("settings_reloaded", workers=self.desired, workers_from="WORKERS" if workers_changed else "kept")
@@ -382,7 +376,7 @@ class Supervisor:
                 self.on_ledger_exit()
             else:
                 del self.workers[child.slot]
-                self.lists_to_requeue.append((child.processing_key, child.unstarted.value))
+                self.upkeep.requeue_later(child.processing_key, child.unstarted.value)
 
     def on_ledger_exit(self) -> None:
         self.ledger = None
@@ -416,95 +410,16 @@ class Supervisor:
                 self.kill_child(child, because="it was silent longer than TASK_TIMEOUT")
 
     def renew_lease(self) -> None:
-        if time.monotonic() < self.lease_due:
-            return
-        renewed = self.redis_call(
-            "lease_renewal_failed",
-            self.registry.renew_lease,
-            self.instance,
-            self.settings.lease_ttl,
-            self.state(),
-            serving_host=self.serving_host(),
-        )
-        if renewed is not REDIS_FAILED:
-            self.lease_due = time.monotonic() + self.settings.lease_ttl / 3
+        self.upkeep.renew_lease(self.state, serving_host=self.serving_host())
 
     def state_changed(self) -> None:
-        """What `status` shows changed (readiness, a child, the desired count):
-        renew the lease with it on this pass, not up to LEASE_TTL/3 later."""
-        self.lease_due = 0.0
-
-    def watch_replicas(self) -> None:
-        """Under Sentinel, say when the master has no replica left to copy
-        claims to (claims then go on unreplicated, or pause with
-        CLAIM_MIN_REPLICAS), and when it has one again."""
-        if not self.queue.replicated_claims:
-            return
-        counted = self.redis_call("replica_count_failed", self.queue.replicas_connected)
-        if counted is REDIS_FAILED or counted == self.replicas:
-            return
-        self.replicas = counted
-        if counted >= max(1, self.settings.claim_min_replicas):
-            self.log.info("replicas_connected", replicas=counted)
-            self.notifier.notify(f"STATUS=serving {self.settings.queue}; claims copied to {counted} replicas")
-        elif self.settings.claim_min_replicas:
-            self.log.warning("claims_paused", replicas=counted, required=self.settings.claim_min_replicas)
-            self.notifier.notify(
-                f"STATUS=paused: {counted} replicas connected, CLAIM_MIN_REPLICAS={self.settings.claim_min_replicas}"
-            )
-        else:
-            self.log.warning("claims_unreplicated", replicas=counted)
-            self.notifier.notify(f"STATUS=serving {self.settings.queue}; no replica connected, claims not replicated")
+        self.upkeep.state_changed()
 
     def serving_host(self) -> str | None:
         """The host whose live key our lease renewal keeps, for producers that
         send shared-memory tasks with a URL fallback: with HOST_QUEUE, until we
         start stopping (from then on our workers fetch nothing more)."""
         return self.settings.host_id if self.settings.host_queue and not self.stopping else None
-
-    def requeue_lists(self) -> None:
-        while self.lists_to_requeue:
-            key, unstarted = self.lists_to_requeue[0]
-            moved = self.redis_call("requeue_failed", self.queue.requeue, key, unstarted)
-            if moved is REDIS_FAILED:
-                return  # Redis is away; try again next pass
-            self.lists_to_requeue.pop(0)
-            if moved:
-                self.log.warning("tasks_requeued", processing_list=key, tasks=moved)
-
-    def recover_orphaned_lists(self) -> None:
-        if time.monotonic() < self.orphan_scan_due:
-            return
-        orphans = self.redis_call("orphan_scan_failed", self.registry.orphaned_lists)
-        if orphans is REDIS_FAILED:
-            return
-        self.orphan_scan_due = time.monotonic() + self.settings.lease_ttl
-        for key in orphans:
-            self.log.warning("orphaned_list_found", processing_list=key)
-        # Nothing says which tasks of a dead instance were started: all count.
-        self.lists_to_requeue.extend((key, 0) for key in orphans)
-        self.requeue_lists()
-
-    def promote_due_retries(self) -> None:
-        moved = self.redis_call("retry_promotion_failed", self.queue.promote_due_retries, time.time())
-        if moved is not REDIS_FAILED and moved:
-            self.log.info("retries_due", tasks=moved)
-
-    def report_progress(self) -> None:
-        """While there is work, a `progress` line every PROGRESS_SECONDS, from
-        the counts the ledger's acknowledgements keep in Redis (control/progress.py)."""
-        fields = self.redis_call(
-            "progress_read_failed",
-            self.progress.step,
-            self.queue.client,
-            every=self.settings.progress_seconds,
-            # A worker claims from its host's queue first, with HOST_QUEUE or not.
-            waiting_lists=(self.keys.queue, self.keys.host(self.settings.host_id)),
-            now=time.monotonic(),
-            wall_now=time.time(),
-        )
-        if fields is not REDIS_FAILED and fields is not None:
-            self.log.info("progress", **fields)
 
     def ensure_ledger(self) -> None:
         if self.ledger is not None or time.monotonic() < self.respawn_not_before:
@@ -565,7 +480,7 @@ class Supervisor:
         """What `status` and `check` read from the lease: who runs, how recently
         each child beat, and the task each worker has in hand (None: idle)."""
         now = time.monotonic()
-        tasks = self.tasks_in_hand(now)
+        tasks = self.upkeep.tasks_in_hand(self.workers, now)
 
         def describe(child: Child) -> dict:
             beat = child.heartbeat.value
@@ -592,35 +507,6 @@ class Supervisor:
                 "ledger": describe(self.ledger) if self.ledger else None,
             }
         ).encode()
-
-    def tasks_in_hand(self, now: float) -> dict[int, dict]:
-        """Slot -> the task that worker is on: its phase and age from the
-        worker's board, its ids from its entry in the worker's processing list,
-        read only here, once per lease renewal (shared/task_board.py)."""
-        readings = {}
-        for slot, child in self.workers.items():
-            if child.board is not None and child.unstarted is not None:
-                reading = child.board.read(unstarted=child.unstarted.value)
-                if reading is not None:
-                    readings[slot] = reading
-        wanted = {
-            slot: (self.workers[slot].processing_key, reading.index)
-            for slot, reading in readings.items()
-            if reading.has_ids
-        }
-        entries = self.redis_call("task_lookup_failed", read_entries, self.queue.client, wanted)
-        if entries is REDIS_FAILED:
-            entries = {}
-        wall_now = time.time()
-        return {
-            slot: describe_task(
-                reading,
-                entries.get(slot) if self.workers[slot].board.still(reading) else None,
-                now=now,
-                wall_now=wall_now,
-            )
-            for slot, reading in readings.items()
-        }
 
     def announce_ready_once(self) -> None:
         if self.ready or self.ledger is None or not self.ledger.booted:
@@ -655,13 +541,11 @@ class Supervisor:
             if not self.wait_for_children(lambda: self.ledger is None, LEDGER_STOP_TIMEOUT):
                 self.kill_child(self.ledger, because="it did not stop in time")
                 self.wait_for_children(lambda: self.ledger is None, None)
-        self.requeue_lists()
-        # The host's live key stays: another supervisor with our HOST_ID may be
-        # serving the host queue too. Ours expires within LEASE_TTL.
-        self.redis_call("lease_drop_failed", self.registry.drop_lease, self.instance)
+        self.upkeep.requeue_lists()
+        self.upkeep.drop_lease()
         if self.metrics is not None:
             self.metrics.close()
-        self.log.info("shutdown_complete", left_for_next_start=len(self.lists_to_requeue))
+        self.log.info("shutdown_complete", left_for_next_start=len(self.upkeep.lists_to_requeue))
 
     def wait_for_children(self, done, timeout: float | None) -> bool:
         """Reap until done() or the timeout (None: no limit), still renewing the
@@ -763,24 +647,6 @@ class Supervisor:
             if attempt:
                 self.log.info("redis_reconnected", after_attempts=attempt)
             return
-
-    def redis_call(self, failure_event: str, func, *args, **options):
-        """Run one Redis command; on a connection problem log it and return REDIS_FAILED.
-
-        The supervisor never blocks on Redis for long and never dies of it: each
-        step that needs Redis is simply tried again on the next pass."""
-        try:
-            result = func(*args, **options)
-        except REDIS_ERRORS as exc:
-            # One warning per outage and step, not one per second.
-            level = self.log.debug if failure_event in self.redis_failing else self.log.warning
-            level(failure_event, error=str(exc), redis=self.settings.redacted_redis_url())
-            self.redis_failing.add(failure_event)
-            return REDIS_FAILED
-        if self.redis_failing:
-            self.log.info("redis_reconnected", recovered=sorted(self.redis_failing))
-            self.redis_failing.clear()
-        return result
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_a_worker_killed_from_outside_is_reaped_as_perhaps_out_of_memory_and_its
     (died,) = [e for e in logs if e["event"] == "child_died"]
     assert "out-of-memory" in died["cause"] and died["slot"] == 0
     assert list(supervisor.workers) == [1]
-    assert supervisor.lists_to_requeue == [("{q}:processing:test:w0", 3)]  # three never started
+    assert supervisor.upkeep.lists_to_requeue == [("{q}:processing:test:w0", 3)]  # three never started
 
 
 def test_a_worker_the_supervisor_killed_says_why(supervisor):
