@@ -159,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def lock_output_dir(settings: Settings, instance: str) -> int:
     """Hold OUTPUT_DIR for this supervisor: results.json must have one writer.
-    The lock file names the holder, which is how `check` finds its supervisor."""
+    The lock file names the holder, which is how `check` finds its supervisor.
+    The children inherit the descriptor (fork, no exec), and with it the lock:
+    should the supervisor die first, no new one starts while its ledger may
+    still be writing results.json."""
     fd = os.open(settings.output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
