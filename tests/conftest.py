@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 import redis
 
-from tests.helpers import SHM_DIR, HttpServer, Pool, SegmentTracker, load_photos, unlink_segment
+from harness.http_server import HttpServer
+from harness.photos import load_photos
+from harness.pool import Pool
+from harness.segments import SegmentTracker, unlink_segment
+from image_result_client.protocol import SHM_DIR
 from tools.local_redis import LocalRedis
 
 

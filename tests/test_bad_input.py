@@ -19,17 +19,11 @@ import numpy as np
 import pytest
 import redis
 
+from harness.http_server import HttpServer
+from harness.pool import Pool
+from harness.segments import SegmentTracker, segment_exists
 from tests.conftest import PoolFactory
-from tests.helpers import (
-    HttpServer,
-    Pool,
-    SegmentTracker,
-    dead_letters,
-    push,
-    segment_exists,
-    wait_for_records,
-    wait_until,
-)
+from tests.helpers import dead_letters, push, wait_for_records, wait_until
 
 WAIT = 60.0
 URL_MAX_BYTES = 200_000

@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO_ROOT, SHM_DIR
+from harness import REPO_ROOT
+from image_result_client.protocol import SHM_DIR
 
 
 def test_bench_runs_a_small_round_checks_its_output_and_cleans_up(tmp_path: Path) -> None:

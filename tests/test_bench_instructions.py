@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from harness import REPO_ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 

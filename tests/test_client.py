@@ -22,23 +22,19 @@ import numpy as np
 import pytest
 import redis
 
+from harness import REPO_ROOT
+from harness.http_server import HttpServer
+from harness.pool import POOL_ENV_VARS
+from harness.procfs import pid_alive
+from harness.segments import segment_exists, unlink_segment
 from image_result_client import Producer, Submission, WaitTimeout
 from image_result_client.producer import ResultsReader
+from image_result_client.protocol import SHM_DIR
 from shared.output import partial_path, prepare_output_dir, publish, write_partial
 from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
 from shared.results_file import ResultsFile
 from tests.conftest import PoolFactory
-from tests.helpers import (
-    POOL_ENV_VARS,
-    REPO_ROOT,
-    SHM_DIR,
-    HttpServer,
-    pid_alive,
-    psnr,
-    segment_exists,
-    unlink_segment,
-    wait_until,
-)
+from tests.helpers import psnr, wait_until
 from tools.local_redis import LocalRedis, free_port
 
 WAIT = 30.0

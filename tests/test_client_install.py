@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 
 import image_result_client
+from harness import REPO_ROOT
+from harness.http_server import HttpServer
+from harness.pool import POOL_ENV_VARS
+from image_result_client.protocol import SHM_DIR
 from tests.conftest import PoolFactory
-from tests.helpers import POOL_ENV_VARS, REPO_ROOT, SHM_DIR, HttpServer
 from tools.local_redis import LocalRedis
 
 VENV_TIMEOUT = 60.0

@@ -20,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from harness import REPO_ROOT
+from harness.pool import POOL_ENV_VARS
 from shared.config import ConfigError, Settings, redact_url
 from shared.output_dir import check_output_dir
-from tests.helpers import POOL_ENV_VARS, REPO_ROOT
 
 SUPERVISOR = REPO_ROOT / "supervisor.py"
 # Never the developer's Redis on 6379: should a bad value slip through, the

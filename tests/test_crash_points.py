@@ -13,15 +13,9 @@ import json
 
 import pytest
 
+from harness.segments import segment_exists
 from shared.redis_queue import QueueKeys
-from tests.helpers import (
-    assert_exactly_once,
-    push,
-    push_photos,
-    segment_exists,
-    wait_for_queue_drained,
-    wait_for_records,
-)
+from tests.helpers import assert_exactly_once, push, push_photos, wait_for_queue_drained, wait_for_records
 
 CRASH_POINTS = [
     "worker_after_claim",  # claimed, nothing done

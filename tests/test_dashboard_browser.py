@@ -31,8 +31,11 @@ import cv2
 import pytest
 import redis
 
+from harness import REPO_ROOT
+from harness.http_server import HttpServer
+from harness.pool import POOL_ENV_VARS, Pool
 from shared.redis_queue import QueueKeys
-from tests.helpers import POOL_ENV_VARS, REPO_ROOT, HttpServer, Pool, push, wait_for_records, wait_until
+from tests.helpers import push, wait_for_records, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:

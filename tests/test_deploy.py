@@ -37,9 +37,12 @@ import numpy as np
 import pytest
 import redis
 
+from harness import REPO_ROOT
+from harness.pool import POOL_ENV_VARS
+from harness.segments import shm_message, unlink_segment
 from shared.config import DEFAULTS
 from tests.conftest import PoolFactory
-from tests.helpers import POOL_ENV_VARS, REPO_ROOT, push, shm_message, unlink_segment, wait_for_records
+from tests.helpers import push, wait_for_records
 from tools.local_redis import LocalRedis
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"

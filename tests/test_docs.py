@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from harness import REPO_ROOT
 from shared import config
 from shared.config import Settings
-from tests.helpers import REPO_ROOT
 
 OPERATIONS = REPO_ROOT / "docs" / "operations.md"
 TABLE_HEADER = re.compile(r"^\|\s*variable\s*\|\s*default\s*\|\s*meaning\s*\|\s*$")

@@ -14,17 +14,10 @@ from pathlib import Path
 import cv2
 import pytest
 
+from harness.photos import photo_of_size
+from harness.results import read_results
 from shared.results_file import ResultsFile
-from tests.helpers import (
-    assert_exactly_once,
-    photo_of_size,
-    push,
-    push_photos,
-    read_results,
-    wait_for_records,
-    wait_until,
-    worker_pids,
-)
+from tests.helpers import assert_exactly_once, push, push_photos, wait_for_records, wait_until, worker_pids
 
 
 @pytest.fixture

@@ -15,20 +15,15 @@ import numpy as np
 import pytest
 import redis
 
+from harness import REPO_ROOT
+from harness.http_server import HttpServer
+from harness.photos import photo_of_size
+from harness.segments import SegmentTracker, segment_exists
 from shared.images import ACCEPTED_FORMATS, EncodedImage, ImageError, decode_image, encode_segment, image_format
 from shared.messages import LEGACY_SHAPE, SegmentRef
 from shared.segments import SegmentAccess
 from tests.conftest import PoolFactory
-from tests.helpers import (
-    REPO_ROOT,
-    HttpServer,
-    SegmentTracker,
-    photo_of_size,
-    psnr,
-    push,
-    segment_exists,
-    wait_for_records,
-)
+from tests.helpers import psnr, push, wait_for_records
 
 # The pipeline's segments, as the pool's settings allow them by default.
 ACCESS = SegmentAccess("img_shm_", frozenset({os.getuid()}))

@@ -20,22 +20,14 @@ import numpy as np
 import pytest
 import redis
 
+from harness import REPO_ROOT
+from harness.http_server import HttpServer
+from harness.photos import photo_of_size
+from harness.procfs import pid_alive
+from harness.results import read_results
+from harness.segments import SegmentTracker, make_segment, read_segment, segment_exists, shm_message, unlink_segment
 from tests.conftest import PoolFactory
-from tests.helpers import (
-    REPO_ROOT,
-    HttpServer,
-    SegmentTracker,
-    make_segment,
-    photo_of_size,
-    pid_alive,
-    psnr,
-    read_results,
-    read_segment,
-    segment_exists,
-    shm_message,
-    unlink_segment,
-    wait_for_records,
-)
+from tests.helpers import psnr, wait_for_records
 from tools.local_redis import LocalRedis, answers_ping, find_redis_server, free_port
 
 # ---------------------------------------------------------------- Redis
@@ -187,7 +179,7 @@ def test_make_segment_holds_the_array(segments: SegmentTracker, photos: dict[str
 def test_segment_outlives_a_process_that_created_it(tmp_path: Path) -> None:
     # The producer's resource tracker must not unlink a segment at exit.
     code = (
-        "import numpy as np; from tests.helpers import make_segment; "
+        "import numpy as np; from harness.segments import make_segment; "
         "print(make_segment(np.arange(12, dtype=np.uint8).reshape(3, 4)))"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)

@@ -24,9 +24,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from control.metrics import MetricsEndpoint
+from harness import REPO_ROOT
 from shared.pool_registry import QueueDepths
 from shared.task_stats import PHASES, TaskStats
-from tests.helpers import REPO_ROOT
 
 pytestmark = pytest.mark.timeout(60)
 

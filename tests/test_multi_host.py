@@ -11,9 +11,11 @@ from collections import Counter
 
 import cv2
 
+from harness.photos import photo_of_size
+from harness.results import read_results
 from shared.pool_registry import PoolRegistry
 from shared.redis_queue import QueueKeys
-from tests.helpers import command, photo_of_size, push, read_results, wait_for_records, wait_until
+from tests.helpers import command, push, wait_for_records, wait_until
 
 
 def test_a_dead_hosts_url_tasks_move_on_and_its_shared_memory_tasks_wait(

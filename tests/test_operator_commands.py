@@ -16,11 +16,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from control.commands import CLEAR_SCREEN
+from harness import REPO_ROOT
+from harness.pool import Pool
 from shared.records import dead_letter_entry
 from shared.redis_queue import QueueKeys
 from tests.helpers import (
-    REPO_ROOT,
-    Pool,
     command,
     operator_command,
     operator_env,

@@ -9,8 +9,9 @@ import cv2
 import pytest
 
 from control.progress import ProgressMeter, progress_fields, tally
+from harness.photos import photo_of_size
 from shared.redis_queue import STATS_BUCKET_SECONDS, QueueKeys
-from tests.helpers import photo_of_size, push, wait_for_records, wait_until
+from tests.helpers import push, wait_for_records, wait_until
 
 
 @pytest.mark.fast

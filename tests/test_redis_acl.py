@@ -42,20 +42,14 @@ import pytest
 import redis
 
 import shared.redis_queue
+from harness import REPO_ROOT
+from harness.photos import photo_of_size
+from harness.results import read_results
 from image_result_client import Producer
 from image_result_client.producer import PUSH_FOR_HOST_SHA
 from shared.config import has_hash_tag
 from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
-from tests.helpers import (
-    REPO_ROOT,
-    assert_exactly_once,
-    command,
-    photo_of_size,
-    read_results,
-    wait_for_queue_drained,
-    wait_until,
-    worker_pids,
-)
+from tests.helpers import assert_exactly_once, command, wait_for_queue_drained, wait_until, worker_pids
 from tools.local_redis import LocalRedis
 
 ACL_FILE = REPO_ROOT / "configs" / "redis-acl.conf"

@@ -15,7 +15,9 @@ import pytest
 import redis
 import redis.sentinel
 
-from tests.helpers import photo_of_size, push, push_photos, read_results, wait_for_records, wait_until
+from harness.photos import photo_of_size
+from harness.results import read_results
+from tests.helpers import push, push_photos, wait_for_records, wait_until
 from tools.local_redis import find_redis_server, free_port
 
 PASSWORD = "s3cret-tls-pw"

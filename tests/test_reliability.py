@@ -17,16 +17,16 @@ from pathlib import Path
 import pytest
 import redis
 
+from harness.photos import photo_of_size
+from harness.pool import Pool
+from harness.procfs import CLOCK_TICKS, cpu_ticks, pid_alive
+from harness.results import read_results
+from harness.segments import segment_exists
 from shared.redis_queue import QueueKeys
 from tests.helpers import (
-    Pool,
     assert_exactly_once,
-    photo_of_size,
-    pid_alive,
     push,
     push_photos,
-    read_results,
-    segment_exists,
     wait_for_queue_drained,
     wait_for_records,
     wait_until,
@@ -41,14 +41,7 @@ def ledger_pid(pool: Pool) -> int | None:
 
 def tree_cpu_seconds(pool: Pool) -> float:
     """User and system CPU of the supervisor and its live children so far."""
-    ticks = 0
-    for pid in [pool.pid, *pool.child_pids()]:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return cpu_ticks(pool.tree_pids()) / CLOCK_TICKS
 
 
 def test_worker_killed_mid_load_loses_and_doubles_nothing(pool_factory, redis_client, queue_name, segments):

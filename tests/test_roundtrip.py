@@ -17,19 +17,13 @@ import cv2
 import numpy as np
 import redis
 
+from harness.http_server import HttpServer
+from harness.photos import photo_of_size
+from harness.pool import Pool
+from harness.segments import SegmentTracker, segment_exists
 from shared.redis_queue import QueueKeys
 from tests.conftest import PoolFactory
-from tests.helpers import (
-    HttpServer,
-    Pool,
-    SegmentTracker,
-    photo_of_size,
-    psnr,
-    push,
-    segment_exists,
-    wait_for_records,
-    wait_until,
-)
+from tests.helpers import psnr, push, wait_for_records, wait_until
 
 WAIT = 60.0
 

@@ -20,12 +20,14 @@ import pytest
 import redis
 
 from control.lookup import Budget, describe, find_task, lines_from_end
+from harness import REPO_ROOT
+from harness.pool import POOL_ENV_VARS
 from shared.config import Settings
 from shared.pool_registry import PoolRegistry
 from shared.records import dead_letter_entry
 from shared.redis_queue import QueueKeys, ReliableQueue
 from shared.results_file import ResultsFile
-from tests.helpers import POOL_ENV_VARS, REPO_ROOT, push, wait_for_records
+from tests.helpers import push, wait_for_records
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import redis
 
+from harness.photos import photo_of_size
+from harness.segments import SegmentTracker
 from shared.redis_queue import QueueKeys
 from shared.segments import SHM_DIR, SegmentAccess, SegmentRefused, open_segment, unlink_segment
 from tests.conftest import PoolFactory
-from tests.helpers import SegmentTracker, dead_letters, photo_of_size, push, wait_for_records, wait_until
+from tests.helpers import dead_letters, push, wait_for_records, wait_until
 
 WAIT = 60.0
 # A few seconds: what refusing a FIFO takes is a system call, not TASK_TIMEOUT.
