@@ -35,10 +35,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import platform
-import select
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -62,7 +60,12 @@ import numpy as np
 import redis
 from dashboard_load import dashboard_clients  # bench/dashboard_load.py, beside this file
 
-from image_result_client.producer import DEFAULT_PREFIX, unlink_segment, write_segment
+from harness import PoolFailed, procfs
+from harness.photos import photo_of_size
+from harness.pool import Pool
+from harness.results import read_results_file
+from harness.segments import SegmentTracker, still_present
+from image_result_client.producer import unlink_segment
 from shared.images import encode_segment
 from shared.messages import SegmentRef
 from shared.output import RESULTS_NAME, write_durably
@@ -70,7 +73,6 @@ from shared.records import COMPLETED, CompletionRecord
 from shared.redis_queue import QueueKeys
 from shared.results_file import ResultsFile
 from shared.segments import SHM_DIR, SegmentAccess
-from tests.helpers import POOL_ENV_VARS, photo_of_size
 from tools.local_redis import LocalRedis
 
 # OpenCV starts a thread pool on its first parallel call (cv2.resize of the
@@ -99,7 +101,8 @@ MAX_REDOS = 2
 SECTIONS = ("memory", "ledger", "throughput", "latency", "startup", "idle")
 # The baselines read the bench's own segments with the pool's checks.
 SEGMENT_ACCESS = SegmentAccess(prefix="", owner_uids=frozenset({os.getuid()}))
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# The pool's settings the bench decides (the harness sets Redis, queue, OUTPUT_DIR, logs).
+POOL_SETTINGS = {"JPEG_QUALITY": str(QUALITY), "UNLINK_SHM": "true"}
 
 
 class CheckFailed(Exception):
@@ -208,35 +211,13 @@ class BenchTask:
         }).encode()
 
 
-class Segments:
-    """Every segment this run made; cleanup() unlinks whichever are still there."""
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-
-    def make(self, frame: np.ndarray) -> str:
-        """A segment holding frame, created the way producers do."""
-        name = f"{DEFAULT_PREFIX}bench_{uuid.uuid4().hex}"  # the pipeline's names, which the pool accepts
-        write_segment(name, frame)
-        self.names.add(name)
-        return name
-
-    def leftovers(self, names: Sequence[str]) -> list[str]:
-        return [name for name in names if (SHM_DIR / name).exists()]
-
-    def cleanup(self) -> None:
-        for name in self.names:
-            unlink_segment(name)
-        self.names.clear()
-
-
 def natural_frames(height: int, width: int) -> list[np.ndarray]:
     """Four real photos of one size (the mosaic and its mirror images), BGR uint8."""
     base = photo_of_size(height, width)
     return [base, *(np.ascontiguousarray(view) for view in (base[:, ::-1], base[::-1], base[::-1, ::-1]))]
 
 
-def make_tasks(segments: Segments, frames: list[np.ndarray], count: int, label: str) -> list[BenchTask]:
+def make_tasks(segments: SegmentTracker, frames: list[np.ndarray], count: int, label: str) -> list[BenchTask]:
     run = uuid.uuid4().hex[:8]
     return [
         BenchTask(f"{label}-{run}-{i}", segments.make(frames[i % len(frames)]), frames[i % len(frames)].shape)
@@ -245,22 +226,6 @@ def make_tasks(segments: Segments, frames: list[np.ndarray], count: int, label: 
 
 
 # ---------------------------------------------------------------- CPU accounting
-
-
-def process_cpu_ns(pid: int) -> int:
-    """CPU time of every thread of pid, in ns (the scheduler's exact runtime); 0 if gone."""
-    total = 0
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0
-    for tid in threads:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as stat:
-                total += int(stat.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
 
 
 class ForeignLoad:
@@ -286,7 +251,7 @@ class ForeignLoad:
         after = self._foreign_ticks()
         ticks = sum(total - self._before.get(pid, 0) for pid, total in after.items())
         ticks += self._steal_ticks() - self._steal_before
-        return 100.0 * ticks / CLOCK_TICKS / max(elapsed, 1e-6) / (os.cpu_count() or 1)
+        return 100.0 * ticks / procfs.CLOCK_TICKS / max(elapsed, 1e-6) / (os.cpu_count() or 1)
 
     @staticmethod
     def _steal_ticks() -> int:
@@ -300,14 +265,10 @@ class ForeignLoad:
     @staticmethod
     def _foreign_ticks() -> dict[int, int]:
         parents, ticks = {}, {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            fields = stat_fields(int(entry))
-            if fields is None:
-                continue
-            parents[int(entry)] = int(fields[1])
-            ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        for pid in procfs.all_pids():
+            stat = procfs.read_stat(pid)
+            if stat is not None:
+                parents[pid], ticks[pid] = stat.ppid, stat.cpu_ticks
         ours = os.getpid()
 
         def foreign(pid: int) -> bool:
@@ -319,26 +280,6 @@ class ForeignLoad:
             return pid != 2  # pid 2 is kthreadd: its children are kernel threads
 
         return {pid: total for pid, total in ticks.items() if pid != 2 and foreign(pid)}
-
-
-def stat_fields(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            text = stat.read().decode(errors="replace")
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
-def children_of(parent: int) -> list[int]:
-    """Live processes whose parent is `parent` (this kernel has no /proc/PID/task/TID/children)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = stat_fields(int(entry))
-            if fields is not None and fields[0] != "Z" and int(fields[1]) == parent:
-                found.append(int(entry))
-    return sorted(found)
 
 
 def children_rusage_ns() -> int:
@@ -410,7 +351,7 @@ def _limit_child(
         conn.close()
 
 
-def run_limit(tasks: list[BenchTask], outdir: Path, segments: Segments, *, durable: bool = False) -> LimitResult:
+def run_limit(tasks: list[BenchTask], outdir: Path, *, durable: bool = False) -> LimitResult:
     context = multiprocessing.get_context("fork")
     outdir.mkdir(parents=True)
     go_r, go_w = os.pipe()
@@ -446,7 +387,7 @@ def run_limit(tasks: list[BenchTask], outdir: Path, segments: Segments, *, durab
     written = list(outdir.glob("*.jpg"))
     if len(written) != len(tasks) or any(path.stat().st_size == 0 for path in written):
         raise CheckFailed(f"limit wrote {len(written)} files for {len(tasks)} tasks")
-    left = segments.leftovers([t.segment for t in tasks])
+    left = still_present(t.segment for t in tasks)
     if left:
         raise CheckFailed(f"limit left {len(left)} segments")
     wall = max(ended for _, ended, _, _ in reports) - started
@@ -458,149 +399,37 @@ def run_limit(tasks: list[BenchTask], outdir: Path, segments: Segments, *, durab
 # ---------------------------------------------------------------- the pool process
 
 
-class PoolProcess:
-    """`python supervisor.py` in its own session, with a notify socket we own."""
-
-    def __init__(
-        self,
-        *,
-        workdir: Path,
-        output_dir: Path,
-        redis_url: str,
-        queue: str,
-        workers: int,
-        wrapper: Sequence[str] = (),
-    ) -> None:
-        self.workdir = workdir
-        self.wrapper = list(wrapper)  # a command to run the pool under (valgrind, for instructions.py)
-        self.output_dir = output_dir
-        self.redis_url = redis_url
-        self.queue = queue
-        self.workers = workers
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.notify: socket.socket | None = None
-        self.spawned_at = 0.0
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def stderr_path(self) -> Path:
-        return self.workdir / "pool.stderr"
-
-    def start(self) -> PoolProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        # Abstract ("@name" to systemd's protocol): a path under a deep --tmp
-        # would pass the 107 bytes a socket path may have.
-        notify_name = f"irw-bench-notify-{uuid.uuid4().hex}"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.notify.bind("\0" + notify_name)
-        env = {name: value for name, value in os.environ.items() if name not in POOL_ENV_VARS}
-        env.update(
-            REDIS_URL=self.redis_url,
-            HOSTING_TASKS_QUEUE=self.queue,
-            OUTPUT_DIR=str(self.output_dir),
-            JPEG_QUALITY=str(QUALITY),
-            UNLINK_SHM="true",
-            LOG_LEVEL="INFO",  # the default: a task that goes well must cost no log line
-            LOG_FORMAT="json",
-            NOTIFY_SOCKET="@" + notify_name,
-        )
-        with open(self.workdir / "pool.stdout", "ab") as out, open(self.stderr_path, "ab") as err:
-            self.spawned_at = time.perf_counter()
-            self.proc = subprocess.Popen(
-                [*self.wrapper, sys.executable, str(REPO_ROOT / "supervisor.py"), "--workers", str(self.workers)],
-                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                start_new_session=True,  # Ctrl-C reaches us only; we stop the pool
-            )
-        return self
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT, *, on_tick: Callable[[], None] | None = None) -> float:
-        """perf_counter() at the READY=1 datagram; on_tick() is called about
-        every millisecond meanwhile, when given."""
-        assert self.notify is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if on_tick is not None:
-                on_tick()
-            readable, _, _ = select.select([self.notify], [], [], 0.05 if on_tick is None else 0.001)
-            if readable:
-                datagram = self.notify.recv(65536).decode(errors="replace")
-                if "READY=1" in datagram.splitlines():
-                    return time.perf_counter()
-            if self.proc is not None and self.proc.poll() is not None:
-                raise CheckFailed(f"pool exited with {self.proc.returncode} before READY=1\n{self.stderr_tail()}")
-        raise CheckFailed(f"no READY=1 within {timeout:.0f}s\n{self.stderr_tail()}")
-
-    def tree(self) -> list[int]:
-        return [self.pid, *children_of(self.pid)]
-
-    def roles(self, pids: Sequence[int]) -> dict[int, str]:
-        """pid -> "supervisor", "ledger" or "workers", from the process titles."""
-        roles = {}
-        for pid in pids:
-            try:
-                title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                title = ""
-            roles[pid] = "supervisor" if pid == self.pid else ("ledger" if "ledger" in title else "workers")
-        return roles
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM the supervisor (as systemd does first) and wait for it."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise CheckFailed(f"pool still running {timeout:.0f}s after SIGTERM\n{self.stderr_tail()}") from None
-
-    def kill(self) -> None:
-        """SIGKILL the whole session and reap; safe to call at any time."""
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, signal.SIGKILL)
-            self.proc.wait()
-        if self.notify is not None:
-            self.notify.close()
-            self.notify = None
-
-    def events(self, name: str) -> list[dict]:
-        """The pool's JSON log lines whose "event" is name, oldest first."""
-        found = []
-        for line in self.stderr_path.read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and event.get("event") == name:
-                    found.append(event)
-        return found
-
-    def encode_cpu_us(self) -> tuple[int, float]:
-        """(tasks encoded, their encoder CPU in us), summed over the workers'
-        `worker_stopped` log lines; read it after stop()."""
-        stopped = self.events("worker_stopped")
-        encoded = sum(int(event.get("encoded", 0)) for event in stopped)
-        return encoded, sum(float(event.get("encode_cpu_s", 0.0)) for event in stopped) * 1e6
-
-    def stderr_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.stderr_path.read_text(errors="replace")
-        except FileNotFoundError:
-            text = ""
-        return "--- pool stderr (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+def bench_pool(
+    workdir: Path, *, redis_url: str, queue: str, workers: int = WORKERS, wrapper: Sequence[str] = ()
+) -> Pool:
+    """`supervisor.py --workers W` on this queue, writing into workdir/out, as the bench runs it."""
+    return Pool(
+        workdir=workdir, output_dir=workdir / "out", redis_url=redis_url, queue=queue, workers=workers,
+        env=POOL_SETTINGS, wrapper=tuple(wrapper),
+    )
 
 
 @contextlib.contextmanager
-def running_pool(**kwargs) -> Iterator[PoolProcess]:
-    pool = PoolProcess(**kwargs)
+def running_pool(pool: Pool) -> Iterator[Pool]:
     try:
         yield pool.start()
     finally:
-        pool.kill()
+        pool.kill_all()
+
+
+def figure_role(pool: Pool, pid: int) -> str:
+    """"workers", "ledger" or "supervisor", as the figures name them; a child
+    without a role's title (not set yet, or gone) counts with the workers."""
+    role = pool.role_of(pid)
+    return "workers" if role in ("worker", None) else str(role)
+
+
+def encode_cpu_us(pool: Pool) -> tuple[int, float]:
+    """(tasks encoded, their encoder CPU in us), summed over the workers'
+    `worker_stopped` log lines; read it after stop()."""
+    stopped = pool.events("worker_stopped")
+    encoded = sum(int(event.get("encoded", 0)) for event in stopped)
+    return encoded, sum(float(event.get("encode_cpu_s", 0.0)) for event in stopped) * 1e6
 
 
 class ResultsTail:
@@ -652,30 +481,12 @@ class ResultsTail:
             self._fd = -1
 
 
-def read_results(path: Path, timeout: float = 5.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        raw = path.read_bytes()
-        try:
-            records = json.loads(raw)
-        except ValueError as exc:
-            if time.monotonic() > deadline:
-                raise CheckFailed(f"{path} is not valid JSON: {exc}; tail {raw[-200:]!r}") from None
-            time.sleep(0.02)
-            continue
-        if not isinstance(records, list):
-            raise CheckFailed(f"{path} holds {type(records).__name__}, not an array")
-        return records
-
-
-def verify_pool_output(
-    pool: PoolProcess, tasks: list[BenchTask], client: redis.Redis, segments: Segments, exit_code: int
-) -> None:
+def verify_pool_output(pool: Pool, tasks: list[BenchTask], client: redis.Redis, exit_code: int) -> None:
     """Exactly one completed record and one published JPEG per task; nothing left behind."""
     problems = []
     if exit_code != 0:
         problems.append(f"supervisor exited with {exit_code} after SIGTERM")
-    records = read_results(pool.output_dir / RESULTS_NAME)
+    records = read_results_file(pool.output_dir / RESULTS_NAME)
     expected = {task.request_id: task for task in tasks}
     seen: dict[str, dict] = {}
     for record in records:
@@ -712,7 +523,7 @@ def verify_pool_output(
         frame = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if frame is None or frame.shape[:2] != tasks[0].shape[:2]:
             problems.append(f"{path} does not decode to a {tasks[0].shape[1]}x{tasks[0].shape[0]} image")
-    left = segments.leftovers([t.segment for t in tasks])
+    left = still_present(t.segment for t in tasks)
     if left:
         problems.append(f"{len(left)} segments not unlinked, e.g. {left[0]}")
     queue = pool.queue
@@ -736,7 +547,7 @@ class Bench:
     tmp: Path
     redis_server: LocalRedis
     client: redis.Redis
-    segments: Segments
+    segments: SegmentTracker
     failures: list[str] = field(default_factory=list)
     figures: dict[str, float] = field(default_factory=dict)
     details: list[str] = field(default_factory=list)
@@ -751,11 +562,9 @@ class Bench:
     def queue_name(self, label: str) -> str:
         return f"bench:{label}:{uuid.uuid4().hex[:10]}"
 
-    def pool(self, workdir: Path, queue: str, *, workers: int = WORKERS) -> contextlib.AbstractContextManager[PoolProcess]:
-        """`supervisor.py` on this run's Redis and queue, writing into workdir/out."""
-        return running_pool(
-            workdir=workdir, output_dir=workdir / "out", redis_url=self.redis_server.url, queue=queue, workers=workers
-        )
+    def pool(self, workdir: Path, queue: str, *, workers: int = WORKERS) -> contextlib.AbstractContextManager[Pool]:
+        """`supervisor.py` on this run's Redis and queue, writing into workdir/out; killed on the way out."""
+        return running_pool(bench_pool(workdir, redis_url=self.redis_server.url, queue=queue, workers=workers))
 
     def forget_queue(self, queue: str) -> None:
         keys = list(self.client.scan_iter(match=f"{queue}*"))
@@ -763,7 +572,7 @@ class Bench:
             self.client.delete(*keys)
 
     def redis_cpu_ns(self) -> int:
-        return process_cpu_ns(self.redis_server.pid or 0)
+        return procfs.cpu_ns(self.redis_server.pid or 0)
 
     def note(self, text: str) -> None:
         self.details.append(text)
@@ -801,7 +610,7 @@ class FirstClaim:
     """Opens the window at the pool's first claim (the queue first holding fewer
     than all the tasks), which can come before READY: workers start at once."""
 
-    def __init__(self, bench: Bench, pool: PoolProcess, queue: str, count: int) -> None:
+    def __init__(self, bench: Bench, pool: Pool, queue: str, count: int) -> None:
         self.bench, self.pool, self.queue, self.count = bench, pool, queue, count
         self.start: WindowStart | None = None
 
@@ -810,7 +619,7 @@ class FirstClaim:
             self.start = self.snapshot()
 
     def snapshot(self) -> WindowStart:
-        cpu_by_pid = {pid: process_cpu_ns(pid) for pid in self.pool.tree()}
+        cpu_by_pid = {pid: procfs.cpu_ns(pid) for pid in self.pool.tree_pids()}
         return WindowStart(time.perf_counter(), cpu_by_pid, self.bench.redis_cpu_ns(), time.process_time_ns())
 
 
@@ -825,24 +634,24 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
     rusage_before = children_rusage_ns()
     watched = dashboard_clients(
         redis_url=bench.redis_server.url, queue=queue, output_dir=workdir / "out", workdir=workdir / "dashboard",
-        clients=bench.settings.dashboard_clients, env_drop=POOL_ENV_VARS,
+        clients=bench.settings.dashboard_clients,
     )
     try:
         with watched as watchers, bench.pool(workdir, queue) as pool:
             first_claim = FirstClaim(bench, pool, queue, len(tasks))
-            pool.wait_ready(on_tick=first_claim.look)
+            pool.wait_ready(READY_TIMEOUT, on_tick=first_claim.look)
             # The window opens at the first claim, or at READY if none came before.
             start = first_claim.start or first_claim.snapshot()
-            pids = pool.tree()
+            pids = pool.tree_pids()
             others = ForeignLoad().start()
             unclaimed = int(bench.client.llen(queue))
             tail = ResultsTail(pool.output_dir / RESULTS_NAME)
             deadline = time.monotonic() + 60 + len(tasks) * 0.2
             try:
                 while tail.poll() < len(tasks):
-                    if pool.proc.poll() is not None:
+                    if pool.poll() is not None:
                         raise CheckFailed(
-                            f"pool exited with {pool.proc.returncode} after {tail.count} records\n{pool.stderr_tail()}"
+                            f"pool exited with {pool.poll()} after {tail.count} records\n{pool.stderr_tail()}"
                         )
                     if time.monotonic() > deadline:
                         raise CheckFailed(
@@ -855,23 +664,25 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
             finally:
                 tail.close()
             role_ns = dict.fromkeys(("workers", "ledger", "supervisor"), 0)
-            for pid, role in pool.roles(pids).items():
+            for pid in pids:
                 # A child forked after the window opened counts whole (its boot takes ms).
-                role_ns[role] += process_cpu_ns(pid) - start.cpu_by_pid.get(pid, 0)
+                role_ns[figure_role(pool, pid)] += procfs.cpu_ns(pid) - start.cpu_by_pid.get(pid, 0)
             cpu_window = sum(role_ns.values())
             redis_window = bench.redis_cpu_ns() - start.redis_ns
             foreign = others.percent()
             bench_ns = time.process_time_ns() - start.bench_ns
-            if pool.tree() != pids:
-                bench.failures.append(f"{label}: the pool's processes changed during the run: {pids} -> {pool.tree()}")
+            if pool.tree_pids() != pids:
+                bench.failures.append(
+                    f"{label}: the pool's processes changed during the run: {pids} -> {pool.tree_pids()}"
+                )
             if watchers is not None and (watchers.failures or not watchers.requests):
                 bench.failures.append(f"{label}: dashboard clients: {watchers.failures} of {watchers.requests} requests failed")
             stop_started = time.perf_counter()
-            code = pool.stop()
+            code = pool.stop(timeout=STOP_TIMEOUT)
             stop_s = time.perf_counter() - stop_started
         whole_run_ns = children_rusage_ns() - rusage_before
-        encoded, encode_us = pool.encode_cpu_us()
-        verify_pool_output(pool, tasks, bench.client, bench.segments, code)
+        encoded, encode_us = encode_cpu_us(pool)
+        verify_pool_output(pool, tasks, bench.client, code)
     finally:
         bench.forget_queue(queue)
     window = done_at - start.at
@@ -900,7 +711,7 @@ def run_round(
         outdir = bench.fresh_dir(f"limit-{label}")
         try:
             tasks = make_tasks(bench.segments, frames, count, label)
-            limits.append(run_limit(tasks, outdir / "out", bench.segments, durable=durable))
+            limits.append(run_limit(tasks, outdir / "out", durable=durable))
         finally:
             bench.segments.cleanup()
     try:
@@ -1022,7 +833,7 @@ def latency_run(bench: Bench, frames: list[np.ndarray], rate: float, count: int)
     workdir = bench.fresh_dir("pool-latency")
     try:
         with bench.pool(workdir, queue) as pool:
-            pool.wait_ready()
+            pool.wait_ready(READY_TIMEOUT)
             time.sleep(0.3)  # let the workers settle into their blocking wait
             tail = ResultsTail(pool.output_dir / RESULTS_NAME, on_record=on_record)
             interval = 1.0 / rate
@@ -1041,14 +852,14 @@ def latency_run(bench: Bench, frames: list[np.ndarray], rate: float, count: int)
                     bench.client.rpush(queue, task.message())
                 deadline = time.monotonic() + 30
                 while tail.poll() < count:
-                    if time.monotonic() > deadline or pool.proc.poll() is not None:
+                    if time.monotonic() > deadline or pool.poll() is not None:
                         raise CheckFailed(f"latency run: {tail.count} of {count} records\n{pool.stderr_tail()}")
                     time.sleep(POLL_SECONDS)
                 foreign = others.percent()
             finally:
                 tail.close()
-            code = pool.stop()
-        verify_pool_output(pool, tasks, bench.client, bench.segments, code)
+            code = pool.stop(timeout=STOP_TIMEOUT)
+        verify_pool_output(pool, tasks, bench.client, code)
     finally:
         bench.forget_queue(queue)
         bench.segments.cleanup()
@@ -1129,7 +940,7 @@ def measure_ledger(bench: Bench) -> None:
         small.close()
         big.close()
         # The files must still be what the ledger promises: valid JSON arrays.
-        if len(read_results(small_path)) != 1_000 + bench.settings.append_samples + 10:
+        if len(read_results_file(small_path)) != 1_000 + bench.settings.append_samples + 10:
             raise CheckFailed("small results file has the wrong number of records after appends")
         small_us = statistics.median(costs["small"]) * 1e6
         big_us = statistics.median(costs["big"]) * 1e6
@@ -1252,12 +1063,14 @@ def measure_startup(bench: Bench) -> None:
         workdir = bench.fresh_dir("pool-startup")
         try:
             with bench.pool(workdir, queue, workers=STARTUP_WORKERS) as pool:
-                ready_at = pool.wait_ready()
+                ready_at = pool.wait_ready(READY_TIMEOUT)
                 times.append(ready_at - pool.spawned_at)
-                if len(pool.tree()) != STARTUP_WORKERS + 2:
-                    bench.failures.append(f"start-up: expected {STARTUP_WORKERS + 2} processes, saw {len(pool.tree())}")
+                if len(pool.tree_pids()) != STARTUP_WORKERS + 2:
+                    bench.failures.append(
+                        f"start-up: expected {STARTUP_WORKERS + 2} processes, saw {len(pool.tree_pids())}"
+                    )
                 stop_started = time.perf_counter()
-                code = pool.stop()
+                code = pool.stop(timeout=STOP_TIMEOUT)
                 stops.append(time.perf_counter() - stop_started)
                 if code != 0:
                     raise CheckFailed(f"idle pool exited with {code} after SIGTERM\n{pool.stderr_tail()}")
@@ -1276,22 +1089,22 @@ def measure_idle(bench: Bench) -> None:
     workdir = bench.fresh_dir("pool-idle")
     try:
         with bench.pool(workdir, queue) as pool:
-            pool.wait_ready()
+            pool.wait_ready(READY_TIMEOUT)
             time.sleep(1.0)  # past the boot: the first lease renewal and orphan scan
-            pids = pool.tree()
-            roles = pool.roles(pids)
-            cpu_before = {pid: process_cpu_ns(pid) for pid in pids}
-            ticks_before, redis_before = tree_ticks(pids), bench.redis_cpu_ns()
+            pids = pool.tree_pids()
+            roles = {pid: figure_role(pool, pid) for pid in pids}
+            cpu_before = {pid: procfs.cpu_ns(pid) for pid in pids}
+            ticks_before, redis_before = procfs.cpu_ticks(pids), bench.redis_cpu_ns()
             started = time.perf_counter()
             time.sleep(bench.settings.idle_seconds)
             elapsed = time.perf_counter() - started
             by_role = Counter()
             for pid in pids:
-                by_role[roles[pid]] += process_cpu_ns(pid) - cpu_before[pid]
+                by_role[roles[pid]] += procfs.cpu_ns(pid) - cpu_before[pid]
             cpu = sum(by_role.values())
-            ticks = tree_ticks(pids) - ticks_before
+            ticks = procfs.cpu_ticks(pids) - ticks_before
             redis_cpu = bench.redis_cpu_ns() - redis_before
-            code = pool.stop()
+            code = pool.stop(timeout=STOP_TIMEOUT)
             if code != 0:
                 raise CheckFailed(f"idle pool exited with {code} after SIGTERM\n{pool.stderr_tail()}")
     finally:
@@ -1301,18 +1114,9 @@ def measure_idle(bench: Bench) -> None:
     bench.figures["idle"] = percent
     bench.note(
         f"idle pool: {percent:.3f}% of one core ({len(pids)} processes; /proc/PID/stat ticks say "
-        f"{ticks / CLOCK_TICKS / elapsed * 100:.2f}%); redis-server meanwhile {redis_cpu / 1e9 / elapsed * 100:.3f}%"
+        f"{ticks / procfs.CLOCK_TICKS / elapsed * 100:.2f}%); redis-server meanwhile {redis_cpu / 1e9 / elapsed * 100:.3f}%"
     )
     bench.note("  of which " + ", ".join(f"{role} {ns / 1e9 / elapsed * 100:.3f}%" for role, ns in sorted(by_role.items())))
-
-
-def tree_ticks(pids: Sequence[int]) -> int:
-    total = 0
-    for pid in pids:
-        fields = stat_fields(pid)
-        if fields is not None:
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total
 
 
 # ---------------------------------------------------------------- report
@@ -1457,7 +1261,7 @@ def _interrupt(*_: object) -> None:
 @dataclass(frozen=True, slots=True)
 class PrivateRun:
     tmp: Path
-    segments: Segments
+    segments: SegmentTracker
     redis_server: LocalRedis
     client: redis.Redis
 
@@ -1469,7 +1273,7 @@ def private_run(prefix: str, base: Path | None) -> Iterator[PrivateRun]:
     # SIGTERM takes the same way out as Ctrl-C: through every finally.
     signal.signal(signal.SIGTERM, _interrupt)
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=base or Path(tempfile.gettempdir())))
-    segments = Segments()
+    segments = SegmentTracker(label="bench_")  # named as the pipeline names them, which the pool accepts
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
         cleanup.callback(segments.cleanup)
@@ -1500,7 +1304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if name in settings.sections:
                     try:
                         steps[name](bench)
-                    except CheckFailed as exc:
+                    except (CheckFailed, PoolFailed) as exc:
                         bench.failures.append(f"{name}: {exc}")
                         print(f"  FAILED: {exc}", flush=True)
         except KeyboardInterrupt:

@@ -42,7 +42,9 @@ from collections.abc import Iterator
 from http import HTTPStatus
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from harness import REPO_ROOT
+from harness.pool import environment_without
+
 POLL_SECONDS = 2.0  # as the page does
 START_TIMEOUT = 20.0
 
@@ -72,14 +74,14 @@ class Watchers:
 
 @contextlib.contextmanager
 def dashboard_clients(
-    *, redis_url: str, queue: str, output_dir: Path, clients: int, workdir: Path, env_drop: tuple[str, ...] = ()
+    *, redis_url: str, queue: str, output_dir: Path, clients: int, workdir: Path
 ) -> Iterator[Watchers | None]:
     """The dashboard and `clients` polling threads while the block runs; nothing when clients is 0."""
     if clients <= 0:
         yield None
         return
     workdir.mkdir(parents=True, exist_ok=True)
-    env = {name: value for name, value in os.environ.items() if name not in env_drop}
+    env = environment_without()  # none of the caller's pool settings
     env.update(REDIS_URL=redis_url, HOSTING_TASKS_QUEUE=queue, OUTPUT_DIR=str(output_dir), LOG_FORMAT="json")
     stderr_path = workdir / "dashboard.stderr"
     with open(stderr_path, "wb") as err:

@@ -109,7 +109,7 @@ def make_input(size: Size, fmt: str) -> bytes:
     import cv2
     import numpy as np
 
-    from tests.helpers import photo_of_size
+    from harness.photos import photo_of_size
 
     image = photo_of_size(size.height, size.width)
     # A band of grain repeated every 64 rows: too far apart for PNG's 32 KB

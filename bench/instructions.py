@@ -56,6 +56,9 @@ from pathlib import Path
 import redis
 
 import bench as throughput  # bench/bench.py, beside this file
+from harness import PoolFailed
+from harness.pool import Pool
+from harness.segments import SegmentTracker
 from shared.cli import OneLineParser, complain
 from shared.output import RESULTS_NAME
 from tools.local_redis import LocalRedis
@@ -154,7 +157,7 @@ def read_callgrind_file(path: Path) -> Counter[str]:
     return tally
 
 
-def roles_by_pid(pool: throughput.PoolProcess) -> dict[int, str]:
+def roles_by_pid(pool: Pool) -> dict[int, str]:
     """pid -> role, from the supervisor's `child_started` log lines."""
     roles = {pool.pid: "supervisor"}
     for event in pool.events("child_started"):
@@ -204,7 +207,7 @@ def count_limit(tasks: list[throughput.BenchTask], tmp: Path) -> dict[str, Count
 def limit_main(tasks_file: Path, jpeg_dir: Path) -> int:
     """Run inside callgrind: bench.run_limit on the tasks the parent made."""
     tasks = [throughput.BenchTask(rid, name, tuple(shape)) for rid, name, shape in json.loads(tasks_file.read_text())]
-    throughput.run_limit(tasks, jpeg_dir, throughput.Segments())
+    throughput.run_limit(tasks, jpeg_dir)
     return 0
 
 
@@ -215,28 +218,20 @@ def count_pool(
     workdir = Path(tempfile.mkdtemp(prefix="pool-", dir=tmp))
     queue = "bench_instructions_" + workdir.name.replace("-", "_")
     client.rpush(queue, *(task.message() for task in tasks))
-    pool = throughput.PoolProcess(
-        workdir=workdir,
-        output_dir=workdir / "out",
-        redis_url=server.url,
-        queue=queue,
-        workers=throughput.WORKERS,
-        wrapper=valgrind_command(workdir),
-    )
+    pool = throughput.bench_pool(workdir, redis_url=server.url, queue=queue, wrapper=valgrind_command(workdir))
     with contextlib.ExitStack() as stack:
-        stack.callback(pool.kill)
+        stack.callback(pool.kill_all)
         pool.start()
         pool.wait_ready(timeout=STARTUP_TIMEOUT)
         tail = throughput.ResultsTail(pool.output_dir / RESULTS_NAME)
         stack.callback(tail.close)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while tail.poll() < len(tasks):
-            if pool.proc.poll() is not None or time.monotonic() > deadline:
+            if pool.poll() is not None or time.monotonic() > deadline:
                 raise throughput.CheckFailed(f"{tail.count} of {len(tasks)} records\n{pool.stderr_tail()}")
             time.sleep(0.05)
         code = pool.stop(timeout=STARTUP_TIMEOUT)
-        # Segments() only names what to look for: each task's segment must be gone.
-        throughput.verify_pool_output(pool, tasks, client, throughput.Segments(), code)
+        throughput.verify_pool_output(pool, tasks, client, code)
     return by_role(read_counts(workdir), roles_by_pid(pool))
 
 
@@ -248,13 +243,13 @@ def per_task(low: Counter[str], high: Counter[str], tasks: int) -> dict[str, flo
     return {key: (high[key] - low[key]) / tasks for key in high.keys() | low.keys()}
 
 
-def native_ns_per_instruction(frames: list, segments: throughput.Segments, tmp: Path, limit_ir: float) -> float:
+def native_ns_per_instruction(frames: list, segments: SegmentTracker, tmp: Path, limit_ir: float) -> float:
     """The limit's CPU time per task measured natively (median of 3), over its
     instructions per task: the encoder's own pace, to read instructions as time."""
     cpu_us = []
     for round_ in range(3):
         tasks = throughput.make_tasks(segments, frames, 32, f"native{round_}")
-        cpu_us.append(throughput.run_limit(tasks, tmp / f"native-{round_}", segments).cpu_us_per_task)
+        cpu_us.append(throughput.run_limit(tasks, tmp / f"native-{round_}").cpu_us_per_task)
     return statistics.median(cpu_us) * 1000 / limit_ir
 
 
@@ -345,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
             limit_ir = statistics.median(r.limit["Ir"] for r in rounds)
             ns_per_ir = native_ns_per_instruction(frames, run.segments, run.tmp, limit_ir)
-        except throughput.CheckFailed as exc:
+        except (throughput.CheckFailed, PoolFailed) as exc:
             print(f"FAILED: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
