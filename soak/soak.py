@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +45,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +54,16 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import cv2
+import numpy as np
 import redis
 
-from image_result_client.producer import write_segment
+from harness import PoolFailed
+from harness.http_server import HttpServer
+from harness.photos import load_photos, photo_of_size
+from harness.pool import Pool
+from harness.results import read_results
+from harness.segments import SegmentTracker
 from shared.redis_queue import QueueKeys
-from tests.helpers import (
-    POOL_ENV_VARS,
-    HttpServer,
-    load_photos,
-    photo_of_size,
-    read_results,
-    segment_exists,
-    unlink_segment,
-)
 from tools.local_redis import LocalRedis
 
 QUEUE = "soak"
@@ -155,29 +152,10 @@ def plan_tasks(count: int, rng: random.Random, photo_sizes: dict[str, tuple[int,
 # ---------------------------------------------------------------- the pieces
 
 
-class Segments:
-    """Every segment this run made, and the frames it copies into them."""
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-        self._lock = threading.Lock()
-        self.frames = {size: photo_of_size(*size) for size in SHM_SIZES}
-
-    def make(self, size: tuple[int, int]) -> str:
-        """A segment holding a photo, created the way producers do."""
-        name = "img_shm_" + uuid.uuid4().hex
-        with self._lock:
-            self.names.add(name)  # before anything can fail: cleanup must find it
-        write_segment(name, self.frames[size])
-        return name
-
-    def leftovers(self) -> list[str]:
-        with self._lock:
-            return sorted(name for name in self.names if segment_exists(name))
-
-    def cleanup(self) -> None:
-        for name in self.leftovers():
-            unlink_segment(name)
+@cache
+def shm_frame(size: tuple[int, int]) -> np.ndarray:
+    """The photo every SHM task of this (height, width) carries."""
+    return photo_of_size(*size)
 
 
 def serve_photos(http: HttpServer) -> dict[str, tuple[int, int]]:
@@ -194,7 +172,7 @@ def serve_photos(http: HttpServer) -> dict[str, tuple[int, int]]:
     return sizes
 
 
-def message_for(task: Planned, http: HttpServer, segments: Segments) -> bytes:
+def message_for(task: Planned, http: HttpServer, segments: SegmentTracker) -> bytes:
     request_id, image_id = task.request_id, f"img_{task.index}"
     if task.kind == "bad_json":
         # Cut short: the pool cannot parse it, but the dead letter keeps the text.
@@ -202,7 +180,7 @@ def message_for(task: Planned, http: HttpServer, segments: Segments) -> bytes:
     message: dict[str, Any] = {"request_id": request_id, "image_id": image_id}
     if task.kind == "shm":
         height, width = task.size  # type: ignore[misc]
-        name = segments.make(task.size)  # type: ignore[arg-type]
+        name = segments.make(shm_frame(task.size))  # type: ignore[arg-type]
         message["shm_info"] = {"shm_name": name, "shape": [height, width, 3], "dtype": "uint8", "size": height * width * 3}
     elif task.kind == "bad_missing_segment":
         never_made = "img_shm_" + uuid.uuid4().hex
@@ -220,7 +198,7 @@ class Producer(threading.Thread):
     """Pushes the plan in chunks, keeping the queue under max_pending."""
 
     def __init__(self, plan: list[Planned], *, url: str, settings: SoakSettings, http: HttpServer,
-                 segments: Segments, redis_lock: threading.Lock) -> None:
+                 segments: SegmentTracker, redis_lock: threading.Lock) -> None:
         super().__init__(name="producer", daemon=True)
         self.plan, self.url, self.settings = plan, url, settings
         self.http, self.segments, self.redis_lock = http, segments, redis_lock
@@ -257,23 +235,6 @@ class Producer(threading.Thread):
         return self.pushed >= len(self.plan) or self.error is not None or not self.is_alive()
 
 
-def pool_children(supervisor_pid: int) -> dict[int, str]:
-    """pid -> process title of the supervisor's live children."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            if stat[0] == "Z" or int(stat[1]) != supervisor_pid:
-                continue
-            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue  # exited while we looked
-        children[int(entry)] = title
-    return children
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -283,12 +244,11 @@ class Chaos:
     kills: Counter = field(default_factory=Counter)
     redis_restarts: int = 0
 
-    def kill_one(self, supervisor_pid: int) -> None:
+    def kill_one(self, pool: Pool) -> None:
         """SIGKILL a random worker, or every 4th time the ledger; a miss (child
         between death and respawn) is tried again next period."""
         role = "ledger" if sum(self.kills.values()) % 4 == 3 else "worker"
-        marker = ": ledger" if role == "ledger" else ": worker "
-        targets = [pid for pid, title in pool_children(supervisor_pid).items() if marker in title]
+        targets = [pid for pid, its_role in pool.children_by_role().items() if its_role == role]
         if not targets:
             return
         try:
@@ -303,13 +263,12 @@ class Soak:
         self.settings = settings
         self.workdir = workdir
         self.output_dir = workdir / "out"
-        self.log_path = workdir / "pool.log"
         self.redis = LocalRedis(data_dir=workdir / "redis", persist=True)
         self.http = HttpServer()
-        self.segments = Segments()
+        self.segments = SegmentTracker()
         self.redis_lock = threading.Lock()
         self.chaos = Chaos(random.Random(settings.seed + 1))
-        self.pool: subprocess.Popen[bytes] | None = None
+        self.pool: Pool | None = None
         self.producer: Producer | None = None
         self.plan: list[Planned] = []
         self.failures: list[str] = []
@@ -347,27 +306,17 @@ class Soak:
               + f") workers={s.workers} kill_every={s.kill_every:g}s seed={s.seed}", flush=True)
 
     def start_pool(self) -> None:
-        env = {name: value for name, value in os.environ.items() if name not in POOL_ENV_VARS}
-        env.update(REDIS_URL=self.redis.url, HOSTING_TASKS_QUEUE=QUEUE, OUTPUT_DIR=str(self.output_dir),
-                   LOG_FORMAT="json", LOG_LEVEL="INFO", MAX_ATTEMPTS=str(MAX_ATTEMPTS), PYTHONUNBUFFERED="1")
-        env["URL_ALLOW_LOOPBACK"] = "true"  # its photo server listens on 127.0.0.1
-        with open(self.log_path, "ab") as log:
-            self.pool = subprocess.Popen(
-                [sys.executable, "supervisor.py", "--workers", str(self.settings.workers)],
-                cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                # Its own session: our Ctrl-C does not reach it, and cleanup kills it whole.
-                start_new_session=True,
-            )
+        # Its own session: our Ctrl-C does not reach it, and cleanup kills it whole.
+        self.pool = Pool(workdir=self.workdir, output_dir=self.output_dir, redis_url=self.redis.url, queue=QUEUE,
+                         workers=self.settings.workers, env={"MAX_ATTEMPTS": str(MAX_ATTEMPTS)})
+        self.pool.start()
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if any(e.get("event") == "pool_ready" for e in self.log_events()):
-                return
-            if self.pool.poll() is not None:
-                raise RuntimeError(f"pool exited with {self.pool.returncode} before pool_ready")
-            time.sleep(0.1)
-        raise RuntimeError(f"no pool_ready within {READY_TIMEOUT:.0f}s")
+        self.pool.wait_ready(READY_TIMEOUT)
+
+    @property
+    def log_path(self) -> Path | None:
+        return self.pool.stderr_path if self.pool is not None else None
 
     def run_chaos(self, deadline: float) -> None:
         """Kill children and restart Redis while the producer is still pushing."""
@@ -378,7 +327,7 @@ class Soak:
             if not self.chaos.redis_restarts and self.producer.pushed >= self.settings.tasks / 2:
                 self.restart_redis()
             if time.monotonic() >= next_kill:
-                self.chaos.kill_one(self.pool.pid)
+                self.chaos.kill_one(self.pool)
                 next_kill += self.settings.kill_every
             if time.monotonic() >= next_progress:
                 self.print_progress("chaos")
@@ -413,10 +362,9 @@ class Soak:
         self.failures.append(f"timeout: fewer than {self.producer.pushed} records after {self.settings.timeout:g}s")
 
     def stop_pool(self) -> None:
-        self.pool.send_signal(signal.SIGTERM)
         try:
-            self.pool_exit = self.pool.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
+            self.pool_exit = self.pool.stop(timeout=STOP_TIMEOUT)
+        except PoolFailed:  # the harness killed it
             self.failures.append(f"supervisor still running {STOP_TIMEOUT:.0f}s after SIGTERM")
             return
         if self.pool_exit != 0:
@@ -424,7 +372,7 @@ class Soak:
 
     def check_alive(self) -> None:
         if self.pool.poll() is not None:
-            raise RuntimeError(f"supervisor exited with {self.pool.returncode} in the middle of the run")
+            raise RuntimeError(f"supervisor exited with {self.pool.poll()} in the middle of the run")
 
     def print_progress(self, phase: str) -> None:
         try:
@@ -441,26 +389,11 @@ class Soak:
         seconds = self.last_record_at - self.producer.first_push_at
         return self.settings.tasks / seconds, seconds
 
-    def log_events(self) -> list[dict[str, Any]]:
-        events = []
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return events
-        for line in text.splitlines():
-            try:
-                parsed = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(parsed, dict):
-                events.append(parsed)
-        return events
-
     # -- verification --------------------------------------------------
 
     def verify(self) -> Report:
         records = read_results(self.output_dir)
-        events = self.log_events()
+        events = self.pool.log_lines()
         client = redis.Redis.from_url(self.redis.url)
         try:
             dead = [json.loads(raw) for raw in client.lrange(QueueKeys(QUEUE).dead, 0, -1)]
@@ -490,11 +423,7 @@ class Soak:
             self.producer.stop_requested.set()
             self.producer.join(timeout=10)
         if self.pool is not None:
-            try:
-                os.killpg(self.pool.pid, signal.SIGKILL)  # the supervisor's whole session
-            except ProcessLookupError:
-                pass
-            self.pool.wait(timeout=10)
+            self.pool.kill_all()
         self.http.stop()
         self.redis.stop()
         self.segments.cleanup()
@@ -688,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"FAILED: {exc}", flush=True)
     finally:
         soak.cleanup()
-        if soak.log_path.exists():
+        if soak.log_path is not None and soak.log_path.exists():
             shutil.copyfile(soak.log_path, LOG_COPY)
             if not ok:
                 print(f"pool log: {LOG_COPY}", flush=True)
