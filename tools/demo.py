@@ -18,27 +18,22 @@ running beforehand. Hazards handled here:
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import select
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from contextlib import ExitStack
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as `python tools/demo.py`: make the repo importable
 
-import cv2
 import redis
 
+from harness import PoolFailed
+from harness.http_server import HttpServer
+from harness.photos import read_photo, skimage_data_dir
+from harness.pool import Pool
 from image_result_client.__main__ import ProgressBar, record_line
 from image_result_client.producer import Producer, Submission, WaitTimeout, unlink_segment
 from tools.local_redis import LocalRedis
@@ -47,20 +42,16 @@ QUEUE = "demo"
 WORKERS = 2
 OUTPUT_DIR = REPO / "output" / "demo"
 SHM_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "camera.png", "rocket.jpg")
-URL_PHOTO = "motorcycle_left.png"
+URL_PHOTO, URL_PHOTO_TYPE = "motorcycle_left.png", "image/png"
 READY_TIMEOUT = 30.0
 WAIT_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-# The pool's settings that the demo decides; every other one comes from the
+# The pool's settings that the demo decides, beside the harness's (Redis, queue,
+# OUTPUT_DIR, JSON logs, loopback URLs allowed); every other one comes from the
 # environment or .env as usual.
-POOL_ENV = {
-    "HOSTING_TASKS_QUEUE": QUEUE,
-    "OUTPUT_DIR": str(OUTPUT_DIR),
-    "LOG_FORMAT": "json",
+POOL_SETTINGS = {
     "UNLINK_SHM": "true",
     "URL_ALLOWED_HOSTS": "",  # a .env allowlist must not refuse our loopback server
-    "URL_ALLOW_LOOPBACK": "true",  # which the pool refuses by default
-    "PYTHONUNBUFFERED": "1",
 }
 
 
@@ -72,107 +63,15 @@ def say(message: str) -> None:
     print(f"demo: {message}", flush=True)
 
 
-def skimage_data_dir() -> Path:
-    # find_spec finds the photos without paying for scikit-image's import.
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or spec.origin is None:
-        raise DemoError("scikit-image is not installed (make demo installs requirements-dev.txt)")
-    return Path(spec.origin).parent / "data"
-
-
-def read_photo(path: Path):
-    flags = cv2.IMREAD_GRAYSCALE if path.name == "camera.png" else cv2.IMREAD_COLOR
-    frame = cv2.imread(str(path), flags)
-    if frame is None:
-        raise DemoError(f"cannot read {path}")
-    return frame
-
-
-class PhotoServer:
-    """One file on http://127.0.0.1:<free port>/<name>, from a daemon thread."""
-
-    def __init__(self, path: Path) -> None:
-        body, route = path.read_bytes(), "/" + path.name
-        content_type = "image/png" if path.suffix == ".png" else "image/jpeg"
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                found = self.path == route
-                self.send_response(200 if found else 404)
-                self.send_header("Content-Type", content_type if found else "text/plain")
-                self.send_header("Content-Length", str(len(body) if found else 0))
-                self.end_headers()
-                if found:
-                    self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="photo-server", daemon=True)
-        self._thread.start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}{route}"
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-
-class DemoPool:
-    """`python supervisor.py` in its own session, with a notify socket we own."""
-
-    def __init__(self, *, redis_url: str, run_dir: Path) -> None:
-        self.redis_url = redis_url
-        self.log_path = run_dir / "pool.log"
-        self.notify_path = run_dir / "notify.sock"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.notify.bind(str(self.notify_path))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHDOG_", "LISTEN_"))}
-        env.update(POOL_ENV, REDIS_URL=self.redis_url, NOTIFY_SOCKET=str(self.notify_path))
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "supervisor.py", "--workers", str(WORKERS)],
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # our Ctrl-C must not reach it: we stop it ourselves, in order
-            )
-
-    def wait_ready(self, timeout: float) -> None:
-        assert self.proc is not None, "pool not started"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DemoError(f"the pool exited with {self.proc.returncode} before READY=1\n{self.log_tail()}")
-            readable, _, _ = select.select([self.notify], [], [], 0.1)
-            if readable and "READY=1" in self.notify.recv(65536).decode(errors="replace").splitlines():
-                return
-        raise DemoError(f"the pool sent no READY=1 within {timeout:g}s\n{self.log_tail()}")
-
-    def stop(self, timeout: float) -> int | None:
-        """SIGTERM, then SIGKILL to the whole session; returns the exit code."""
-        self.notify.close()
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: pgid == pid
-                self.proc.wait()
-        return self.proc.returncode
-
-    def log_tail(self, lines: int = 15) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "--- pool log (tail) ---\n" + "\n".join(text.splitlines()[-lines:])
+def stop_pool(pool: Pool) -> None:
+    """SIGTERM (drain, exit 0); past STOP_TIMEOUT the harness SIGKILLs its whole session."""
+    if pool.proc is None:
+        return  # it never started
+    try:
+        code = pool.stop(timeout=STOP_TIMEOUT)
+    except PoolFailed:
+        code = pool.poll()
+    say(f"stopped the pool (exit {code})")
 
 
 def stop_on_sigterm() -> None:
@@ -198,27 +97,32 @@ def run_demo(run_dir: Path, stack: ExitStack) -> int:
     redis_server.start()
     say(f"started a private Redis at {redis_server.url} (data in {run_dir})")
 
-    photo_server = PhotoServer(data / URL_PHOTO)
+    photo_server = HttpServer().start()
     stack.callback(photo_server.stop)
-    say(f"serving {URL_PHOTO} at {photo_server.url}")
+    photo_url = photo_server.add("/" + URL_PHOTO, (data / URL_PHOTO).read_bytes(), content_type=URL_PHOTO_TYPE)
+    say(f"serving {URL_PHOTO} at {photo_url}")
 
     submissions: list[Submission] = []
     # Runs after the pool has stopped: unlink what it did not consume (nothing, after a clean run).
     stack.callback(unlink_unconsumed, submissions)
-    pool = DemoPool(redis_url=redis_server.url, run_dir=run_dir)
-    stack.callback(lambda: say(f"stopped the pool (exit {pool.stop(STOP_TIMEOUT)})"))
+    pool = Pool(
+        workdir=run_dir, output_dir=OUTPUT_DIR, redis_url=redis_server.url, queue=QUEUE, workers=WORKERS,
+        env=POOL_SETTINGS, inherit_settings=True,
+    )
+    stack.callback(pool.kill_all)  # whatever stop_pool left, and the notify socket
+    stack.callback(stop_pool, pool)
     pool.start()
     pool.wait_ready(READY_TIMEOUT)
     say(f"pool ready: {WORKERS} workers on queue {QUEUE!r}, OUTPUT_DIR={OUTPUT_DIR}")
 
     producer = stack.enter_context(Producer.from_url(redis_server.url, queue=QUEUE))
     for name in SHM_PHOTOS:
-        frame = read_photo(data / name)
+        frame = read_photo(name)
         submission = producer.submit_array(frame, image_id=Path(name).stem)
         submissions.append(submission)
         shape = "x".join(map(str, frame.shape))
         say(f"queued {name:<14} {shape:<9} {frame.dtype} through /dev/shm/{submission.segment}")
-    submissions.append(producer.submit_url(photo_server.url, image_id=Path(URL_PHOTO).stem))
+    submissions.append(producer.submit_url(photo_url, image_id=Path(URL_PHOTO).stem))
     say(f"queued {URL_PHOTO} by URL")
 
     bar = ProgressBar(len(submissions), stream=sys.stdout)
@@ -226,7 +130,7 @@ def run_demo(run_dir: Path, stack: ExitStack) -> int:
         records = producer.wait(submissions, output_dir=OUTPUT_DIR, timeout=WAIT_TIMEOUT, on_progress=bar.on_progress)
     except WaitTimeout as exc:
         bar.finish()
-        raise DemoError(f"{exc}\n{pool.log_tail()}") from None
+        raise DemoError(f"{exc}\n{pool.stderr_tail()}") from None
     bar.finish()
     for record in records:
         print(record_line(record))
@@ -252,7 +156,8 @@ def main() -> int:
                 return run_demo(run_dir, stack)
             finally:
                 ignore_interrupts()  # before the stack unwinds: cleanup is bounded, let it finish
-    except (DemoError, RuntimeError, redis.RedisError) as exc:  # RuntimeError: Redis could not start
+    # RuntimeError: Redis could not start, or no photos; PoolFailed: the pool did not start or stop.
+    except (DemoError, PoolFailed, RuntimeError, redis.RedisError) as exc:
         print(f"demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
