@@ -34,6 +34,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from harness import procfs
+
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 LOG_NAME = "redis.log"
@@ -369,26 +371,14 @@ def stop(data_dir: Path) -> int:
 
 
 def _is_redis_server(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"redis-server" in cmdline and not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+    return "redis-server" in (procfs.cmdline(pid) or "") and procfs.pid_alive(pid)
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
     # Not our child, so no waitpid: poll /proc until it is gone or a zombie.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+        if not procfs.pid_alive(pid):
             return True
         time.sleep(0.05)
     return False
