@@ -158,14 +158,22 @@ def load_settings(args: argparse.Namespace, *, dotenv_path: Path = Path(".env"))
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """The settings in a `.env` file, read as the pool reads it; none without one."""
-    if not path.is_file():
-        return {}
+    """The settings in a `.env` file, read as the pool reads it (shared/config.py);
+    none without one."""
     try:
+        if not path.is_file():
+            return {}
         from dotenv import dotenv_values
+
+        with path.open(encoding="utf-8") as stream:
+            values = dotenv_values(stream=stream)
     except ImportError:
         raise UsageError(f"reading {path} needs python-dotenv: {CLI_EXTRA}") from None
-    return {name: value for name, value in dotenv_values(path).items() if value is not None}
+    except OSError as exc:
+        raise UsageError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def opencv() -> ModuleType:

@@ -96,9 +96,7 @@ class Settings:
         workers_override: int | None = None,
     ) -> Settings:
         """Build settings from `.env` overlaid by `environ` (default: os.environ)."""
-        merged: dict[str, str] = {}
-        if dotenv_path is not None and dotenv_path.is_file():
-            merged.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        merged: dict[str, str] = {} if dotenv_path is None else read_dotenv(dotenv_path)
         merged.update(os.environ if environ is None else environ)
         return _parse(merged, workers_override)
 
@@ -107,6 +105,21 @@ class Settings:
 
 
 DEFAULTS = Settings()
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """The settings a `.env` file holds; none if there is no such file. One that
+    is there but cannot be read is a bad setting, not a silent fall back to defaults."""
+    try:
+        if not path.is_file():
+            return {}
+        with path.open(encoding="utf-8") as stream:
+            values = dotenv_values(stream=stream)
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    return {name: value for name, value in values.items() if value is not None}
 
 
 def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:

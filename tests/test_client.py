@@ -448,6 +448,19 @@ def test_cli_usage_errors_exit_2_with_one_line_and_queue_nothing(
     assert redis_client.llen(queue_name) == 0  # checked before anything was queued
 
 
+def test_cli_dotenv_that_is_not_text_exits_2_with_one_line_and_queues_nothing(
+    redis_client: redis.Redis, queue_name: str, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    cv2.imwrite(str(tmp_path / "good.png"), photos["camera"])
+    (tmp_path / ".env").write_bytes(b"\xff\xfeHOSTING_TASKS_QUEUE=" + queue_name.encode() + b"\n")
+
+    done = run_cli(["enqueue", "good.png"], cwd=tmp_path, env={})
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == "image-result-client: .env is not UTF-8 text (byte 0)"
+    assert redis_client.llen(queue_name) == 0
+
+
 def test_cli_unreachable_redis_exits_1_with_one_line_and_no_segment(
     photos: dict[str, np.ndarray], tmp_path: Path
 ) -> None:

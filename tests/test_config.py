@@ -22,7 +22,7 @@ import pytest
 
 from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
-from shared.config import ConfigError, Settings, redact_url
+from shared.config import ConfigError, Settings, read_dotenv, redact_url
 from shared.output_dir import check_output_dir
 
 SUPERVISOR = REPO_ROOT / "supervisor.py"
@@ -163,6 +163,26 @@ def test_supervisor_rejects_bad_input_with_one_line_and_exit_2(
     assert "Traceback" not in stderr
     assert seconds < 5
     assert not (tmp_path / "out").exists()  # refused before touching OUTPUT_DIR
+
+
+@pytest.mark.parametrize("args", [(), ("status",), ("dead", "list")], ids=["pool", "status", "dead-list"])
+def test_a_dotenv_that_is_not_text_is_one_line_naming_it_and_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    (tmp_path / ".env").write_bytes(b"\xff\xfeWORKERS=2\n")  # UTF-16 saved by an editor
+    code, stderr, _ = run_supervisor(tmp_path, args)
+    assert code == 2, stderr
+    assert stderr.strip() == "image-result-worker: .env is not UTF-8 text (byte 0)"
+    assert not (tmp_path / "out").exists()
+
+
+def test_dotenv_reading_gives_its_settings_or_a_one_line_error(tmp_path: Path) -> None:
+    assert read_dotenv(tmp_path / "absent.env") == {}
+    (tmp_path / "a.env").write_text("# a comment\nWORKERS=3\nEMPTY\n")
+    assert read_dotenv(tmp_path / "a.env") == {"WORKERS": "3"}
+    (tmp_path / "dir.env").mkdir()
+    assert read_dotenv(tmp_path / "dir.env") == {}  # not a file: as if absent, like python-dotenv
+    (tmp_path / "latin1.env").write_bytes("OUTPUT_DIR=/srv/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.env is not UTF-8 text \(byte 19\)"):
+        read_dotenv(tmp_path / "latin1.env")
 
 
 # ---------------------------------------------------------------- OUTPUT_DIR and METRICS_PORT
