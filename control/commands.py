@@ -21,7 +21,6 @@ without a terminal), always with one line on stderr, never a traceback.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from pathlib import Path
 import redis
 
 from control.drain import HostStillServed, drain_host
+from control.lookup import dead_letter_message, json_object
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
@@ -549,13 +549,18 @@ def _confirm(question: str) -> bool:
 
 def _requeue_dead(registry: PoolRegistry, *, limit: int | None) -> int:
     """Oldest first; each message goes back as the producer sent it, once."""
-    moved = 0
+    moved = unreadable = 0
     end = -1 if limit is None else max(0, limit) - 1
     for raw in registry.client.lrange(registry.keys.dead, 0, end):
-        entry = json.loads(raw)
-        message = (
-            base64.b64decode(entry["message_base64"]) if "message_base64" in entry else entry["message"].encode()
-        )
+        # Anyone who may write the list may have put anything there: such an
+        # entry stays, for `dead show` to look at, and the rest go on.
+        message = dead_letter_message(json_object(raw) or {})
+        if message is None:
+            unreadable += 1
+            continue
         moved += registry.requeue_dead_letter(raw, message)
     say(f"requeued {moved} dead letters")
+    if unreadable:
+        complain(f"{unreadable} entries hold no message the pool wrote and stay in the list (see `dead list`)")
+        return UNHEALTHY
     return exitcodes.OK

@@ -265,6 +265,26 @@ def dead_letter(client, queue: str, *, failed_at: datetime, request_id: str | No
     ))
 
 
+def test_dead_requeue_replays_what_it_can_and_leaves_entries_that_are_not_dead_letters(
+    redis_server, redis_client, queue_name, tmp_path
+):
+    dead_key = QueueKeys(queue_name).dead
+    redis_client.rpush(dead_key, b"not json at all")
+    dead_letter(redis_client, queue_name, failed_at=datetime.now(), request_id="r1", error="HTTP 404 Not Found",
+                message=b'{"request_id": "r1", "image_url": "http://x/a.jpg"}')
+    redis_client.rpush(dead_key, b'{"error": "an entry without its message"}')
+
+    done = operator_command("dead", "requeue", redis_url=redis_server.url, queue=queue_name, output_dir=tmp_path)
+
+    assert done.returncode == 1, done
+    assert done.stdout == "requeued 1 dead letters\n"
+    assert done.stderr == (
+        "image-result-worker: 2 entries hold no message the pool wrote and stay in the list (see `dead list`)\n"
+    )
+    assert redis_client.lrange(queue_name, 0, -1) == [b'{"request_id": "r1", "image_url": "http://x/a.jpg"}']
+    assert redis_client.lrange(dead_key, 0, -1) == [b"not json at all", b'{"error": "an entry without its message"}']
+
+
 def test_dead_list_filters_by_error_and_age_and_show_prints_one_whole(redis_server, redis_client, queue_name, tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         done = operator_command(*args, redis_url=redis_server.url, queue=queue_name, output_dir=tmp_path)
