@@ -90,6 +90,11 @@ class PoolView:
     queue_gauges: tuple[Gauge, ...] = ()
     published_at: float = field(default_factory=time.monotonic)
 
+    def serving(self) -> bool:
+        """Healthy, as the loop said no longer than LOOP_STALE_SECONDS ago:
+        a loop that stopped publishing is not vouching for the pool."""
+        return self.healthy and time.monotonic() - self.published_at < LOOP_STALE_SECONDS
+
 
 class PoolCollector:
     """Turns the newest PoolView into metric families; registered once, read per scrape."""
@@ -120,6 +125,7 @@ class PoolCollector:
         for name, help_text, value in view.queue_gauges:
             yield GaugeMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily("image_result_workers", "Live worker processes", value=view.live_workers)
+        yield GaugeMetricFamily("image_result_ready", "1 while /healthz answers ok, else 0", value=int(view.serving()))
 
 
 @dataclass(eq=False, slots=True)
@@ -362,9 +368,7 @@ class MetricsEndpoint:
         elif path == "/metrics":
             status, body, kind = "200 OK", generate_latest(self.registry), "text/plain; version=0.0.4"
         elif path == "/healthz":
-            view = self.view
-            fresh = time.monotonic() - view.published_at < LOOP_STALE_SECONDS
-            if view.healthy and fresh:
+            if self.view.serving():
                 status, body, kind = "200 OK", b"ok\n", "text/plain"
             else:
                 status, body, kind = "503 Service Unavailable", b"unhealthy\n", "text/plain"

@@ -66,6 +66,7 @@ def test_metrics_count_tasks_phases_restarts_and_queue(pool_factory, redis_clien
     assert sample(text, "image_result_queue_depth") == 0
     assert sample(text, "image_result_dead_letters") == 1
     assert sample(text, "image_result_workers") == 2
+    assert sample(text, "image_result_ready") == 1
 
     os.kill(worker_pids(pool)[0], signal.SIGKILL)
     wait_until(
@@ -202,14 +203,18 @@ def test_a_flood_of_connects_does_not_cost_a_scrape_its_answer(endpoint):
 def test_healthz_follows_what_the_loop_publishes(endpoint, monkeypatch):
     server = endpoint()
     assert scrape(server.port, "/healthz") == (200, "ok\n")
+    assert sample(scrape(server.port)[1], "image_result_ready") == 1
     monkeypatch.setattr(metrics, "LOOP_STALE_SECONDS", 0.0)  # a loop that stopped publishing
     assert scrape(server.port, "/healthz") == (503, "unhealthy\n")
+    assert sample(scrape(server.port)[1], "image_result_ready") == 0
     monkeypatch.undo()
     server.publish(healthy=False, live_workers=1)
     assert scrape(server.port, "/healthz") == (503, "unhealthy\n")
+    assert sample(scrape(server.port)[1], "image_result_ready") == 0
     server.child_restarted("worker")
     server.publish(healthy=True, live_workers=3)
     text = scrape(server.port)[1]
+    assert sample(text, "image_result_ready") == 1
     assert sample(text, "image_result_workers") == 3
     assert sample(text, "image_result_child_restarts_total", role="worker") == 1
     assert sample(text, "image_result_queue_depth") == 3
