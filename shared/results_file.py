@@ -12,7 +12,7 @@ complete record line and writes the closing bracket again. Records after that
 point were never acknowledged, so their tasks are redelivered.
 
 A reader that races an append may see a torn tail for a moment; it should
-retry, as tests/helpers.read_results does.
+retry, as harness/results.py does.
 """
 
 from __future__ import annotations
