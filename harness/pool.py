@@ -34,18 +34,13 @@ import redis
 
 from harness import REPO_ROOT, PoolFailed, procfs
 from harness.notify import NotifySocket
+from shared.config import setting_names
 from shared.redis_queue import QueueKeys
 
 # What systemd hands a service; the pool acts on each, so none may leak in from a caller's session.
 SYSTEMD_ENV_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
-# Settings the pool reads from its environment, and systemd's.
-POOL_ENV_VARS = (
-    "REDIS_URL", "HOSTING_TASKS_QUEUE", "OUTPUT_DIR", "JPEG_QUALITY", "LOG_LEVEL",
-    "LOG_FORMAT", "WORKERS", "SHUTDOWN_GRACE", "UNLINK_SHM", "MAX_ATTEMPTS",
-    "TASK_TIMEOUT", "DEAD_LETTER_MAX", "MAX_MESSAGE_BYTES", "MAX_PIXELS",
-    "URL_CONNECT_TIMEOUT", "URL_READ_TIMEOUT", "URL_MAX_BYTES", "URL_MAX_REDIRECTS",
-    "LEASE_TTL", *SYSTEMD_ENV_VARS,
-)
+# Every setting the pool reads from its environment, and systemd's.
+POOL_ENV_VARS = (*setting_names(), *SYSTEMD_ENV_VARS)
 # Titles the children set: "image-result-worker: worker 3", "image-result-worker: ledger".
 WORKER_TITLE, LEDGER_TITLE = ": worker ", ": ledger"
 

@@ -122,6 +122,20 @@ def read_dotenv(path: Path) -> dict[str, str]:
     return {name: value for name, value in values.items() if value is not None}
 
 
+def setting_names() -> tuple[str, ...]:
+    """Every environment variable the settings are read from, as _parse reads
+    them: what a launcher must clear so that none leaks in from its own shell."""
+    asked: list[str] = []
+
+    class Recorder(dict):
+        def get(self, name: str, default: object = None) -> object:
+            asked.append(name)
+            return default
+
+    _parse(Recorder(), workers_override=None)
+    return tuple(asked)
+
+
 def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
     def get(name: str, parse: Callable[[str, str], T], default: T) -> T:
         raw = env.get(name, "").strip()

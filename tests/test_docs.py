@@ -85,6 +85,8 @@ def test_the_code_reader_finds_every_setting() -> None:
     assert mapping["WORKERS"] == "workers"  # read into a local first
     assert mapping["SHM_NAME_PREFIX"] == "shm_name_prefix"  # read with env.get
     assert len(mapping) == len(fields(Settings))
+    # What launchers clear from their environment (harness.pool.POOL_ENV_VARS): the same names.
+    assert sorted(config.setting_names()) == sorted(mapping)
 
 
 # ---------------------------------------------------------------- the settings table
