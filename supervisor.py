@@ -308,15 +308,20 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
     def sleep(self, seconds: float) -> None:
-        """Wait for a signal, a child's death or the timeout; then dispatch signals."""
+        """Wait for a signal, a child's death or the timeout; then act on the signals."""
+        for sig in self.wait_for_wakeup(seconds):
+            self.signal_methods[sig]()
+
+    def wait_for_wakeup(self, seconds: float) -> list[signal.Signals]:
+        """The signals that came, in order; none when a child's death or the
+        timeout ended the wait."""
         waitables = [self.wakeup_r, *(child.process.sentinel for child in self.children())]
         multiprocessing.connection.wait(waitables, timeout=seconds)
         try:
             received = os.read(self.wakeup_r, 64)
         except BlockingIOError:
-            received = b""
-        for number in received:
-            self.signal_methods.get(signal.Signals(number), lambda: None)()
+            return []
+        return [signal.Signals(number) for number in received if number in self.signal_methods]
 
     def handle_term(self) -> None:
         if self.stopping:

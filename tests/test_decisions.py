@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import signal
 import subprocess
 import time
@@ -147,6 +148,19 @@ def test_a_silent_worker_is_killed_after_task_timeout_and_a_beating_one_is_not(s
     assert sleepers[0].wait(timeout=5) == -signal.SIGKILL
     assert sleepers[1].poll() is None
     assert silent.killed_because and beating.killed_because is None
+
+
+def test_signals_are_acted_on_by_the_loop_in_the_order_they_came(supervisor):
+    """A handler only writes the signal's number to the wakeup pipe (set_wakeup_fd);
+    the loop's wait reads them and the loop dispatches each."""
+    os.write(supervisor.wakeup_w, bytes([signal.SIGTTIN, signal.SIGTTIN, signal.SIGUSR1, signal.SIGTERM]))
+    assert supervisor.wait_for_wakeup(0) == [signal.SIGTTIN, signal.SIGTTIN, signal.SIGTERM]  # not ours: left out
+    assert supervisor.wait_for_wakeup(0) == []  # each is read once
+    assert not supervisor.stopping
+    os.write(supervisor.wakeup_w, bytes([signal.SIGTTOU, signal.SIGTERM, signal.SIGTERM]))
+    supervisor.sleep(0)
+    assert supervisor.desired == 2
+    assert supervisor.stopping and supervisor.fast_stop  # a second TERM hurries the shutdown
 
 
 def test_ttou_retires_the_highest_slot_gracefully_and_ttin_adds_one(supervisor, sleepers):
