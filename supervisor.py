@@ -464,8 +464,8 @@ class Supervisor:
             self.log.error("metrics_thread_failed", error=repr(self.metrics.failure))
             with signals_blocked():
                 self.metrics.start()
-        if self.metrics_pipe is not None:
-            self.metrics.read_snapshots(self.metrics_pipe)
+        if self.metrics_pipe is not None and (refused := self.metrics.read_snapshots(self.metrics_pipe)):
+            self.log.warning("metrics_snapshot_refused", snapshots=refused)
         self.metrics.publish(healthy=self.healthy(), live_workers=len(self.workers))
 
     def healthy(self) -> bool:

@@ -63,7 +63,7 @@ from prometheus_client.core import (
 from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, ReliableQueue
-from shared.task_stats import BUCKETS, TaskStats
+from shared.task_stats import BUCKETS, MAX_SNAPSHOT_BYTES, TaskStats
 
 # From accept to the reply's last byte; a scrape takes milliseconds.
 REQUEST_DEADLINE = 5.0
@@ -194,19 +194,29 @@ class MetricsEndpoint:
         self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
         self._thread.start()
 
-    def read_snapshots(self, fd: int) -> None:
-        """Keep the newest complete snapshot the ledger wrote to its pipe."""
+    def read_snapshots(self, fd: int) -> int:
+        """Keep the newest complete snapshot the ledger wrote to its pipe; returns
+        how many it refused as not what our ledger writes (the last good counts
+        stay, and the next snapshot carries them and more)."""
         try:
             while chunk := os.read(fd, 65536):
                 self._pipe_buffer += chunk
         except BlockingIOError:
             pass
+        refused = 0
         while len(self._pipe_buffer) >= 4:
             size = int.from_bytes(self._pipe_buffer[:4], "big")
+            if size > MAX_SNAPSHOT_BYTES:  # no frame of ours: nothing after it can be trusted either
+                self._pipe_buffer = b""
+                return refused + 1
             if len(self._pipe_buffer) < 4 + size:
                 break
-            self._current = TaskStats.from_bytes(self._pipe_buffer[4 : 4 + size])
-            self._pipe_buffer = self._pipe_buffer[4 + size :]
+            snapshot, self._pipe_buffer = self._pipe_buffer[4 : 4 + size], self._pipe_buffer[4 + size :]
+            try:
+                self._current = TaskStats.from_bytes(snapshot)
+            except ValueError:
+                refused += 1
+        return refused
 
     def ledger_replaced(self) -> None:
         """The ledger's counts are cumulative since it started: bank them."""

@@ -5,12 +5,15 @@ a task took. It sends the whole cumulative snapshot to the supervisor about
 once a second over a non-blocking pipe; a snapshot is small and fixed-size
 (one pipe write, so it arrives whole or not at all), and a dropped one is
 superseded by the next. The supervisor turns snapshots into Prometheus metrics.
+
+Snapshots are JSON, not pickle: the supervisor, the one process that holds
+every other, reads them, and nothing a child sends it may run as code there.
 """
 
 from __future__ import annotations
 
 import bisect
-import pickle
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -57,9 +60,25 @@ class TaskStats:
         self.duplicates += other.duplicates
 
     def to_bytes(self) -> bytes:
-        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+        snapshot = {
+            "outcomes": [[status, source, count] for (status, source), count in sorted(self.outcomes.items())],
+            "phases": {phase: [h.buckets, h.total, h.count] for phase, h in self.phases.items()},
+            "duplicates": self.duplicates,
+        }
+        return json.dumps(snapshot, separators=(",", ":")).encode()
 
     @staticmethod
     def from_bytes(data: bytes) -> TaskStats:
-        # From our own ledger, over a pipe only it holds.
-        return pickle.loads(data)
+        """A snapshot as to_bytes wrote it; ValueError for anything else."""
+        try:
+            snapshot = json.loads(data)
+            stats = TaskStats(duplicates=int(snapshot["duplicates"]))
+            for status, source, count in snapshot["outcomes"]:
+                stats.outcomes[(str(status), str(source))] = int(count)
+            for phase, (buckets, total, count) in snapshot["phases"].items():
+                if phase not in stats.phases or len(buckets) != len(BUCKETS) + 1:
+                    raise ValueError(f"phase {phase!r} with {len(buckets)} buckets")
+                stats.phases[phase] = Histogram([int(n) for n in buckets], float(total), int(count))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"not a stats snapshot: {exc!r}") from None
+        return stats

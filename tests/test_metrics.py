@@ -4,6 +4,7 @@ sockets, then scraped over real HTTP from a running pool."""
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import signal
 import socket
@@ -20,6 +21,7 @@ from control import metrics
 from control.metrics import MetricsEndpoint
 from harness.pool import Pool
 from shared.pool_registry import QueueDepths
+from shared.task_stats import TaskStats
 from tests.helpers import push, push_photos, wait_for_records, wait_until, worker_pids
 from tools.local_redis import free_port
 
@@ -198,6 +200,50 @@ def test_a_flood_of_connects_does_not_cost_a_scrape_its_answer(endpoint):
             sock.close()
     assert answers == [(200, "ok\n")] * 20
     assert flooding_throughout
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle that makes a directory when loaded: what a stats pipe must never run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def frame(snapshot: bytes) -> bytes:
+    return len(snapshot).to_bytes(4, "big") + snapshot
+
+
+def test_the_ledgers_stats_arrive_whole_and_anything_else_on_its_pipe_is_refused(endpoint, tmp_path):
+    server = endpoint()
+    stats = TaskStats()
+    stats.observe(status="completed", source="shm", timings={"encode": 0.01, "ledger": 0.2})
+    stats.duplicates = 2
+    assert TaskStats.from_bytes(stats.to_bytes()) == stats
+    marker = tmp_path / "ran"
+    read_end, write_end = os.pipe2(os.O_NONBLOCK)
+    try:
+        os.write(write_end, frame(stats.to_bytes()))
+        os.write(write_end, frame(pickle.dumps(RunsCodeWhenUnpickled(marker))))
+        os.write(write_end, frame(b'{"outcomes": [], "phases": {"encode": [[1], 0, 1]}, "duplicates": 0}'))
+        os.write(write_end, frame(b"\xff not json"))
+        assert server.read_snapshots(read_end) == 3
+        assert not marker.exists()
+        server.publish(healthy=True, live_workers=1)
+        assert sample(scrape(server.port)[1], "image_result_tasks_total", status="completed", source="shm") == 1
+
+        os.write(write_end, b"\xff\xff\xff\xff" + b"x" * 100)  # no frame of ours: dropped whole
+        assert server.read_snapshots(read_end) == 1
+        stats.observe(status="completed", source="shm", timings={})
+        os.write(write_end, frame(stats.to_bytes()))
+        assert server.read_snapshots(read_end) == 0
+        server.publish(healthy=True, live_workers=1)
+        assert sample(scrape(server.port)[1], "image_result_tasks_total", status="completed", source="shm") == 2
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_healthz_follows_what_the_loop_publishes(endpoint, monkeypatch):
