@@ -41,6 +41,8 @@ from image_result_client import __version__
 from image_result_client.producer import DEFAULT_PREFIX, Producer, Submission, WaitTimeout, check_url
 from image_result_client.protocol import DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE, DEFAULT_REDIS_URL, check_list_name
 from image_result_client.redact import redact_url
+from image_result_client.settings_file import SettingsFileError
+from image_result_client.settings_file import read_dotenv as read_settings_file
 from image_result_client.terminal import say
 
 PROG = "image-result-client"
@@ -158,22 +160,13 @@ def load_settings(args: argparse.Namespace, *, dotenv_path: Path = Path(".env"))
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """The settings in a `.env` file, read as the pool reads it (shared/config.py);
-    none without one."""
+    """The settings in a `.env` file, read as the pool reads it; none without one."""
     try:
-        if not path.is_file():
-            return {}
-        from dotenv import dotenv_values
-
-        with path.open(encoding="utf-8") as stream:
-            values = dotenv_values(stream=stream)
+        return read_settings_file(path)
     except ImportError:
         raise UsageError(f"reading {path} needs python-dotenv: {CLI_EXTRA}") from None
-    except OSError as exc:
-        raise UsageError(f"{path} cannot be read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path} is not UTF-8 text (byte {exc.start})") from None
-    return {name: value for name, value in values.items() if value is not None}
+    except SettingsFileError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def opencv() -> ModuleType:

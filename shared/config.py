@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from dotenv import dotenv_values
-
 # What producers must agree on (names, defaults, the queue-name rule) is the client's.
 from image_result_client.protocol import (
     DEFAULT_OUTPUT_DIR,
@@ -30,6 +28,8 @@ from image_result_client.protocol import (
 )
 from image_result_client.protocol import has_hash_tag as has_hash_tag
 from image_result_client.redact import redact_url
+from image_result_client.settings_file import SettingsFileError
+from image_result_client.settings_file import read_dotenv as read_settings_file
 
 T = TypeVar("T")
 
@@ -108,18 +108,12 @@ DEFAULTS = Settings()
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """The settings a `.env` file holds; none if there is no such file. One that
-    is there but cannot be read is a bad setting, not a silent fall back to defaults."""
+    """The settings a `.env` file holds (none without one); ConfigError naming
+    the file when it is there but cannot be read."""
     try:
-        if not path.is_file():
-            return {}
-        with path.open(encoding="utf-8") as stream:
-            values = dotenv_values(stream=stream)
-    except OSError as exc:
-        raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start})") from None
-    return {name: value for name, value in values.items() if value is not None}
+        return read_settings_file(path)
+    except SettingsFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def setting_names() -> tuple[str, ...]:
