@@ -388,8 +388,8 @@ class Supervisor:
 
     def on_ledger_exit(self) -> None:
         self.ledger = None
-        if self.metrics is not None and self.metrics_pipe is not None:
-            self.metrics.read_snapshots(self.metrics_pipe)  # its last words
+        if self.metrics is not None:
+            self.read_ledger_stats()  # its last words
             self.metrics.ledger_replaced()
         if self.stopping:
             return
@@ -464,9 +464,15 @@ class Supervisor:
             self.log.error("metrics_thread_failed", error=repr(self.metrics.failure))
             with signals_blocked():
                 self.metrics.start()
-        if self.metrics_pipe is not None and (refused := self.metrics.read_snapshots(self.metrics_pipe)):
-            self.log.warning("metrics_snapshot_refused", snapshots=refused)
+        self.read_ledger_stats()
         self.metrics.publish(healthy=self.healthy(), live_workers=len(self.workers))
+
+    def read_ledger_stats(self) -> None:
+        """The ledger's newest stats snapshot, from its pipe; anything else there is dropped and logged."""
+        if self.metrics is not None and self.metrics_pipe is not None:
+            refused = self.metrics.read_snapshots(self.metrics_pipe)
+            if refused:
+                self.log.warning("metrics_snapshot_refused", snapshots=refused)
 
     def healthy(self) -> bool:
         """Ready, and the ledger beating: what /healthz and the watchdog report."""
