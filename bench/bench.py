@@ -63,7 +63,7 @@ from dashboard_load import dashboard_clients  # bench/dashboard_load.py, beside 
 from harness import PoolFailed, procfs
 from harness.photos import photo_of_size
 from harness.pool import Pool
-from harness.results import read_results_file
+from harness.results import read_results, read_results_file
 from harness.segments import SegmentTracker, still_present
 from image_result_client.producer import unlink_segment
 from shared.images import encode_segment
@@ -486,7 +486,7 @@ def verify_pool_output(pool: Pool, tasks: list[BenchTask], client: redis.Redis, 
     problems = []
     if exit_code != 0:
         problems.append(f"supervisor exited with {exit_code} after SIGTERM")
-    records = read_results_file(pool.output_dir / RESULTS_NAME)
+    records = read_results(pool.output_dir)
     expected = {task.request_id: task for task in tasks}
     seen: dict[str, dict] = {}
     for record in records:
