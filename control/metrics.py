@@ -26,6 +26,9 @@ Hazards handled here:
   sending its request is dropped (never one being answered), and requests
   that arrived are read before new connections are accepted, so a scrape is
   answered through a flood of connects and file descriptors stay bounded.
+  On Linux (TCP_DEFER_ACCEPT) a connection reaches accept() with its request,
+  which is read there and then: a scraper descheduled between its connect and
+  its send is not taken for one of a flood's idle connections and evicted.
 - Fork while the thread runs: whatever lock it holds at that instant is
   copied held into the child. So the thread never logs (structlog's writer
   and sys.stderr each have a lock), never touches Redis or the supervisor's
@@ -69,6 +72,10 @@ from shared.task_stats import BUCKETS, MAX_SNAPSHOT_BYTES, TaskStats
 REQUEST_DEADLINE = 5.0
 MAX_HEAD_BYTES = 8192
 MAX_CONNECTIONS = 64
+# The kernel hands us a connection once its request has arrived (or after this
+# long without one): a scraper's request is read as it is accepted, before a
+# flood of connections that send nothing can take its place.
+DEFER_ACCEPT_SECONDS = 1
 # How long close() may wait for the thread to notice it should stop.
 POLL_SECONDS = 0.25
 QUEUE_REFRESH_SECONDS = 5.0
@@ -149,9 +156,14 @@ class MetricsEndpoint:
         queue: ReliableQueue,
         request_deadline: float = REQUEST_DEADLINE,
         max_connections: int = MAX_CONNECTIONS,
+        defer_accept: int = DEFER_ACCEPT_SECONDS,
     ) -> None:
-        self.listener = socket.create_server((address, port), reuse_port=False)
+        # A long queue: connections held back for their request (below) wait in
+        # it, and one that overflows it is let through at once, request or not.
+        self.listener = socket.create_server((address, port), backlog=socket.SOMAXCONN, reuse_port=False)
         self.listener.setblocking(False)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):  # Linux
+            self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
         self.pool_registry = registry  # queue depths
         self.queue = queue  # replicas claims are copied to, under Sentinel
         self.request_deadline = request_deadline
@@ -313,6 +325,7 @@ class MetricsEndpoint:
             client = _Client(sock, time.monotonic() + self.request_deadline)
             self._clients[sock] = client
             self._poller.register(sock, selectors.EVENT_READ, client)
+            self._advance(client)  # its request is most often in already: answered, it cannot be evicted
 
     def _least_worth_keeping(self) -> _Client:
         """The oldest client still sending its request (idle, a slow loris, a
