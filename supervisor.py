@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(workers_override=args.workers)
         # Before any fork: a wrong OUTPUT_DIR is a bad setting (exit 2, no restart loop).
-        created = check_output_dir(settings.output_dir)
+        created = check_output_dir(settings.output_dir, allow_shared=settings.output_dir_allow_shared)
     except ConfigError as exc:
         complain(exc)
         return exitcodes.CONFIG_ERROR

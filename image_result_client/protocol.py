@@ -162,10 +162,11 @@ def partial_path(output_dir: Path, task_id: str, delivery: int) -> Path:
 
 
 def awaiting_publication(output_dir: Path, record: Mapping[str, Any]) -> bool:
-    """Whether a completed record's JPEG is still under .partial/: the record is
-    the commit point and is appended first, the ledger gives the file its final
-    name a moment later (or, if it died in between, the next ledger does at
-    start). A reader of results.json that opens file_path waits while this holds."""
+    """Whether a completed record's JPEG is still under .partial/: the ledger
+    names the file before it appends the record, but after a power cut (or a
+    ledger of an older version killed in between) the record can come first,
+    and the next ledger names the file at start. A reader of results.json that
+    opens file_path waits while this holds."""
     if record.get("status") != "completed":
         return False
     try:

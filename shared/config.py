@@ -49,6 +49,7 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     queue: str = DEFAULT_QUEUE
     output_dir: Path = DEFAULT_OUTPUT_DIR
+    output_dir_allow_shared: bool = False  # OUTPUT_DIR may be writable by others without the sticky bit
     jpeg_quality: int = 80
     log_level: str = "INFO"
     log_format: str = "auto"
@@ -143,6 +144,7 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         redis_url=get("REDIS_URL", _redis_url, DEFAULTS.redis_url),
         queue=get("HOSTING_TASKS_QUEUE", _queue_name, DEFAULTS.queue),
         output_dir=get("OUTPUT_DIR", _path, DEFAULTS.output_dir).resolve(),
+        output_dir_allow_shared=get("OUTPUT_DIR_ALLOW_SHARED", _bool, DEFAULTS.output_dir_allow_shared),
         jpeg_quality=get("JPEG_QUALITY", _int_in(1, 100), DEFAULTS.jpeg_quality),
         log_level=get("LOG_LEVEL", _choice(LOG_LEVELS, upper=True), DEFAULTS.log_level),
         log_format=get("LOG_FORMAT", _choice(LOG_FORMATS), DEFAULTS.log_format),

@@ -2,8 +2,8 @@
 exactly once, with one file, no stray partial file and no leaked segment.
 
 The order (workers/ledger.py): the worker writes the JPEG, sends its record;
-the ledger syncs the batch's JPEGs, appends the records (the commit point),
-publishes the files, acknowledges in Redis, unlinks the segments. shared/faults.py arms one point;
+the ledger syncs the batch's JPEGs, publishes the files, appends the records
+(the commit point), acknowledges in Redis, unlinks the segments. shared/faults.py arms one point;
 the first process to reach it dies there, once.
 """
 
@@ -22,7 +22,8 @@ CRASH_POINTS = [
     "worker_after_partial",  # JPEG written under .partial, no record sent
     "worker_after_send",  # record sent, not yet durable
     "ledger_torn_append",  # half a batch written to results.json
-    "ledger_after_append",  # records durable, files not published
+    "ledger_after_publish",  # files published, their records not appended
+    "ledger_after_append",  # records durable, files published
     "ledger_before_ack",  # files published, Redis not told
     "ledger_after_ack",  # acknowledged, segments not unlinked
 ]

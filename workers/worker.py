@@ -135,7 +135,7 @@ class Worker:
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
         try:
-            output.prepare_output_dir(self.settings.output_dir)
+            self.directories = output.prepare_output_dir(self.settings.output_dir)
         except OSError as exc:
             log.error("worker_boot_failed", reason=f"OUTPUT_DIR unusable: {exc}")
             return exitcodes.BOOT_FAILED
@@ -351,10 +351,11 @@ class Worker:
         failures = 0
         while True:
             try:
-                output.write_partial(partial, jpeg)
+                self.directories.follow_partial()
+                output.write_partial(partial.name, jpeg, dir_fd=self.directories.partial_fd)
                 return True
             except OSError as exc:
-                output.remove_quietly(partial)
+                output.remove_quietly(partial.name, dir_fd=self.directories.partial_fd)
                 failures += 1
                 delay = compute_backoff(failures, base=0.5, cap=30.0)
                 log.error("jpeg_write_failed", error=str(exc), path=str(partial), retry_in=round(delay, 2))
