@@ -102,6 +102,16 @@ class QueueKeys:
         return f"{self.prefix}:dead"
 
     @property
+    def dead_junk(self) -> str:
+        """Dead letters of junk (messages without a request_id), capped apart from the others."""
+        return f"{self.prefix}:dead:junk"
+
+    @property
+    def dead_trimmed(self) -> str:
+        """How many dead letters each cap has pushed out, by kind."""
+        return f"{self.prefix}:dead:trimmed"
+
+    @property
     def announced(self) -> str:
         """Sorted set of task ids whose outcome was announced (dead letter,
         results stream), so each is announced once."""

@@ -12,7 +12,7 @@ whichever supervisor notices first (with ReliableQueue.requeue).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -26,6 +26,8 @@ class QueueDepths:
     in_flight_by_list: dict[str, int]
     delayed: int
     dead: int
+    junk: int = 0  # dead letters of messages without a request id, in their own list
+    trimmed: dict[str, int] = field(default_factory=dict)  # dead letters pushed out by the caps, by kind
 
     @property
     def in_flight(self) -> int:
@@ -50,6 +52,8 @@ class PoolRegistry:
             in_flight_by_list=in_flight,
             delayed=client.zcard(keys.delayed),
             dead=client.llen(keys.dead),
+            junk=client.llen(keys.dead_junk),
+            trimmed={kind.decode(): int(count) for kind, count in client.hgetall(keys.dead_trimmed).items()},
         )
 
     def requeue_dead_letter(self, entry: bytes, message: bytes) -> bool:

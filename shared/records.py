@@ -46,6 +46,9 @@ class CompletionRecord:
     partial_inode: int | None = None  # set by the ledger when it syncs the partial file
     results_json: bytes | None = None  # set by the ledger: the line it appended, sent on to the results stream
     duplicate: bool = False  # set by the ledger: this task already has its record
+    # The message gave no request id (not JSON, not an object, none in it): its
+    # dead letter is capped apart, so a flood of junk keeps the real ones.
+    junk: bool = False
 
     def too_large(self, size: int) -> CompletionRecord:
         """This task's failure, small enough to send, for a record of `size`

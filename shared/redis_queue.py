@@ -80,7 +80,7 @@ def fresh_task_ids(count: int) -> list[str]:
 class Acknowledgement:
     processing_key: str
     envelope: bytes
-    kind: str  # "final", "retry" or "ack"
+    kind: str  # "final", "junk" (final, for a message with no request id), "retry" or "ack"
     task_id: str
     dead_letter: bytes = b""
     retry_at: float = 0.0
@@ -302,12 +302,13 @@ class ReliableQueue:
         now: float,
         stream: str = "",
         stream_maxlen: int = 0,
-    ) -> None:
+    ) -> tuple[int, int]:
         """Remove tasks from their processing lists, announce their outcomes,
-        schedule their retries and count the batch for `status`, atomically."""
+        schedule their retries and count the batch for `status`, atomically.
+        Returns how many dead letters the caps pushed out: (failed, junk)."""
         keys = [
             self.keys.dead, self.keys.announced, self.keys.delayed, self.keys.stats(now), stream or self.keys.dead,
-            self.keys.committing,
+            self.keys.committing, self.keys.dead_junk, self.keys.dead_trimmed,
         ]
         args: list = [
             dead_letter_max,
@@ -321,7 +322,8 @@ class ReliableQueue:
         for ack in acks:
             keys.append(ack.processing_key)
             args.extend([ack.envelope, ack.kind, ack.dead_letter, ack.retry_at, ack.task_id, ack.event])
-        self._ack(keys=keys, args=args)
+        failed, junk = self._ack(keys=keys, args=args)
+        return int(failed), int(junk)
 
     def promote_due_retries(self, now: float, *, limit: int = 1000) -> int:
         """Move retries whose time has come back onto the queue."""

@@ -90,6 +90,7 @@ UCRED = struct.Struct("3i")
 # batch and what waited behind it.
 LINES_KEPT_FROM_LAST_RUN = 4 * MAX_BATCH
 PUBLISHING_NAME = ".publishing"
+TRIMMED_LOG_SECONDS = 10.0
 DIGITS = re.compile(r"[0-9]+")
 FILE_NAME = re.compile(r"[^/\x00]+\.jpg")
 # Final names a task's file may lose to another writer in a row before the task is retried.
@@ -122,6 +123,8 @@ class Ledger:
         self.write_retry_at = 0.0
         self.ack_failures = 0
         self.ack_retry_at = 0.0
+        self.trimmed = (0, 0)  # dead letters pushed out since the last log line: (failed, junk)
+        self.trimmed_logged_at = -TRIMMED_LOG_SECONDS
 
     def run(self) -> int:
         try:
@@ -495,7 +498,7 @@ class Ledger:
             acks = [self._acknowledgement(record) for record in batch]
             counts = Counter(record.status for record in batch if not record.duplicate)
             crash_point("ledger_before_ack")
-            self.queue.acknowledge(
+            trimmed = self.queue.acknowledge(
                 acks,
                 counts=counts,
                 dead_letter_max=self.settings.dead_letter_max,
@@ -512,8 +515,19 @@ class Ledger:
             log.info("redis_reconnected", after_attempts=self.ack_failures)
             self.ack_failures = 0
         self.unacknowledged = []
+        self._note_trimmed(trimmed)
         crash_point("ledger_after_ack")
         self.unlinks.unlink(doomed)
+
+    def _note_trimmed(self, trimmed: tuple[int, int]) -> None:
+        """Dead letters the caps pushed out (counted in Redis for `status` and the
+        metrics): logged at most every TRIMMED_LOG_SECONDS, so that a flood
+        that trims with every batch is one line, not thousands."""
+        self.trimmed = (self.trimmed[0] + trimmed[0], self.trimmed[1] + trimmed[1])
+        if any(self.trimmed) and time.monotonic() - self.trimmed_logged_at >= TRIMMED_LOG_SECONDS:
+            log.warning("dead_letters_trimmed", failed=self.trimmed[0], junk=self.trimmed[1],
+                        dead_letter_max=self.settings.dead_letter_max)
+            self.trimmed, self.trimmed_logged_at = (0, 0), time.monotonic()
 
     def _acknowledgement(self, record: CompletionRecord) -> Acknowledgement:
         """What Redis must do for this record: announce a final outcome (a failure's
@@ -534,7 +548,7 @@ class Ledger:
         return Acknowledgement(
             record.processing_key,
             record.envelope,
-            "final",
+            "junk" if record.junk and final_status == FAILED else "final",
             task_id,
             dead_letter=record.dead_letter() if final_status == FAILED else b"",
             event=event,

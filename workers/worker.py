@@ -284,7 +284,7 @@ class Worker:
         try:
             envelope = parse_envelope(raw)
         except InvalidMessage as exc:
-            return self._failed(None, raw, None, str(exc), started)
+            return self._failed(None, raw, None, str(exc), started, unparsed=True)
         structlog.contextvars.bind_contextvars(task_id=envelope.task_id)
         try:
             return self._run_task(envelope, started)
@@ -306,7 +306,7 @@ class Worker:
         try:
             task = parse_task(envelope, max_pixels=self.settings.max_pixels)
         except InvalidMessage as exc:
-            return self._failed(envelope, envelope.raw, None, str(exc), started)
+            return self._failed(envelope, envelope.raw, None, str(exc), started, unparsed=True)
         structlog.contextvars.bind_contextvars(request_id=task.request_id, image_id=task.image_id)
         log.debug("task_started", source=task.source, attempt=envelope.deliveries)
         try:
@@ -428,7 +428,8 @@ class Worker:
         return image
 
     def _failed(
-        self, envelope: Envelope | None, raw: bytes, task: Task | None, reason: str, started: float
+        self, envelope: Envelope | None, raw: bytes, task: Task | None, reason: str, started: float,
+        *, unparsed: bool = False,
     ) -> CompletionRecord:
         found = salvage(envelope.body if envelope else b"")
         request_id = task.request_id if task else found.request_id
@@ -444,6 +445,7 @@ class Worker:
             error=reason,
             source=task.source if task else None,
             segment_name=self._ours(found.segment_name),
+            junk=unparsed and request_id is None,
         )
 
     def _record(
