@@ -133,6 +133,34 @@ def prepare_output_dir(output_dir: Path) -> OutputDirectories:
     return directories
 
 
+# The pool's own files in OUTPUT_DIR, besides results.json: where another uid may
+# create names (a sticky OUTPUT_DIR), one could be there first.
+STATE_FILES = (LOCK_NAME, ".unlink-pending", ".publishing")
+
+
+def open_state_file(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """Open one of the pool's files in OUTPUT_DIR (results.json, .lock, ...),
+    never through a link, and only if it is the pool's: a regular file of its
+    uid (or root's) that no one else may write. Raises OSError otherwise."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    problem = state_file_problem(os.fstat(fd))
+    if problem:
+        os.close(fd)
+        raise OSError(errno.EPERM, f"{path} {problem}")
+    return fd
+
+
+def state_file_problem(status: os.stat_result) -> str | None:
+    """Why a file in OUTPUT_DIR cannot be one of the pool's own, or None."""
+    if not stat.S_ISREG(status.st_mode):
+        return "is not a regular file"
+    if status.st_uid not in (os.geteuid(), 0):
+        return f"is owned by uid {status.st_uid}, not by the pool's uid {os.geteuid()} or root"
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"is writable by others (mode {stat.S_IMODE(status.st_mode):o}): chmod go-w it"
+    return None
+
+
 def partial_dir_problem(status: os.stat_result) -> str | None:
     """Why .partial cannot be trusted with JPEGs before they are published, or
     None: it must be a directory of this uid that no one else may write in."""

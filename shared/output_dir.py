@@ -39,7 +39,7 @@ import stat
 from pathlib import Path
 
 from shared.config import ConfigError
-from shared.output import LOCK_NAME, PARTIAL_DIR, RESULTS_NAME, partial_dir_problem
+from shared.output import PARTIAL_DIR, RESULTS_NAME, STATE_FILES, partial_dir_problem, state_file_problem
 
 PROBE_PREFIX = ".probe-"
 
@@ -64,8 +64,8 @@ def check_output_dir(output_dir: Path, *, allow_shared: bool = False) -> list[Pa
         _make_directories(_missing_directories(partial, within=output_dir), failure="cannot be used")
         _check_partial_ours(partial)
         _probe(partial)
-        for name in (RESULTS_NAME, LOCK_NAME):
-            _open_for_writing_if_present(output_dir / name)
+        for name in (RESULTS_NAME, *STATE_FILES):
+            _check_state_file_if_present(output_dir / name)
     except _Unusable as reason:
         raise ConfigError(f"OUTPUT_DIR={str(output_dir)!r} {reason}") from None
     return created
@@ -154,11 +154,19 @@ def _probe(directory: Path) -> None:
         raise _Unusable(f"is not writable: {_failed(f'create a file in {str(directory)!r}', exc)}") from None
 
 
-def _open_for_writing_if_present(path: Path) -> None:
+def _check_state_file_if_present(path: Path) -> None:
+    """A file of the pool's that is there already must be the pool's (where
+    another uid may create names, it could have been first) and writable."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        problem = state_file_problem(os.lstat(path))
     except FileNotFoundError:
         return
+    except OSError as exc:
+        raise _Unusable(f"cannot be used: {_failed(f'stat {str(path)!r}', exc)}") from None
+    if problem:
+        raise _Unusable(f"cannot be used: {str(path)!r} {problem}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise _Unusable(f"cannot be used: {_failed(f'open {str(path)!r} for writing', exc)}") from None
     os.close(fd)

@@ -213,7 +213,7 @@ def test_output_dir_and_its_missing_parents_are_created(tmp_path: Path) -> None:
         ({"afile": "x"}, "afile/sub/out", "cannot be created: '{tmp}/afile' is not a directory"),
         ({}, "/proc/image-result-worker-test/out", "cannot be created: mkdir '/proc/image-result-worker-test'"),
         ({"out/.partial": "x"}, "out", "cannot be used: '{tmp}/out/.partial' is not a directory"),
-        ({"out/results.json/": None}, "out", "open '{tmp}/out/results.json' for writing: Is a directory"),
+        ({"out/results.json/": None}, "out", "cannot be used: '{tmp}/out/results.json' is not a regular file"),
     ],
     ids=["a-file", "parent-a-file", "proc", "partial-a-file", "results-a-directory"],
 )

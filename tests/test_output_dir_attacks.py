@@ -225,3 +225,65 @@ def test_a_ledger_killed_between_publishing_and_appending_leaves_no_file_without
     assert (tmp_path / "crashed").exists()
     assert pool.events("unrecorded_file_removed"), "the killed batch published no file"
     assert_exactly_once(pool.output_dir, request_ids, redis_client, queue_name)
+
+
+# ---------------------------------------------------------------- found by attacking the fixes
+
+
+@pytest.mark.parametrize("name", [".lock", "results.json", ".publishing", ".unlink-pending"])
+def test_a_state_file_another_uid_planted_in_a_sticky_output_dir_is_refused(
+    name: str, shared_home: Path, redis_server, queue_name: str
+) -> None:
+    """A sticky OUTPUT_DIR (accepted) lets anyone create a name the pool has not
+    made yet. A symlink there used to be followed (the lock file was truncated
+    through it, as root); a file of theirs would be trusted."""
+    output_dir = shared_home / "out"
+    output_dir.mkdir()
+    output_dir.chmod(0o1777)
+    precious = shared_home / "precious"
+    precious.write_bytes(b"root's own data")
+    assert as_nobody(lambda: (output_dir / name).symlink_to(precious)) == ""
+    assert_refused(start_supervisor(output_dir, redis_server.url, queue_name), f"{name}' is not a regular file")
+    assert precious.read_bytes() == b"root's own data", "written through the link"
+    (output_dir / name).unlink()
+    assert as_nobody(lambda: (output_dir / name).write_bytes(b"")) == ""
+    assert_refused(start_supervisor(output_dir, redis_server.url, queue_name), f"owned by uid {NOBODY}")
+
+
+def test_a_partial_folder_swapped_for_a_link_after_start_receives_nothing(
+    shared_home: Path, pool_factory: PoolFactory, redis_client: redis.Redis, queue_name: str,
+    segments: SegmentTracker,
+) -> None:
+    """With OUTPUT_DIR_ALLOW_SHARED=true and a world-writable OUTPUT_DIR, nobody
+    moves .partial aside once the pool runs and puts a link to a folder of its
+    own there. The workers and the ledger keep the folder they checked."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    output_dir = shared_home / "out"
+    output_dir.mkdir()
+    output_dir.chmod(0o777)
+    theirs = shared_home / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    pool = pool_factory(workers=2, output_dir=output_dir, env={"OUTPUT_DIR_ALLOW_SHARED": "true"})
+    pool.wait_ready()
+
+    def swap() -> None:
+        os.rename(output_dir / ".partial", output_dir / ".partial-aside")
+        (output_dir / ".partial").symlink_to(theirs)
+
+    assert as_nobody(swap) == ""
+    # Nothing may be created in their folder, not even by root: a write through the link fails loudly.
+    subprocess.run(["chattr", "+i", str(theirs)], check=True)
+    try:
+        request_ids = push_photos(redis_client, queue_name, segments, 6, size=(256, 256))
+        wait_until(lambda: len(read_results(output_dir)) == len(request_ids), 30, "the tasks did not complete")
+    finally:
+        subprocess.run(["chattr", "-i", str(theirs)], check=True)
+    assert pool.stop() == 0
+    assert not pool.events("jpeg_write_failed"), "a JPEG was written through the link"
+    assert list(theirs.iterdir()) == []
+    for record in read_results(output_dir):
+        final = Path(record["file_path"])
+        assert record["status"] == "completed" and final.is_file() and not final.is_symlink(), record
+        assert cv2.imread(str(final)) is not None

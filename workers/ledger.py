@@ -651,7 +651,7 @@ class PublicationJournal:
         self._lines: dict[int, str] = {}  # id(record) -> its line, for the batch being published
 
     def open(self) -> None:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self._fd = output.open_state_file(self.path, os.O_RDWR | os.O_CREAT, 0o600)
 
     def note(self, records: list[CompletionRecord], names: dict[int, tuple[int, str]]) -> None:
         """Before the renames: kept with those of an earlier try of the same
@@ -702,7 +702,7 @@ class SegmentUnlinks:
         self._fd = -1  # kept open: it is rewritten for every batch
 
     def open(self) -> None:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        self._fd = output.open_state_file(self.path, os.O_RDWR | os.O_CREAT)
 
     def note_pending(self, names: list[str]) -> None:
         if names:
