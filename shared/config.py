@@ -240,7 +240,7 @@ def _address_list(name: str, raw: str) -> tuple[tuple[str, int], ...]:
     addresses = []
     for item in (part.strip() for part in raw.split(",")):
         host, _, port = item.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{name}={raw!r} is not a comma-separated list of host:port")
         addresses.append((host.strip("[]"), int(port)))
     return tuple(addresses)
@@ -275,7 +275,7 @@ def _shm_name_prefix(raw: str | None) -> str:
 
 def _uid_list(name: str, raw: str) -> tuple[int, ...]:
     items = [item.strip() for item in raw.split(",") if item.strip()]
-    if not items or not all(item.isdigit() and int(item) < 2**32 - 1 for item in items):
+    if not items or not all(item.isascii() and item.isdigit() and int(item) < 2**32 - 1 for item in items):
         raise ConfigError(f"{name}={raw!r} is not a comma-separated list of numeric user ids")
     return tuple(int(item) for item in items)
 

@@ -73,7 +73,7 @@ class PoolRegistry:
         field = f"{source} {hashlib.sha1(message).hexdigest()}".encode()
         held = (self.client.hget(self.keys.redelivery, field) or b"").split(b" ")[0]
         task_id, _, deliveries = held.decode(errors="replace").partition(":")
-        return (task_id, int(deliveries)) if task_id and deliveries.isdigit() else None
+        return (task_id, int(deliveries)) if task_id and deliveries.isascii() and deliveries.isdigit() else None
 
     def host_queues(self) -> dict[str, int]:
         """Host id -> how many tasks wait in its own queue, for every host queue that exists."""

@@ -122,7 +122,7 @@ def connect(settings: Settings) -> redis.Redis:
     options.update(
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
-        db=int(database) if database.isdigit() else 0,
+        db=int(database) if database.isascii() and database.isdigit() else 0,
     )
     if settings.redis_url.startswith("rediss://"):
         options["ssl"] = True

@@ -150,8 +150,12 @@ def run_supervisor(
         ({"REDIS_URL": "foo://x"}, (), "REDIS_URL"),
         ({}, ("--workers", "abc"), "--workers"),
         ({}, ("--bogus-flag",), "--bogus-flag"),
+        # str.isdigit() takes superscripts, which int() refuses: these were tracebacks.
+        ({"REDIS_SENTINELS": "h:\u00b2"}, (), "REDIS_SENTINELS"),
+        ({"SHM_OWNER_UIDS": "\u00b2"}, (), "SHM_OWNER_UIDS"),
     ],
-    ids=["quality-0", "quality-500", "workers-0", "workers-abc", "redis-foo", "flag-workers-abc", "flag-bogus"],
+    ids=["quality-0", "quality-500", "workers-0", "workers-abc", "redis-foo", "flag-workers-abc", "flag-bogus",
+         "sentinel-port-superscript", "uid-superscript"],
 )
 def test_supervisor_rejects_bad_input_with_one_line_and_exit_2(
     tmp_path: Path, env: dict[str, str], args: tuple[str, ...], named: str
