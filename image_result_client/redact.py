@@ -32,11 +32,11 @@ def redact_url(url: str) -> str:
     text = url.lstrip("".join(map(chr, range(0x21)))).translate(_IGNORED_BY_URLSPLIT)
     match = _URL_HEAD.fullmatch(text)
     head, authority, rest = match.groups() if match else ("", "", text)
-    rest = _redact_query(rest)
     if "@" not in authority and "@" in rest and (authority or not head.lower().startswith("unix:")):
         cut = rest.rindex("@")
         authority, rest = authority + rest[:cut + 1], rest[cut + 1:]
-    return head + _redact_userinfo(authority) + rest
+    # After the cut: a "#" in the password would otherwise hide the real query in a "fragment".
+    return head + _redact_userinfo(authority) + _redact_query(rest)
 
 
 def _redact_userinfo(authority: str) -> str:

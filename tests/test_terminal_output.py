@@ -167,6 +167,8 @@ def test_json_log_keeps_hostile_values_exact_and_escaped(console_log, capsys) ->
         ("rediss:/s3cret@host", "rediss:/***@host"),
         ("redis:\\\\user:s3cret@host", "redis:\\\\user:***@host"),
         ("unix:/:s3cret@/run/redis.sock", "unix:/:***@/run/redis.sock"),
+        # A "#" in the password, then the real query: its secret is hidden too.
+        ("redis://user:s3#cret@host?password=s3cret", "redis://user:***@host?password=***"),
     ],
 )
 def test_redact_url_hides_every_credential(url: str, shown: str) -> None:
