@@ -107,7 +107,7 @@ class OutputDirectories:
 def prepare_output_dir(output_dir: Path) -> OutputDirectories:
     """Open OUTPUT_DIR and its partial-file folder (made if missing), check the
     folder is ours, and prove it writable; raises OSError if unusable."""
-    output_dir.mkdir(parents=True, exist_ok=True)  # the supervisor made it; a restart finds it gone
+    output_dir.mkdir(mode=0o755, parents=True, exist_ok=True)  # the supervisor made it; a restart finds it gone
     output_fd = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         try:
