@@ -31,6 +31,7 @@ import redis
 from harness.pool import environment_without
 from harness.results import read_results
 from harness.segments import SegmentTracker
+from shared.results_file import ResultsFile
 from tests.conftest import PoolFactory
 from tests.helpers import (
     REPO_ROOT,
@@ -287,3 +288,47 @@ def test_a_partial_folder_swapped_for_a_link_after_start_receives_nothing(
         final = Path(record["file_path"])
         assert record["status"] == "completed" and final.is_file() and not final.is_symlink(), record
         assert cv2.imread(str(final)) is not None
+
+
+def test_a_record_left_naming_its_partial_file_is_published_over_whatever_was_planted(
+    shared_home: Path, pool_factory: PoolFactory, photos,
+) -> None:
+    """The state a ledger of the previous version (record first, then publish)
+    leaves when killed in between, or a power cut that undid a rename: a
+    completed record, its JPEG still under .partial. nobody plants a symlink on
+    the recorded name of one, and leaves the other free. At start the pool
+    publishes both under their recorded names (the record claims the name; the
+    symlink's target is untouched) instead of deleting its own JPEG."""
+    output_dir = shared_home / "out"
+    output_dir.mkdir()
+    output_dir.chmod(0o1777)
+    (output_dir / ".partial").mkdir(mode=0o755)
+    target = shared_home / "attacker.jpg"
+    target.write_bytes(b"not the pool's")
+    os.chown(target, NOBODY, NOBODY)
+    records = []
+    for index, name in enumerate(["planted", "free"]):
+        task_id = f"{index:024x}"
+        jpeg = cv2.imencode(".jpg", photos["coffee"])[1].tobytes()
+        (output_dir / ".partial" / f"{task_id}.1.jpg").write_bytes(jpeg)
+        records.append({"timestamp": "2026-12-08T00:00:00", "request_id": name, "image_id": name,
+                        "file_path": str(output_dir / f"{name}_20261208_000000.jpg"), "status": "completed",
+                        "task_id": task_id, "attempts": 1})
+    results = ResultsFile(output_dir / "results.json")
+    results.open()
+    results.append(records)
+    results.close()
+    planted = Path(records[0]["file_path"])
+    assert as_nobody(lambda: planted.symlink_to(target)) == ""
+
+    pool = pool_factory(workers=1, output_dir=output_dir)
+    pool.wait_ready()
+    assert pool.stop() == 0
+    for record in records:
+        final = Path(record["file_path"])
+        assert not final.is_symlink() and final.stat().st_uid == os.geteuid(), final
+        assert cv2.imread(str(final)) is not None, f"{final.name} is not the pool's JPEG"
+    assert list((output_dir / ".partial").iterdir()) == []
+    assert target.read_bytes() == b"not the pool's"
+    assert [e["request_id"] for e in pool.events("publication_restored")] == ["planted"]
+    assert [e["request_id"] for e in pool.events("publication_finished")] == ["free"]
