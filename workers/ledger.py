@@ -447,7 +447,7 @@ class Ledger:
         except FileNotFoundError:
             return
         if stat.S_ISREG(found.st_mode) and found.st_ino == inode and found.st_uid == os.geteuid():
-            os.unlink(name, dir_fd=self.directories.output_fd)
+            output.remove_quietly(name, dir_fd=self.directories.output_fd)
             log.info("unrecorded_file_removed", file_name=name, task_id=task_id)
         else:
             log.warning("unrecorded_file_not_ours", file_name=name, task_id=task_id)
@@ -469,7 +469,11 @@ class Ledger:
         try:
             there = os.stat(final.name, dir_fd=output_fd, follow_symlinks=False)
         except FileNotFoundError:
-            output.publish(partial, final.name, src_dir_fd=partial_fd, dst_dir_fd=output_fd)
+            try:
+                output.publish(partial, final.name, src_dir_fd=partial_fd, dst_dir_fd=output_fd)
+            except OSError as exc:  # a name planted meanwhile: the next start replaces it
+                log.error("publication_failed", error=str(exc), **fields)
+                return
             log.info("publication_finished", **fields)
             return
         if (there.st_dev, there.st_ino) == (kept.st_dev, kept.st_ino):
