@@ -292,6 +292,6 @@ def test_a_pool_refused_by_redis_never_logs_the_password(pool_factory, redis_ser
     pool = pool_factory(workers=1, env={"REDIS_URL": url})
     waits = wait_until(lambda: len(events := pool.events("redis_unavailable")) >= 2 and events, 20, "no retry")
     assert waits[0]["redis"] == f"redis://127.0.0.1:{redis_server.port}/0?username={protected_user}&password=***"
-    assert pool.stop() == 0
+    assert pool.stop(before_ready=True) == 0  # it is waiting for Redis, its handlers installed
     assert "s3cret" not in pool.stderr_text() + pool.stdout_path.read_text(), pool.stderr_text()
     assert not any("s3cret" in notice for notice in pool.notifications())
