@@ -189,7 +189,7 @@ def test_stop_signal_during_start_up_exits_cleanly(pool_factory, redis_client, q
         "the supervisor never held stop signals during start-up",
         interval=0.005,
     )
-    assert pool.stop(signal.Signals[signal_name]) == 0, pool.stderr_tail()
+    assert pool.stop(signal.Signals[signal_name], before_ready=True) == 0, pool.stderr_tail()
     assert "Traceback" not in pool.stderr_tail()
     assert not pool.events("child_started")
     assert redis_client.llen(queue_name) == len(request_ids)
