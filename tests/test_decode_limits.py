@@ -275,3 +275,43 @@ def read_all(output_dir: Path) -> list[dict]:
     from harness.results import read_results
 
     return read_results(output_dir)
+
+
+# -- the dashboard's thumbnails: the same gate ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ext", "name"),
+    [
+        (".tiff", "TIFF"),
+        (".jp2", "JPEG 2000"),
+        (".gif", "GIF"),
+        (".bmp", "BMP"),
+        (".hdr", "Radiance HDR"),
+        (".pfm", "PFM"),
+        (".ras", "Sun Raster"),
+        (".avif", "AVIF"),
+    ],
+)
+def test_a_thumbnail_is_never_made_by_a_refused_decoder(tmp_path: Path, photo: np.ndarray, ext: str, name: str) -> None:
+    """A file in OUTPUT_DIR named like the pool's JPEG may be anything."""
+    from control.dashboard import Refused, Thumbnails
+
+    pixels = photo.astype(np.float32) / 255 if ext in (".hdr", ".pfm") else photo
+    ok, written = cv2.imencode(ext, pixels)
+    assert ok and cv2.imdecode(written, cv2.IMREAD_REDUCED_COLOR_8) is not None, "OpenCV decodes it"
+    (tmp_path / "frame_1.jpg").write_bytes(written.tobytes())
+    with pytest.raises(Refused) as refused:
+        Thumbnails(tmp_path).get("frame_1.jpg")
+    assert refused.value.status == 404 and f"image format {name} is not accepted" in str(refused.value)
+
+
+def test_a_thumbnail_of_a_scan_bomb_is_refused_and_of_a_jpeg_made(tmp_path: Path, photo: np.ndarray) -> None:
+    from control.dashboard import Refused, Thumbnails
+
+    (tmp_path / "bomb_1.jpg").write_bytes(scan_bomb(photo, MAX_JPEG_SCANS + 1))
+    (tmp_path / "photo_1.jpg").write_bytes(cv2.imencode(".jpg", photo)[1].tobytes())
+    thumbnails = Thumbnails(tmp_path)
+    with pytest.raises(Refused, match="scans"):
+        thumbnails.get("bomb_1.jpg")
+    assert thumbnails.get("photo_1.jpg").startswith(b"\xff\xd8")
