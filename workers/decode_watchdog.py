@@ -24,12 +24,16 @@ Hazards handled here:
   that ending `watching` takes, after checking the same decode is still
   running, so a task never gets both its own record and a failed one.
 - A thread does not survive fork: start() is called in the worker, after it.
+- A signal the kernel hands to this thread would not interrupt the main
+  thread's blocking wait for work (a stop would wait out the wait): the
+  thread starts with every signal blocked, so they all go to the main thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,7 +58,12 @@ class DecodeWatchdog:
         self._clock = time.pthread_getcpuclockid(threading.get_ident())
         # The worker's log context (its slot and pid) goes with the thread.
         context = contextvars.copy_context()
-        threading.Thread(target=context.run, args=(self._run,), name="decode-watchdog", daemon=True).start()
+        thread = threading.Thread(target=context.run, args=(self._run,), name="decode-watchdog", daemon=True)
+        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            thread.start()  # with the mask blocked: the thread keeps it
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
 
     @contextlib.contextmanager
     def watching(self, on_overrun: Callable[[float], None]) -> Iterator[None]:
