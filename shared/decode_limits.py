@@ -102,24 +102,29 @@ def check_jpeg_scans(data: bytes) -> None:
 
 
 def still_png(data: bytes) -> bytes:
-    """`data`, with an APNG's acTL chunk renamed so that it decodes as a still."""
+    """`data`, with an APNG's acTL chunks renamed so that it decodes as a still.
+    Every acTL before the image data: OpenCV takes the last one it meets."""
     if b"acTL" not in data:  # most PNGs: no walk at all
         return data
+    renamed: bytearray | None = None
     position = _PNG_SIGNATURE_BYTES
     for _ in range(MAX_CHUNKS_BEFORE_IMAGE):
         if position + 8 > len(data):
-            return data  # truncated before the image data: the decoder says so
+            break  # truncated before the image data: the decoder says so
         length, kind = struct.unpack_from(">I4s", data, position)
         if kind == b"IDAT":
-            return data  # an acTL after the image data is not an animation
+            break  # an acTL after the image data is not an animation
         if kind == b"acTL":
+            renamed = renamed if renamed is not None else bytearray(data)
             body = data[position + 8 : position + 8 + length]
-            renamed = (
-                struct.pack(">I", length) + _ACTL_RENAMED + body + struct.pack(">I", zlib.crc32(_ACTL_RENAMED + body))
+            renamed[position + 4 : position + 8] = _ACTL_RENAMED
+            renamed[position + 8 + length : position + 12 + length] = struct.pack(
+                ">I", zlib.crc32(_ACTL_RENAMED + body)
             )
-            return data[:position] + renamed + data[position + 12 + length :]
         position += 12 + length
-    raise DecodeRefused(f"PNG has more than {MAX_CHUNKS_BEFORE_IMAGE} chunks before its image data")
+    else:
+        raise DecodeRefused(f"PNG has more than {MAX_CHUNKS_BEFORE_IMAGE} chunks before its image data")
+    return data if renamed is None else bytes(renamed)
 
 
 def still_webp(data: bytes) -> bytes:

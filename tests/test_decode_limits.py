@@ -244,3 +244,14 @@ def test_a_scan_marker_is_counted_wherever_it_falls(offset: int) -> None:
     data = bytearray(4 << 20)
     data[offset : offset + 2] = b"\xff\xda"
     assert jpeg_scan_count(bytes(data)) == 1
+
+
+@pytest.mark.fast
+def test_an_animated_png_with_two_acTL_chunks_decodes_as_a_still() -> None:
+    """OpenCV takes the last acTL it meets; each one is renamed."""
+    data = apng_16bit(64, 48, first_row=0x4000)
+    at = data.index(b"acTL") - 4
+    twice = data[:at] + data[at : at + 20] + data[at:]
+    still = decodable(twice)[1]
+    assert b"acTL" not in still and len(still) == len(twice)
+    assert np.all(decode_image(twice, max_pixels=10**6) == 0x40)
