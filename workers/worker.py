@@ -433,10 +433,11 @@ class Worker:
         requeue of my list does not bring the task back), and end the process,
         which alone stops the decoder. Never returns."""
         budget = self.decode_watchdog.budget
-        reason = (
-            f"decoding the image took more than {budget:g} s of CPU (DECODE_CPU_SECONDS={budget:g}); "
-            "an image that costs this much is refused"
+        setting = self.settings.decode_cpu_seconds
+        bound_by = (
+            f"DECODE_CPU_SECONDS={setting:g}" if budget == setting else f"TASK_TIMEOUT={self.settings.task_timeout:g} / 2"
         )
+        reason = f"decoding the image took more than {budget:g} s of CPU ({bound_by}); an image that costs this much is refused"
         record = self._failed(envelope, envelope.raw, task, reason, started)
         acknowledged = self._send([record]) and self._wait_for_acknowledgement(envelope.task_id)
         log.error(
