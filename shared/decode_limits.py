@@ -61,7 +61,7 @@ class DecodeRefused(Exception):
     """The image would cost more to decode than we allow; the message says why."""
 
 
-def limit(data: bytes, image_format: str) -> bytes:
+def limit(data: bytes, image_format: str) -> bytes | bytearray:
     """The bytes to hand the decoder for an image of `image_format` (JPEG, PNG
     or WebP): `data` itself, or an animation reduced to one still frame.
     DecodeRefused when decoding it would cost more than the caps allow."""
@@ -101,9 +101,11 @@ def check_jpeg_scans(data: bytes) -> None:
         )
 
 
-def still_png(data: bytes) -> bytes:
+def still_png(data: bytes) -> bytes | bytearray:
     """`data`, with an APNG's acTL chunks renamed so that it decodes as a still.
-    Every acTL before the image data: OpenCV takes the last one it meets."""
+    Every acTL before the image data: OpenCV takes the last one it meets. The
+    renamed copy is handed on as it is, a bytearray: one copy of the input
+    beside the download, not two."""
     if b"acTL" not in data:  # most PNGs: no walk at all
         return data
     renamed: bytearray | None = None
@@ -124,14 +126,14 @@ def still_png(data: bytes) -> bytes:
         position += 12 + length
     else:
         raise DecodeRefused(f"PNG has more than {MAX_CHUNKS_BEFORE_IMAGE} chunks before its image data")
-    return data if renamed is None else bytes(renamed)
+    return data if renamed is None else renamed
 
 
 def still_webp(data: bytes) -> bytes:
     """`data`, or for an animated WebP a still WebP of its first frame alone."""
     if data[12:16] != b"VP8X" or len(data) < 30 or not data[20] & _WEBP_ANIMATION_FLAG:
         return data
-    chunks = _riff_chunks(data, 12)
+    chunks = _riff_chunks(memoryview(data), 12)
     frame = next((body for kind, body in chunks if kind == b"ANMF"), None)
     if frame is None or len(frame) < 16:
         raise DecodeRefused("animated WebP has no frame")
@@ -142,15 +144,18 @@ def still_webp(data: bytes) -> bytes:
         raise DecodeRefused("animated WebP's first frame has no image data")
     flags = _WEBP_ALPHA_FLAG if any(kind in (b"ALPH", b"VP8L") for kind, _ in parts) else 0
     header = bytes([flags, 0, 0, 0]) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
-    body = b"WEBP" + _riff_chunk(b"VP8X", header) + b"".join(_riff_chunk(kind, part) for kind, part in parts)
-    return b"RIFF" + struct.pack("<I", len(body)) + body
+    pieces = [b"WEBP", *_riff_chunk(b"VP8X", header)]
+    for kind, part in parts:
+        pieces += _riff_chunk(kind, part)
+    return b"".join([b"RIFF", struct.pack("<I", sum(map(len, pieces))), *pieces])
 
 
-def _riff_chunks(data: bytes, position: int) -> list[tuple[bytes, bytes]]:
-    """The chunks from `position` on, as far as they are whole. A WebP has a
-    handful at its top level and in a frame; the walk stops at the first
-    frame, so an animation of many frames costs no more."""
-    chunks: list[tuple[bytes, bytes]] = []
+def _riff_chunks(data: memoryview, position: int) -> list[tuple[bytes, memoryview]]:
+    """The chunks from `position` on, as far as they are whole: views on
+    `data`, not copies. A WebP has a handful at its top level and in a frame;
+    the walk stops at the first frame, so an animation of many frames costs
+    no more."""
+    chunks: list[tuple[bytes, memoryview]] = []
     while position + 8 <= len(data):
         if len(chunks) == MAX_CHUNKS_BEFORE_IMAGE:
             raise DecodeRefused(f"WebP has more than {MAX_CHUNKS_BEFORE_IMAGE} chunks before its first frame")
@@ -165,5 +170,6 @@ def _riff_chunks(data: bytes, position: int) -> list[tuple[bytes, bytes]]:
     return chunks
 
 
-def _riff_chunk(kind: bytes, body: bytes) -> bytes:
-    return kind + struct.pack("<I", len(body)) + body + (b"\x00" if len(body) & 1 else b"")
+def _riff_chunk(kind: bytes, body: bytes | memoryview) -> list[bytes | memoryview]:
+    """A chunk's pieces, to be joined once."""
+    return [kind, struct.pack("<I", len(body)), body, b"\x00" if len(body) & 1 else b""]

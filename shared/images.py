@@ -194,7 +194,7 @@ def _iso_media_format(data: bytes) -> str:
     return "ISO media"
 
 
-def decodable(data: bytes) -> tuple[str, bytes]:
+def decodable(data: bytes) -> tuple[str, bytes | bytearray]:
     """The format of downloaded bytes and the bytes to hand the decoder: the
     one gate in front of OpenCV's decoders, for the worker and the dashboard
     alike. Formats other than JPEG, PNG and WebP are refused by their leading
