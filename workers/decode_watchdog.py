@@ -39,16 +39,18 @@ import time
 from collections.abc import Callable, Iterator
 from multiprocessing.sharedctypes import Synchronized
 
-# How often a running decode is looked at, at most; a budget is met within a
-# quarter of itself or this, whichever is less.
+# How often a running decode is looked at: a budget is met within a quarter
+# of itself or POLL_SECONDS, whichever is less, but no thread wakes more
+# often than every MIN_POLL_SECONDS for it.
 POLL_SECONDS = 0.5
+MIN_POLL_SECONDS = 0.01
 
 
 class DecodeWatchdog:
     def __init__(self, *, budget: float, heartbeat: Synchronized) -> None:
         self.budget = budget
         self.heartbeat = heartbeat
-        self._poll = min(POLL_SECONDS, budget / 4)
+        self._poll = max(MIN_POLL_SECONDS, min(POLL_SECONDS, budget / 4))
         self._lock = threading.Lock()
         self._watched: tuple[float, Callable[[float], None]] | None = None
         self._clock: int | None = None
