@@ -1,5 +1,6 @@
 """What one downloaded image may cost: a JPEG's scans, an animation's frames,
-a decode's CPU. The hostile files are built here, byte by byte, from real photos."""
+a decode's CPU. The hostile files are built byte by byte from real encoders'
+output (harness/hostile_images.py) and served by a real HTTP server to a real pool."""
 
 from __future__ import annotations
 
@@ -182,6 +183,7 @@ def test_a_16_bit_apng_costs_a_worker_no_more_than_a_still_png(
     assert (record["width"], record["height"]) == (width, height)
     grown = peak_rss_bytes(worker) - peak_before
     assert grown < 10 * width * height, f"{grown / (width * height):.1f} bytes a pixel"
+    assert not pool.events("child_died")
 
 
 def peak_rss_bytes(pid: int) -> int:
