@@ -55,6 +55,7 @@ _PNG_SIGNATURE_BYTES = 8
 _ACTL_RENAMED = b"acTx"
 _WEBP_ANIMATION_FLAG = 0x02
 _WEBP_ALPHA_FLAG = 0x10
+_WEBP_ICC_FLAG = 0x20
 
 
 class DecodeRefused(Exception):
@@ -130,7 +131,8 @@ def still_png(data: bytes) -> bytes | bytearray:
 
 
 def still_webp(data: bytes) -> bytes:
-    """`data`, or for an animated WebP a still WebP of its first frame alone."""
+    """`data`, or for an animated WebP a still WebP of its first frame alone,
+    with the file's colour profile."""
     if data[12:16] != b"VP8X" or len(data) < 30 or not data[20] & _WEBP_ANIMATION_FLAG:
         return data
     chunks = _riff_chunks(memoryview(data), 12)
@@ -143,6 +145,11 @@ def still_webp(data: bytes) -> bytes:
     if not any(kind in (b"VP8 ", b"VP8L") for kind, _ in parts):
         raise DecodeRefused("animated WebP's first frame has no image data")
     flags = _WEBP_ALPHA_FLAG if any(kind in (b"ALPH", b"VP8L") for kind, _ in parts) else 0
+    # The colour profile is the file's, not the frame's: it goes with the frame.
+    profile = [(kind, body) for kind, body in chunks if kind == b"ICCP"][:1]
+    if profile:
+        flags |= _WEBP_ICC_FLAG
+        parts = profile + parts
     header = bytes([flags, 0, 0, 0]) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
     pieces = [b"WEBP", *_riff_chunk(b"VP8X", header)]
     for kind, part in parts:

@@ -257,3 +257,16 @@ def test_an_animated_png_with_two_acTL_chunks_decodes_as_a_still() -> None:
     still = decodable(twice)[1]
     assert b"acTL" not in still and len(still) == len(twice)
     assert np.all(decode_image(twice, max_pixels=10**6) == 0x40)
+
+
+@pytest.mark.fast
+def test_an_animated_webps_first_frame_keeps_the_colour_profile(photo: np.ndarray) -> None:
+    data = animated_webp([photo, np.full_like(photo, 240)])
+    profile = b"ICCP" + struct.pack("<I", 4) + b"icc!"
+    vp8x_end = 12 + 8 + 10
+    with_profile = bytearray(data[:vp8x_end] + profile + data[vp8x_end:])
+    with_profile[20] |= 0x20
+    with_profile[4:8] = struct.pack("<I", len(with_profile) - 8)
+    still = decodable(bytes(with_profile))[1]
+    assert still[20] & 0x20 and still[30:42] == profile
+    assert decode_image(bytes(with_profile), max_pixels=10**6).shape == photo.shape
