@@ -259,6 +259,14 @@ def _shrink(data: bytes) -> bytes:
     import cv2
     import numpy as np
 
+    from shared.images import ImageError, decodable
+
+    # The worker's gate: a file in OUTPUT_DIR is not necessarily the pool's
+    # JPEG, and no other decoder (TIFF, JPEG 2000, GIF, ...) may see it.
+    try:
+        _, data = decodable(data)
+    except ImageError as exc:
+        raise Refused(HTTPStatus.NOT_FOUND, f"not an image a thumbnail is made of: {exc}") from None
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
     if image is None:
         raise Refused(HTTPStatus.NOT_FOUND, "not an image")

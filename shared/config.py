@@ -64,6 +64,7 @@ class Settings:
     dead_letter_max: int = 10_000
     max_message_bytes: int = 65_536
     max_pixels: int = 25_000_000
+    decode_cpu_seconds: float = 30.0  # a URL image's decode; TASK_TIMEOUT / 2 when that is less
     url_connect_timeout: float = 5.0
     url_read_timeout: float = 30.0
     url_max_bytes: int = 50 * 1024 * 1024
@@ -158,6 +159,7 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         dead_letter_max=get("DEAD_LETTER_MAX", _int_in(1, 10_000_000), DEFAULTS.dead_letter_max),
         max_message_bytes=get("MAX_MESSAGE_BYTES", _int_in(1024, 131_072), DEFAULTS.max_message_bytes),
         max_pixels=get("MAX_PIXELS", _int_in(1, 1_000_000_000), DEFAULTS.max_pixels),
+        decode_cpu_seconds=get("DECODE_CPU_SECONDS", _float_in(0.01, 3600), DEFAULTS.decode_cpu_seconds),
         url_connect_timeout=get("URL_CONNECT_TIMEOUT", _float_in(0.1, 600), DEFAULTS.url_connect_timeout),
         url_read_timeout=get("URL_READ_TIMEOUT", _float_in(0.1, 3600), DEFAULTS.url_read_timeout),
         url_max_bytes=get("URL_MAX_BYTES", _int_in(1, 2**31), DEFAULTS.url_max_bytes),

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from shared import decode_limits
+from shared.decode_limits import DecodeRefused
 from shared.messages import SegmentRef
 from shared.segments import SegmentAccess, SegmentRefused, open_segment
 
@@ -192,16 +194,28 @@ def _iso_media_format(data: bytes) -> str:
     return "ISO media"
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode downloaded JPEG, PNG or WebP bytes to BGR; other formats are
-    refused by their leading bytes before any decoder sees them. OpenCV refuses
-    frames above MAX_PIXELS before allocating them (the supervisor sets
-    OPENCV_IO_MAX_IMAGE_PIXELS)."""
+def decodable(data: bytes) -> tuple[str, bytes | bytearray]:
+    """The format of downloaded bytes and the bytes to hand the decoder: the
+    one gate in front of OpenCV's decoders, for the worker and the dashboard
+    alike. Formats other than JPEG, PNG and WebP are refused by their leading
+    bytes; the accepted ones within the caps of shared.decode_limits (JPEG
+    scans; an animation decoded as one still frame)."""
     found = image_format(data)
     if found is None:
         raise ImageError(f"downloaded data is not a decodable image: it starts like no image format; {_EXPECTED}")
     if found not in ACCEPTED_FORMATS:
         raise ImageError(f"image format {found} is not accepted; {_EXPECTED}")
+    try:
+        return found, decode_limits.limit(data, found)
+    except DecodeRefused as exc:
+        raise ImageError(f"{found} image refused: {exc}") from None
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode downloaded JPEG, PNG or WebP bytes to BGR, through `decodable`.
+    OpenCV refuses frames above MAX_PIXELS before allocating them (the
+    supervisor sets OPENCV_IO_MAX_IMAGE_PIXELS)."""
+    found, data = decodable(data)
     try:
         # The binding copies the decoded Mat into a numpy array, so the frame
         # is held twice for a moment: about 6 bytes a pixel, 9 for a progressive

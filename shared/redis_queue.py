@@ -323,6 +323,10 @@ class ReliableQueue:
             args.extend([ack.envelope, ack.kind, ack.dead_letter, ack.retry_at, ack.task_id, ack.event])
         self._ack(keys=keys, args=args)
 
+    def announced(self, task_id: str) -> bool:
+        """Whether the ledger has acknowledged this task's final record."""
+        return self.client.zscore(self.keys.announced, task_id) is not None
+
     def promote_due_retries(self, now: float, *, limit: int = 1000) -> int:
         """Move retries whose time has come back onto the queue."""
         keys = [self.keys.delayed, self.keys.queue, self.keys.redelivery]
