@@ -72,7 +72,7 @@ from image_result_client import __version__
 from shared import exitcodes
 from shared.backoff import compute_backoff
 from shared.cli import PROGRAM, OneLineParser, complain
-from shared.config import ConfigError, Settings
+from shared.config import ConfigError, Settings, misspelt_settings
 from shared.logs import configure_logging
 from shared.output import LOCK_NAME
 from shared.output_dir import check_output_dir
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = Settings.from_env(workers_override=args.workers)
+        misspelt = misspelt_settings()
         # Before any fork: a wrong OUTPUT_DIR is a bad setting (exit 2, no restart loop).
         created = check_output_dir(settings.output_dir)
     except ConfigError as exc:
@@ -143,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     # Supervisor imports the worker modules (once, so that every fork shares them).
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(settings.max_pixels)
     configure_logging(settings, role="supervisor")
+    for unknown in misspelt:
+        # A warning, not a refusal: the pool runs, but with the default where a setting was meant.
+        structlog.get_logger().warning(
+            "unknown_setting", name=unknown.name, source=unknown.source, did_you_mean=unknown.did_you_mean
+        )
     if created:
         structlog.get_logger().info("output_dir_created", directories=[str(path) for path in created])
     instance = uuid.uuid4().hex[:12]
