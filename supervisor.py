@@ -78,7 +78,7 @@ from shared.output import LOCK_NAME
 from shared.output_dir import check_output_dir
 from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
+from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, connect, is_refusal
 from shared.sdnotify import Notifier
 from shared.task_board import TaskBoard
 
@@ -279,14 +279,23 @@ class Supervisor:
             output_dir=str(self.settings.output_dir),
             instance=self.instance,
         )
-        self.wait_for_redis()
-        while not self.stopping:
-            self.reconcile()
-            self.announce_ready_once()
-            self.ping_watchdog()
-            self.publish_metrics()
-            # Until READY, look again soon: the children boot in milliseconds.
-            self.sleep(self.loop_seconds if self.ready else 0.02)
+        try:
+            self.wait_for_redis()
+            while not self.stopping:
+                self.reconcile()
+                # Only the first pass, whose chores run before any child is forked,
+                # stops the start on a refusal; from then on it is logged and retried.
+                self.upkeep.refusals_fatal = False
+                self.announce_ready_once()
+                self.ping_watchdog()
+                self.publish_metrics()
+                # Until READY, look again soon: the children boot in milliseconds.
+                self.sleep(self.loop_seconds if self.ready else 0.02)
+        except RedisRefused as exc:
+            complain(f"REDIS_URL={self.settings.redacted_redis_url()!r}: Redis refused the pool: {exc}")
+            if self.metrics is not None:
+                self.metrics.close()
+            return exitcodes.CONFIG_ERROR
         self.shutdown()
         return exitcodes.OK
 
@@ -646,12 +655,15 @@ class Supervisor:
             self.log.error("child_died", cause=exitcodes.describe(code), **fields)
 
     def wait_for_redis(self) -> None:
-        """Block start-up until Redis answers, with capped backoff; a stop signal ends the wait."""
+        """Block start-up until Redis answers, with capped backoff; a stop signal
+        ends the wait. A permanent refusal raises RedisRefused."""
         attempt = 0
         while not self.stopping:
             try:
                 self.queue.client.ping()
             except REDIS_ERRORS as exc:
+                if is_refusal(exc):  # credentials, ACL, database: no wait changes the answer
+                    raise RedisRefused(str(exc)) from None
                 attempt += 1
                 delay = compute_backoff(attempt, base=0.2, cap=10.0)
                 self.log.warning(

@@ -4,17 +4,22 @@ JSON lines when stderr is not a terminal (journald, containers, log shippers),
 readable console lines on a terminal; LOG_FORMAT forces either. Events are short
 snake_case names with fields; the task loop binds request_id and image_id.
 
-A console line is made to fit CONSOLE_COLUMNS where it can: a shorter time
-stamp, and long values cut with an ellipsis, the longest first, what says why
-(error, cause, reason) last, never below a readable length, and never an id
-(request_id, image_id, task_id: what a line is searched by). A line of many
-fields can still be wider. A JSON line always carries every value whole.
+A console line is made to fit the terminal's width (CONSOLE_COLUMNS when
+stderr is not a terminal and COLUMNS is not set) where it can: a shorter time
+stamp, and long values cut in the middle with an ellipsis, so that a path keeps
+its file name and an error its reason ("... Connection refused."), the longest
+first, what says why (error, cause, reason) last, never below a readable
+length, and never an id (request_id, image_id, task_id: what a line is
+searched by). A line of many fields can still be wider. A JSON line always
+carries every value whole.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -99,8 +104,27 @@ def _cut_values(event_dict: structlog.typing.EventDict, excess: int) -> None:
                 break
             keep = max(shortest, len(shown[key]) - excess)
             excess -= len(shown[key]) - keep
-            shown[key] = shown[key][: keep - 1] + "\u2026"
+            shown[key] = cut_in_the_middle(shown[key], keep)
             event_dict[key] = _Shown(shown[key])
+
+
+def cut_in_the_middle(text: str, keep: int) -> str:
+    """`text` in `keep` characters: its start and its end, an ellipsis between.
+    The end is where a path has its file name and an error message its reason."""
+    head = (keep - 1) // 2
+    tail = keep - 1 - head
+    return text[:head] + "\u2026" + (text[-tail:] if tail else "")
+
+
+def console_columns(stream: TextIO) -> int:
+    """The width a console line should fit: the terminal's, else COLUMNS, else CONSOLE_COLUMNS."""
+    try:
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns or CONSOLE_COLUMNS
+    except (OSError, ValueError):
+        pass
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else CONSOLE_COLUMNS
 
 
 def _as_shown(value: object) -> str:
@@ -118,7 +142,10 @@ def configure_logging(settings: Settings, *, role: str) -> None:
     renderers: list[structlog.typing.Processor] = (
         [structlog.processors.JSONRenderer()]
         if use_json
-        else [escape_for_terminal, FittedConsoleRenderer(colors=sys.stderr.isatty())]
+        else [
+            escape_for_terminal,
+            FittedConsoleRenderer(colors=sys.stderr.isatty(), columns=console_columns(sys.stderr)),
+        ]
     )
     structlog.configure(
         processors=[

@@ -46,6 +46,23 @@ REPLICA_COUNT_SECONDS = 5.0
 # a blocked call), OOM under maxmemory, even a queue key of the wrong type. A
 # worker that died on them would be respawned straight into the same error.
 REDIS_ERRORS = (redis.exceptions.RedisError,)
+# Except, at start, the answers that no wait will change: wrong credentials, an
+# ACL without a command the pool sends, a database index the server lacks. Those
+# are settings to correct (exit 2), not an outage to wait out (see is_refusal).
+_REFUSALS = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError)
+_REFUSAL_TEXTS = ("DB index is out of range", "invalid DB index", "WRONGPASS", "NOAUTH", "NOPERM")
+
+
+class RedisRefused(Exception):
+    """Redis answered with a refusal that retrying cannot change (is_refusal)."""
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether a Redis error is a permanent refusal of our settings, rather
+    than a network error or a busy or failing-over server."""
+    if isinstance(exc, _REFUSALS):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and any(text in str(exc) for text in _REFUSAL_TEXTS)
 
 # The Lua scripts, one file each in shared/lua/ with its KEYS and ARGV in its
 # header; envelopes.lua holds what those that wrap and unwrap messages share.
