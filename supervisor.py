@@ -46,6 +46,9 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 # Only when run as a program: importing this module leaves a caller's mask alone.
 if __name__ == "__main__":
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    from shared.cli import explain_a_missing_package  # standard library only
+
+    explain_a_missing_package()
 
 import argparse
 import contextlib
@@ -71,7 +74,7 @@ from control.upkeep import PoolUpkeep
 from image_result_client import __version__
 from shared import exitcodes
 from shared.backoff import compute_backoff
-from shared.cli import PROGRAM, OneLineParser, complain
+from shared.cli import PROGRAM, OneLineParser, complain, unknown_command
 from shared.config import ConfigError, Settings, misspelt_settings
 from shared.logs import configure_logging
 from shared.output import LOCK_NAME
@@ -131,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             from control.commands import main as run_command
 
         return run_command(argv)
+    if argv and not argv[0].startswith("-"):
+        # The pool itself takes options only: a word is a mistyped command.
+        complain(unknown_command(argv[0], OPERATOR_COMMANDS))
+        return exitcodes.CONFIG_ERROR
     args = parse_args(argv)
     try:
         settings = Settings.from_env(workers_override=args.workers)
