@@ -203,23 +203,29 @@ class ReliableQueue:
             self._wait_for_replica()
         return claimed
 
-    def wait_and_claim(self, processing_key: str) -> bytes | None:
+    def wait_and_claim(self, processing_key: str) -> tuple[bytes, float] | None:
         """Block up to block_seconds for one message; None when none came. With a
         host queue, the wait is on it (shared-memory tasks are the latency-bound
-        ones); the shared queue is looked at on every turn by `claim`."""
+        ones); the shared queue is looked at on every turn by `claim`.
+
+        Returns the envelope and the seconds its claim took once the message
+        was there (stamping it, and the replicas under Sentinel): the task's
+        fetch phase. The wait for it is idle time, not the task's."""
         source = self._wait_source()
         incoming = self.keys.incoming(processing_key)
         moved = self.client.blmove(source, incoming, self._block_seconds, "LEFT", "RIGHT")
         if moved is None:
             return None
+        arrived = time.perf_counter()
         origin = "s" if source == self.keys.queue else "h"
         envelope = self._stamp_incoming(
             keys=[incoming, processing_key, self.keys.redelivery, source],
             args=[fresh_task_ids(1)[0], self._max_bytes, origin],
         )
-        if envelope:
-            self._wait_for_replica()
-        return envelope or None
+        if not envelope:
+            return None
+        self._wait_for_replica()
+        return envelope, time.perf_counter() - arrived
 
     def _own_queue(self) -> str:
         return self._host_queue or self.keys.queue
