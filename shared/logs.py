@@ -132,6 +132,38 @@ def _as_shown(value: object) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
+class LogStream:
+    """stderr as the logger writes to it: once the reader of a pipe is gone
+    (`make run 2>&1 | tee log`, then Ctrl-C ends tee as well), a line is
+    dropped rather than raised as BrokenPipeError into the code that logged,
+    so that a drain still finishes: records flushed, tasks put back, the lease
+    dropped. From then on the descriptor is /dev/null, so that neither this
+    process's later lines nor the interpreter's flush at exit (exit code 120)
+    meets the broken pipe again, nor the children forked afterwards."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+
+
 def configure_logging(settings: Settings, *, role: str) -> None:
     """Configure structlog for this process; `role` is bound to every event."""
     level = logging.getLevelName(settings.log_level)
@@ -157,7 +189,7 @@ def configure_logging(settings: Settings, *, role: str) -> None:
             *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=LogStream(sys.stderr)),  # type: ignore[arg-type]
         # Caching is safe: configure runs once per process, after fork.
         cache_logger_on_first_use=True,
     )
