@@ -32,7 +32,7 @@ import structlog
 from control.progress import ProgressMeter
 from shared.config import Settings
 from shared.pool_registry import PoolRegistry
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue
+from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, is_refusal
 from shared.sdnotify import Notifier
 from shared.task_board import TaskBoard, describe_task, read_entries
 
@@ -65,6 +65,9 @@ class PoolUpkeep:
         self.orphan_scan_due = 0.0
         self.progress = ProgressMeter(self.keys)
         self.redis_failing: set[str] = set()
+        # Until the supervisor's first pass is done (before any child is forked),
+        # a permanent refusal (a command the ACL lacks) stops the start: RedisRefused.
+        self.refusals_fatal = True
 
     def reload(self, settings: Settings) -> None:
         """Take a SIGHUP's settings (the supervisor keeps those only a restart changes)."""
@@ -207,6 +210,8 @@ class PoolUpkeep:
         try:
             result = func(*args, **options)
         except REDIS_ERRORS as exc:
+            if self.refusals_fatal and is_refusal(exc):
+                raise RedisRefused(str(exc)) from None
             # One warning per outage and chore, not one per second.
             level = self.log.debug if failure_event in self.redis_failing else self.log.warning
             level(failure_event, error=str(exc), redis=self.settings.redacted_redis_url())

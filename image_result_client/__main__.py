@@ -7,8 +7,13 @@ submit image files or URLs from the shell.
 
 A file is read with OpenCV and handed over through shared memory (image_id =
 the file's stem); an http(s) URL is queued as a URL task. REDIS_URL,
-HOSTING_TASKS_QUEUE and OUTPUT_DIR come from the environment, then `.env`, as
-for the pool; the options override them. OpenCV (for files) and python-dotenv
+HOSTING_TASKS_QUEUE, RESULTS_STREAM and OUTPUT_DIR come from the environment,
+then `.env`, as for the pool; the options override them. --wait follows the
+pool's results stream in Redis, which works from any host; with --output-dir
+(or RESULTS_STREAM_MAXLEN=0: the pool keeps no stream) it reads
+OUTPUT_DIR/results.json instead, which only the pool's host can. Where neither
+shows a record yet (no stream in Redis, no results.json in the directory), a
+note says so at once rather than leaving a silent wait. OpenCV (for files) and python-dotenv
 (for a `.env`) come with the `cli` extra and are imported only when needed, so
 URLs can be queued without them; when one is needed and missing, that is a
 usage error naming the extra.
@@ -39,7 +44,14 @@ import redis
 
 from image_result_client import __version__
 from image_result_client.producer import DEFAULT_PREFIX, Producer, Submission, WaitTimeout, check_url
-from image_result_client.protocol import DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE, DEFAULT_REDIS_URL, check_list_name
+from image_result_client.protocol import (
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_QUEUE,
+    DEFAULT_REDIS_URL,
+    DEFAULT_RESULTS_STREAM,
+    RESULTS_NAME,
+    check_list_name,
+)
 from image_result_client.redact import redact_url
 from image_result_client.settings_file import SettingsFileError
 from image_result_client.settings_file import read_dotenv as read_settings_file
@@ -75,7 +87,8 @@ class Target:
 
     redis_url: str
     queue: str
-    output_dir: Path
+    output_dir: Path | None  # where --wait reads results.json; None: follow results_stream
+    results_stream: str = DEFAULT_RESULTS_STREAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +143,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     enqueue.add_argument("--redis-url", help="default: REDIS_URL (environment, then .env)")
     enqueue.add_argument("--queue", help="default: HOSTING_TASKS_QUEUE")
     enqueue.add_argument("--wait", action="store_true", help="show progress until every record is in results.json")
-    enqueue.add_argument("--output-dir", help="the pool's OUTPUT_DIR, for --wait (default: OUTPUT_DIR)")
+    enqueue.add_argument(
+        "--output-dir", help="--wait reads this OUTPUT_DIR's results.json (on the pool's host) instead of the results stream"
+    )
     enqueue.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds --wait waits (default: %(default)g)")
     enqueue.add_argument("--shm-prefix", default=DEFAULT_PREFIX, help="segment name prefix (default: %(default)s)")
     enqueue.add_argument("inputs", nargs="+", metavar="PATH_OR_URL")
@@ -141,22 +156,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_settings(args: argparse.Namespace, *, dotenv_path: Path = Path(".env")) -> Target:
-    """REDIS_URL, HOSTING_TASKS_QUEUE and OUTPUT_DIR as the pool reads them (the
-    environment over `.env`, empty means the default), the options over both."""
+    """REDIS_URL, HOSTING_TASKS_QUEUE, RESULTS_STREAM and OUTPUT_DIR as the pool
+    reads them (the environment over `.env`, empty means the default), the
+    options over both. OUTPUT_DIR counts only with --output-dir or without a
+    stream (RESULTS_STREAM_MAXLEN=0): relative to where the client runs, it
+    names the pool's directory only by luck."""
     values = read_dotenv(dotenv_path)
     values.update(os.environ)
     overrides = {"REDIS_URL": args.redis_url, "HOSTING_TASKS_QUEUE": args.queue, "OUTPUT_DIR": args.output_dir}
     values.update({name: value for name, value in overrides.items() if value is not None})
     redis_url = values.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL
     queue = values.get("HOSTING_TASKS_QUEUE", "").strip() or DEFAULT_QUEUE
+    results_stream = values.get("RESULTS_STREAM", "").strip() or DEFAULT_RESULTS_STREAM
     output_dir = values.get("OUTPUT_DIR", "").strip()
-    try:
-        check_list_name(queue)
-    except ValueError as exc:
-        raise UsageError(f"HOSTING_TASKS_QUEUE={queue!r}: {exc}") from None
+    for name, value in (("HOSTING_TASKS_QUEUE", queue), ("RESULTS_STREAM", results_stream)):
+        try:
+            check_list_name(value)
+        except ValueError as exc:
+            raise UsageError(f"{name}={value!r}: {exc}") from None
     if "\0" in output_dir:
         raise UsageError("OUTPUT_DIR contains a NUL byte; expected a directory path")
-    return Target(redis_url, queue, (Path(output_dir).expanduser() if output_dir else DEFAULT_OUTPUT_DIR).resolve())
+    if args.output_dir is None and values.get("RESULTS_STREAM_MAXLEN", "").strip() != "0":
+        return Target(redis_url, queue, None, results_stream)
+    return Target(
+        redis_url, queue, (Path(output_dir).expanduser() if output_dir else DEFAULT_OUTPUT_DIR).resolve(), results_stream
+    )
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -224,7 +248,7 @@ def enqueue(args: argparse.Namespace, settings: Target) -> int:
     items = classify(args.inputs)
     submissions: list[Submission] = []
     try:
-        producer = Producer.from_url(settings.redis_url, queue=settings.queue)
+        producer = Producer.from_url(settings.redis_url, queue=settings.queue, results_stream=settings.results_stream)
     except ValueError as exc:  # redis-py's word on the URL: scheme, port, query
         raise UsageError(f"REDIS_URL={redact_url(settings.redis_url)!r} is not a Redis URL: {exc}") from None
     with producer:
@@ -245,10 +269,37 @@ def enqueue(args: argparse.Namespace, settings: Target) -> int:
             for submission, item in zip(submissions, items, strict=True):
                 say(f"queued    {submission.request_id} {item.argument}")
             return 0
+        note_unseen_results(producer, settings)
         return wait_and_report(producer, submissions, output_dir=settings.output_dir, timeout=args.timeout)
 
 
-def wait_and_report(producer: Producer, submissions: list[Submission], *, output_dir: Path, timeout: float) -> int:
+def note_unseen_results(producer: Producer, settings: Target) -> None:
+    """Say at once when --wait has nowhere to see a record yet: a wrong
+    directory or a pool without a stream otherwise looks like a slow pool
+    until the timeout."""
+    if settings.output_dir is not None:
+        if not (settings.output_dir / RESULTS_NAME).is_file():
+            say(
+                f"{PROG}: no {RESULTS_NAME} in {settings.output_dir} (not the pool's OUTPUT_DIR on this host, "
+                "or the pool has not started there); waiting for it",
+                file=sys.stderr,
+            )
+        return
+    try:
+        exists = producer.client.exists(settings.results_stream)
+    except redis.RedisError:
+        return  # the wait itself reports what Redis says
+    if not exists:
+        say(
+            f"{PROG}: no results stream {settings.results_stream!r} in Redis yet (the pool creates it with its "
+            "first record; with RESULTS_STREAM_MAXLEN=0 it keeps none: use --output-dir on its host); waiting",
+            file=sys.stderr,
+        )
+
+
+def wait_and_report(
+    producer: Producer, submissions: list[Submission], *, output_dir: Path | None, timeout: float
+) -> int:
     bar = ProgressBar(len(submissions))
     try:
         records = producer.wait(submissions, output_dir=output_dir, timeout=timeout, on_progress=bar.on_progress)
@@ -258,6 +309,9 @@ def wait_and_report(producer: Producer, submissions: list[Submission], *, output
             say(record_line(record))
         say(f"{PROG}: {exc}", file=sys.stderr)
         return FAILED
+    except redis.RedisError as exc:  # following the results stream
+        bar.finish()
+        raise RedisUnreachable(f"lost Redis while waiting for records: {exc}") from None
     bar.finish()
     for record in records:
         say(record_line(record))

@@ -28,7 +28,7 @@ from image_result_client.protocol import (
 )
 from image_result_client.protocol import has_hash_tag as has_hash_tag
 from image_result_client.redact import redact_url
-from image_result_client.settings_file import SettingsFileError
+from image_result_client.settings_file import SettingsFileError, UnknownSetting, unknown_settings
 from image_result_client.settings_file import read_dotenv as read_settings_file
 
 T = TypeVar("T")
@@ -115,6 +115,18 @@ def read_dotenv(path: Path) -> dict[str, str]:
         return read_settings_file(path)
     except SettingsFileError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def misspelt_settings(
+    environ: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Path(".env")
+) -> list[UnknownSetting]:
+    """Names in `.env` and the environment that look like settings but are not
+    (WORKER=3, JPEG_QUALTY=95), each with the setting probably meant: the pool
+    warns about them at start, as systemd does about an unknown key."""
+    dotenv = {} if dotenv_path is None else read_dotenv(dotenv_path)
+    return unknown_settings(
+        dotenv, os.environ if environ is None else environ, setting_names(), dotenv_source=str(dotenv_path)
+    )
 
 
 def setting_names() -> tuple[str, ...]:

@@ -46,6 +46,23 @@ REPLICA_COUNT_SECONDS = 5.0
 # a blocked call), OOM under maxmemory, even a queue key of the wrong type. A
 # worker that died on them would be respawned straight into the same error.
 REDIS_ERRORS = (redis.exceptions.RedisError,)
+# Except, at start, the answers that no wait will change: wrong credentials, an
+# ACL without a command the pool sends, a database index the server lacks. Those
+# are settings to correct (exit 2), not an outage to wait out (see is_refusal).
+_REFUSALS = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError)
+_REFUSAL_TEXTS = ("DB index is out of range", "invalid DB index", "WRONGPASS", "NOAUTH", "NOPERM")
+
+
+class RedisRefused(Exception):
+    """Redis answered with a refusal that retrying cannot change (is_refusal)."""
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether a Redis error is a permanent refusal of our settings, rather
+    than a network error or a busy or failing-over server."""
+    if isinstance(exc, _REFUSALS):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and any(text in str(exc) for text in _REFUSAL_TEXTS)
 
 # The Lua scripts, one file each in shared/lua/ with its KEYS and ARGV in its
 # header; envelopes.lua holds what those that wrap and unwrap messages share.
@@ -186,23 +203,29 @@ class ReliableQueue:
             self._wait_for_replica()
         return claimed
 
-    def wait_and_claim(self, processing_key: str) -> bytes | None:
+    def wait_and_claim(self, processing_key: str) -> tuple[bytes, float] | None:
         """Block up to block_seconds for one message; None when none came. With a
         host queue, the wait is on it (shared-memory tasks are the latency-bound
-        ones); the shared queue is looked at on every turn by `claim`."""
+        ones); the shared queue is looked at on every turn by `claim`.
+
+        Returns the envelope and the seconds its claim took once the message
+        was there (stamping it, and the replicas under Sentinel): the task's
+        fetch phase. The wait for it is idle time, not the task's."""
         source = self._wait_source()
         incoming = self.keys.incoming(processing_key)
         moved = self.client.blmove(source, incoming, self._block_seconds, "LEFT", "RIGHT")
         if moved is None:
             return None
+        arrived = time.perf_counter()
         origin = "s" if source == self.keys.queue else "h"
         envelope = self._stamp_incoming(
             keys=[incoming, processing_key, self.keys.redelivery, source],
             args=[fresh_task_ids(1)[0], self._max_bytes, origin],
         )
-        if envelope:
-            self._wait_for_replica()
-        return envelope or None
+        if not envelope:
+            return None
+        self._wait_for_replica()
+        return envelope, time.perf_counter() - arrived
 
     def _own_queue(self) -> str:
         return self._host_queue or self.keys.queue

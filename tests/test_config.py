@@ -22,8 +22,9 @@ import pytest
 
 from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
-from shared.config import ConfigError, Settings, read_dotenv, redact_url
+from shared.config import ConfigError, Settings, misspelt_settings, read_dotenv, redact_url
 from shared.output_dir import check_output_dir
+from tests.conftest import PoolFactory
 
 SUPERVISOR = REPO_ROOT / "supervisor.py"
 # Never the developer's Redis on 6379: should a bad value slip through, the
@@ -96,6 +97,43 @@ def test_redact_url_hides_password() -> None:
     redacted = redact_url("redis://user:pw@h:6379/0")
     assert "pw" not in redacted
     assert redacted == "redis://user:***@h:6379/0"
+
+
+@pytest.mark.fast
+def test_misspelt_setting_names_are_found_with_the_name_meant(tmp_path: Path) -> None:
+    """In .env, a name close to a setting's or with our prefix; in the environment
+    (every program's names), only one with our prefix. Others' names pass."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WORKER=3\nJPEG_QUALTY=95\nCOMPOSE_PROJECT_NAME=x\nWORKERS=2\n")
+    environ = {"PATH": "/bin", "LOGNAME": "me", "HOSTNAME": "h", "SHM_PREFIX": "img_", "WORKR": "2"}
+
+    found = {(u.name, u.source, u.did_you_mean) for u in misspelt_settings(environ, dotenv_path=dotenv)}
+
+    assert found == {
+        ("WORKER", str(dotenv), "WORKERS"),
+        ("JPEG_QUALTY", str(dotenv), "JPEG_QUALITY"),
+        ("SHM_PREFIX", "environment", "SHM_NAME_PREFIX"),
+    }
+
+
+def test_pool_warns_about_misspelt_settings_and_runs(pool_factory: PoolFactory, tmp_path: Path) -> None:
+    """WORKER=3 and JPEG_QUALTY=95 in .env, URL_MAX_REDIRECT in the environment:
+    the pool starts (with the defaults) and says, for each, which setting was meant."""
+    workdir = tmp_path / "here"
+    workdir.mkdir()
+    (workdir / ".env").write_text("WORKER=3\nJPEG_QUALTY=95\n")
+    pool = pool_factory(cwd=workdir, env={"URL_MAX_REDIRECT": "5"})
+    pool.wait_ready()
+
+    warned = {(e["name"], e["source"], e["did_you_mean"]) for e in pool.events("unknown_setting")}
+
+    assert warned == {
+        ("WORKER", ".env", "WORKERS"),
+        ("JPEG_QUALTY", ".env", "JPEG_QUALITY"),
+        ("URL_MAX_REDIRECT", "environment", "URL_MAX_REDIRECTS"),
+    }
+    assert all(e["level"] == "warning" for e in pool.events("unknown_setting"))
+    assert pool.stop() == 0
 
 
 # ---------------------------------------------------------------- supervisor.py

@@ -83,6 +83,33 @@ def test_metrics_count_tasks_phases_restarts_and_queue(pool_factory, redis_clien
     assert pool.stop() == 0
 
 
+IDLE = 1.5
+
+
+def test_an_idle_pools_tasks_count_in_the_fetch_phase(pool_factory, redis_client, queue_name, segments):
+    """Tasks that arrive one at a time reach workers blocked on the queue, not a
+    batch claim: their fetch (the claim once the message came, not the idle wait)
+    counts as every other phase does."""
+    port = free_port()
+    pool = pool_factory(workers=1, env={"METRICS_PORT": str(port), "METRICS_ADDRESS": "127.0.0.1"})
+    pool.wait_ready()
+    for count in (1, 2, 3):
+        time.sleep(IDLE)  # the worker waits on the queue this long before each task
+        push_photos(redis_client, queue_name, segments, 1, size=(64, 64))
+        wait_for_records(pool.output_dir, count, pool=pool)
+
+    def counted() -> str | None:
+        text = scrape(port)[1]
+        return text if sample(text, "image_result_task_phase_seconds_count", phase="ledger") == 3 else None
+
+    text = wait_until(counted, 10, "metrics never counted the tasks")
+    assert sample(text, "image_result_task_phase_seconds_count", phase="encode") == 3
+    assert sample(text, "image_result_task_phase_seconds_count", phase="fetch") == 3
+    fetched = sample(text, "image_result_task_phase_seconds_sum", phase="fetch")
+    assert fetched is not None and 0 < fetched < IDLE  # three claims, none of the idle waits
+    assert pool.stop() == 0
+
+
 def test_counts_survive_a_ledger_restart(pool_factory, redis_client, queue_name, segments):
     """Each ledger's counts are cumulative since its start; the supervisor banks
     them when it is replaced, so counters never go backwards."""

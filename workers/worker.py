@@ -249,9 +249,11 @@ class Worker:
             # The round trip's share of each task it brought.
             self._fetch_seconds = (time.perf_counter() - claim_started) / max(1, len(envelopes))
             if not envelopes:
-                one = self._wait_for_a_task()
-                envelopes = [one] if one is not None else []
-                self._fetch_seconds = None  # time spent waiting for work is not the task's
+                # An idle pool's every task comes this way: its fetch is the claim
+                # once the message arrived, never the wait for it.
+                claimed = self._wait_for_a_task()
+                envelopes = [claimed[0]] if claimed is not None else []
+                self._fetch_seconds = claimed[1] if claimed is not None else None
         except REDIS_ERRORS as exc:
             self._redis_failures += 1
             delay = compute_backoff(self._redis_failures, base=0.2, cap=10.0)
@@ -264,7 +266,7 @@ class Worker:
             self._redis_failures = 0
         return envelopes
 
-    def _wait_for_a_task(self) -> bytes | None:
+    def _wait_for_a_task(self) -> tuple[bytes, float] | None:
         """Block on the queue for one task; None after a quiet wait or a stop
         request. The stop signal ends the wait at once (request_stop raises into
         it) rather than after up to BLOCK_SECONDS: whatever the server moved
