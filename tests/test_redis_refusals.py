@@ -123,7 +123,7 @@ def test_a_network_error_is_retried_and_its_console_line_keeps_the_reason(tmp_pa
         assert pool.poll() is None
         assert all("Connection refused" in line for line in lines), lines
         assert complaints(pool) == []
-        assert pool.stop(signal.SIGTERM) == 0
+        assert pool.stop(signal.SIGTERM, before_ready=True) == 0
     finally:
         pool.kill_all()
 
