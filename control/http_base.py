@@ -30,8 +30,7 @@ Hazards handled here, the same for both ports (LIMITS, one set):
   bounded. On Linux (TCP_DEFER_ACCEPT) a connection reaches accept() with its
   request, which is read there and then: a client descheduled between its
   connect and its send is not taken for one of a flood's idle connections.
-  (The server this replaced closed the newcomer under the lock its close took
-  again: 65 connections deadlocked it for good.)
+  One thread owns the table of connections, so no lock is taken twice.
 - Fork while the I/O thread runs (METRICS_PORT lives in the supervisor, which
   forks): the thread never logs and touches nothing but its sockets and what
   respond() reads, and works only while holding quiesced(), which the
@@ -148,11 +147,9 @@ def parse_request(data: bytes, *, client: str, limits: Limits) -> Request | None
 
 
 def _head_end(data: bytes) -> int | None:
-    """Where the head ends (after its blank line), if it has."""
-    for blank in (b"\r\n\r\n", b"\n\n"):
-        if (at := data.find(blank)) >= 0:
-            return at + len(blank)
-    return None
+    """Where the head ends (after its first blank line, CRLF or bare LF), if it has."""
+    ends = [at + len(blank) for blank in (b"\r\n\r\n", b"\n\n") if (at := data.find(blank)) >= 0]
+    return min(ends, default=None)
 
 
 @dataclass(eq=False, slots=True)
