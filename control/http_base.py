@@ -44,7 +44,6 @@ Hazards handled here, the same for both ports (LIMITS, one set):
 
 from __future__ import annotations
 
-import http.client
 import io
 import queue
 import selectors
@@ -53,6 +52,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from http.client import HTTPException, HTTPMessage, parse_headers
 
 # How long close() may wait for the I/O thread to notice it should stop.
 POLL_SECONDS = 0.25
@@ -84,7 +84,7 @@ LIMITS = Limits()
 class Request:
     method: str
     target: str  # the path and query, as sent
-    headers: http.client.HTTPMessage  # names case-insensitive
+    headers: HTTPMessage  # names case-insensitive
     body: bytes
     client: str  # the peer's address
 
@@ -130,8 +130,8 @@ def parse_request(data: bytes, *, client: str, limits: Limits) -> Request | None
         raise Refusal(HTTPStatus.BAD_REQUEST, "bad request line")
     method, target, _ = words
     try:
-        headers = http.client.parse_headers(io.BytesIO(header_block))
-    except http.client.HTTPException:
+        headers = parse_headers(io.BytesIO(header_block))
+    except HTTPException:
         raise Refusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many header lines") from None
     if headers.get("Transfer-Encoding"):
         raise Refusal(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
