@@ -248,7 +248,8 @@ class HardenedHTTPServer:
             self._work.put(None)
         with self._quiet:
             self._drop_all()
-            self.listener.close()
+            for sock in (self.listener, self._wake_r, self._wake_w):
+                sock.close()  # a handler still at work finds the pair closed, and its reply is dropped
 
     # -- the I/O thread ----------------------------------------------------------
 
