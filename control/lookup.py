@@ -51,6 +51,7 @@ from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope, InvalidMessage, parse_envelope, salvage
 from shared.output import RESULTS_NAME
+from shared.pool_registry import HOST_SCAN_CALLS, PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
 from shared.terminal import printable, say
 
@@ -58,6 +59,9 @@ NOT_FOUND = 1
 PAGE = 1000
 FILE_CHUNK = 1 << 20
 SCAN_COUNT = 1000
+# Host queues `task` searches beside the served hosts': the fullest (producers
+# can make any number of them; the rest are counted, not read).
+HOST_QUEUES_SEARCHED = 200
 # A dead letter's message and a record's fields are shown, not stored: keep them short.
 MESSAGE_SHOWN = 2048
 
@@ -122,13 +126,6 @@ def lease_states(client: redis.Redis, keys: QueueKeys, *, max_calls: int | None 
         if state is not None:
             states[key.decode(errors="backslashreplace")[len(prefix):]] = state
     return states
-
-
-def producers_lists(client: redis.Redis, keys: QueueKeys, *, max_calls: int | None = None) -> tuple[list[str], bool]:
-    """The shared queue and every host queue that exists, and whether SCAN saw the whole keyspace."""
-    found, whole = scan_keys(client, keys.host(""), max_calls=max_calls)
-    names = (key.decode(errors="surrogateescape") for key in found)
-    return [keys.queue, *sorted(name for name in names if keys.is_producers_list(name))], whole
 
 
 def list_pages(client: redis.Redis, key: str | bytes, *, limit: int | None, newest_first: bool = False) -> Iterator[tuple[int, bytes]]:
@@ -255,19 +252,25 @@ def find_task(
     not_searched: list[str] = []
     states = lease_states(client, keys, max_calls=budget.scan_calls)
     found += _in_flight(client, keys, matcher, states, now)
-    found += _queued(client, keys, matcher, budget, not_searched)
+    served = {str(state.get("host_id")) for state in states.values()}
+    found += _queued(client, keys, matcher, budget, not_searched, served)
     found += _delayed(client, keys, matcher, budget, not_searched, now)
     found += _dead(client, keys, matcher, budget, not_searched, now)
     found += _recorded(client, settings, matcher, budget, not_searched)
     return Search(request_id, found, not_searched)
 
 
-def _queued(client: redis.Redis, keys: QueueKeys, matcher: _Matcher, budget: Budget, skipped: list[str]) -> list[dict]:
+def _queued(
+    client: redis.Redis, keys: QueueKeys, matcher: _Matcher, budget: Budget, skipped: list[str], served: set[str]
+) -> list[dict]:
     found = []
-    lists, whole = producers_lists(client, keys, max_calls=budget.scan_calls)
-    if not whole:
-        skipped.append(f"host queues beyond the first {budget.scan_calls} SCAN calls")
-    for name in lists:
+    scan_calls = HOST_SCAN_CALLS if budget.scan_calls is None else min(budget.scan_calls, HOST_SCAN_CALLS)
+    hosts = PoolRegistry(client, keys).host_queues(served=served, listed=HOST_QUEUES_SEARCHED, scan_calls=scan_calls)
+    if hosts.others:
+        skipped.append(f"{hosts.others} host queues with no supervisor, beyond the {HOST_QUEUES_SEARCHED} fullest")
+    if not hosts.complete:
+        skipped.append(f"host queues beyond the first {scan_calls} SCAN calls")
+    for name in [keys.queue, *(keys.host(host_id) for host_id in hosts.listed)]:
         read = 0
         for index, message in list_pages(client, name, limit=budget.list_entries):
             read += 1
