@@ -38,6 +38,8 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "console")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+# Chroma subsampling of the written JPEGs: 4:4:4 keeps coloured text sharp.
+JPEG_SUBSAMPLINGS = ("444", "422", "420")
 
 
 class ConfigError(ValueError):
@@ -50,6 +52,8 @@ class Settings:
     queue: str = DEFAULT_QUEUE
     output_dir: Path = DEFAULT_OUTPUT_DIR
     jpeg_quality: int = 80
+    jpeg_subsampling: str = "420"  # the seed's output
+    jpeg_progressive: bool = False
     log_level: str = "INFO"
     log_format: str = "auto"
     workers: int = 1
@@ -144,6 +148,8 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         queue=get("HOSTING_TASKS_QUEUE", _queue_name, DEFAULTS.queue),
         output_dir=get("OUTPUT_DIR", _path, DEFAULTS.output_dir).resolve(),
         jpeg_quality=get("JPEG_QUALITY", _int_in(1, 100), DEFAULTS.jpeg_quality),
+        jpeg_subsampling=get("JPEG_SUBSAMPLING", _choice(JPEG_SUBSAMPLINGS), DEFAULTS.jpeg_subsampling),
+        jpeg_progressive=get("JPEG_PROGRESSIVE", _bool, DEFAULTS.jpeg_progressive),
         log_level=get("LOG_LEVEL", _choice(LOG_LEVELS, upper=True), DEFAULTS.log_level),
         log_format=get("LOG_FORMAT", _choice(LOG_FORMATS), DEFAULTS.log_format),
         workers=workers,

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from shared.messages import SegmentRef
+from shared.rendering import Rendering
 from shared.segments import SegmentAccess, SegmentRefused, open_segment
 
 # Rows of a float frame converted to uint8 at a time.
@@ -50,7 +51,7 @@ class EncodedImage:
     height: int
 
 
-def encode_segment(ref: SegmentRef, *, quality: int, access: SegmentAccess) -> EncodedImage:
+def encode_segment(ref: SegmentRef, *, rendering: Rendering, access: SegmentAccess) -> EncodedImage:
     """Encode the frame in shared-memory segment `ref` without copying its pixels.
     Only a segment `access` allows is opened (shared.segments)."""
     try:
@@ -68,7 +69,7 @@ def encode_segment(ref: SegmentRef, *, quality: int, access: SegmentAccess) -> E
         os.close(fd)
     try:
         pixels = np.frombuffer(mapping, dtype=ref.dtype, count=ref.nbytes // np.dtype(ref.dtype).itemsize)
-        encoded = encode_pixels(pixels.reshape(ref.shape), quality=quality)
+        encoded = encode_pixels(pixels.reshape(ref.shape), rendering=rendering)
         del pixels
     finally:
         mapping.close()
@@ -88,7 +89,7 @@ def _check_fits(ref: SegmentRef, real_size: int) -> None:
         )
 
 
-def encode_pixels(pixels: np.ndarray, *, quality: int) -> EncodedImage:
+def encode_pixels(pixels: np.ndarray, *, rendering: Rendering) -> EncodedImage:
     """JPEG-encode a BGR, BGRA or grayscale frame of any supported dtype."""
     frame = _as_uint8(pixels)
     if frame.ndim == 3 and frame.shape[2] == 1:
@@ -97,7 +98,7 @@ def encode_pixels(pixels: np.ndarray, *, quality: int) -> EncodedImage:
         # JPEG has no alpha; drop it explicitly rather than rely on codec defaults.
         frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
     try:
-        ok, buffer = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        ok, buffer = cv2.imencode(".jpg", frame, rendering.encode_params)
     except cv2.error as exc:
         raise ImageError(f"JPEG encoder refused the frame: {exc.msg if hasattr(exc, 'msg') else exc}") from None
     if not ok:

@@ -21,12 +21,14 @@ from harness.photos import photo_of_size
 from harness.segments import SegmentTracker, segment_exists
 from shared.images import ACCEPTED_FORMATS, EncodedImage, ImageError, decode_image, encode_segment, image_format
 from shared.messages import LEGACY_SHAPE, SegmentRef
+from shared.rendering import Rendering
 from shared.segments import SegmentAccess
 from tests.conftest import PoolFactory
 from tests.helpers import psnr, push, wait_for_records
 
 # The pipeline's segments, as the pool's settings allow them by default.
 ACCESS = SegmentAccess("img_shm_", frozenset({os.getuid()}))
+RENDERING = Rendering()  # the pool's defaults
 
 
 def decode(encoded: EncodedImage) -> np.ndarray:
@@ -37,7 +39,7 @@ def decode(encoded: EncodedImage) -> np.ndarray:
 
 def encode_array(segments: SegmentTracker, array: np.ndarray) -> np.ndarray:
     name = segments.make(array)
-    encoded = encode_segment(SegmentRef(name, array.shape, str(array.dtype)), quality=90, access=ACCESS)
+    encoded = encode_segment(SegmentRef(name, array.shape, str(array.dtype)), rendering=Rendering(quality=90), access=ACCESS)
     assert (encoded.height, encoded.width) == array.shape[:2]
     return decode(encoded)
 
@@ -86,12 +88,12 @@ def test_float_segment_in_unit_range(segments: SegmentTracker, dtype: type) -> N
 def test_declared_shape_larger_than_segment_is_refused(segments: SegmentTracker) -> None:
     name = segments.make(photo_of_size(10, 10))
     with pytest.raises(ImageError, match="holds only 300"):
-        encode_segment(SegmentRef(name, (1000, 1000, 3), "uint8"), quality=80, access=ACCESS)
+        encode_segment(SegmentRef(name, (1000, 1000, 3), "uint8"), rendering=RENDERING, access=ACCESS)
 
 
 def test_legacy_ref_on_full_size_segment_encodes(segments: SegmentTracker) -> None:
     name = segments.make(photo_of_size(1024, 1024))
-    encoded = encode_segment(SegmentRef(name, LEGACY_SHAPE, "uint8", legacy=True), quality=80, access=ACCESS)
+    encoded = encode_segment(SegmentRef(name, LEGACY_SHAPE, "uint8", legacy=True), rendering=RENDERING, access=ACCESS)
     assert decode(encoded).shape == LEGACY_SHAPE
 
 
@@ -100,13 +102,13 @@ def test_legacy_ref_needs_exactly_a_1024_frame(segments: SegmentTracker, shape: 
     """A bare name promises 3145728 bytes; a bigger segment means another layout."""
     name = segments.make(photo_of_size(*shape[:2]))
     with pytest.raises(ImageError, match="3145728 bytes"):
-        encode_segment(SegmentRef(name, LEGACY_SHAPE, "uint8", legacy=True), quality=80, access=ACCESS)
+        encode_segment(SegmentRef(name, LEGACY_SHAPE, "uint8", legacy=True), rendering=RENDERING, access=ACCESS)
 
 
 def test_missing_segment_is_named() -> None:
     name = "img_shm_missing_" + uuid.uuid4().hex
     with pytest.raises(ImageError, match=name):
-        encode_segment(SegmentRef(name, (2, 2, 3), "uint8"), quality=80, access=ACCESS)
+        encode_segment(SegmentRef(name, (2, 2, 3), "uint8"), rendering=RENDERING, access=ACCESS)
 
 
 def test_encoding_does_not_register_with_resource_tracker(segments: SegmentTracker) -> None:
@@ -116,9 +118,10 @@ def test_encoding_does_not_register_with_resource_tracker(segments: SegmentTrack
         "import os\n"
         "from shared.images import encode_segment\n"
         "from shared.messages import SegmentRef\n"
+        "from shared.rendering import Rendering\n"
         "from shared.segments import SegmentAccess\n"
         "access = SegmentAccess('img_shm_', frozenset({os.getuid()}))\n"
-        f"encode_segment(SegmentRef({name!r}, (64, 64, 3), 'uint8'), quality=80, access=access)\n"
+        f"encode_segment(SegmentRef({name!r}, (64, 64, 3), 'uint8'), rendering=Rendering(), access=access)\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30, check=False
@@ -130,7 +133,7 @@ def test_encoding_does_not_register_with_resource_tracker(segments: SegmentTrack
 
 def test_no_mapping_of_the_segment_stays_open(segments: SegmentTracker) -> None:
     name = segments.make(photo_of_size(64, 64))
-    encode_segment(SegmentRef(name, (64, 64, 3), "uint8"), quality=80, access=ACCESS)
+    encode_segment(SegmentRef(name, (64, 64, 3), "uint8"), rendering=RENDERING, access=ACCESS)
     assert name not in Path("/proc/self/maps").read_text()
 
 

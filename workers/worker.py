@@ -69,6 +69,7 @@ from shared.redis_queue import (
     ReliableQueue,
     connect,
 )
+from shared.rendering import Rendering
 from shared.segments import SegmentAccess
 from shared.task_board import ENCODE, LOAD, WRITE, TaskBoard
 from shared.url_fetch import UrlFetcher
@@ -129,6 +130,7 @@ class Worker:
         self._encoded = 0
         self._encode_cpu_seconds = 0.0
         self.segment_access = SegmentAccess.from_settings(settings)
+        self.rendering = Rendering.from_settings(settings)
         self._outbox = Outbox(backlog=False)  # the current claim's
         self._ledger_lost = False
 
@@ -393,11 +395,11 @@ class Worker:
 
     def _load_and_encode(self, task: Task) -> tuple[EncodedImage, str]:
         """SHM first; the URL when there is no segment or the segment failed."""
-        quality = self.settings.jpeg_quality
+        rendering = self.rendering
         if task.segment is not None:
             try:
                 # Attaching costs microseconds; the phase is the encode.
-                return self._timed_encode(lambda: encode_segment(task.segment, quality=quality, access=self.segment_access)), "shm"
+                return self._timed_encode(lambda: encode_segment(task.segment, rendering=rendering, access=self.segment_access)), "shm"
             except ImageError as exc:
                 if task.image_url is None:
                     raise
@@ -411,7 +413,7 @@ class Worker:
         body = self.fetcher.fetch(task.image_url)
         frame = decode_image(body, max_pixels=self.settings.max_pixels)
         self._timings["load"] = time.perf_counter() - load_started
-        return self._timed_encode(lambda: encode_pixels(frame, quality=quality)), "url"
+        return self._timed_encode(lambda: encode_pixels(frame, rendering=rendering)), "url"
 
     def _timed_encode(self, encode: Callable[[], EncodedImage]) -> EncodedImage:
         """Run one encode; note its wall time (the task's encode phase) and add
