@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from shared import colour
 from shared.messages import SegmentRef
 from shared.rendering import Rendering
 from shared.segments import SegmentAccess, SegmentRefused, open_segment
@@ -95,8 +96,8 @@ def encode_pixels(pixels: np.ndarray, *, rendering: Rendering) -> EncodedImage:
     if frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame.reshape(frame.shape[:2])
     elif frame.ndim == 3 and frame.shape[2] == 4:
-        # JPEG has no alpha; drop it explicitly rather than rely on codec defaults.
-        frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+        # JPEG has no alpha: transparent pixels show the page's background.
+        frame = colour.composite(frame, rendering.background)
     try:
         ok, buffer = cv2.imencode(".jpg", frame, rendering.encode_params)
     except cv2.error as exc:
@@ -194,7 +195,8 @@ def _iso_media_format(data: bytes) -> str:
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode downloaded JPEG, PNG or WebP bytes to BGR; other formats are
+    """Decode downloaded JPEG, PNG or WebP bytes to sRGB BGR, or BGRA when it
+    has transparency (shared.colour); other formats are
     refused by their leading bytes before any decoder sees them. OpenCV refuses
     frames above MAX_PIXELS before allocating them (the supervisor sets
     OPENCV_IO_MAX_IMAGE_PIXELS)."""
@@ -203,15 +205,26 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise ImageError(f"downloaded data is not a decodable image: it starts like no image format; {_EXPECTED}")
     if found not in ACCEPTED_FORMATS:
         raise ImageError(f"image format {found} is not accepted; {_EXPECTED}")
+    source = _read_colour(data, found)
     try:
         # The binding copies the decoded Mat into a numpy array, so the frame
         # is held twice for a moment: about 6 bytes a pixel, 9 for a progressive
         # 4:4:4 JPEG. MAX_PIXELS' default is sized for that (bench/decode_memory.py).
-        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        frame = cv2.imdecode(np.frombuffer(data, np.uint8), source.imread_flags)
     except cv2.error:
         raise ImageError(f"{found} image is corrupt or has more than MAX_PIXELS={max_pixels} pixels") from None
     if frame is None:
         raise ImageError(f"downloaded data is not a decodable image: a corrupt or truncated {found}")
     if frame.shape[0] * frame.shape[1] > max_pixels:
         raise ImageError(f"image has more than MAX_PIXELS={max_pixels} pixels")
-    return frame
+    try:
+        return colour.to_srgb(frame, source, data)
+    except colour.ColourError as exc:
+        raise ImageError(str(exc)) from None
+
+
+def _read_colour(data: bytes, found: str) -> colour.SourceColour:
+    try:
+        return colour.read_header(data, found)
+    except colour.ColourError as exc:
+        raise ImageError(str(exc)) from None

@@ -1,5 +1,5 @@
-"""How a frame becomes the hosted JPEG: the encoder's settings (and, with
-shared.colour, what lies under transparent pixels), built once per worker
+"""How a frame becomes the hosted JPEG: the encoder's settings and the colour
+under transparent pixels (shared.colour composites), built once per worker
 from Settings so that the per-task path only passes a ready list to OpenCV."""
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class Rendering:
     quality: int = 80
     subsampling: str = "420"  # JPEG_SUBSAMPLING: 444, 422 or 420
     progressive: bool = False
+    background: tuple[int, int, int] = (255, 255, 255)  # ALPHA_BACKGROUND, RGB
     encode_params: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -40,4 +41,5 @@ class Rendering:
             quality=settings.jpeg_quality,
             subsampling=settings.jpeg_subsampling,
             progressive=settings.jpeg_progressive,
+            background=settings.alpha_background,
         )

@@ -1,18 +1,23 @@
-"""What is hosted looks like what was made: the JPEG settings, read back from
-the written file's own frame header."""
+"""What is hosted looks like what was made: embedded ICC profiles converted to
+sRGB, transparency over ALPHA_BACKGROUND, EXIF orientation applied, and the
+JPEG settings, read back from the written file's own frame header. The
+profiles are built here from published numbers (harness/icc.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 import redis
 
+from harness import icc
 from harness.http_server import HttpServer
 from harness.photos import photo_of_size
 from harness.segments import SegmentTracker
-from shared.images import encode_pixels
+from shared import colour
+from shared.images import ImageError, decode_image, encode_pixels, image_format
 from shared.rendering import Rendering
 from tests.conftest import PoolFactory
 from tests.helpers import push, wait_for_records
@@ -108,3 +113,284 @@ def test_the_pool_writes_the_jpeg_its_settings_ask_for(
     for record in records:
         assert record["status"] == "completed", record
         assert frame_header(Path(record["file_path"]).read_bytes()) == (marker, SAMPLING[subsampling]), record
+
+
+# ---------------------------------------------------------------- colour: what goes in
+
+# A flat Display P3 colour and what it is in sRGB (computed by hand: P3 decoded,
+# the P3-to-sRGB matrix, sRGB encoded): 15, 7 and 19 levels off if read as sRGB.
+P3_RGB, P3_AS_SRGB = (200, 100, 50), (215, 93, 31)
+# 128 on a linear gray is 188 in sRGB.
+LINEAR_GRAY, LINEAR_GRAY_AS_SRGB = 128, 188
+# Flat colours survive JPEG at this setting to within a level or two.
+EXACT_JPEG = {"JPEG_QUALITY": "95", "JPEG_SUBSAMPLING": "444"}
+TOLERANCE = 3
+
+
+def flat_bgr(rgb: tuple[int, int, int], size: int = 64) -> np.ndarray:
+    return np.full((size, size, 3), rgb[::-1], np.uint8)
+
+
+def cv2_bytes(ext: str, image: np.ndarray, params: tuple[int, ...] = ()) -> bytes:
+    ok, buffer = cv2.imencode(ext, image, list(params))
+    assert ok
+    return buffer.tobytes()
+
+
+def hosted_rgb(record: dict, at: tuple[int, int] | None = None) -> tuple[int, ...]:
+    """The RGB of the hosted JPEG at (row, column), its centre by default."""
+    assert record["status"] == "completed", record
+    image = cv2.imread(record["file_path"], cv2.IMREAD_COLOR)
+    row, column = at if at is not None else (image.shape[0] // 2, image.shape[1] // 2)
+    return tuple(int(v) for v in image[row, column][::-1])
+
+
+def near(actual: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    return max(abs(a - e) for a, e in zip(actual, expected, strict=True)) <= TOLERANCE
+
+
+def profiled_inputs() -> dict[str, tuple[bytes, tuple[int, int, int]]]:
+    """name -> (file bytes, the sRGB colour it must be hosted as)."""
+    from PIL import Image
+
+    p3 = icc.display_p3()
+    p3_bgr = flat_bgr(P3_RGB)
+    cmyk_profile = icc.press_cmyk()
+    return {
+        "p3.png": (icc.embedded_png(cv2_bytes(".png", p3_bgr), p3), P3_AS_SRGB),
+        # Small chunks in reverse order: a reader must join them by sequence number.
+        "p3.jpg": (
+            icc.embedded_jpeg(
+                cv2_bytes(".jpg", p3_bgr, (cv2.IMWRITE_JPEG_QUALITY, 100, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                                           cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)),
+                p3, chunk_size=200, reverse=True,
+            ),
+            P3_AS_SRGB,
+        ),
+        "p3.webp": (icc.as_bytes(Image.new("RGB", (64, 64), P3_RGB), "WEBP", lossless=True, icc_profile=p3), P3_AS_SRGB),
+        "gray.png": (
+            icc.embedded_png(cv2_bytes(".png", np.full((64, 64), LINEAR_GRAY, np.uint8)), icc.linear_gray()),
+            (LINEAR_GRAY_AS_SRGB,) * 3,
+        ),
+        # Adobe CMYK (Pillow stores the inks inverted, as Photoshop does), 100% cyan, on a press profile.
+        "press-cyan.jpg": (
+            icc.as_bytes(Image.new("CMYK", (64, 64), (255, 0, 0, 0)), "JPEG", quality=100, icc_profile=cmyk_profile),
+            icc.PRESS_INKS["cyan"],
+        ),
+        # Without a profile, CMYK is read naively: magenta + yellow is red.
+        "plain-red-cmyk.jpg": (icc.as_bytes(Image.new("CMYK", (64, 64), (0, 255, 255, 0)), "JPEG", quality=100), (255, 0, 0)),
+    }
+
+
+def test_embedded_profiles_are_converted_to_srgb(
+    pool_factory: PoolFactory, redis_client: redis.Redis, queue_name: str, http_server: HttpServer
+) -> None:
+    inputs = profiled_inputs()
+    pool = pool_factory(workers=1, env={"URL_ALLOW_LOOPBACK": "true", **EXACT_JPEG})
+    pool.wait_ready()
+    for name, (data, _) in inputs.items():
+        push(redis_client, queue_name, {"request_id": name, "image_id": name, "image_url": http_server.add(f"/{name}", data)})
+
+    records = {r["request_id"]: r for r in wait_for_records(pool.output_dir, len(inputs), 60, pool=pool)}
+
+    hosted = {name: hosted_rgb(records[name]) for name in inputs}
+    wrong = {name: (hosted[name], expected) for name, (_, expected) in inputs.items() if not near(hosted[name], expected)}
+    assert not wrong, wrong
+    for record in records.values():
+        segments = [marker for marker, _ in jpeg_segments(Path(record["file_path"]).read_bytes())]
+        assert 0xE2 not in segments, f"{record['request_id']}: the output carries a profile"
+
+
+def test_a_hostile_profile_fails_its_task_and_the_next_is_served(
+    pool_factory: PoolFactory, redis_client: redis.Redis, queue_name: str, http_server: HttpServer
+) -> None:
+    png = cv2_bytes(".png", flat_bgr(P3_RGB))
+    jpeg = cv2_bytes(".jpg", flat_bgr(P3_RGB))
+    bad = {
+        "garbage.png": (icc.embedded_png(png, b"not a profile" * 40), "the embedded ICC profile is malformed"),
+        "huge.jpg": (icc.embedded_jpeg(jpeg, bytes(colour.MAX_PROFILE_BYTES + 1)), "larger than 4 MiB"),
+        "cmyk-profile-on-rgb.png": (
+            icc.embedded_png(png, icc.press_cmyk()), "profile is for CMYK but the image is RGB"
+        ),
+    }
+    pool = pool_factory(workers=1, env={"URL_ALLOW_LOOPBACK": "true"})
+    pool.wait_ready()
+    for name, (data, _) in bad.items():
+        push(redis_client, queue_name, {"request_id": name, "image_id": name, "image_url": http_server.add(f"/{name}", data)})
+    push(redis_client, queue_name, {"request_id": "fine", "image_id": "fine", "image_url": http_server.add("/fine.png", png)})
+
+    records = {r["request_id"]: r for r in wait_for_records(pool.output_dir, len(bad) + 1, 60, pool=pool)}
+
+    for name, (_, error) in bad.items():
+        assert records[name]["status"] == "failed" and error in records[name]["error"], records[name]
+        assert records[name]["attempts"] == 1, records[name]
+    assert records["fine"]["status"] == "completed", records["fine"]
+    assert not pool.events("child_died")
+    assert "Traceback" not in pool.stderr_tail()
+
+
+# ---------------------------------------------------------------- transparency
+
+
+def transparent_bgra() -> np.ndarray:
+    """Left half alpha 0 over black pixels (what most files hold there), right
+    half 50% alpha over pure red, a top-left corner of opaque green."""
+    bgra = np.zeros((64, 64, 4), np.uint8)
+    bgra[:, 32:] = (0, 0, 255, 128)
+    bgra[:16, :16] = (0, 255, 0, 255)
+    return bgra
+
+
+def over(background: tuple[int, int, int]) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """What transparent_bgra() must look like over `background`, at sample points."""
+    half_red = tuple(round((255 * 128 + b * 127) / 255) if i == 0 else round(b * 127 / 255) for i, b in enumerate(background))
+    return {(32, 10): background, (32, 50): half_red, (8, 8): (0, 255, 0)}
+
+
+@pytest.mark.parametrize("background", [None, "#336699"], ids=["default-white", "blue"])
+def test_transparent_pixels_show_alpha_background(
+    pool_factory: PoolFactory,
+    redis_client: redis.Redis,
+    queue_name: str,
+    http_server: HttpServer,
+    segments: SegmentTracker,
+    background: str | None,
+) -> None:
+    from PIL import Image
+
+    bgra = transparent_bgra()
+    rgba = Image.fromarray(cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA))
+    inputs = {
+        "rgba.png": cv2_bytes(".png", bgra),
+        "rgba.webp": icc.as_bytes(rgba, "WEBP", lossless=True, exact=True),
+        "lossy-alpha.webp": icc.as_bytes(rgba, "WEBP", quality=100),
+        "rgba16.png": cv2_bytes(".png", bgra.astype(np.uint16) * 257),
+    }
+    env = {"URL_ALLOW_LOOPBACK": "true", **EXACT_JPEG}
+    if background is not None:
+        env["ALPHA_BACKGROUND"] = background
+    pool = pool_factory(workers=1, env=env)
+    pool.wait_ready()
+    for name, data in inputs.items():
+        push(redis_client, queue_name, {"request_id": name, "image_id": name, "image_url": http_server.add(f"/{name}", data)})
+    push(redis_client, queue_name, segments.message("bgra-frame", "bgra-frame", bgra))
+
+    records = wait_for_records(pool.output_dir, len(inputs) + 1, 60, pool=pool)
+
+    expected = over((51, 102, 153) if background else (255, 255, 255))
+    hosted = {r["request_id"]: {at: hosted_rgb(r, at) for at in expected} for r in records}
+    wrong = {
+        name: {at: (got, expected[at]) for at, got in points.items() if not near(got, expected[at])}
+        for name, points in hosted.items()
+    }
+    assert not any(wrong.values()), wrong
+
+
+# ---------------------------------------------------------------- the decisions, in process
+
+
+@pytest.mark.fast
+def test_a_plain_opaque_image_is_left_as_decoded() -> None:
+    """No profile, no alpha: the colour step takes nothing and copies nothing."""
+    photo = photo_of_size(48, 64)
+    for ext in (".jpg", ".png", ".webp"):
+        source = colour.read_header(cv2_bytes(ext, photo), image_format(cv2_bytes(ext, photo)))
+        assert source == colour.PLAIN and source.imread_flags == cv2.IMREAD_COLOR, ext
+    assert colour.to_srgb(photo, colour.PLAIN, b"") is photo
+
+
+@pytest.mark.fast
+def test_jpeg_profile_chunks_are_joined_by_sequence_number() -> None:
+    profile = icc.display_p3()
+    jpeg = icc.embedded_jpeg(cv2_bytes(".jpg", flat_bgr(P3_RGB)), profile, chunk_size=100, reverse=True)
+    assert colour.read_header(jpeg, "JPEG").profile == profile
+
+
+@pytest.mark.fast
+def test_profiles_are_found_in_png_and_webp() -> None:
+    from PIL import Image
+
+    profile = icc.display_p3()
+    png = icc.embedded_png(cv2_bytes(".png", flat_bgr(P3_RGB)), profile)
+    webp = icc.as_bytes(Image.new("RGB", (8, 8)), "WEBP", icc_profile=profile)
+    assert colour.read_header(png, "PNG").profile == profile
+    assert colour.read_header(webp, "WebP").profile == profile
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: cv2_bytes(".png", np.zeros((8, 8, 4), np.uint8)), True),
+        (lambda: icc.as_bytes(_palette_with_transparency(), "PNG"), True),
+        (lambda: cv2_bytes(".png", np.zeros((8, 8, 3), np.uint8)), False),
+        (lambda: cv2_bytes(".webp", np.zeros((8, 8, 4), np.uint8), (cv2.IMWRITE_WEBP_QUALITY, 101)), True),
+        (lambda: cv2_bytes(".webp", np.zeros((8, 8, 3), np.uint8)), False),
+    ],
+    ids=["rgba-png", "palette-png-with-trns", "rgb-png", "lossless-webp-with-alpha", "lossy-webp"],
+)
+def test_transparency_is_found_in_the_header(make: object, expected: bool) -> None:
+    data = make()  # type: ignore[operator]
+    assert colour.read_header(data, image_format(data)).alpha is expected
+
+
+def _palette_with_transparency() -> object:
+    from PIL import Image
+
+    image = Image.new("P", (8, 8))
+    image.putpalette([255, 0, 0, 0, 255, 0])
+    image.info["transparency"] = 0
+    return image
+
+
+@pytest.mark.fast
+def test_a_profile_too_large_is_refused_before_it_is_joined_or_inflated() -> None:
+    jpeg = cv2_bytes(".jpg", flat_bgr(P3_RGB))
+    png = cv2_bytes(".png", flat_bgr(P3_RGB))
+    assert colour.read_header(icc.embedded_jpeg(jpeg, bytes(colour.MAX_PROFILE_BYTES)), "JPEG").profile is not None
+    for data, found in [
+        (icc.embedded_jpeg(jpeg, bytes(colour.MAX_PROFILE_BYTES + 1)), "JPEG"),
+        # 4 MiB + 1 of zeros inflates from a few KB: the bomb is caught while inflating.
+        (icc.embedded_png(png, bytes(colour.MAX_PROFILE_BYTES + 1)), "PNG"),
+    ]:
+        with pytest.raises(colour.ColourError, match="larger than 4 MiB"):
+            colour.read_header(data, found)
+
+
+@pytest.mark.fast
+def test_missing_profile_chunks_are_named() -> None:
+    jpeg = icc.embedded_jpeg(cv2_bytes(".jpg", flat_bgr(P3_RGB)), icc.display_p3(), chunk_size=100)
+    second = jpeg.index(b"ICC_PROFILE\x00\x02")
+    without_second = jpeg[: second - 4] + jpeg[second - 4 + 2 + int.from_bytes(jpeg[second - 2 : second], "big") :]
+    with pytest.raises(ImageError, match="ICC profile chunks \\(APP2\\) are incomplete"):
+        decode_image(without_second, max_pixels=10**6)
+
+
+@pytest.mark.fast
+def test_compositing_uses_straight_alpha_and_keeps_opaque_pixels_exact() -> None:
+    bgra = np.array([[[10, 20, 30, 255], [10, 20, 250, 0], [0, 0, 200, 51]]], np.uint8)
+    # Blue background (RGB 0, 0, 255): in BGR (255, 0, 0).
+    assert colour.composite(bgra, (0, 0, 255)).tolist() == [[[10, 20, 30], [255, 0, 0], [204, 0, 40]]]
+    photo = photo_of_size(32, 32)
+    opaque = cv2.cvtColor(photo, cv2.COLOR_BGR2BGRA)
+    assert encode_pixels(opaque, rendering=Rendering()).jpeg == encode_pixels(photo, rendering=Rendering()).jpeg
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_transparent_image_is_turned_as_opencv_turns_an_opaque_one(orientation: int) -> None:
+    """IMREAD_UNCHANGED (kept for alpha) ignores EXIF orientation; we apply it
+    the way OpenCV's IMREAD_COLOR does."""
+    from PIL import Image
+
+    rng = np.random.default_rng(orientation)
+    rgba = rng.integers(0, 256, (24, 40, 4), np.uint8)
+    rgba[:, :, 3] = 255
+    rgba[0, 0, 3] = 254  # some transparency, or the WebP encoder leaves alpha out
+    exif = Image.Exif()
+    exif[colour.ORIENTATION_TAG] = orientation
+    for options in ({"format": "PNG"}, {"format": "WEBP", "lossless": True, "exact": True}):
+        data = icc.as_bytes(Image.fromarray(rgba), options.pop("format"), exif=exif, **options)
+        bgra = decode_image(data, max_pixels=10**6)
+        assert bgra.shape[2] == 4
+        assert np.array_equal(bgra[:, :, :3], cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))

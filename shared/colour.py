@@ -1,0 +1,326 @@
+"""What a frame's pixels mean, made explicit before it is encoded: embedded
+ICC profiles converted to sRGB, transparency composited over ALPHA_BACKGROUND,
+and EXIF orientation applied where OpenCV does not apply it.
+
+    downloaded bytes --read_header (headers only, no pixels)--> SourceColour
+      -> OpenCV decodes (shared.images), keeping alpha only if the header has some
+      -> to_srgb: littleCMS through Pillow's ImageCms, only if a profile is embedded
+      -> composite (shared.images.encode_pixels): every 4-channel frame, the
+         BGRA frames of shared memory included, over the background
+
+Hazards handled here:
+- Header bytes are hostile: the walk never reads past the data, stops at the
+  first image data, and what it cannot follow it leaves to the decoder, which
+  names a corrupt file.
+- Profile bytes are hostile: a profile larger than MAX_PROFILE_BYTES is refused
+  before JPEG chunks are joined or a PNG's is inflated, and a profile littleCMS
+  refuses, or one made for another colour model than the image's, fails the
+  task with an error that says so (ColourError), never a traceback.
+- An image whose header shows no profile and no alpha costs the walk only: no
+  copy of its pixels and no conversion.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+
+# Display P3 and sRGB profiles are 0.5-4 KB; print (CMYK) profiles run to
+# about 2 MB. More is no profile a camera, phone or press would embed.
+MAX_PROFILE_BYTES = 4 * 1024 * 1024
+# Transforms are built once per profile and kept, for profiles of this size or
+# less (the matrix profiles phones and cameras embed, over and over).
+CACHED_PROFILE_BYTES = 64 * 1024
+_JPEG_ICC = b"ICC_PROFILE\x00"
+_EXIF_PREFIX = b"Exif\x00\x00"
+ORIENTATION_TAG = 0x0112
+
+
+class ColourError(Exception):
+    """The embedded profile cannot be used; the message says why, for the failed record."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceColour:
+    """What a downloaded image's headers say about its pixels."""
+
+    profile: bytes | None = None  # the embedded ICC profile
+    alpha: bool = False  # it has transparency, so OpenCV must keep the alpha channel
+    cmyk: bool = False  # a JPEG of four components (CMYK or YCCK)
+    gray: bool = False  # one colour channel (a gray profile applies to it)
+    orientation: int = 1  # EXIF orientation; read only where OpenCV does not apply it
+
+    @property
+    def imread_flags(self) -> int:
+        # IMREAD_COLOR drops alpha; IMREAD_UNCHANGED keeps it but also keeps 16
+        # bits and ignores EXIF orientation, which to_srgb then takes care of.
+        return cv2.IMREAD_UNCHANGED if self.alpha else cv2.IMREAD_COLOR
+
+    @property
+    def plain(self) -> bool:
+        """sRGB already, opaque, turned: what OpenCV decoded is what is hosted."""
+        return self.profile is None and not self.alpha
+
+
+PLAIN = SourceColour()
+
+
+# ---------------------------------------------------------------- headers
+
+
+def read_header(data: bytes, image_format: str) -> SourceColour:
+    """What `data`'s headers say (JPEG, PNG or WebP); ColourError for a profile
+    that is too large or whose chunks do not fit together."""
+    if image_format == "PNG":
+        return _png_header(data)
+    if image_format == "JPEG":
+        return _jpeg_header(data)
+    if image_format == "WebP":
+        return _webp_header(data)
+    return PLAIN
+
+
+def _png_header(data: bytes) -> SourceColour:
+    at, alpha, gray, profile, exif = 8, False, False, None, None
+    while at + 12 <= len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind = data[at + 4 : at + 8]
+        body = data[at + 8 : at + 8 + length]
+        if kind == b"IDAT":
+            break
+        if kind == b"IHDR" and len(body) >= 10:
+            colour_type = body[9]
+            alpha = alpha or colour_type in (4, 6)
+            gray = colour_type in (0, 4)
+        elif kind == b"tRNS":
+            alpha = True
+        elif kind == b"iCCP":
+            profile = _inflate_profile(body)
+        elif kind == b"eXIf":
+            exif = body
+        at += 12 + length
+    orientation = _orientation(exif) if alpha and exif else 1
+    return SourceColour(profile=profile, alpha=alpha, gray=gray, orientation=orientation)
+
+
+def _inflate_profile(body: bytes) -> bytes:
+    """iCCP: a name of 1..79 bytes, NUL, method 0, then the zlib-compressed profile."""
+    name_end = body.find(b"\x00", 0, 80)
+    if name_end < 1 or body[name_end + 1 : name_end + 2] != b"\x00":
+        raise ColourError("the PNG's ICC profile chunk (iCCP) is malformed")
+    inflater = zlib.decompressobj()
+    try:
+        profile = inflater.decompress(body[name_end + 2 :], MAX_PROFILE_BYTES + 1)
+    except zlib.error:
+        raise ColourError("the PNG's ICC profile chunk (iCCP) does not inflate") from None
+    _check_size(len(profile))
+    return profile
+
+
+def _jpeg_header(data: bytes) -> SourceColour:
+    at, chunks, cmyk, gray, total = 2, {}, False, False, 0
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:
+            at += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan
+            break
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        body = data[at + 4 : at + 2 + length]
+        if marker == 0xE2 and body.startswith(_JPEG_ICC) and len(body) >= 14:
+            total += len(body) - 14
+            _check_size(total)
+            chunks[body[12]] = (body[13], body[14:])
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(body) >= 6:
+            cmyk, gray = body[5] == 4, body[5] == 1
+        at += 2 + length
+    return SourceColour(profile=_join_icc_chunks(chunks) if chunks else None, cmyk=cmyk, gray=gray)
+
+
+def _join_icc_chunks(chunks: dict[int, tuple[int, bytes]]) -> bytes:
+    """APP2 ICC_PROFILE chunks carry their sequence number (1..count) and the
+    count; they are joined in sequence order, whatever their order in the file."""
+    counts = {count for count, _ in chunks.values()}
+    if len(counts) != 1 or sorted(chunks) != list(range(1, counts.pop() + 1)):
+        raise ColourError("the JPEG's ICC profile chunks (APP2) are incomplete or numbered inconsistently")
+    return b"".join(chunks[sequence][1] for sequence in sorted(chunks))
+
+
+def _webp_header(data: bytes) -> SourceColour:
+    at, alpha, profile, exif = 12, False, None, None
+    while at + 8 <= len(data):
+        kind = data[at : at + 4]
+        size = int.from_bytes(data[at + 4 : at + 8], "little")
+        body = data[at + 8 : at + 8 + size]
+        if kind == b"VP8X" and body:
+            alpha = bool(body[0] & 0x10)
+        elif kind == b"ICCP":
+            _check_size(size)
+            profile = body
+        elif kind == b"ALPH":
+            alpha = True
+        elif kind == b"VP8L" and len(body) >= 5:
+            alpha = alpha or bool(int.from_bytes(body[1:5], "little") >> 28 & 1)
+        elif kind == b"EXIF":
+            exif = body
+        at += 8 + size + (size & 1)
+    orientation = _orientation(exif) if alpha and exif else 1
+    return SourceColour(profile=profile, alpha=alpha, orientation=orientation)
+
+
+def _check_size(size: int) -> None:
+    if size > MAX_PROFILE_BYTES:
+        raise ColourError(f"the embedded ICC profile is larger than {MAX_PROFILE_BYTES // (1024 * 1024)} MiB")
+
+
+def _orientation(exif: bytes) -> int:
+    """Tag 0x0112 of a TIFF-structured EXIF block's first IFD; 1 when absent or unreadable."""
+    tiff = exif.removeprefix(_EXIF_PREFIX)
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[ifd : ifd + 2], order)
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        if int.from_bytes(tiff[entry : entry + 2], order) == ORIENTATION_TAG:
+            value = int.from_bytes(tiff[entry + 8 : entry + 10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def to_srgb(frame: np.ndarray, source: SourceColour, data: bytes) -> np.ndarray:
+    """The decoded frame as 8-bit sRGB BGR, or BGRA (straight alpha) when it has
+    transparency, turned as its EXIF orientation says. `data` is read again
+    only for a CMYK JPEG with a profile, whose ink values OpenCV does not return."""
+    if source.plain:
+        return frame
+    if source.alpha:
+        if frame.dtype == np.uint16:
+            frame = (frame >> 8).astype(np.uint8)
+        frame = _orient(frame, source.orientation)
+    if source.profile is None:
+        return frame
+    return _convert(frame, source, data)
+
+
+# cv2 operations that turn a frame as EXIF orientations 2..8 say (1: as stored).
+_ORIENT = {
+    2: lambda f: cv2.flip(f, 1),
+    3: lambda f: cv2.rotate(f, cv2.ROTATE_180),
+    4: lambda f: cv2.flip(f, 0),
+    5: lambda f: cv2.transpose(f),
+    6: lambda f: cv2.rotate(f, cv2.ROTATE_90_CLOCKWISE),
+    7: lambda f: cv2.flip(cv2.transpose(f), -1),
+    8: lambda f: cv2.rotate(f, cv2.ROTATE_90_COUNTERCLOCKWISE),
+}
+
+
+def _orient(frame: np.ndarray, orientation: int) -> np.ndarray:
+    turn = _ORIENT.get(orientation)
+    return frame if turn is None else turn(frame)
+
+
+def composite(bgra: np.ndarray, background_rgb: tuple[int, int, int]) -> np.ndarray:
+    """A BGRA frame with straight (not premultiplied) alpha, over an opaque
+    background: c * a + background * (1 - a), rounded. Opaque pixels keep
+    their exact values. An alpha channel of 0 everywhere is padding (BGRX, as
+    Cairo and X11 leave the fourth byte), not a picture of nothing: ignored."""
+    alpha = bgra[:, :, 3]
+    if alpha.min() == 255 or alpha.max() == 0:
+        return cv2.cvtColor(bgra, cv2.COLOR_BGRA2BGR)
+    weight = alpha.astype(np.uint16)[:, :, np.newaxis]
+    background = np.array(background_rgb[::-1], np.uint16)
+    mixed = bgra[:, :, :3] * weight + background * (255 - weight) + 127
+    mixed //= 255
+    return mixed.astype(np.uint8)
+
+
+def _convert(frame: np.ndarray, source: SourceColour, data: bytes) -> np.ndarray:
+    from PIL import Image  # only images with a profile pay for Pillow's import
+
+    alpha = frame[:, :, 3] if frame.ndim == 3 and frame.shape[2] == 4 else None
+    if source.cmyk:
+        mode, image = "CMYK", _decode_cmyk(data)
+    elif source.gray:
+        mode = "L"
+        image = Image.fromarray(np.ascontiguousarray(frame if frame.ndim == 2 else frame[:, :, 0]))
+    else:
+        mode = "RGB"
+        image = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB if alpha is not None else cv2.COLOR_BGR2RGB))
+    transform = _transform_for(source.profile, mode)
+    try:
+        converted = transform.apply(image)
+    except Exception as exc:  # littleCMS's own refusal, whatever Pillow wraps it in
+        raise ColourError(f"the embedded ICC profile could not be applied: {exc}") from None
+    bgr = cv2.cvtColor(np.asarray(converted), cv2.COLOR_RGB2BGR)
+    if alpha is None:
+        return bgr
+    return np.dstack((bgr, alpha))
+
+
+def _decode_cmyk(data: bytes) -> object:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.mode != "CMYK":
+                raise ColourError(f"a four-component JPEG that Pillow reads as {image.mode}, not CMYK")
+            # OpenCV has already decoded these bytes within MAX_PIXELS; turned
+            # by their EXIF orientation, as OpenCV turned its decode.
+            return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ColourError(f"the CMYK JPEG could not be decoded for its profile: {exc}") from None
+
+
+def _transform_for(profile: bytes, mode: str) -> object:
+    if len(profile) <= CACHED_PROFILE_BYTES:
+        return _cached_transform(profile, mode)
+    return _build_transform(profile, mode)
+
+
+@lru_cache(maxsize=16)
+def _cached_transform(profile: bytes, mode: str) -> object:
+    return _build_transform(profile, mode)
+
+
+# The colour model a profile's header names, by the image mode it fits.
+_PROFILE_SPACE = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}
+
+
+def _build_transform(profile: bytes, mode: str) -> object:
+    from PIL import ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+    except (OSError, ValueError, TypeError, ImageCms.PyCMSError) as exc:
+        raise ColourError(f"the embedded ICC profile is malformed: {exc}") from None
+    space = source.profile.xcolor_space
+    if space != _PROFILE_SPACE[mode]:
+        raise ColourError(
+            f"the embedded ICC profile is for {space.strip()} but the image is {mode.replace('L', 'GRAY')}"
+        )
+    try:
+        # Relative colorimetric with black point compensation: in-gamut colours
+        # keep their values; the rest are clipped (what browsers and imgproxy do).
+        return ImageCms.buildTransform(
+            source,
+            ImageCms.createProfile("sRGB"),
+            mode,
+            "RGB",
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+            flags=ImageCms.Flags.BLACKPOINTCOMPENSATION,
+        )
+    except (OSError, ValueError, TypeError, ImageCms.PyCMSError) as exc:
+        raise ColourError(f"the embedded ICC profile could not be used: {exc}") from None
