@@ -394,3 +394,39 @@ def test_a_transparent_image_is_turned_as_opencv_turns_an_opaque_one(orientation
         bgra = decode_image(data, max_pixels=10**6)
         assert bgra.shape[2] == 4
         assert np.array_equal(bgra[:, :, :3], cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR))
+
+
+# ---------------------------------------------------------------- orientation
+
+
+def test_exif_orientation_is_applied_and_not_carried_over(
+    pool_factory: PoolFactory, redis_client: redis.Redis, queue_name: str, http_server: HttpServer
+) -> None:
+    """Stored 64 wide and 32 high with a red block top left, tagged "turn 90°
+    clockwise" (6): hosted 32 wide and 64 high, the block top right."""
+    from PIL import Image
+
+    stored = np.full((32, 64, 4), (0, 0, 255, 255), np.uint8)  # blue, opaque
+    stored[:16, :16] = (255, 0, 0, 255)
+    stored[20:, 40:, 3] = 200  # some transparency, so the PNG and WebP keep alpha
+    exif = Image.Exif()
+    exif[colour.ORIENTATION_TAG] = 6
+    picture = Image.fromarray(stored)
+    inputs = {
+        "turned.jpg": icc.as_bytes(picture.convert("RGB"), "JPEG", quality=95, exif=exif),
+        "turned-rgba.png": icc.as_bytes(picture, "PNG", exif=exif),
+        "turned-rgba.webp": icc.as_bytes(picture, "WEBP", lossless=True, exact=True, exif=exif),
+    }
+    pool = pool_factory(workers=1, env={"URL_ALLOW_LOOPBACK": "true", **EXACT_JPEG})
+    pool.wait_ready()
+    for name, data in inputs.items():
+        push(redis_client, queue_name, {"request_id": name, "image_id": name, "image_url": http_server.add(f"/{name}", data)})
+
+    records = wait_for_records(pool.output_dir, len(inputs), 60, pool=pool)
+
+    for record in records:
+        assert (record["width"], record["height"]) == (32, 64), record
+        assert near(hosted_rgb(record, (4, 28)), (255, 0, 0)), record  # top right
+        assert near(hosted_rgb(record, (4, 4)), (0, 0, 255)), record  # top left
+        markers = [marker for marker, _ in jpeg_segments(Path(record["file_path"]).read_bytes())]
+        assert 0xE1 not in markers, f"{record['request_id']}: the hosted JPEG carries EXIF"
