@@ -39,6 +39,10 @@ CACHED_PROFILE_BYTES = 64 * 1024
 _JPEG_ICC = b"ICC_PROFILE\x00"
 _EXIF_PREFIX = b"Exif\x00\x00"
 ORIENTATION_TAG = 0x0112
+# Decoding keeps a 16-bit PNG's alpha only at 16 bits a channel: about 20 bytes
+# a pixel at the peak (OpenCV's frame and the binding's copy), where MAX_PIXELS
+# is sized for 6 to 9. Such images get the share of MAX_PIXELS that fits in 9.
+WIDE_ALPHA_BYTES_PER_PIXEL, MAX_PIXELS_BYTES_PER_PIXEL = 20, 9
 
 
 class ColourError(Exception):
@@ -73,11 +77,12 @@ PLAIN = SourceColour()
 # ---------------------------------------------------------------- headers
 
 
-def read_header(data: bytes, image_format: str) -> SourceColour:
+def read_header(data: bytes, image_format: str, *, max_pixels: int | None = None) -> SourceColour:
     """What `data`'s headers say (JPEG, PNG or WebP); ColourError for a profile
-    that is too large or whose chunks do not fit together."""
+    that is too large or whose chunks do not fit together, and for a 16-bit PNG
+    with alpha too large to decode within `max_pixels`' memory."""
     if image_format == "PNG":
-        return _png_header(data)
+        return _png_header(data, max_pixels)
     if image_format == "JPEG":
         return _jpeg_header(data)
     if image_format == "WebP":
@@ -85,8 +90,8 @@ def read_header(data: bytes, image_format: str) -> SourceColour:
     return PLAIN
 
 
-def _png_header(data: bytes) -> SourceColour:
-    at, alpha, gray, profile, exif = 8, False, False, None, None
+def _png_header(data: bytes, max_pixels: int | None) -> SourceColour:
+    at, alpha, gray, profile, exif, pixels, depth = 8, False, False, None, None, 0, 8
     while at + 12 <= len(data):
         length = int.from_bytes(data[at : at + 4], "big")
         kind = data[at + 4 : at + 8]
@@ -94,7 +99,8 @@ def _png_header(data: bytes) -> SourceColour:
         if kind == b"IDAT":
             break
         if kind == b"IHDR" and len(body) >= 10:
-            colour_type = body[9]
+            pixels = int.from_bytes(body[0:4], "big") * int.from_bytes(body[4:8], "big")
+            depth, colour_type = body[8], body[9]
             alpha = alpha or colour_type in (4, 6)
             gray = colour_type in (0, 4)
         elif kind == b"tRNS":
@@ -104,6 +110,13 @@ def _png_header(data: bytes) -> SourceColour:
         elif kind == b"eXIf":
             exif = body
         at += 12 + length
+    if alpha and depth == 16 and max_pixels is not None:
+        allowed = max_pixels * MAX_PIXELS_BYTES_PER_PIXEL // WIDE_ALPHA_BYTES_PER_PIXEL
+        if pixels > allowed:
+            raise ColourError(
+                f"a 16-bit PNG with transparency takes {WIDE_ALPHA_BYTES_PER_PIXEL} bytes a pixel to decode; "
+                f"at most {allowed} pixels (MAX_PIXELS x {MAX_PIXELS_BYTES_PER_PIXEL}/{WIDE_ALPHA_BYTES_PER_PIXEL})"
+            )
     orientation = _orientation(exif) if alpha and exif else 1
     return SourceColour(profile=profile, alpha=alpha, gray=gray, orientation=orientation)
 

@@ -205,7 +205,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise ImageError(f"downloaded data is not a decodable image: it starts like no image format; {_EXPECTED}")
     if found not in ACCEPTED_FORMATS:
         raise ImageError(f"image format {found} is not accepted; {_EXPECTED}")
-    source = _read_colour(data, found)
+    source = _read_colour(data, found, max_pixels)
     try:
         # The binding copies the decoded Mat into a numpy array, so the frame
         # is held twice for a moment: about 6 bytes a pixel, 9 for a progressive
@@ -223,8 +223,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise ImageError(str(exc)) from None
 
 
-def _read_colour(data: bytes, found: str) -> colour.SourceColour:
+def _read_colour(data: bytes, found: str, max_pixels: int) -> colour.SourceColour:
     try:
-        return colour.read_header(data, found)
+        return colour.read_header(data, found, max_pixels=max_pixels)
     except colour.ColourError as exc:
         raise ImageError(str(exc)) from None
