@@ -318,13 +318,12 @@ def _build_transform(profile: bytes, mode: str) -> object:
 
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        space = source.profile.xcolor_space  # Pillow decodes the header's four bytes as ASCII
     except (OSError, ValueError, TypeError, ImageCms.PyCMSError) as exc:
         raise ColourError(f"the embedded ICC profile is malformed: {exc}") from None
-    space = source.profile.xcolor_space
     if space != _PROFILE_SPACE[mode]:
-        raise ColourError(
-            f"the embedded ICC profile is for {space.strip()} but the image is {mode.replace('L', 'GRAY')}"
-        )
+        named = space.strip() if space.strip().isalnum() else "an unknown colour model"
+        raise ColourError(f"the embedded ICC profile is for {named} but the image is {mode.replace('L', 'GRAY')}")
     try:
         # Relative colorimetric with black point compensation: in-gamut colours
         # keep their values; the rest are clipped (what browsers and imgproxy do).

@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harness import icc
 from harness.http_server import HttpServer
@@ -443,3 +445,45 @@ def test_a_sixteen_bit_png_with_alpha_gets_the_share_of_max_pixels_its_memory_al
     # Eight bits, or no alpha: MAX_PIXELS itself.
     assert decode_image(cv2_bytes(".png", np.zeros((40, 50, 4), np.uint8)), max_pixels=40 * 50).shape == (40, 50, 4)
     assert decode_image(cv2_bytes(".png", np.zeros((40, 50, 3), np.uint16)), max_pixels=40 * 50).shape == (40, 50, 3)
+
+
+def _profiled_file(kind: int, profile: bytes) -> bytes:
+    from PIL import Image
+
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[:, 8:, 3] = 255
+    if kind == 0:
+        return icc.embedded_png(cv2_bytes(".png", rgba), profile)
+    if kind == 1:
+        return icc.embedded_jpeg(cv2_bytes(".jpg", flat_bgr(P3_RGB, 16)), profile, chunk_size=150)
+    if kind == 2:
+        return icc.as_bytes(Image.fromarray(rgba), "WEBP", lossless=True, icc_profile=profile)
+    return icc.as_bytes(Image.new("CMYK", (16, 16), (9, 9, 9, 9)), "JPEG", icc_profile=profile)
+
+
+PROFILES = (icc.display_p3(), icc.display_p3(), icc.display_p3(), icc.press_cmyk())
+BYTE_EDITS = st.lists(st.tuples(st.integers(0, 600), st.integers(0, 255)), max_size=4)
+
+
+def _edited(data: bytes, edits: list[tuple[int, int]]) -> bytes:
+    changed = bytearray(data)
+    for at, value in edits:
+        if at < len(changed):
+            changed[at] = value
+    return bytes(changed)
+
+
+@pytest.mark.fast
+@settings(max_examples=300, deadline=None)
+@given(kind=st.integers(0, 3), profile_edits=BYTE_EDITS, file_edits=BYTE_EDITS, cut=st.integers(16, 3000))
+def test_damaged_headers_and_profiles_end_in_an_image_or_an_image_error(
+    kind: int, profile_edits: list[tuple[int, int]], file_edits: list[tuple[int, int]], cut: int
+) -> None:
+    """A profile with bytes changed, in a file with bytes changed or cut
+    short: a frame or an ImageError, never another exception."""
+    data = _edited(_profiled_file(kind, _edited(PROFILES[kind], profile_edits)), file_edits)[:cut]
+    try:
+        frame = decode_image(data, max_pixels=10**6)
+    except ImageError:
+        return
+    assert frame.dtype == np.uint8 and frame.ndim in (2, 3)
