@@ -39,10 +39,11 @@ CACHED_PROFILE_BYTES = 64 * 1024
 _JPEG_ICC = b"ICC_PROFILE\x00"
 _EXIF_PREFIX = b"Exif\x00\x00"
 ORIENTATION_TAG = 0x0112
-# Decoding keeps a 16-bit PNG's alpha only at 16 bits a channel: about 20 bytes
-# a pixel at the peak (OpenCV's frame and the binding's copy), where MAX_PIXELS
-# is sized for 6 to 9. Such images get the share of MAX_PIXELS that fits in 9.
-WIDE_ALPHA_BYTES_PER_PIXEL, MAX_PIXELS_BYTES_PER_PIXEL = 20, 9
+# Decoding keeps a 16-bit PNG's alpha only at 16 bits a channel: 16 bytes a
+# pixel at the peak (OpenCV's frame and the binding's copy of it; measured
+# 16.2), where MAX_PIXELS is sized for 6 to 9. Such images get the share of
+# MAX_PIXELS that fits in 9.
+WIDE_ALPHA_BYTES_PER_PIXEL, MAX_PIXELS_BYTES_PER_PIXEL = 16, 9
 
 
 class ColourError(Exception):
@@ -221,7 +222,8 @@ def to_srgb(frame: np.ndarray, source: SourceColour, data: bytes) -> np.ndarray:
         return frame
     if source.alpha:
         if frame.dtype == np.uint16:
-            frame = (frame >> 8).astype(np.uint8)
+            np.right_shift(frame, 8, out=frame)  # in place: the decoder's array is ours
+            frame = frame.astype(np.uint8)
         frame = _orient(frame, source.orientation)
     if source.profile is None:
         return frame

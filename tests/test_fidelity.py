@@ -436,12 +436,12 @@ def test_exif_orientation_is_applied_and_not_carried_over(
 
 @pytest.mark.fast
 def test_a_sixteen_bit_png_with_alpha_gets_the_share_of_max_pixels_its_memory_allows() -> None:
-    """Its alpha is decoded at 16 bits (about 20 bytes a pixel against the 6
-    to 9 MAX_PIXELS is sized for): refused above MAX_PIXELS x 9/20, named."""
+    """Its alpha is decoded at 16 bits (16 bytes a pixel against the 6 to 9
+    MAX_PIXELS is sized for): refused above MAX_PIXELS x 9/16, named."""
     data = cv2_bytes(".png", np.zeros((40, 50, 4), np.uint16))
-    assert decode_image(data, max_pixels=40 * 50 * 20 // 9 + 1).shape == (40, 50, 4)
-    with pytest.raises(ImageError, match="16-bit PNG with transparency takes 20 bytes a pixel"):
-        decode_image(data, max_pixels=40 * 50 * 20 // 9 - 1)
+    assert decode_image(data, max_pixels=40 * 50 * 16 // 9 + 1).shape == (40, 50, 4)
+    with pytest.raises(ImageError, match="16-bit PNG with transparency takes 16 bytes a pixel"):
+        decode_image(data, max_pixels=40 * 50 * 16 // 9 - 1)
     # Eight bits, or no alpha: MAX_PIXELS itself.
     assert decode_image(cv2_bytes(".png", np.zeros((40, 50, 4), np.uint8)), max_pixels=40 * 50).shape == (40, 50, 4)
     assert decode_image(cv2_bytes(".png", np.zeros((40, 50, 3), np.uint16)), max_pixels=40 * 50).shape == (40, 50, 3)
