@@ -26,6 +26,7 @@ import io
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import cv2
 import numpy as np
@@ -44,6 +45,8 @@ ORIENTATION_TAG = 0x0112
 # 16.2), where MAX_PIXELS is sized for 6 to 9. Such images get the share of
 # MAX_PIXELS that fits in 9.
 WIDE_ALPHA_BYTES_PER_PIXEL, MAX_PIXELS_BYTES_PER_PIXEL = 16, 9
+# Rows converted to sRGB at a time.
+CONVERT_BAND_ROWS = 128
 
 
 class ColourError(Exception):
@@ -264,50 +267,57 @@ def composite(bgra: np.ndarray, background_rgb: tuple[int, int, int]) -> np.ndar
 
 
 def _convert(frame: np.ndarray, source: SourceColour, data: bytes) -> np.ndarray:
+    """Convert in place, band by band: a worker holds the frame and one band's
+    copies (Pillow's image, its result), not several whole frames."""
     from PIL import Image  # only images with a profile pay for Pillow's import
 
-    alpha = frame[:, :, 3] if frame.ndim == 3 and frame.shape[2] == 4 else None
-    if source.cmyk:
-        mode, image = "CMYK", _decode_cmyk(data)
-    elif source.gray:
-        mode = "L"
-        image = Image.fromarray(np.ascontiguousarray(frame if frame.ndim == 2 else frame[:, :, 0]))
-    else:
-        mode = "RGB"
-        image = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGRA2RGB if alpha is not None else cv2.COLOR_BGR2RGB))
-    transform = _transform_for(source.profile, mode)
-    try:
-        converted = transform.apply(image)
-    except Exception as exc:  # littleCMS's own refusal, whatever Pillow wraps it in
-        raise ColourError(f"the embedded ICC profile could not be applied: {exc}") from None
-    bgr = cv2.cvtColor(np.asarray(converted), cv2.COLOR_RGB2BGR)
-    if alpha is None:
-        return bgr
-    return np.dstack((bgr, alpha))
+    if frame.ndim == 2:
+        frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    transform = _transform_for(source.profile, "CMYK" if source.cmyk else "L" if source.gray else "RGB")
+    inks = _decode_cmyk(data, frame.shape[:2]) if source.cmyk else None
+    for top in range(0, frame.shape[0], CONVERT_BAND_ROWS):
+        rows = frame[top : top + CONVERT_BAND_ROWS]
+        if inks is not None:
+            band = inks.crop((0, top, inks.width, top + rows.shape[0]))
+        elif source.gray:
+            band = Image.fromarray(np.ascontiguousarray(rows[:, :, 0]))
+        else:
+            band = Image.fromarray(cv2.cvtColor(np.ascontiguousarray(rows[:, :, :3]), cv2.COLOR_BGR2RGB))
+        try:
+            converted = transform.apply(band)
+        except Exception as exc:  # littleCMS's own refusal, whatever Pillow wraps it in
+            raise ColourError(f"the embedded ICC profile could not be applied: {exc}") from None
+        rows[:, :, :3] = cv2.cvtColor(np.asarray(converted), cv2.COLOR_RGB2BGR)
+    return frame
 
 
-def _decode_cmyk(data: bytes) -> object:
+def _decode_cmyk(data: bytes, shape: tuple[int, ...]) -> Any:
+    """The ink values of a CMYK JPEG (Pillow undoes Adobe's inversion), turned
+    by their EXIF orientation as OpenCV turned its own decode of the same bytes,
+    which has already proved them within MAX_PIXELS."""
     from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.mode != "CMYK":
                 raise ColourError(f"a four-component JPEG that Pillow reads as {image.mode}, not CMYK")
-            # OpenCV has already decoded these bytes within MAX_PIXELS; turned
-            # by their EXIF orientation, as OpenCV turned its decode.
-            return ImageOps.exif_transpose(image)
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ColourError(f"the CMYK JPEG could not be decoded for its profile: {exc}") from None
+    if (image.height, image.width) != shape:
+        raise ColourError("the CMYK JPEG's inks and its decoded frame differ in size")
+    return image
 
 
-def _transform_for(profile: bytes, mode: str) -> object:
+def _transform_for(profile: bytes, mode: str) -> Any:
     if len(profile) <= CACHED_PROFILE_BYTES:
         return _cached_transform(profile, mode)
     return _build_transform(profile, mode)
 
 
 @lru_cache(maxsize=16)
-def _cached_transform(profile: bytes, mode: str) -> object:
+def _cached_transform(profile: bytes, mode: str) -> Any:
     return _build_transform(profile, mode)
 
 
@@ -315,7 +325,7 @@ def _cached_transform(profile: bytes, mode: str) -> object:
 _PROFILE_SPACE = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}
 
 
-def _build_transform(profile: bytes, mode: str) -> object:
+def _build_transform(profile: bytes, mode: str) -> Any:
     from PIL import ImageCms
 
     try:
