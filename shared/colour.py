@@ -45,7 +45,7 @@ ORIENTATION_TAG = 0x0112
 # 16.2), where MAX_PIXELS is sized for 6 to 9. Such images get the share of
 # MAX_PIXELS that fits in 9.
 WIDE_ALPHA_BYTES_PER_PIXEL, MAX_PIXELS_BYTES_PER_PIXEL = 16, 9
-# Rows converted to sRGB at a time.
+# Rows converted to sRGB, or composited, at a time.
 CONVERT_BAND_ROWS = 128
 
 
@@ -258,12 +258,21 @@ def composite(bgra: np.ndarray, background_rgb: tuple[int, int, int]) -> np.ndar
     alpha = bgra[:, :, 3]
     if alpha.min() == 255 or alpha.max() == 0:
         return cv2.cvtColor(bgra, cv2.COLOR_BGRA2BGR)
-    # OpenCV's blend, in float: a third of the CPU of the same sum in numpy.
-    weight = alpha.astype(np.float32)
-    weight *= 1 / 255
-    background = np.empty((*alpha.shape, 3), np.uint8)
+    height, width = alpha.shape
+    mixed = np.empty((height, width, 3), np.uint8)
+    background = np.empty((min(height, CONVERT_BAND_ROWS), width, 3), np.uint8)
     background[:] = background_rgb[::-1]
-    return cv2.blendLinear(cv2.cvtColor(bgra, cv2.COLOR_BGRA2BGR), background, weight, 1 - weight)
+    # In bands, as _convert: a BGRA segment is read in place, and its float
+    # weights for the whole frame would be 8 bytes a pixel more.
+    for top in range(0, height, CONVERT_BAND_ROWS):
+        rows = bgra[top : top + CONVERT_BAND_ROWS]
+        weight = rows[:, :, 3].astype(np.float32)
+        weight *= 1 / 255
+        # OpenCV's blend, in float: a third of the CPU of the same sum in numpy.
+        mixed[top : top + CONVERT_BAND_ROWS] = cv2.blendLinear(
+            cv2.cvtColor(rows, cv2.COLOR_BGRA2BGR), background[: rows.shape[0]], weight, 1 - weight
+        )
+    return mixed
 
 
 def _convert(frame: np.ndarray, source: SourceColour, data: bytes) -> np.ndarray:
