@@ -115,6 +115,9 @@ def test_the_pool_writes_the_jpeg_its_settings_ask_for(
     for record in records:
         assert record["status"] == "completed", record
         assert frame_header(Path(record["file_path"]).read_bytes()) == (marker, SAMPLING[subsampling]), record
+    if not env:  # the defaults: the bytes the seed wrote for this frame, from either source
+        seed = cv2_bytes(".jpg", photo, (cv2.IMWRITE_JPEG_QUALITY, 80))
+        assert all(Path(r["file_path"]).read_bytes() == seed for r in records)
 
 
 # ---------------------------------------------------------------- colour: what goes in
