@@ -417,10 +417,19 @@ def test_exif_orientation_is_applied_and_not_carried_over(
     exif = Image.Exif()
     exif[colour.ORIENTATION_TAG] = 6
     picture = Image.fromarray(stored)
+    # The same on press CMYK with its profile (decoded by Pillow, turned by
+    # us): red ink (magenta + yellow) on blue ink (cyan + magenta).
+    inks = np.zeros((32, 64, 4), np.uint8)
+    inks[:, :] = (255, 255, 0, 0)
+    inks[:16, :16] = (0, 255, 255, 0)
+    press_red, press_blue = (229, 0, 0), (0, 0, 112)
     inputs = {
         "turned.jpg": icc.as_bytes(picture.convert("RGB"), "JPEG", quality=95, exif=exif),
         "turned-rgba.png": icc.as_bytes(picture, "PNG", exif=exif),
         "turned-rgba.webp": icc.as_bytes(picture, "WEBP", lossless=True, exact=True, exif=exif),
+        "turned-press.jpg": icc.as_bytes(
+            Image.fromarray(inks, "CMYK"), "JPEG", quality=100, exif=exif, icc_profile=icc.press_cmyk()
+        ),
     }
     pool = pool_factory(workers=1, env={"URL_ALLOW_LOOPBACK": "true", **EXACT_JPEG})
     pool.wait_ready()
@@ -430,9 +439,10 @@ def test_exif_orientation_is_applied_and_not_carried_over(
     records = wait_for_records(pool.output_dir, len(inputs), 60, pool=pool)
 
     for record in records:
+        red, blue = (press_red, press_blue) if record["request_id"] == "turned-press.jpg" else ((255, 0, 0), (0, 0, 255))
         assert (record["width"], record["height"]) == (32, 64), record
-        assert near(hosted_rgb(record, (4, 28)), (255, 0, 0)), record  # top right
-        assert near(hosted_rgb(record, (4, 4)), (0, 0, 255)), record  # top left
+        assert near(hosted_rgb(record, (4, 28)), red), (record, hosted_rgb(record, (4, 28)))  # top right
+        assert near(hosted_rgb(record, (4, 4)), blue), (record, hosted_rgb(record, (4, 4)))  # top left
         markers = [marker for marker, _ in jpeg_segments(Path(record["file_path"]).read_bytes())]
         assert 0xE1 not in markers, f"{record['request_id']}: the hosted JPEG carries EXIF"
 
