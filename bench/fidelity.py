@@ -129,6 +129,7 @@ def colour_table(*, rounds: int, repeat: int) -> list[str]:
     rgba[:, : 512, 3] = 128
     cases = (
         ("JPEG, no profile (the default path)", jpeg, "JPEG"),
+        ("JPEG, sRGB profile (probed once, then left alone)", icc.embedded_jpeg(jpeg, icc.srgb_v2_tables()), "JPEG"),
         ("JPEG, Display P3 profile", icc.embedded_jpeg(jpeg, icc.display_p3()), "JPEG"),
         ("PNG, no profile", png, "PNG"),
         ("PNG, Display P3 profile", icc.embedded_png(png, icc.display_p3()), "PNG"),

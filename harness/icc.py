@@ -3,6 +3,7 @@ profile file of anyone's is shipped or fetched.
 
 - display_p3(): Display P3 as phones and Macs embed it (a v4 matrix/TRC
   display profile: the D50-adapted primaries and the sRGB tone curve).
+- srgb_v2_tables(): sRGB as cameras embed it (v2, tabulated tone curves).
 - linear_gray(): a gray profile whose tone curve is linear (gamma 1.0), so
   that its grays differ from the same numbers read as sRGB.
 - press_cmyk(): a v2 input profile for CMYK, a 2-point lut16 CLUT to Lab whose
@@ -81,6 +82,24 @@ def display_p3() -> bytes:
         tags=[
             (b"desc", _mluc("Display P3 (built for tests)")), (b"cprt", _mluc("No copyright, use freely")),
             (b"wtpt", _xyz(D50)), (b"rXYZ", _xyz(P3_RED)), (b"gXYZ", _xyz(P3_GREEN)), (b"bXYZ", _xyz(P3_BLUE)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve),
+        ],
+    )
+
+
+def srgb_v2_tables() -> bytes:
+    """sRGB as cameras and exporters embed it ("sRGB IEC61966-2.1"): a v2
+    profile, the D50-adapted primaries (SRGB_TO_XYZ_D50's columns) and
+    1024-entry tone curves."""
+    steps = [i / 1023 for i in range(1024)]
+    table = [v / 12.92 if v <= 0.04045 else ((v + 0.055) / 1.055) ** 2.4 for v in steps]
+    curve = b"curv\x00\x00\x00\x00" + struct.pack(">I", 1024) + b"".join(struct.pack(">H", round(v * 65535)) for v in table)
+    columns = list(zip(*SRGB_TO_XYZ_D50, strict=True))
+    return profile_bytes(
+        version=0x02100000, device_class=b"mntr", space=b"RGB ", pcs=b"XYZ ",
+        tags=[
+            (b"desc", _desc_v2("sRGB IEC61966-2.1 (built for tests)")), (b"wtpt", _xyz(D50)),
+            (b"rXYZ", _xyz(columns[0])), (b"gXYZ", _xyz(columns[1])), (b"bXYZ", _xyz(columns[2])),
             (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve),
         ],
     )

@@ -283,6 +283,8 @@ def _convert(frame: np.ndarray, source: SourceColour, data: bytes) -> np.ndarray
     if frame.ndim == 2:
         frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
     transform = _transform_for(source.profile, "CMYK" if source.cmyk else "L" if source.gray else "RGB")
+    if transform is None:  # an sRGB profile: the pixels are sRGB already
+        return frame
     inks = _decode_cmyk(data, frame.shape[:2]) if source.cmyk else None
     for top in range(0, frame.shape[0], CONVERT_BAND_ROWS):
         rows = frame[top : top + CONVERT_BAND_ROWS]
@@ -319,14 +321,16 @@ def _decode_cmyk(data: bytes, shape: tuple[int, ...]) -> Any:
     return image
 
 
-def _transform_for(profile: bytes, mode: str) -> Any:
+def _transform_for(profile: bytes, mode: str) -> Any | None:
+    """The transform to sRGB; None for an RGB profile that is sRGB in all but
+    name (what cameras and exporters embed most), which then costs nothing."""
     if len(profile) <= CACHED_PROFILE_BYTES:
         return _cached_transform(profile, mode)
     return _build_transform(profile, mode)
 
 
 @lru_cache(maxsize=16)
-def _cached_transform(profile: bytes, mode: str) -> Any:
+def _cached_transform(profile: bytes, mode: str) -> Any | None:
     return _build_transform(profile, mode)
 
 
@@ -334,7 +338,7 @@ def _cached_transform(profile: bytes, mode: str) -> Any:
 _PROFILE_SPACE = {"RGB": "RGB ", "L": "GRAY", "CMYK": "CMYK"}
 
 
-def _build_transform(profile: bytes, mode: str) -> Any:
+def _build_transform(profile: bytes, mode: str) -> Any | None:
     from PIL import ImageCms
 
     try:
@@ -348,7 +352,7 @@ def _build_transform(profile: bytes, mode: str) -> Any:
     try:
         # Relative colorimetric with black point compensation: in-gamut colours
         # keep their values; the rest are clipped (what browsers and imgproxy do).
-        return ImageCms.buildTransform(
+        transform = ImageCms.buildTransform(
             source,
             ImageCms.createProfile("sRGB"),
             mode,
@@ -356,5 +360,27 @@ def _build_transform(profile: bytes, mode: str) -> Any:
             renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
             flags=ImageCms.Flags.BLACKPOINTCOMPENSATION,
         )
+        return None if mode == "RGB" and _maps_to_itself(transform) else transform
     except (OSError, ValueError, TypeError, ImageCms.PyCMSError) as exc:
         raise ColourError(f"the embedded ICC profile could not be used: {exc}") from None
+
+
+def _probe_colours() -> np.ndarray:
+    """A 16-level cube of colours and a full ramp of each primary and of gray."""
+    levels = np.arange(0, 256, 17, dtype=np.uint8)
+    cube = np.stack(np.meshgrid(levels, levels, levels, indexing="ij"), axis=-1).reshape(-1, 3)
+    ramp = np.arange(256, dtype=np.uint8)
+    zero = np.zeros(256, np.uint8)
+    ramps = [np.stack(channels, axis=-1) for channels in
+             ((ramp, zero, zero), (zero, ramp, zero), (zero, zero, ramp), (ramp, ramp, ramp))]
+    return np.concatenate([cube, *ramps])[np.newaxis]
+
+
+def _maps_to_itself(transform: Any) -> bool:
+    """Whether every probe colour comes back within one level (littleCMS's own
+    rounding): the profile is sRGB, and converting would only cost."""
+    from PIL import Image
+
+    probe = _probe_colours()
+    converted = np.asarray(transform.apply(Image.fromarray(probe)))
+    return int(np.abs(converted.astype(np.int16) - probe).max()) <= 1

@@ -172,6 +172,10 @@ def profiled_inputs() -> dict[str, tuple[bytes, tuple[int, int, int]]]:
             ),
             P3_AS_SRGB,
         ),
+        "srgb.jpg": (
+            icc.embedded_jpeg(cv2_bytes(".jpg", p3_bgr, (cv2.IMWRITE_JPEG_QUALITY, 100)), icc.srgb_v2_tables()),
+            P3_RGB,
+        ),
         "p3.webp": (icc.as_bytes(Image.new("RGB", (64, 64), P3_RGB), "WEBP", lossless=True, icc_profile=p3), P3_AS_SRGB),
         "gray.png": (
             icc.embedded_png(cv2_bytes(".png", np.full((64, 64), LINEAR_GRAY, np.uint8)), icc.linear_gray()),
@@ -302,6 +306,21 @@ def test_a_plain_opaque_image_is_left_as_decoded() -> None:
         source = colour.read_header(cv2_bytes(ext, photo), image_format(cv2_bytes(ext, photo)))
         assert source == colour.PLAIN and source.imread_flags == cv2.IMREAD_COLOR, ext
     assert colour.to_srgb(photo, colour.PLAIN, b"") is photo
+
+
+@pytest.mark.fast
+def test_an_srgb_profile_is_taken_as_srgb_without_a_conversion() -> None:
+    """What cameras embed most is sRGB itself: found so by probing its
+    transform once, then the pixels are left as decoded."""
+    from PIL import ImageCms
+
+    for profile in (icc.srgb_v2_tables(), ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()):
+        assert colour._transform_for(profile, "RGB") is None
+    assert colour._transform_for(icc.display_p3(), "RGB") is not None
+    photo = photo_of_size(48, 64)
+    plain = cv2_bytes(".jpg", photo)
+    tagged = icc.embedded_jpeg(plain, icc.srgb_v2_tables())
+    assert np.array_equal(decode_image(tagged, max_pixels=10**6), decode_image(plain, max_pixels=10**6))
 
 
 @pytest.mark.fast
