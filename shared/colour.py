@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -45,6 +46,10 @@ ORIENTATION_TAG = 0x0112
 # 16.2), where MAX_PIXELS is sized for 6 to 9. Such images get the share of
 # MAX_PIXELS that fits in 9.
 WIDE_ALPHA_BYTES_PER_PIXEL, MAX_PIXELS_BYTES_PER_PIXEL = 16, 9
+# Header segments (JPEG markers, PNG or WebP chunks) walked at most: files
+# cameras and exporters write have tens; 48 MB of empty ones took the walk
+# 12 s of CPU.
+MAX_HEADER_SEGMENTS = 1024
 # Rows converted to sRGB, or composited, at a time.
 CONVERT_BAND_ROWS = 128
 
@@ -96,7 +101,9 @@ def read_header(data: bytes, image_format: str, *, max_pixels: int | None = None
 
 def _png_header(data: bytes, max_pixels: int | None) -> SourceColour:
     at, alpha, gray, profile, exif, pixels, depth = 8, False, False, None, None, 0, 8
-    while at + 12 <= len(data):
+    for _ in _segments("PNG"):
+        if at + 12 > len(data):
+            break
         length = int.from_bytes(data[at : at + 4], "big")
         kind = data[at + 4 : at + 8]
         body = data[at + 8 : at + 8 + length]
@@ -141,7 +148,9 @@ def _inflate_profile(body: bytes) -> bytes:
 
 def _jpeg_header(data: bytes) -> SourceColour:
     at, chunks, cmyk, gray, total = 2, {}, False, False, 0
-    while at + 4 <= len(data) and data[at] == 0xFF:
+    for _ in _segments("JPEG"):
+        if at + 4 > len(data) or data[at] != 0xFF:
+            break
         marker = data[at + 1]
         if marker == 0xFF:  # fill byte
             at += 1
@@ -174,7 +183,9 @@ def _join_icc_chunks(chunks: dict[int, tuple[int, bytes]]) -> bytes:
 
 def _webp_header(data: bytes) -> SourceColour:
     at, alpha, profile, exif = 12, False, None, None
-    while at + 8 <= len(data):
+    for _ in _segments("WebP"):
+        if at + 8 > len(data):
+            break
         kind = data[at : at + 4]
         size = int.from_bytes(data[at + 4 : at + 8], "little")
         body = data[at + 8 : at + 8 + size]
@@ -192,6 +203,12 @@ def _webp_header(data: bytes) -> SourceColour:
         at += 8 + size + (size & 1)
     orientation = _orientation(exif) if alpha and exif else 1
     return SourceColour(profile=profile, alpha=alpha, orientation=orientation)
+
+
+def _segments(image_format: str) -> Iterator[int]:
+    """Turns of a header walk: at most MAX_HEADER_SEGMENTS, then ColourError."""
+    yield from range(MAX_HEADER_SEGMENTS)
+    raise ColourError(f"the {image_format} has more than {MAX_HEADER_SEGMENTS} header segments before its image data")
 
 
 def _check_size(size: int) -> None:

@@ -519,3 +519,26 @@ def test_damaged_headers_and_profiles_end_in_an_image_or_an_image_error(
     except ImageError:
         return
     assert frame.dtype == np.uint8 and frame.ndim in (2, 3)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG"])
+def test_a_header_of_too_many_segments_is_refused_before_it_costs(image_format: str) -> None:
+    """Empty segments by the million would keep the header walk busy for
+    seconds; files that cameras and exporters write have tens."""
+    import struct
+    import zlib
+
+    photo = photo_of_size(16, 16)
+
+    def padded(count: int) -> bytes:
+        if image_format == "JPEG":
+            jpeg = cv2_bytes(".jpg", photo)
+            return jpeg[:2] + b"\xff\xef\x00\x02" * count + jpeg[2:]
+        png = cv2_bytes(".png", photo)
+        chunk = struct.pack(">I", 0) + b"teXt" + struct.pack(">I", zlib.crc32(b"teXt"))
+        return png[:33] + chunk * count + png[33:]
+
+    assert decode_image(padded(colour.MAX_HEADER_SEGMENTS - 10), max_pixels=10**6).shape == photo.shape
+    with pytest.raises(ImageError, match=f"^the {image_format} has more than 1024 header segments"):
+        decode_image(padded(colour.MAX_HEADER_SEGMENTS), max_pixels=10**6)
