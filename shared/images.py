@@ -195,10 +195,10 @@ def _iso_media_format(data: bytes) -> str:
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode downloaded JPEG, PNG or WebP bytes to sRGB BGR, or BGRA when it
-    has transparency (shared.colour); other formats are
-    refused by their leading bytes before any decoder sees them. OpenCV refuses
-    frames above MAX_PIXELS before allocating them (the supervisor sets
+    """Decode downloaded JPEG, PNG or WebP bytes to sRGB BGR, or BGRA when they
+    have transparency (shared.colour); other formats are refused by their
+    leading bytes before any decoder sees them. OpenCV refuses frames above
+    MAX_PIXELS before allocating them (the supervisor sets
     OPENCV_IO_MAX_IMAGE_PIXELS)."""
     found = image_format(data)
     if found is None:
