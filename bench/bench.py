@@ -66,11 +66,13 @@ from harness.pool import Pool
 from harness.results import read_results, read_results_file
 from harness.segments import SegmentTracker, still_present
 from image_result_client.producer import unlink_segment
+from shared.config import Settings
 from shared.images import encode_segment
 from shared.messages import SegmentRef
 from shared.output import RESULTS_NAME, write_durably
 from shared.records import COMPLETED, CompletionRecord
 from shared.redis_queue import QueueKeys
+from shared.rendering import Rendering
 from shared.results_file import ResultsFile
 from shared.segments import SHM_DIR, SegmentAccess
 from tools.local_redis import LocalRedis
@@ -103,6 +105,8 @@ SECTIONS = ("memory", "ledger", "throughput", "latency", "startup", "idle")
 SEGMENT_ACCESS = SegmentAccess(prefix="", owner_uids=frozenset({os.getuid()}))
 # The pool's settings the bench decides (the harness sets Redis, queue, OUTPUT_DIR, logs).
 POOL_SETTINGS = {"JPEG_QUALITY": str(QUALITY), "UNLINK_SHM": "true"}
+# The limit encodes as the pool does, from the same settings, so that their ratio stays a ratio.
+RENDERING = Rendering.from_settings(Settings.from_env(POOL_SETTINGS, dotenv_path=None))
 
 
 class CheckFailed(Exception):
@@ -338,7 +342,7 @@ def _limit_child(
         for task in share:
             encode_started = time.thread_time_ns()
             image = encode_segment(
-                SegmentRef(task.segment, task.shape, "uint8"), quality=QUALITY, access=SEGMENT_ACCESS
+                SegmentRef(task.segment, task.shape, "uint8"), rendering=RENDERING, access=SEGMENT_ACCESS
             )
             encode_ns += time.thread_time_ns() - encode_started
             (write_durably if durable else write_plainly)(outdir / f"{task.request_id}.jpg", image.jpeg)
@@ -998,7 +1002,7 @@ def _memory_child(names: list[str], shape: tuple[int, int, int], conn: multiproc
         refs = [SegmentRef(name, shape, "uint8") for name in names]
         # The first frame includes one-time allocations (libjpeg, the output
         # buffer); it counts too, so the figure is an upper bound.
-        shm_runs = [_peak_anon_growth_kb(lambda ref=ref: encode_segment(ref, quality=QUALITY, access=SEGMENT_ACCESS)) for ref in refs]
+        shm_runs = [_peak_anon_growth_kb(lambda ref=ref: encode_segment(ref, rendering=RENDERING, access=SEGMENT_ACCESS)) for ref in refs]
 
         def encode_a_copy() -> None:
             import mmap
@@ -1008,7 +1012,7 @@ def _memory_child(names: list[str], shape: tuple[int, int, int], conn: multiproc
             with open(SHM_DIR / names[0], "rb") as segment:
                 mapping = mmap.mmap(segment.fileno(), 0, prot=mmap.PROT_READ)
             pixels = np.frombuffer(mapping, np.uint8).reshape(shape).copy()
-            encode_pixels(pixels, quality=QUALITY)
+            encode_pixels(pixels, rendering=RENDERING)
             del pixels
             mapping.close()
 

@@ -213,13 +213,14 @@ def child(path: Path, pixels: int) -> None:
 
     import workers.worker  # noqa: F401 - everything a worker has loaded counts in its baseline
     from shared.images import decode_image, encode_pixels
+    from shared.rendering import Rendering
 
     cv2.setNumThreads(1)  # as worker_main does
     baseline = _peak_rss_kb()
     started = time.process_time()
     body = path.read_bytes()
     frame = decode_image(body, max_pixels=pixels)
-    encoded = encode_pixels(frame, quality=QUALITY)
+    encoded = encode_pixels(frame, rendering=Rendering(quality=QUALITY))
     seconds = time.process_time() - started
     peak = _peak_rss_kb()
     sample = Sample(baseline, peak, len(body), len(encoded.jpeg), seconds)

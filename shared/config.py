@@ -38,6 +38,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "console")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+# Chroma subsampling of the written JPEGs: 4:4:4 keeps coloured text sharp.
+JPEG_SUBSAMPLINGS = ("444", "422", "420")
+NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 
 
 class ConfigError(ValueError):
@@ -50,6 +53,9 @@ class Settings:
     queue: str = DEFAULT_QUEUE
     output_dir: Path = DEFAULT_OUTPUT_DIR
     jpeg_quality: int = 80
+    jpeg_subsampling: str = "420"  # the seed's output
+    jpeg_progressive: bool = False
+    alpha_background: tuple[int, int, int] = (255, 255, 255)  # RGB, white
     log_level: str = "INFO"
     log_format: str = "auto"
     workers: int = 1
@@ -157,6 +163,9 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         queue=get("HOSTING_TASKS_QUEUE", _queue_name, DEFAULTS.queue),
         output_dir=get("OUTPUT_DIR", _path, DEFAULTS.output_dir).resolve(),
         jpeg_quality=get("JPEG_QUALITY", _int_in(1, 100), DEFAULTS.jpeg_quality),
+        jpeg_subsampling=get("JPEG_SUBSAMPLING", _choice(JPEG_SUBSAMPLINGS), DEFAULTS.jpeg_subsampling),
+        jpeg_progressive=get("JPEG_PROGRESSIVE", _bool, DEFAULTS.jpeg_progressive),
+        alpha_background=get("ALPHA_BACKGROUND", _rgb_colour, DEFAULTS.alpha_background),
         log_level=get("LOG_LEVEL", _choice(LOG_LEVELS, upper=True), DEFAULTS.log_level),
         log_format=get("LOG_FORMAT", _choice(LOG_FORMATS), DEFAULTS.log_format),
         workers=workers,
@@ -240,6 +249,17 @@ def _bool(name: str, raw: str) -> bool:
     if word in FALSE_WORDS:
         return False
     raise ConfigError(f"{name}={raw!r} is not a boolean; expected true or false")
+
+
+def _rgb_colour(name: str, raw: str) -> tuple[int, int, int]:
+    word = raw.lower()
+    if word in NAMED_COLOURS:
+        return NAMED_COLOURS[word]
+    hex_digits = word.removeprefix("#")
+    if not re.fullmatch(r"[0-9a-f]{6}", hex_digits):
+        raise ConfigError(f"{name}={raw!r} is not a colour; expected #RRGGBB (e.g. #ffffff), white or black")
+    red, green, blue = bytes.fromhex(hex_digits)
+    return red, green, blue
 
 
 def _path(name: str, raw: str) -> Path:

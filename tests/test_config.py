@@ -76,6 +76,11 @@ def test_missing_dotenv_is_fine(tmp_path: Path) -> None:
         ("REDIS_URL", "redis://:secret@host:99999", "redis://"),
         ("LOG_LEVEL", "LOUD", "INFO"),
         ("UNLINK_SHM", "maybe", "true or false"),
+        ("JPEG_SUBSAMPLING", "411", "444, 422, 420"),
+        ("JPEG_SUBSAMPLING", "4:4:4", "444, 422, 420"),
+        ("JPEG_PROGRESSIVE", "maybe", "true or false"),
+        ("ALPHA_BACKGROUND", "red", "#RRGGBB"),
+        ("ALPHA_BACKGROUND", "#fff", "#RRGGBB"),
     ],
 )
 def test_invalid_value_names_variable_and_accepted_range(name: str, value: str, accepted: str) -> None:
@@ -186,10 +191,12 @@ def run_supervisor(
         ({"WORKERS": "0"}, (), "WORKERS"),
         ({"WORKERS": "abc"}, (), "WORKERS"),
         ({"REDIS_URL": "foo://x"}, (), "REDIS_URL"),
+        ({"JPEG_SUBSAMPLING": "411"}, (), "JPEG_SUBSAMPLING"),
+        ({"ALPHA_BACKGROUND": "transparent"}, (), "ALPHA_BACKGROUND"),
         ({}, ("--workers", "abc"), "--workers"),
         ({}, ("--bogus-flag",), "--bogus-flag"),
     ],
-    ids=["quality-0", "quality-500", "workers-0", "workers-abc", "redis-foo", "flag-workers-abc", "flag-bogus"],
+    ids=["quality-0", "quality-500", "workers-0", "workers-abc", "redis-foo", "subsampling-411", "background-transparent", "flag-workers-abc", "flag-bogus"],
 )
 def test_supervisor_rejects_bad_input_with_one_line_and_exit_2(
     tmp_path: Path, env: dict[str, str], args: tuple[str, ...], named: str

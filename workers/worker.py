@@ -73,6 +73,7 @@ from shared.redis_queue import (
     ReliableQueue,
     connect,
 )
+from shared.rendering import Rendering
 from shared.segments import SegmentAccess
 from shared.task_board import ENCODE, LOAD, WRITE, TaskBoard
 from shared.url_fetch import UrlFetcher
@@ -137,6 +138,7 @@ class Worker:
         self._encoded = 0
         self._encode_cpu_seconds = 0.0
         self.segment_access = SegmentAccess.from_settings(settings)
+        self.rendering = Rendering.from_settings(settings)
         self._outbox = Outbox(backlog=False)  # the current claim's
         self._ledger_lost = False
         self.decode_watchdog = DecodeWatchdog(
@@ -407,11 +409,11 @@ class Worker:
 
     def _load_and_encode(self, envelope: Envelope, task: Task, started: float) -> tuple[EncodedImage, str]:
         """SHM first; the URL when there is no segment or the segment failed."""
-        quality = self.settings.jpeg_quality
+        rendering = self.rendering
         if task.segment is not None:
             try:
                 # Attaching costs microseconds; the phase is the encode.
-                return self._timed_encode(lambda: encode_segment(task.segment, quality=quality, access=self.segment_access)), "shm"
+                return self._timed_encode(lambda: encode_segment(task.segment, rendering=rendering, access=self.segment_access)), "shm"
             except ImageError as exc:
                 if task.image_url is None:
                     raise
@@ -427,7 +429,7 @@ class Worker:
         with self.decode_watchdog.watching(lambda cpu: self._decode_overran(envelope, task, started, cpu)):
             frame = decode_image(body, max_pixels=self.settings.max_pixels)
         self._timings["load"] = time.perf_counter() - load_started
-        return self._timed_encode(lambda: encode_pixels(frame, quality=quality)), "url"
+        return self._timed_encode(lambda: encode_pixels(frame, rendering=rendering)), "url"
 
     def _decode_overran(self, envelope: Envelope, task: Task, started: float, cpu_seconds: float) -> None:
         """From the decode watchdog's thread, the main one still decoding: fail
