@@ -106,9 +106,9 @@ def _png_header(data: bytes, max_pixels: int | None) -> SourceColour:
             break
         length = int.from_bytes(data[at : at + 4], "big")
         kind = data[at + 4 : at + 8]
+        if kind == b"IDAT" or not kind.isalpha():
+            break  # the image data, or not a chunk at all: the decoder says it is corrupt
         body = data[at + 8 : at + 8 + length]
-        if kind == b"IDAT":
-            break
         if kind == b"IHDR" and len(body) >= 10:
             pixels = int.from_bytes(body[0:4], "big") * int.from_bytes(body[4:8], "big")
             depth, colour_type = body[8], body[9]
@@ -187,6 +187,8 @@ def _webp_header(data: bytes) -> SourceColour:
         if at + 8 > len(data):
             break
         kind = data[at : at + 4]
+        if not kind.replace(b" ", b"A").isalnum():
+            break  # not a chunk's FourCC: the decoder says it is corrupt
         size = int.from_bytes(data[at + 4 : at + 8], "little")
         body = data[at + 8 : at + 8 + size]
         if kind == b"VP8X" and body:
