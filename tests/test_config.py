@@ -39,6 +39,7 @@ def settings(env: Mapping[str, str], dotenv_path: Path | None = None) -> Setting
 # ---------------------------------------------------------------- from_env
 
 
+@pytest.mark.fast
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     s = settings({})
@@ -51,6 +52,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.workers == os.cpu_count()
 
 
+@pytest.mark.fast
 def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
     dotenv = tmp_path / ".env"
     dotenv.write_text("JPEG_QUALITY=50\nLOG_LEVEL=DEBUG\n")
@@ -59,6 +61,7 @@ def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
     assert s.log_level == "DEBUG"  # not in the environment: .env still counts
 
 
+@pytest.mark.fast
 def test_missing_dotenv_is_fine(tmp_path: Path) -> None:
     assert settings({}, dotenv_path=tmp_path / "absent.env").jpeg_quality == 80
 
@@ -83,6 +86,7 @@ def test_missing_dotenv_is_fine(tmp_path: Path) -> None:
         ("ALPHA_BACKGROUND", "#fff", "#RRGGBB"),
     ],
 )
+@pytest.mark.fast
 def test_invalid_value_names_variable_and_accepted_range(name: str, value: str, accepted: str) -> None:
     with pytest.raises(ConfigError) as caught:
         settings({name: value})
@@ -92,12 +96,14 @@ def test_invalid_value_names_variable_and_accepted_range(name: str, value: str, 
     assert "\n" not in message
 
 
+@pytest.mark.fast
 def test_error_for_bad_redis_url_hides_password() -> None:
     with pytest.raises(ConfigError) as caught:
         settings({"REDIS_URL": "redis://:secret@host:99999"})
     assert "secret" not in str(caught.value)
 
 
+@pytest.mark.fast
 def test_redact_url_hides_password() -> None:
     redacted = redact_url("redis://user:pw@h:6379/0")
     assert "pw" not in redacted
@@ -219,6 +225,7 @@ def test_a_dotenv_that_is_not_text_is_one_line_naming_it_and_exit_2(tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.fast
 def test_dotenv_reading_gives_its_settings_or_a_one_line_error(tmp_path: Path) -> None:
     assert read_dotenv(tmp_path / "absent.env") == {}
     (tmp_path / "a.env").write_text("# a comment\nWORKERS=3\nEMPTY\n")
@@ -243,6 +250,7 @@ def assert_refused(code: int, stderr: str, *named: str) -> None:
     assert "Traceback" not in stderr
 
 
+@pytest.mark.fast
 def test_output_dir_and_its_missing_parents_are_created(tmp_path: Path) -> None:
     output_dir = tmp_path / "a" / "b" / "out"
     assert check_output_dir(output_dir) == [tmp_path / "a", tmp_path / "a" / "b", output_dir]
@@ -450,6 +458,7 @@ def commented_settings(text: str) -> dict[str, str]:
     return dict(shown)
 
 
+@pytest.mark.fast
 def test_example_env_sets_nothing() -> None:
     """Under systemd, EnvironmentFile= overrides the unit's Environment=: a value set
     here, even a default, would replace the unit's (OUTPUT_DIR once did, and the pool
@@ -461,6 +470,7 @@ def test_example_env_sets_nothing() -> None:
     assert active == []
 
 
+@pytest.mark.fast
 def test_example_env_lists_every_setting_with_its_default(tmp_path: Path) -> None:
     """configs/example.env is the documented list: uncommented, it must parse to the
     defaults and name every field of Settings."""

@@ -24,6 +24,8 @@ from harness import REPO_ROOT
 from shared import config
 from shared.config import Settings
 
+pytestmark = pytest.mark.fast  # in-process: make test-fast
+
 OPERATIONS = REPO_ROOT / "docs" / "operations.md"
 TABLE_HEADER = re.compile(r"^\|\s*variable\s*\|\s*default\s*\|\s*meaning\s*\|\s*$")
 # Defaults the code computes on the machine it runs on, as the table words them.

@@ -16,6 +16,7 @@ from shared.messages import Envelope, parse_envelope
 from shared.redis_queue import Acknowledgement, QueueKeys, ReliableQueue
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("queue", ["hosting_tasks", "tasks:eu-west", "{tenant-7}:hosting", "eu:{tenant-7}"])
 def test_every_key_shares_the_queue_slot(queue: str) -> None:
     keys = QueueKeys(queue)
@@ -27,12 +28,14 @@ def test_every_key_shares_the_queue_slot(queue: str) -> None:
     assert {key_slot(key.encode()) for key in all_keys} == {key_slot(queue.encode())}
 
 
+@pytest.mark.fast
 def test_processing_lists_name_their_instance() -> None:
     keys = QueueKeys("hosting_tasks")
     assert keys.instance_of(keys.processing("abc123", "w7")) == "abc123"
     assert keys.instance_of("{other}:processing:abc123:w7") is None
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("queue", ["odd}{name", "x}", "{}", "a{b"])
 def test_braces_that_are_no_hash_tag_are_refused(queue: str) -> None:
     with pytest.raises(ConfigError, match="hash tag"):
