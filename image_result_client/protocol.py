@@ -41,6 +41,9 @@ SUPPORTED_DTYPES = tuple(ITEM_SIZES)
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 HOST_ID = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 MAX_LIST_NAME = 200
+# The most images one request may declare (`request_images`): its request
+# record lists every image, and must stay a reasonable line and stream entry.
+MAX_REQUEST_IMAGES = 10_000
 
 RESULTS_NAME = "results.json"
 PARTIAL_DIR = ".partial"
