@@ -46,6 +46,8 @@ MAX_LIST_NAME = 200
 MAX_REQUEST_IMAGES = 10_000
 
 RESULTS_NAME = "results.json"
+# One record per request that declared request_images, appended when it ends.
+REQUESTS_NAME = "requests.json"
 PARTIAL_DIR = ".partial"
 
 # Stats buckets are this many seconds wide; `status` sums the last minute's.
@@ -146,6 +148,26 @@ class QueueKeys:
         """Hash: task id -> the host queue of the ledger committing its record,
         from just before the commit until the acknowledgement."""
         return f"{self.prefix}:committing"
+
+    def request(self, request_id_json: str) -> str:
+        """Hash of one open request: its distinct images recorded so far. Named
+        by the request id as a JSON string (ASCII) without its quotes: one key
+        per id, whatever characters the id holds."""
+        return f"{self.prefix}:request:{request_id_json[1:-1]}"
+
+    @property
+    def open_requests(self) -> str:
+        """Sorted set: request id as a JSON string -> when its REQUEST_TTL runs out."""
+        return f"{self.prefix}:requests"
+
+    @property
+    def ended_requests(self) -> str:
+        """Sorted set: request id as a JSON string -> when it ended; kept for REQUEST_TTL."""
+        return f"{self.prefix}:requests_ended"
+
+    def unwritten_requests(self, host_id: str) -> str:
+        """List of the request records a host ended and has not yet written to its requests.json."""
+        return f"{self.prefix}:requests_unwritten:{host_id}"
 
     def is_producers_list(self, key: str) -> bool:
         """The queue or one host's queue: the lists producers push onto."""

@@ -1,0 +1,83 @@
+"""A request is many images: once its messages' `request_images` distinct images
+are recorded, the pool appends exactly one request record to requests.json and
+the results stream (docs/formats.md#requestsjson), through a real pool on a
+real Redis. The decisions one by one are in test_request_state.py."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from harness.photos import photo_of_size
+from harness.results import read_requests
+from shared.redis_queue import QueueKeys
+from tests.helpers import push, wait_for_records, wait_until
+
+FRAME = photo_of_size(256, 256)
+
+
+def shm_image(segments, request_id: str, image_id: str, declared: int) -> dict[str, Any]:
+    return {**segments.message(request_id, image_id, FRAME), "request_images": declared}
+
+
+def broken_image(request_id: str, image_id: str, declared: int) -> dict[str, Any]:
+    """Fails at once: its segment does not exist."""
+    shm_info = {"shm_name": f"img_shm_missing_{image_id}", "shape": [8, 8, 3], "dtype": "uint8"}
+    return {"request_id": request_id, "image_id": image_id, "shm_info": shm_info, "request_images": declared}
+
+
+def stream_entries(client: redis.Redis, stream: str) -> tuple[list[dict], list[dict]]:
+    """(task records, request records) on the results stream, oldest first."""
+    tasks, requests = [], []
+    for _, fields in client.xrange(stream):
+        if b"record" in fields:
+            tasks.append(json.loads(fields[b"record"]))
+        else:
+            requests.append(json.loads(fields[b"request"]))
+    return tasks, requests
+
+
+def wait_for_requests(output_dir, count: int, timeout: float = 60.0) -> list[dict]:
+    return wait_until(lambda: len(r := read_requests(output_dir)) >= count and r, timeout,
+                      f"fewer than {count} request records in {output_dir}/requests.json")
+
+
+def test_each_request_ends_once_completed_failed_or_partial(pool_factory, redis_client, queue_name, segments):
+    stream = f"{queue_name}:results"
+    plain = segments.message("plain", "plain", FRAME)  # no request_images: a task as before
+    for message in [
+        *(shm_image(segments, "all-good", f"g{i}", 3) for i in range(3)),
+        *(broken_image("all-bad", f"b{i}", 2) for i in range(2)),
+        shm_image(segments, "mixed", "m0", 2), broken_image("mixed", "m1", 2),
+        plain,
+    ]:
+        push(redis_client, queue_name, message)
+    pool = pool_factory(workers=2, env={"RESULTS_STREAM": stream})
+    records = wait_for_records(pool.output_dir, 8, pool=pool)
+    requests = {r["request_id"]: r for r in wait_for_requests(pool.output_dir, 3)}
+    assert pool.stop() == 0
+
+    assert {k: r["status"] for k, r in requests.items()} == {"all-good": "completed", "all-bad": "failed",
+                                                             "mixed": "partial"}
+    mixed = requests["mixed"]
+    assert (mixed["images"], mixed["completed"], mixed["failed"], mixed["request_images"]) == (2, 1, 1, 2)
+    by_task = {r["task_id"]: r for r in records}
+    for request in requests.values():
+        for entry in request["image_results"]:  # each image as its task's record has it
+            task = by_task[entry["task_id"]]
+            assert (entry["image_id"], entry["status"], entry["file_path"]) == (
+                task["image_id"], task["status"], task["file_path"])
+    # The plain task's record is as it always was: the seed's fields and ours, nothing about requests.
+    (plain_record,) = [r for r in records if r["request_id"] == "plain"]
+    assert list(plain_record) == ["timestamp", "request_id", "image_id", "file_path", "status", "task_id",
+                                  "attempts", "source", "width", "height", "bytes", "duration_ms"]
+    # On the stream: every task record under "record", each request record once under "request".
+    tasks, announced = stream_entries(redis_client, stream)
+    assert sorted(t["task_id"] for t in tasks) == sorted(by_task)
+    assert sorted(announced, key=lambda r: r["request_id"]) == sorted(requests.values(), key=lambda r: r["request_id"])
+    keys = QueueKeys(queue_name)
+    assert redis_client.zcard(keys.open_requests) == 0
+    assert redis_client.keys(f"{keys.prefix}:request:*") == []
+    assert redis_client.keys(f"{keys.prefix}:requests_unwritten:*") == [], "a request record was left unwritten"
