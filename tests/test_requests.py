@@ -81,3 +81,63 @@ def test_each_request_ends_once_completed_failed_or_partial(pool_factory, redis_
     assert redis_client.zcard(keys.open_requests) == 0
     assert redis_client.keys(f"{keys.prefix}:request:*") == []
     assert redis_client.keys(f"{keys.prefix}:requests_unwritten:*") == [], "a request record was left unwritten"
+
+
+def test_a_request_whose_last_image_never_comes_ends_incomplete_once(pool_factory, redis_client, queue_name, segments):
+    """REQUEST_TTL after its last recorded image, the request ends "incomplete"
+    and its Redis state is gone; its last image, coming after that, counts for
+    nothing and starts nothing."""
+    keys = QueueKeys(queue_name)
+    stream = f"{queue_name}:results"
+    push(redis_client, queue_name, shm_image(segments, "short", "p1", 3))
+    push(redis_client, queue_name, broken_image("short", "p2", 3))
+    pool = pool_factory(workers=1, env={"REQUEST_TTL": "3", "RESULTS_STREAM": stream})
+    wait_for_records(pool.output_dir, 2, pool=pool)
+    ended = wait_until(lambda: redis_client.zscore(keys.ended_requests, '"short"'), 30, "the request never ended")
+    push(redis_client, queue_name, shm_image(segments, "short", "p3", 3))  # late, within REQUEST_TTL of the end
+    wait_for_records(pool.output_dir, 3, pool=pool)
+    (record,) = wait_for_requests(pool.output_dir, 1)
+    assert (record["status"], record["images"], record["completed"], record["failed"], record["request_images"]) == (
+        "incomplete", 2, 1, 1, 3)
+    assert [i["image_id"] for i in record["image_results"]] == ["p1", "p2"]
+    assert redis_client.keys(f"{keys.prefix}:request:*") == [] and redis_client.zcard(keys.open_requests) == 0
+    assert redis_client.zscore(keys.ended_requests, '"short"') == ended
+    assert [e["requests"] for e in pool.events("requests_expired")] == [1]
+    assert pool.stop() == 0
+    assert read_requests(pool.output_dir) == [record]
+    assert stream_entries(redis_client, stream)[1] == [record]
+
+
+def test_the_same_image_twice_counts_once(pool_factory, redis_client, queue_name, segments):
+    """One worker takes them in order: without a set of image ids, the second
+    "a" would end the request before "b" came."""
+    for image_id in ("a", "a", "b"):
+        push(redis_client, queue_name, shm_image(segments, "dup", image_id, 2))
+    pool = pool_factory(workers=1)
+    records = wait_for_records(pool.output_dir, 3, pool=pool)
+    (record,) = wait_for_requests(pool.output_dir, 1)
+    assert pool.stop() == 0
+    assert [r["image_id"] for r in records] == ["a", "a", "b"]
+    assert (record["status"], record["images"], record["completed"]) == ("completed", 2, 2)
+    assert [i["image_id"] for i in record["image_results"]] == ["a", "b"]
+    assert record["image_results"][1]["task_id"] == records[2]["task_id"]
+
+
+def test_a_redis_restart_mid_request_loses_no_count(pool_factory, redis_client, redis_server, queue_name, segments):
+    """The request's state is in Redis (AOF in the fixture, as in production):
+    a restart between its images neither loses nor doubles a count, and its
+    last image, late, ends it."""
+    for index in range(2):
+        push(redis_client, queue_name, shm_image(segments, "across", f"i{index}", 3))
+    pool = pool_factory(workers=1)
+    wait_for_records(pool.output_dir, 2, pool=pool)
+    keys = QueueKeys(queue_name)
+    wait_until(lambda: redis_client.hget(keys.request('"across"'), "recorded") == b"2", 10, "not counted")
+    redis_server.restart()
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.hget(keys.request('"across"'), "recorded") == b"2"
+    push(client, queue_name, shm_image(segments, "across", "i2", 3))
+    (record,) = wait_for_requests(pool.output_dir, 1, timeout=60)
+    assert pool.stop() == 0
+    assert (record["status"], record["images"]) == ("completed", 3)
+    assert len(read_requests(pool.output_dir)) == 1
