@@ -6,14 +6,16 @@ real Redis. The decisions one by one are in test_request_state.py."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
+import pytest
 import redis
 
 from harness.photos import photo_of_size
-from harness.results import read_requests
+from harness.results import read_requests, read_results
 from shared.redis_queue import QueueKeys
-from tests.helpers import push, wait_for_records, wait_until
+from tests.helpers import push, wait_for_queue_drained, wait_for_records, wait_until
 
 FRAME = photo_of_size(256, 256)
 
@@ -141,3 +143,71 @@ def test_a_redis_restart_mid_request_loses_no_count(pool_factory, redis_client, 
     assert pool.stop() == 0
     assert (record["status"], record["images"]) == ("completed", 3)
     assert len(read_requests(pool.output_dir)) == 1
+
+
+def test_one_request_recorded_on_two_hosts_ends_once(pool_factory, redis_client, queue_name, segments, tmp_path):
+    """Two supervisors on one Redis, each with its own host queue and OUTPUT_DIR;
+    every request has images on both. Each request ends once: one record on the
+    stream, in exactly one host's requests.json (the host that recorded its
+    last image), listing the images of both hosts."""
+    keys = QueueKeys(queue_name)
+    stream = f"{queue_name}:results"
+    outputs = {host: tmp_path / f"out-{host}" for host in "ab"}
+    env = {"HOST_QUEUE": "true", "LEASE_TTL": "2", "RESULTS_STREAM": stream}
+    pools = {host: pool_factory(workers=2, env={**env, "HOST_ID": host}, output_dir=outputs[host]) for host in "ab"}
+    for pool in pools.values():
+        pool.wait_ready()
+    requests = [f"spread_{n}" for n in range(6)]
+    for index in range(4):
+        for request_id in requests:
+            host = "ab"[index % 2]
+            push(redis_client, keys.host(host), shm_image(segments, request_id, f"{request_id}_{index}", 4))
+    wait_until(lambda: sum(len(read_results(outputs[h])) for h in "ab") >= 24, 60, "not every image was recorded")
+    wait_until(lambda: sum(len(read_requests(outputs[h])) for h in "ab") >= len(requests), 30, "a request did not end")
+    for pool in pools.values():
+        assert pool.stop() == 0
+
+    written = {host: read_requests(outputs[host]) for host in "ab"}
+    where = Counter(r["request_id"] for host in "ab" for r in written[host])
+    assert where == Counter(requests), f"each request in exactly one requests.json: {where}"
+    _, announced = stream_entries(redis_client, stream)
+    assert Counter(r["request_id"] for r in announced) == Counter(requests), "each request once on the stream"
+    for host, records in written.items():
+        for record in records:
+            assert (record["status"], record["images"]) == ("completed", 4)
+            hosts = [i["host_id"] for i in record["image_results"]]
+            assert sorted(hosts) == ["a", "a", "b", "b"]
+            # The host that wrote it recorded its last image: that image's record is in its results.json.
+            ours = {r["task_id"] for r in read_results(outputs[host])}
+            assert any(i["task_id"] in ours for i in record["image_results"])
+    assert {h: sum(1 for r in read_results(outputs[h])) for h in "ab"} == {"a": 12, "b": 12}
+
+
+@pytest.mark.parametrize("point", [
+    "worker_after_send", "ledger_after_append", "ledger_before_ack", "ledger_after_ack",
+    "ledger_before_request_append", "ledger_after_request_append",
+])
+def test_a_kill_mid_request_still_ends_each_request_once(point, pool_factory, redis_client, queue_name, segments,
+                                                          tmp_path):
+    """Requests of four images each, their images spread over batches and
+    redeliveries by a kill -9 at one point of the durable-step order."""
+    stream = f"{queue_name}:results"
+    requests = [f"req_{n}" for n in range(4)]
+    frame = photo_of_size(512, 512)
+    for index in range(4):
+        for request_id in requests:
+            message = {**segments.message(request_id, f"{request_id}_{index}", frame), "request_images": 4}
+            push(redis_client, queue_name, message)
+    env = {"IRW_CRASH_AT": point, "IRW_CRASH_MARKER": str(tmp_path / "crashed"), "RESULTS_STREAM": stream}
+    pool = pool_factory(workers=2, env=env)
+    records = wait_for_records(pool.output_dir, 16, pool=pool)
+    written = wait_for_requests(pool.output_dir, 4)
+    wait_for_queue_drained(redis_client, queue_name)
+    assert pool.stop() == 0
+    assert (tmp_path / "crashed").exists(), f"nothing reached {point}"
+    assert Counter(r["image_id"] for r in records) == Counter(f"{r}_{i}" for r in requests for i in range(4))
+    written = read_requests(pool.output_dir)
+    assert Counter(r["request_id"] for r in written) == Counter(requests)
+    assert all((r["status"], r["images"], r["completed"]) == ("completed", 4, 4) for r in written)
+    _, announced = stream_entries(redis_client, stream)
+    assert sorted(announced, key=lambda r: r["request_id"]) == sorted(written, key=lambda r: r["request_id"])
