@@ -9,13 +9,14 @@ import json
 from collections import Counter
 from typing import Any
 
+import cv2
 import pytest
 import redis
 
 from harness.photos import photo_of_size
 from harness.results import read_requests, read_results
 from shared.redis_queue import QueueKeys
-from tests.helpers import push, wait_for_queue_drained, wait_for_records, wait_until
+from tests.helpers import command, push, wait_for_queue_drained, wait_for_records, wait_until
 
 FRAME = photo_of_size(256, 256)
 
@@ -211,3 +212,60 @@ def test_a_kill_mid_request_still_ends_each_request_once(point, pool_factory, re
     assert all((r["status"], r["images"], r["completed"]) == ("completed", 4, 4) for r in written)
     _, announced = stream_entries(redis_client, stream)
     assert sorted(announced, key=lambda r: r["request_id"]) == sorted(written, key=lambda r: r["request_id"])
+
+
+def test_task_shows_a_requests_progress_then_its_record(pool_factory, redis_client, queue_name, segments):
+    for index in range(2):
+        push(redis_client, queue_name, shm_image(segments, "pages", f"p{index}", 3))
+    pool = pool_factory(workers=1, env={"REQUEST_TTL": "600"})
+    wait_for_records(pool.output_dir, 2, pool=pool)
+    wait_until(lambda: redis_client.hget(QueueKeys(queue_name).request('"pages"'), "recorded") == b"2", 10, "not counted")
+    shown = command(pool, "task", "pages")
+    assert shown.returncode == 0, shown.stderr
+    assert "request: 2 of 3 recorded (2 completed, 0 failed); ends incomplete in" in shown.stdout
+    as_json = json.loads(command(pool, "task", "pages", "--json").stdout)
+    (open_place,) = [p for p in as_json["found"] if p["state"] == "request_open"]
+    assert (open_place["recorded"], open_place["request_images"]) == (2, 3) and 590 < open_place["expires_in"] <= 600
+
+    push(redis_client, queue_name, broken_image("pages", "p2", 3))
+    wait_for_requests(pool.output_dir, 1)
+    shown = command(pool, "task", "pages")
+    assert "request record partial: 3 of 3 images (2 completed, 1 failed)" in shown.stdout
+    found = json.loads(command(pool, "task", "pages", "--json").stdout)["found"]
+    assert [p["record"]["status"] for p in found if p["state"] == "request_ended"] == ["partial"]
+    assert not any(p["state"] == "request_open" for p in found)
+    assert pool.stop() == 0
+
+
+def test_the_client_submits_a_request_and_waits_for_its_record(pool_factory, redis_client, queue_name, tmp_path):
+    """Producer: request_images on submit_array/submit_url, wait_request from the
+    stream and from requests.json; the command line: enqueue --request, then
+    wait-request, whose exit status says whether the request completed."""
+    from image_result_client import Producer
+    from tests.test_client import run_cli
+
+    stream = f"{queue_name}:results"
+    pool = pool_factory(workers=2, env={"RESULTS_STREAM": stream})
+    pool.wait_ready()
+    with Producer(redis_client, queue=queue_name, results_stream=stream) as producer:
+        with pytest.raises(ValueError, match="request_images"):
+            producer.submit_array(FRAME, request_id="lib", image_id="x", request_images=True)
+        for index in range(2):
+            producer.submit_array(FRAME, request_id="lib", image_id=f"page_{index}", request_images=3)
+        producer.submit_url("http://127.0.0.1:9/gone.jpg", request_id="lib", image_id="page_2", request_images=3)
+        from_stream = producer.wait_request("lib", timeout=60)
+        from_file = producer.wait_request("lib", output_dir=pool.output_dir, timeout=10)
+    assert from_stream == from_file
+    assert (from_stream["status"], from_stream["images"], from_stream["failed"]) == ("partial", 3, 1)
+
+    for name in ("cover", "back"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), FRAME)
+    env = {"REDIS_URL": pool.redis_url, "HOSTING_TASKS_QUEUE": queue_name, "RESULTS_STREAM": stream}
+    queued = run_cli(["enqueue", "--request", "book-7", "cover.png", "back.png"], cwd=tmp_path, env=env)
+    assert queued.returncode == 0, queued.stderr
+    waited = run_cli(["wait-request", "--timeout", "60", "book-7"], cwd=tmp_path, env=env)
+    assert (waited.returncode, waited.stdout) == (0, "completed book-7 2 of 2 images (2 completed, 0 failed)\n")
+    doubled = run_cli(["enqueue", "--request", "dup", "cover.png", str(tmp_path / "cover.png")], cwd=tmp_path, env=env)
+    assert doubled.returncode == 2 and "these repeat: cover" in doubled.stderr
+    assert run_cli(["wait-request", "--timeout", "0.5", "never"], cwd=tmp_path, env=env).returncode == 1
+    assert pool.stop() == 0
