@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
+from redis.client import Pipeline
 
 from image_result_client.protocol import QueueKeys
 from shared.redis_queue import LUA_DIR, ScriptCall
@@ -89,12 +90,17 @@ def record_id_of(line: bytes) -> str | None:
     return record_id if isinstance(record_id, str) else None
 
 
-def run_in_transaction(client: redis.Redis, calls: Sequence[ScriptCall]) -> list[Any]:
-    """The calls in one MULTI/EXEC: one round trip, all or (after a NOSCRIPT) again."""
+def run_in_transaction(
+    client: redis.Redis, calls: Sequence[ScriptCall], *, then: Callable[[Pipeline], object] | None = None
+) -> list[Any]:
+    """The calls (and `then`'s commands) in one MULTI/EXEC: one round trip,
+    all or (after a NOSCRIPT) again."""
     for attempt in (1, 2):
         with client.pipeline(transaction=True) as pipe:
             for call in calls:
                 pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            if then is not None:
+                then(pipe)
             try:
                 return pipe.execute()
             except redis.exceptions.NoScriptError:
@@ -127,18 +133,33 @@ class RequestState:
 
     # -- ending requests (the ledger, the upkeep) ---------------------------------
 
-    def count_with(self, acknowledgement: ScriptCall, images: Sequence[CountedImage], *, now: float) -> list[bytes]:
+    def count_with(
+        self,
+        acknowledgement: ScriptCall,
+        images: Sequence[CountedImage],
+        *,
+        now: float,
+        forget: Sequence[bytes] = (),
+    ) -> list[bytes]:
         """Run the acknowledgement and count its images, atomically, in one round
         trip; returns the request records this ended (already on this host's
-        unwritten list and the stream)."""
+        unwritten list and the stream). The records in `forget` (written since
+        the last time) leave the unwritten list in the same round trip."""
         keys, args = self._common(now)
+        slots: dict[str, int] = {}  # request id (JSON) -> its hash's place in KEYS, from 1
+        batch = []
         for image in images:
             request_id = id_json(image.request_id)
-            keys.append(self.keys.request(request_id))
+            if request_id not in slots:
+                keys.append(self.keys.request(request_id))
+                slots[request_id] = len(slots) + 1
             outcome = "c" if image.completed else "f"
-            args.extend([request_id, id_json(image.image_id), image.request_images, outcome, image.entry, image.record_id])
-        replies = run_in_transaction(self.client, [acknowledgement, ScriptCall(self._count, keys, args)])
-        return list(replies[-1])
+            batch.append([slots[request_id], request_id, id_json(image.image_id), image.request_images, outcome,
+                          image.entry.decode("ascii"), image.record_id])
+        args.append(json.dumps(batch, ensure_ascii=True))
+        calls = [acknowledgement, ScriptCall(self._count, keys, args)]
+        replies = run_in_transaction(self.client, calls, then=lambda pipe: self._forget(pipe, forget))
+        return list(replies[len(calls) - 1])
 
     def expire_due(self, now: float) -> list[bytes]:
         """End, as "incomplete", the requests whose REQUEST_TTL ran out; their
@@ -166,9 +187,12 @@ class RequestState:
     def forget_written(self, records: Sequence[bytes]) -> None:
         if records:
             with self.client.pipeline(transaction=False) as pipe:
-                for record in records:
-                    pipe.lrem(self.unwritten_key, 1, record)
+                self._forget(pipe, records)
                 pipe.execute()
+
+    def _forget(self, pipe: Pipeline, records: Sequence[bytes]) -> None:
+        for record in records:
+            pipe.lrem(self.unwritten_key, 1, record)
 
     # -- reading (the `task` command, the dashboard) ------------------------------
 

@@ -112,6 +112,9 @@ class Ledger:
         self.requests = ResultsFile(settings.output_dir / REQUESTS_NAME, torn_point="ledger_torn_request_append")
         self.written_requests = RememberedIds(REMEMBERED_IDS)  # record ids in requests.json
         self.requests_due = 0.0
+        # Written to requests.json, still on the unwritten list: they leave it in
+        # the next acknowledgement's round trip, or the next check's.
+        self.requests_to_forget: list[bytes] = []
         self.unlinks = SegmentUnlinks(settings.output_dir / ".unlink-pending", SegmentAccess.from_settings(settings))
         self.selector = selectors.DefaultSelector()
         self.connections = 0
@@ -444,9 +447,11 @@ class Ledger:
                 stream_maxlen=self.settings.results_stream_maxlen,
             )
             # The request count rides in the acknowledgement's transaction: one round trip.
-            ended = self.request_state.count_with(call, images, now=now) if images else []
+            forget = self.requests_to_forget if images else []
+            ended = self.request_state.count_with(call, images, now=now, forget=forget) if images else []
             if not images:
                 call.script(keys=call.keys, args=call.args)
+            self.requests_to_forget = self.requests_to_forget[len(forget):]
         except REDIS_ERRORS as exc:
             self.ack_failures += 1
             self.ack_retry_at = time.monotonic() + compute_backoff(self.ack_failures, base=0.2, cap=10.0)
@@ -458,7 +463,7 @@ class Ledger:
         self.unacknowledged = []
         crash_point("ledger_after_ack")
         self.unlinks.unlink(doomed)
-        self._write_requests(ended)
+        self._write_requests(ended, forget_now=False)
 
     def _acknowledgement(self, record: CompletionRecord) -> Acknowledgement:
         """What Redis must do for this record: announce a final outcome (a failure's
@@ -521,11 +526,12 @@ class Ledger:
             listed = self.request_state.unwritten()
         except REDIS_ERRORS:
             return  # the acknowledgements log the outage; the list waits in Redis
-        self._write_requests(listed)
+        self._write_requests(listed, forget_now=True)
 
-    def _write_requests(self, listed: list[bytes]) -> None:
+    def _write_requests(self, listed: list[bytes], *, forget_now: bool) -> None:
         """Steps 6 and 7: append each record not yet in requests.json, durably,
-        then take them all off this host's unwritten list."""
+        then take them all off this host's unwritten list: at once, or (after an
+        acknowledgement, under load) in the next one's round trip."""
         fresh, ids = [], set()
         for line in listed:
             record_id = record_id_of(line)
@@ -548,8 +554,12 @@ class Ledger:
                 record = json.loads(line)
                 log.info("request_ended", request_id=record.get("request_id"), status=record.get("status"),
                          images=record.get("images"), request_images=record.get("request_images"))
+        if not forget_now:
+            self.requests_to_forget.extend(listed)
+            return
         try:
-            self.request_state.forget_written(listed)
+            self.request_state.forget_written(list(dict.fromkeys([*self.requests_to_forget, *listed])))
+            self.requests_to_forget = []
         except REDIS_ERRORS as exc:
             # Written: the next check finds them in requests.json and only forgets them.
             log.warning("redis_unavailable", error=str(exc), unwritten_requests=len(listed))
