@@ -42,7 +42,7 @@ for _, image in ipairs(cjson.decode(ARGV[5])) do
       redis.call('HSET', key, image_id, outcome .. entry)
       redis.call('HINCRBY', key, outcome == 'c' and 'completed' or 'failed', 1)
       local recorded = redis.call('HINCRBY', key, 'recorded', 1)
-      if recorded >= tonumber(first) then
+      if recorded >= (tonumber(first) or 0) then
         ended[#ended + 1] = end_request(key, KEYS[1], KEYS[2], KEYS[3], KEYS[4], stream_maxlen, request_id, '', now,
                                         timestamp, record_id, ttl)
         still_open[request_id] = nil

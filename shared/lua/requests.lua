@@ -31,13 +31,14 @@ local function end_request(key, open, ended, unwritten, stream, stream_maxlen, r
   table.sort(images, function(a, b) return a[1] < b[1] end)
   local entries = {}
   for i, image in ipairs(images) do entries[i] = string.sub(image[2], 2) end
-  local completed, failed = tonumber(meta.completed or '0'), tonumber(meta.failed or '0')
+  local completed, failed = tonumber(meta.completed or '0') or 0, tonumber(meta.failed or '0') or 0
   if status == '' then
     if failed == 0 then status = 'completed' elseif completed == 0 then status = 'failed' else status = 'partial' end
   end
   local record = '{"timestamp": "' .. timestamp .. '", "request_id": ' .. request_id .. ', "status": "' .. status ..
     '", "images": ' .. #images .. ', "completed": ' .. completed .. ', "failed": ' .. failed ..
-    ', "request_images": ' .. (meta.declared or 'null') .. ', "mismatched_declarations": ' .. (meta.mismatched or '0') ..
+    ', "request_images": ' .. (tonumber(meta.declared or '') or 'null') ..
+    ', "mismatched_declarations": ' .. (tonumber(meta.mismatched or '0') or 0) ..
     ', "record_id": "' .. record_id .. '", "image_results": [' .. table.concat(entries, ', ') .. ']}'
   if stream_maxlen > 0 then
     redis.call('XADD', stream, 'MAXLEN', '~', stream_maxlen, '*', 'request', record)
