@@ -109,7 +109,7 @@ class Overview:
         self.client = client
         self.settings = settings
         self.keys = QueueKeys(settings.queue)
-        self.requests = RequestState(client, self.keys, host_id=settings.host_id, request_ttl=settings.request_ttl)
+        self.requests = RequestState(client, self.keys, request_ttl=settings.request_ttl)
         self.refresh_seconds = refresh_seconds
         self.clock, self.wall_clock = clock, wall_clock
         self.refreshes = 0  # how many times Redis was read, for tests and the bench

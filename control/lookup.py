@@ -272,7 +272,7 @@ def _request(
 ) -> list[dict]:
     """The request this id names, if its messages declared request_images: open
     (its count), ended lately, and its record in this host's requests.json."""
-    state = RequestState(client, QueueKeys(settings.queue), host_id=settings.host_id, request_ttl=settings.request_ttl)
+    state = RequestState(client, QueueKeys(settings.queue), request_ttl=settings.request_ttl)
     found: list[dict] = []
     progress = state.progress(request_id)
     if progress is not None:

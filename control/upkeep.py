@@ -36,7 +36,7 @@ from control.progress import ProgressMeter
 from shared.config import Settings
 from shared.pool_registry import PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue
-from shared.request_state import RequestState
+from shared.request_state import RequestState, requests_writer
 from shared.sdnotify import Notifier
 from shared.task_board import TaskBoard, describe_task, read_entries
 
@@ -76,7 +76,7 @@ class PoolUpkeep:
         return RequestState(
             self.queue.client,
             self.keys,
-            host_id=self.settings.host_id,
+            writer=requests_writer(self.settings),
             request_ttl=self.settings.request_ttl,
             stream=self.settings.results_stream,
             stream_maxlen=self.settings.results_stream_maxlen,

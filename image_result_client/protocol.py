@@ -165,9 +165,10 @@ class QueueKeys:
         """Sorted set: request id as a JSON string -> when it ended; kept for REQUEST_TTL."""
         return f"{self.prefix}:requests_ended"
 
-    def unwritten_requests(self, host_id: str) -> str:
-        """List of the request records a host ended and has not yet written to its requests.json."""
-        return f"{self.prefix}:requests_unwritten:{host_id}"
+    def unwritten_requests(self, writer: str) -> str:
+        """List of the request records a pool ended and has not yet written to
+        its requests.json; `writer` is "<HOST_ID>:<a digest of its OUTPUT_DIR>"."""
+        return f"{self.prefix}:requests_unwritten:{writer}"
 
     def is_producers_list(self, key: str) -> bool:
         """The queue or one host's queue: the lists producers push onto."""

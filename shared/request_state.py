@@ -7,7 +7,8 @@
         the image that makes the count reach request_images ends the request, in
         the same step (shared/lua/requests.lua):
             --> RESULTS_STREAM, field "request" (a task record's field is "record")
-            --> {Q}:requests_unwritten:<HOST_ID> --the ledger--> OUTPUT_DIR/requests.json,
+            --> {Q}:requests_unwritten:<HOST_ID>:<OUTPUT_DIR's digest>
+                --the ledger--> OUTPUT_DIR/requests.json,
                 and then off that list
     the supervisor's upkeep --expire_due (request_expire.lua)--> the same end,
         status "incomplete", for a request with no image recorded for REQUEST_TTL
@@ -27,6 +28,7 @@ Hazards handled here:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -38,6 +40,7 @@ import redis
 from redis.client import Pipeline
 
 from image_result_client.protocol import QueueKeys
+from shared.config import Settings
 from shared.redis_queue import LUA_DIR, ScriptCall
 
 _SHARED = (LUA_DIR / "requests.lua").read_text()
@@ -69,6 +72,14 @@ class RequestProgress:
     mismatched: int  # images whose message declared another request_images
     opened: float  # epoch seconds
     expires: float | None  # when REQUEST_TTL runs out with no new image
+
+
+def requests_writer(settings: Settings) -> str:
+    """Whose unwritten list a pool's request records go on: its requests.json's,
+    the same across restarts. Supervisors that share a HOST_ID (one host, two
+    OUTPUT_DIRs) still each get their own, so neither writes the other's."""
+    digest = hashlib.sha1(os.fsencode(settings.output_dir)).hexdigest()[:12]
+    return f"{settings.host_id}:{digest}"
 
 
 def id_json(value: str) -> str:
@@ -117,14 +128,14 @@ class RequestState:
         client: redis.Redis,
         keys: QueueKeys,
         *,
-        host_id: str,
+        writer: str = "",
         request_ttl: float,
         stream: str = "",
         stream_maxlen: int = 0,
     ) -> None:
         self.client = client
         self.keys = keys
-        self.unwritten_key = keys.unwritten_requests(host_id)
+        self.unwritten_key = keys.unwritten_requests(writer)
         self.request_ttl = request_ttl
         self.stream = stream if stream and stream_maxlen > 0 else ""
         self.stream_maxlen = stream_maxlen if self.stream else 0

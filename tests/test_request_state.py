@@ -17,7 +17,7 @@ TTL = 60.0
 
 @pytest.fixture
 def state(redis_client: redis.Redis, queue_name: str) -> RequestState:
-    return RequestState(redis_client, QueueKeys(queue_name), host_id="h1", request_ttl=TTL,
+    return RequestState(redis_client, QueueKeys(queue_name), writer="h1:0123456789ab", request_ttl=TTL,
                         stream=f"{queue_name}:results", stream_maxlen=1000)
 
 

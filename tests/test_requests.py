@@ -269,3 +269,27 @@ def test_the_client_submits_a_request_and_waits_for_its_record(pool_factory, red
     assert doubled.returncode == 2 and "these repeat: cover" in doubled.stderr
     assert run_cli(["wait-request", "--timeout", "0.5", "never"], cwd=tmp_path, env=env).returncode == 1
     assert pool.stop() == 0
+
+
+def test_two_supervisors_sharing_a_host_id_each_write_only_their_own_requests(
+    pool_factory, redis_client, queue_name, segments, tmp_path
+):
+    """One host, two OUTPUT_DIRs, the same HOST_ID (the host name, by default):
+    each ledger writes the requests it ended, never the other's."""
+    stream = f"{queue_name}:results"
+    outputs = {name: tmp_path / f"out-{name}" for name in "xy"}
+    env = {"HOST_ID": "same-host", "RESULTS_STREAM": stream}
+    pools = [pool_factory(workers=1, env=env, output_dir=outputs[name]) for name in "xy"]
+    for pool in pools:
+        pool.wait_ready()
+    requests = [f"shared_{n}" for n in range(20)]
+    for index in range(2):
+        for request_id in requests:
+            push(redis_client, queue_name, shm_image(segments, request_id, f"{request_id}_{index}", 2))
+    wait_until(lambda: sum(len(read_results(outputs[h])) for h in "xy") >= 40, 60, "not every image was recorded")
+    wait_until(lambda: sum(len(read_requests(outputs[h])) for h in "xy") >= len(requests), 30, "a request did not end")
+    for pool in pools:
+        assert pool.stop() == 0
+    where = Counter(r["request_id"] for name in "xy" for r in read_requests(outputs[name]))
+    assert where == Counter(requests), f"each request in exactly one requests.json: {where}"
+    assert Counter(r["request_id"] for r in stream_entries(redis_client, stream)[1]) == Counter(requests)

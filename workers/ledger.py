@@ -71,7 +71,7 @@ from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import REDIS_ERRORS, Acknowledgement, QueueKeys, ReliableQueue, connect
-from shared.request_state import CountedImage, RequestState, record_id_of
+from shared.request_state import CountedImage, RequestState, record_id_of, requests_writer
 from shared.results_file import ResultsFile, ResultsFileError, encode_line
 from shared.segments import SegmentAccess, unlink_segment
 from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
@@ -143,7 +143,7 @@ class Ledger:
         self.request_state = RequestState(
             self.queue.client,
             self.keys,
-            host_id=self.settings.host_id,
+            writer=requests_writer(self.settings),
             request_ttl=self.settings.request_ttl,
             stream=self.settings.results_stream,
             stream_maxlen=self.settings.results_stream_maxlen,
