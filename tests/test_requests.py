@@ -293,3 +293,28 @@ def test_two_supervisors_sharing_a_host_id_each_write_only_their_own_requests(
     where = Counter(r["request_id"] for name in "xy" for r in read_requests(outputs[name]))
     assert where == Counter(requests), f"each request in exactly one requests.json: {where}"
     assert Counter(r["request_id"] for r in stream_entries(redis_client, stream)[1]) == Counter(requests)
+
+
+def test_a_host_lost_before_writing_a_request_record_writes_it_when_back(
+    pool_factory, redis_client, queue_name, segments, tmp_path
+):
+    """The whole host dies between ending a request (in Redis, on the stream)
+    and appending its record: its requests.json gets the record, once, when a
+    supervisor with the same HOST_ID and OUTPUT_DIR starts again."""
+    stream = f"{queue_name}:results"
+    for index in range(2):
+        push(redis_client, queue_name, shm_image(segments, "lost", f"l{index}", 2))
+    crash = {"IRW_CRASH_AT": "ledger_before_request_append", "IRW_CRASH_HOST": "true",
+             "IRW_CRASH_MARKER": str(tmp_path / "crashed"), "HOST_ID": "h1", "RESULTS_STREAM": stream,
+             "LEASE_TTL": "2"}
+    first = pool_factory(workers=1, env=crash)
+    wait_until(lambda: first.poll() is not None, 60, "the host never reached the point")
+    assert read_requests(first.output_dir) == []
+    (announced,) = stream_entries(redis_client, stream)[1]
+    again = pool_factory(workers=1, env={"HOST_ID": "h1", "RESULTS_STREAM": stream, "LEASE_TTL": "2"})
+    (written,) = wait_for_requests(again.output_dir, 1)
+    assert written == announced
+    wait_for_queue_drained(redis_client, queue_name)
+    assert again.stop() == 0
+    assert read_requests(again.output_dir) == [announced]
+    assert len(stream_entries(redis_client, stream)[1]) == 1
