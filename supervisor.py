@@ -314,6 +314,7 @@ class Supervisor:
         self.upkeep.requeue_lists()
         self.upkeep.recover_orphaned_lists()
         self.upkeep.promote_due_retries()
+        self.upkeep.expire_requests()
         self.upkeep.report_progress()
         self.ensure_ledger()
         self.scale_workers()

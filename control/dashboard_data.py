@@ -10,7 +10,9 @@ The pool must not notice the dashboard, however many browsers watch it:
   Redis what one does. A refresh is a fixed set of O(1) commands (LLEN, ZCARD,
   HGETALL of a dozen stats buckets, MGET of the leases, LRANGE of the newest
   dead letters with a limit), pipelined: two round trips, well under a
-  millisecond of Redis time, whatever the queue's depth.
+  millisecond of Redis time, whatever the queue's depth. The open requests
+  take two more: ZCARD and the first OPEN_REQUESTS_SHOWN of them, then one
+  HMGET each (shared.request_state).
 - Keys that only SCAN can find (the leases of supervisors with no worker yet,
   the host queues) are looked for every SCAN_SECONDS, at most SCAN_CALLS calls
   of COUNT 1000 each time; in between, supervisors are known by their workers'
@@ -55,6 +57,7 @@ from control.lookup import (
 from shared.config import Settings
 from shared.pool_registry import HostQueues, PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, STATS_BUCKET_SECONDS, QueueKeys
+from shared.request_state import RequestState
 
 REFRESH_SECONDS = 1.0
 SCAN_SECONDS = 15.0
@@ -74,6 +77,8 @@ THUMB_NAMES_KEPT = 2000
 REQUEUE_ALL_MAX = 2000
 REQUEUE_ALL_SECONDS = 3.0
 FIND_DEAD_LIMIT = 20_000
+# Open requests listed: those whose REQUEST_TTL runs out first.
+OPEN_REQUESTS_SHOWN = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,7 @@ class Overview:
         self.client = client
         self.settings = settings
         self.keys = QueueKeys(settings.queue)
+        self.requests = RequestState(client, self.keys, request_ttl=settings.request_ttl)
         self.refresh_seconds = refresh_seconds
         self.clock, self.wall_clock = clock, wall_clock
         self.refreshes = 0  # how many times Redis was read, for tests and the bench
@@ -225,6 +231,25 @@ class Overview:
             "records": self._records(results, stream_page[0] if stream_page else None),
             "dead_letters": [
                 _dead_view(raw, now) for raw in reversed(dead_raw)  # newest first
+            ],
+            "requests": self._open_requests(now),
+        }
+
+    def _open_requests(self, now: float) -> dict:
+        total, shown = self.requests.open_requests(OPEN_REQUESTS_SHOWN)
+        return {
+            "open": total,
+            "items": [
+                {
+                    "request_id": progress.request_id,
+                    "recorded": progress.recorded,
+                    "request_images": progress.declared,
+                    "completed": progress.completed,
+                    "failed": progress.failed,
+                    "age": round(max(0.0, now - progress.opened), 1),
+                    "expires_in": None if progress.expires is None else round(max(0.0, progress.expires - now), 1),
+                }
+                for progress in shown
             ],
         }
 

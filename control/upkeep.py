@@ -7,6 +7,9 @@
                     --recover_orphaned_lists--> lists of instances whose lease
                                      expired --> Q
                     --promote_due_retries--> {Q}:delayed --> Q
+                    --expire_requests--> a request silent for REQUEST_TTL ends
+                                     "incomplete" (shared.request_state), onto this
+                                     host's unwritten list, for its ledger to write
                     --report_progress--> a `progress` log line (control/progress.py)
 
 The supervisor decides (which child died, when the state changed); this class
@@ -33,6 +36,7 @@ from control.progress import ProgressMeter
 from shared.config import Settings
 from shared.pool_registry import PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, is_refusal
+from shared.request_state import RequestState, requests_writer
 from shared.sdnotify import Notifier
 from shared.task_board import TaskBoard, describe_task, read_entries
 
@@ -68,10 +72,23 @@ class PoolUpkeep:
         # Until the supervisor's first pass is done (before any child is forked),
         # a permanent refusal (a command the ACL lacks) stops the start: RedisRefused.
         self.refusals_fatal = True
+        self.requests_due = 0.0
+        self.requests = self._request_state()
+
+    def _request_state(self) -> RequestState:
+        return RequestState(
+            self.queue.client,
+            self.keys,
+            writer=requests_writer(self.settings),
+            request_ttl=self.settings.request_ttl,
+            stream=self.settings.results_stream,
+            stream_maxlen=self.settings.results_stream_maxlen,
+        )
 
     def reload(self, settings: Settings) -> None:
         """Take a SIGHUP's settings (the supervisor keeps those only a restart changes)."""
         self.settings = settings
+        self.requests = self._request_state()
 
     # -- the lease -----------------------------------------------------------
 
@@ -184,6 +201,20 @@ class PoolUpkeep:
         moved = self.redis_call("retry_promotion_failed", self.queue.promote_due_retries, time.time())
         if moved is not REDIS_FAILED and moved:
             self.log.info("retries_due", tasks=moved)
+
+    # -- requests --------------------------------------------------------------
+
+    def expire_requests(self) -> None:
+        """About once a second: end as "incomplete" the requests with no image
+        recorded for REQUEST_TTL. Every supervisor looks; the script checks and
+        ends in one step, so each such request ends once, on the host that got
+        there first, whose ledger writes it (shared/lua/request_expire.lua)."""
+        if time.monotonic() < self.requests_due:
+            return
+        self.requests_due = time.monotonic() + 1.0
+        ended = self.redis_call("request_expiry_failed", self.requests.expire_due, time.time())
+        if ended is not REDIS_FAILED and ended:
+            self.log.info("requests_expired", requests=len(ended))
 
     # -- progress --------------------------------------------------------------
 

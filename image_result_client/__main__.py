@@ -3,6 +3,8 @@ submit image files or URLs from the shell.
 
     image-result-client enqueue photo.jpg scans/*.png https://example.com/a.jpg
     image-result-client enqueue --wait --timeout 60 photo.jpg     # progress bar, then one line per record
+    image-result-client enqueue --request book-7 p1.png p2.png    # one request of 2 images (request_images)
+    image-result-client wait-request --timeout 600 book-7         # its request record, from the results stream
     image-result-client --version
 
 A file is read with OpenCV and handed over through shared memory (image_id =
@@ -19,8 +21,9 @@ URLs can be queued without them; when one is needed and missing, that is a
 usage error naming the extra.
 
 Every argument is checked before anything is queued, so a typo queues nothing.
-Exit status: 0 all records completed (or, without --wait, all queued), 1 a task
-failed, the wait timed out or Redis is unreachable, 2 a usage error.
+Exit status: 0 all records completed (or, without --wait, all queued; for
+wait-request, the request completed), 1 a task failed (a request did not
+complete), the wait timed out or Redis is unreachable, 2 a usage error.
 
 Records and errors carry ids and texts that came through the queue; every line
 for a person goes through terminal.say, so control characters in them are
@@ -49,6 +52,8 @@ from image_result_client.protocol import (
     DEFAULT_QUEUE,
     DEFAULT_REDIS_URL,
     DEFAULT_RESULTS_STREAM,
+    MAX_ID_LENGTH,
+    MAX_REQUEST_IMAGES,
     RESULTS_NAME,
     check_list_name,
 )
@@ -148,7 +153,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     enqueue.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds --wait waits (default: %(default)g)")
     enqueue.add_argument("--shm-prefix", default=DEFAULT_PREFIX, help="segment name prefix (default: %(default)s)")
+    enqueue.add_argument("--request", metavar="REQUEST_ID",
+                         help="queue the inputs as one request of that id (request_images: their number)")
     enqueue.add_argument("inputs", nargs="+", metavar="PATH_OR_URL")
+    waiting = commands.add_parser("wait-request", help="wait for a request's record (messages with request_images)")
+    waiting.add_argument("--redis-url", help="default: REDIS_URL (environment, then .env)")
+    waiting.add_argument("--queue", help="default: HOSTING_TASKS_QUEUE")
+    waiting.add_argument("--stream", help="the pool's RESULTS_STREAM (default: RESULTS_STREAM, environment, then .env)")
+    waiting.add_argument("--output-dir", help="read OUTPUT_DIR/requests.json instead of the stream (this host's only)")
+    waiting.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait (default: %(default)g)")
+    waiting.add_argument("request_id", metavar="REQUEST_ID")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
@@ -230,22 +244,44 @@ def url_image_id(url: str) -> str:
     return PurePosixPath(parts.path).stem or parts.hostname or "image"
 
 
-def submit(producer: Producer, item: Item, *, prefix: str) -> Submission:
+def image_id_of(item: Item) -> str:
+    return url_image_id(item.url) if item.url is not None else item.path.stem
+
+
+def request_of(request_id: str | None, items: list[Item]) -> dict[str, Any]:
+    """submit()'s options for --request: every input in that request, which
+    declares their number; its image ids must differ, or it never completes."""
+    if request_id is None:
+        return {}
+    if not 1 <= len(request_id) <= MAX_ID_LENGTH:
+        raise UsageError(f"--request must be 1..{MAX_ID_LENGTH} characters")
+    if len(items) > MAX_REQUEST_IMAGES:
+        raise UsageError(f"a request has at most {MAX_REQUEST_IMAGES} images, not {len(items)}")
+    ids = [image_id_of(item) for item in items]
+    if len(set(ids)) != len(ids):
+        doubled = sorted({image_id for image_id in ids if ids.count(image_id) > 1})
+        raise UsageError(f"--request needs a distinct image id per input; these repeat: {', '.join(doubled)}")
+    return {"request_id": request_id, "request_images": len(items)}
+
+
+def submit(producer: Producer, item: Item, *, prefix: str, request: dict[str, Any] | None = None) -> Submission:
+    request = request or {}
     if item.url is not None:
-        return producer.submit_url(item.url, image_id=url_image_id(item.url))
+        return producer.submit_url(item.url, image_id=url_image_id(item.url), **request)
     cv2 = opencv()
     # ANYCOLOR: grayscale stays one channel (a third of the segment); EXIF rotation applies.
     frame = cv2.imread(str(item.path), cv2.IMREAD_ANYCOLOR)
     if frame is None:
         raise UsageError(f"cannot read {item.argument!r}: OpenCV could not decode it")
     try:
-        return producer.submit_array(frame, image_id=item.path.stem, prefix=prefix)
+        return producer.submit_array(frame, image_id=item.path.stem, prefix=prefix, **request)
     except ValueError as exc:
         raise UsageError(f"cannot queue {item.argument!r}: {exc}") from None
 
 
 def enqueue(args: argparse.Namespace, settings: Target) -> int:
     items = classify(args.inputs)
+    request = request_of(args.request, items)
     submissions: list[Submission] = []
     try:
         producer = Producer.from_url(settings.redis_url, queue=settings.queue, results_stream=settings.results_stream)
@@ -255,7 +291,7 @@ def enqueue(args: argparse.Namespace, settings: Target) -> int:
         try:
             producer.client.ping()  # before reading any file: fail at once when Redis is away
             for item in items:
-                submissions.append(submit(producer, item, prefix=args.shm_prefix))
+                submissions.append(submit(producer, item, prefix=args.shm_prefix, request=request))
         except redis.RedisError as exc:
             # submit_array unlinked the segment of the message that did not go out.
             problem = "cannot reach Redis" if isinstance(exc, UNREACHABLE) else "Redis refused the request"
@@ -318,10 +354,43 @@ def wait_and_report(
     return 0 if all(record.get("status") == "completed" for record in records) else FAILED
 
 
+def wait_request(args: argparse.Namespace, settings: Target) -> int:
+    """Print the request's record as one line; 0 if it completed."""
+    values = read_dotenv(Path(".env"))
+    values.update(os.environ)
+    stream = args.stream or values.get("RESULTS_STREAM", "").strip() or DEFAULT_RESULTS_STREAM
+    try:
+        check_list_name(stream)
+        producer = Producer.from_url(settings.redis_url, queue=settings.queue, results_stream=stream)
+    except ValueError as exc:
+        raise UsageError(f"cannot wait for {args.request_id!r}: {exc}") from None
+    output_dir = settings.output_dir if args.output_dir is not None else None
+    with producer:
+        try:
+            record = producer.wait_request(args.request_id, output_dir=output_dir, timeout=args.timeout)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        except WaitTimeout as exc:
+            say(f"{PROG}: {exc}", file=sys.stderr)
+            return FAILED
+        except redis.RedisError as exc:
+            raise RedisUnreachable(f"cannot read the results stream at {redact_url(settings.redis_url)}: {exc}") from None
+    say(request_line(record))
+    return 0 if record.get("status") == "completed" else FAILED
+
+
+def request_line(record: dict[str, Any]) -> str:
+    """`partial   <request_id> 10 of 12 images (9 completed, 1 failed)`."""
+    return (f"{record.get('status')!s:<9} {record.get('request_id')} {record.get('images')} of "
+            f"{record.get('request_images')} images ({record.get('completed')} completed, {record.get('failed')} failed)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = load_settings(args)
+        if args.command == "wait-request":
+            return wait_request(args, settings)
         return enqueue(args, settings)
     except UsageError as exc:
         say(f"{PROG}: {exc}", file=sys.stderr)

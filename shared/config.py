@@ -88,6 +88,7 @@ class Settings:
     redis_tls_key_file: Path | None = None
     results_stream: str = DEFAULT_RESULTS_STREAM
     results_stream_maxlen: int = 100_000  # 0: no stream
+    request_ttl: float = 3600.0  # a request with no image recorded for this long ends "incomplete"
     metrics_port: int | None = None  # off unless set
     metrics_address: str = "0.0.0.0"
     dashboard_port: int = 8090
@@ -198,6 +199,7 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         redis_tls_key_file=get("REDIS_TLS_KEY_FILE", _readable_file, DEFAULTS.redis_tls_key_file),
         results_stream=get("RESULTS_STREAM", _queue_name, DEFAULTS.results_stream),
         results_stream_maxlen=get("RESULTS_STREAM_MAXLEN", _int_in(0, 100_000_000), DEFAULTS.results_stream_maxlen),
+        request_ttl=get("REQUEST_TTL", _float_in(1, 30 * 86_400), DEFAULTS.request_ttl),
         metrics_port=get("METRICS_PORT", _int_in(1, 65535), DEFAULTS.metrics_port),
         metrics_address=get("METRICS_ADDRESS", _address, DEFAULTS.metrics_address),
         dashboard_port=get("DASHBOARD_PORT", _int_in(1, 65535), DEFAULTS.dashboard_port),

@@ -19,10 +19,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -91,6 +93,15 @@ def fresh_task_ids(count: int) -> list[str]:
     from another (they appear in results.json) nor collide across hosts."""
     randomness = os.urandom(12 * count).hex()
     return [randomness[24 * i: 24 * (i + 1)] for i in range(count)]
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """A script with its KEYS and ARGV, to run alone or in a transaction."""
+
+    script: Script
+    keys: list[str]
+    args: list[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +339,23 @@ class ReliableQueue:
     ) -> None:
         """Remove tasks from their processing lists, announce their outcomes,
         schedule their retries and count the batch for `status`, atomically."""
+        call = self.acknowledgement(
+            acks, counts=counts, dead_letter_max=dead_letter_max, now=now, stream=stream, stream_maxlen=stream_maxlen
+        )
+        call.script(keys=call.keys, args=call.args)
+
+    def acknowledgement(
+        self,
+        acks: list[Acknowledgement],
+        *,
+        counts: dict[str, int],
+        dead_letter_max: int,
+        now: float,
+        stream: str = "",
+        stream_maxlen: int = 0,
+    ) -> ScriptCall:
+        """acknowledge() as a script call, for a transaction that does more in
+        the same round trip (shared.request_state)."""
         keys = [
             self.keys.dead, self.keys.announced, self.keys.delayed, self.keys.stats(now), stream or self.keys.dead,
             self.keys.committing,
@@ -344,7 +372,7 @@ class ReliableQueue:
         for ack in acks:
             keys.append(ack.processing_key)
             args.extend([ack.envelope, ack.kind, ack.dead_letter, ack.retry_at, ack.task_id, ack.event])
-        self._ack(keys=keys, args=args)
+        return ScriptCall(self._ack, keys, args)
 
     def announced(self, task_id: str) -> bool:
         """Whether the ledger has acknowledged this task's final record."""

@@ -24,6 +24,8 @@ def test_every_key_shares_the_queue_slot(queue: str) -> None:
         keys.registry, keys.dead, keys.announced, keys.delayed, keys.stats(1_700_000_000),
         keys.processing("instance1", "w42"), keys.lease("instance1"), keys.host("gpu-3"), keys.live_host("gpu-3"),
         keys.committing, keys.wait_sources, keys.redelivery, keys.incoming(keys.processing("instance1", "w42")),
+        keys.request('"{other}"'), keys.request('"}x{"'), keys.open_requests, keys.ended_requests,
+        keys.unwritten_requests("gpu-3"),
     ]
     assert {key_slot(key.encode()) for key in all_keys} == {key_slot(queue.encode())}
 

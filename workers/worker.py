@@ -354,6 +354,7 @@ class Worker:
             bytes=len(image.jpeg),
             partial_path=str(partial),
             segment_name=self._segment_to_unlink(task, envelope),
+            request_images=task.request_images,
         )
         # DEBUG, as task_started: at INFO no log line is formatted for a task that
         # went well (results.json and the metrics have it).
@@ -499,6 +500,7 @@ class Worker:
             error=reason,
             source=task.source if task else None,
             segment_name=self._ours(found.segment_name),
+            request_images=task.request_images if task else found.request_images,
         )
 
     def _record(

@@ -128,6 +128,7 @@
     renderSupervisors(data.supervisors || [], data.now);
     renderDeadLetters(data.dead_letters || [], totals.dead);
     renderRecords(data.records || { items: [] });
+    renderRequests(data.requests || { open: 0, items: [] });
     renderButtons();
   }
 
@@ -392,6 +393,20 @@
     image.src = `/thumb?name=${encodeURIComponent(name)}`;
   }
 
+  function renderRequests(requests) {
+    const items = requests.items || [];
+    $("requests-count").textContent = requests.open
+      ? `${number(requests.open)} open` + (requests.open > items.length ? `, the ${items.length} ending soonest shown` : "")
+      : "none";
+    $("requests-rows").replaceChildren(...items.map((request) => el("tr", {},
+      el("td", { class: "ident request-id" }, text(request.request_id)),
+      el("td", { class: "num progress" }, `${number(request.recorded)} of ${number(request.request_images)}`),
+      el("td", { class: "num" }, number(request.completed)),
+      el("td", { class: "num" }, number(request.failed)),
+      el("td", {}, age(request.age)),
+      el("td", {}, request.expires_in === null || request.expires_in === undefined ? "–" : `${Math.round(request.expires_in)} s`))));
+  }
+
   function renderButtons() {
     const buttons = [$("requeue-all"), $("purge"), ...document.querySelectorAll("button.requeue")];
     for (const button of buttons) {
@@ -516,6 +531,18 @@
       case "dead":
         parts.push(`error: ${text(place.error)}`, `${text(place.attempts)} attempts`, `failed ${age(place.age)}`, `task ${text(place.task_id)}`);
         break;
+      case "request_open":
+        parts.push(`${text(place.recorded)} of ${text(place.request_images)} recorded`,
+          `${text(place.completed)} completed, ${text(place.failed)} failed`);
+        if (place.expires_in !== null) parts.push(`ends incomplete in ${Math.round(place.expires_in)} s without another image`);
+        break;
+      case "request_ended": {
+        const record = place.record || {};
+        parts.push(place.source
+          ? `${text(record.status)}: ${text(record.images)} of ${text(record.request_images)} images at ${text(record.timestamp)}, from ${place.source}`
+          : `ended ${new Date(place.ended_at * 1000).toLocaleString()}; its record is in the requests.json of the host that ended it`);
+        break;
+      }
       case "recorded": {
         const record = place.record || {};
         parts.push(`${text(record.status)} at ${text(record.timestamp)}`);
@@ -528,9 +555,10 @@
         parts.push(JSON.stringify(place));
     }
     const image = place.image_id !== undefined ? place.image_id : (place.record || {}).image_id;
+    const isRequest = text(place.state).startsWith("request");
     return el("div", { class: "place", "data-state": text(place.state) },
       el("span", { class: "state" }, text(place.state).replace("_", " ")),
-      el("span", { class: "ident" }, `image ${text(image)} · `),
+      isRequest ? null : el("span", { class: "ident" }, `image ${text(image)} · `),
       parts.join(" · "));
   }
 
