@@ -21,6 +21,8 @@ RUN_DIR := .run
 PREFIX ?= /opt/image-result-worker
 SYSTEMD_DIR ?= /etc/systemd/system
 ENV_FILE ?= /etc/image-result-worker.env
+# The unit's User=: make install checks that it can run the venv's interpreter.
+SERVICE_USER ?= image-result-worker
 # What the service is made of is what the Dockerfile COPYs: one list for both installs.
 RUNTIME_FILES := $(shell awk '$$1 == "COPY" { for (i = 2; i < NF; i++) if ($$i !~ /^--/) print $$i }' Dockerfile)
 # In PREFIX: what the last install put there, removed before the next one copies.
@@ -71,10 +73,16 @@ client-wheel: $(STAMP)
 # requirements.txt only (no test tools) in PREFIX. Run it again to upgrade (files gone
 # from the tree go from PREFIX too), then restart the service. It needs pip's index
 # (or PIP_INDEX_URL / PIP_FIND_LINKS), and root only when PREFIX is not writable.
-# PYTHON must be one the service's user can run: /usr/bin/python3, not one under /root.
+# PYTHON must be one the service's user can run: /usr/bin/python3, not pyenv's under /root
+# (mode 0700). A venv links to its interpreter, so this is checked (tools/service_python.py,
+# as SERVICE_USER where it exists) before anything is copied, and refused in one line.
 # umask 022: the service's user reads what root installs.
 install:
 	@test -n "$(RUNTIME_FILES)" || { echo "make install: found no COPY lines in the Dockerfile" >&2; exit 1; }
+	@if [ -x "$(PREFIX)/.venv/bin/python" ]; then \
+	  "$(PREFIX)/.venv/bin/python" tools/service_python.py --user "$(SERVICE_USER)" \
+	    || { echo "make install: $(PREFIX)/.venv links to that interpreter: remove it, then install again" >&2; exit 2; }; \
+	else $(PYTHON) tools/service_python.py --user "$(SERVICE_USER)"; fi
 	umask 022 && mkdir -p "$(PREFIX)" && cd "$(PREFIX)" && if [ -f $(MANIFEST) ]; then \
 	  while read -r old; do case "$$old" in ""|/*|*..*) ;; *) rm -rf -- "$$old" ;; esac; done < $(MANIFEST); fi
 	umask 022 && tar -cf - --exclude=__pycache__ --exclude='*.pyc' $(RUNTIME_FILES) | tar -xf - -C "$(PREFIX)"

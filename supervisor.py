@@ -46,6 +46,9 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 # Only when run as a program: importing this module leaves a caller's mask alone.
 if __name__ == "__main__":
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+    from shared.cli import explain_a_missing_package  # standard library only
+
+    explain_a_missing_package()
 
 import argparse
 import contextlib
@@ -71,14 +74,14 @@ from control.upkeep import PoolUpkeep
 from image_result_client import __version__
 from shared import exitcodes
 from shared.backoff import compute_backoff
-from shared.cli import PROGRAM, OneLineParser, complain
-from shared.config import ConfigError, Settings
+from shared.cli import PROGRAM, OneLineParser, complain, unknown_command
+from shared.config import ConfigError, Settings, misspelt_settings
 from shared.logs import configure_logging
 from shared.output import LOCK_NAME, open_state_file
 from shared.output_dir import check_output_dir
 from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue, connect
+from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, connect, is_refusal
 from shared.sdnotify import Notifier
 from shared.task_board import TaskBoard
 
@@ -131,9 +134,14 @@ def main(argv: list[str] | None = None) -> int:
             from control.commands import main as run_command
 
         return run_command(argv)
+    if argv and not argv[0].startswith("-"):
+        # The pool itself takes options only: a word is a mistyped command.
+        complain(unknown_command(argv[0], OPERATOR_COMMANDS))
+        return exitcodes.CONFIG_ERROR
     args = parse_args(argv)
     try:
         settings = Settings.from_env(workers_override=args.workers)
+        misspelt = misspelt_settings()
         # Before any fork: a wrong OUTPUT_DIR is a bad setting (exit 2, no restart loop).
         created = check_output_dir(settings.output_dir, allow_shared=settings.output_dir_allow_shared)
     except ConfigError as exc:
@@ -143,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     # Supervisor imports the worker modules (once, so that every fork shares them).
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(settings.max_pixels)
     configure_logging(settings, role="supervisor")
+    for unknown in misspelt:
+        # A warning, not a refusal: the pool runs, but with the default where a setting was meant.
+        structlog.get_logger().warning(
+            "unknown_setting", name=unknown.name, source=unknown.source, did_you_mean=unknown.did_you_mean
+        )
     if created:
         structlog.get_logger().info("output_dir_created", directories=[str(path) for path in created])
     instance = uuid.uuid4().hex[:12]
@@ -273,14 +286,23 @@ class Supervisor:
             output_dir=str(self.settings.output_dir),
             instance=self.instance,
         )
-        self.wait_for_redis()
-        while not self.stopping:
-            self.reconcile()
-            self.announce_ready_once()
-            self.ping_watchdog()
-            self.publish_metrics()
-            # Until READY, look again soon: the children boot in milliseconds.
-            self.sleep(self.loop_seconds if self.ready else 0.02)
+        try:
+            self.wait_for_redis()
+            while not self.stopping:
+                self.reconcile()
+                # Only the first pass, whose chores run before any child is forked,
+                # stops the start on a refusal; from then on it is logged and retried.
+                self.upkeep.refusals_fatal = False
+                self.announce_ready_once()
+                self.ping_watchdog()
+                self.publish_metrics()
+                # Until READY, look again soon: the children boot in milliseconds.
+                self.sleep(self.loop_seconds if self.ready else 0.02)
+        except RedisRefused as exc:
+            complain(f"REDIS_URL={self.settings.redacted_redis_url()!r}: Redis refused the pool: {exc}")
+            if self.metrics is not None:
+                self.metrics.close()
+            return exitcodes.CONFIG_ERROR
         self.shutdown()
         return exitcodes.OK
 
@@ -292,6 +314,7 @@ class Supervisor:
         self.upkeep.requeue_lists()
         self.upkeep.recover_orphaned_lists()
         self.upkeep.promote_due_retries()
+        self.upkeep.expire_requests()
         self.upkeep.report_progress()
         self.ensure_ledger()
         self.scale_workers()
@@ -640,12 +663,15 @@ class Supervisor:
             self.log.error("child_died", cause=exitcodes.describe(code), **fields)
 
     def wait_for_redis(self) -> None:
-        """Block start-up until Redis answers, with capped backoff; a stop signal ends the wait."""
+        """Block start-up until Redis answers, with capped backoff; a stop signal
+        ends the wait. A permanent refusal raises RedisRefused."""
         attempt = 0
         while not self.stopping:
             try:
                 self.queue.client.ping()
             except REDIS_ERRORS as exc:
+                if is_refusal(exc):  # credentials, ACL, database: no wait changes the answer
+                    raise RedisRefused(str(exc)) from None
                 attempt += 1
                 delay = compute_backoff(attempt, base=0.2, cap=10.0)
                 self.log.warning(

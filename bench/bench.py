@@ -63,14 +63,16 @@ from dashboard_load import dashboard_clients  # bench/dashboard_load.py, beside 
 from harness import PoolFailed, procfs
 from harness.photos import photo_of_size
 from harness.pool import Pool
-from harness.results import read_results, read_results_file
+from harness.results import read_requests, read_results, read_results_file
 from harness.segments import SegmentTracker, still_present
 from image_result_client.producer import unlink_segment
+from shared.config import Settings
 from shared.images import encode_segment
 from shared.messages import SegmentRef
 from shared.output import RESULTS_NAME, write_durably
 from shared.records import COMPLETED, CompletionRecord
 from shared.redis_queue import QueueKeys
+from shared.rendering import Rendering
 from shared.results_file import ResultsFile
 from shared.segments import SHM_DIR, SegmentAccess
 from tools.local_redis import LocalRedis
@@ -103,6 +105,8 @@ SECTIONS = ("memory", "ledger", "throughput", "latency", "startup", "idle")
 SEGMENT_ACCESS = SegmentAccess(prefix="", owner_uids=frozenset({os.getuid()}))
 # The pool's settings the bench decides (the harness sets Redis, queue, OUTPUT_DIR, logs).
 POOL_SETTINGS = {"JPEG_QUALITY": str(QUALITY), "UNLINK_SHM": "true"}
+# The limit encodes as the pool does, from the same settings, so that their ratio stays a ratio.
+RENDERING = Rendering.from_settings(Settings.from_env(POOL_SETTINGS, dotenv_path=None))
 
 
 class CheckFailed(Exception):
@@ -125,6 +129,7 @@ class BenchSettings:
     max_foreign: float
     tmp_base: Path | None
     dashboard_clients: int = 0  # `supervisor.py dashboard` and N polling clients beside each pool round
+    request_images: int = 0  # >0: the tasks go in requests of this many images (docs/formats.md#requestsjson)
 
     def tasks_for(self, share: float) -> int:
         # Even, so the limit's W=2 processes get the same number of tasks.
@@ -161,7 +166,14 @@ def parse_args(argv: Sequence[str] | None) -> BenchSettings:
         help="run the web dashboard beside each pool round, with N clients polling it as the page does "
         "(compare the pool's throughput with a run without it)",
     )
+    parser.add_argument(
+        "--request-images", type=int, default=0, metavar="N",
+        help="every message declares request_images: the tasks go in requests of N images each, "
+        "and the pool counts them and writes requests.json (compare with a run without it)",
+    )
     args = parser.parse_args(argv)
+    if not 0 <= args.request_images <= 10_000:
+        parser.error("--request-images takes 0..10000")
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
@@ -185,6 +197,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchSettings:
         max_foreign=args.max_foreign,
         tmp_base=args.tmp,
         dashboard_clients=max(0, args.dashboard_clients),
+        request_images=args.request_images,
     )
 
 
@@ -193,14 +206,15 @@ def parse_args(argv: Sequence[str] | None) -> BenchSettings:
 
 @dataclass(frozen=True, slots=True)
 class BenchTask:
-    request_id: str
+    request_id: str  # the task's identity: its record's image_id (and request_id, unless in a request)
     segment: str
     shape: tuple[int, int, int]
+    request: tuple[str, int] | None = None  # (request id, request_images) with --request-images
 
     def message(self) -> bytes:
         height, width, channels = self.shape
-        return json.dumps({
-            "request_id": self.request_id,
+        message = {
+            "request_id": self.request[0] if self.request else self.request_id,
             "image_id": self.request_id,
             "shm_info": {
                 "shm_name": self.segment,
@@ -208,7 +222,10 @@ class BenchTask:
                 "dtype": "uint8",
                 "size": height * width * channels,
             },
-        }).encode()
+        }
+        if self.request:
+            message["request_images"] = self.request[1]
+        return json.dumps(message).encode()
 
 
 def natural_frames(height: int, width: int) -> list[np.ndarray]:
@@ -217,12 +234,27 @@ def natural_frames(height: int, width: int) -> list[np.ndarray]:
     return [base, *(np.ascontiguousarray(view) for view in (base[:, ::-1], base[::-1], base[::-1, ::-1]))]
 
 
-def make_tasks(segments: SegmentTracker, frames: list[np.ndarray], count: int, label: str) -> list[BenchTask]:
+def make_tasks(
+    segments: SegmentTracker, frames: list[np.ndarray], count: int, label: str, *, request_images: int = 0
+) -> list[BenchTask]:
     run = uuid.uuid4().hex[:8]
     return [
-        BenchTask(f"{label}-{run}-{i}", segments.make(frames[i % len(frames)]), frames[i % len(frames)].shape)
+        BenchTask(
+            f"{label}-{run}-{i}",
+            segments.make(frames[i % len(frames)]),
+            frames[i % len(frames)].shape,
+            _request_of(f"{label}-{run}", i, count, request_images),
+        )
         for i in range(count)
     ]
+
+
+def _request_of(prefix: str, index: int, count: int, size: int) -> tuple[str, int] | None:
+    """Task `index` of `count` in requests of `size` consecutive tasks (the last one may be smaller)."""
+    if size <= 0:
+        return None
+    first = index // size * size
+    return f"{prefix}-request-{index // size}", min(size, count - first)
 
 
 # ---------------------------------------------------------------- CPU accounting
@@ -338,7 +370,7 @@ def _limit_child(
         for task in share:
             encode_started = time.thread_time_ns()
             image = encode_segment(
-                SegmentRef(task.segment, task.shape, "uint8"), quality=QUALITY, access=SEGMENT_ACCESS
+                SegmentRef(task.segment, task.shape, "uint8"), rendering=RENDERING, access=SEGMENT_ACCESS
             )
             encode_ns += time.thread_time_ns() - encode_started
             (write_durably if durable else write_plainly)(outdir / f"{task.request_id}.jpg", image.jpeg)
@@ -490,7 +522,7 @@ def verify_pool_output(pool: Pool, tasks: list[BenchTask], client: redis.Redis, 
     expected = {task.request_id: task for task in tasks}
     seen: dict[str, dict] = {}
     for record in records:
-        rid = record.get("request_id")
+        rid = record.get("image_id")
         if rid in seen:
             problems.append(f"duplicate record for {rid}")
         seen[rid] = record
@@ -513,6 +545,10 @@ def verify_pool_output(pool: Pool, tasks: list[BenchTask], client: redis.Redis, 
     missing = sorted(set(expected) - set(seen))
     if missing:
         problems.append(f"{len(missing)} tasks have no record, e.g. {missing[0]}")
+    requests = sorted({task.request[0] for task in tasks if task.request})
+    ended = sorted(r.get("request_id") for r in read_requests(pool.output_dir)) if requests else []
+    if ended != requests:
+        problems.append(f"requests.json holds {len(ended)} request records for {len(requests)} requests")
     jpegs = list(pool.output_dir.glob("*.jpg"))
     if len(jpegs) != len(tasks):
         problems.append(f"OUTPUT_DIR holds {len(jpegs)} JPEGs for {len(tasks)} tasks")
@@ -710,12 +746,12 @@ def run_round(
     for durable in (False, True):
         outdir = bench.fresh_dir(f"limit-{label}")
         try:
-            tasks = make_tasks(bench.segments, frames, count, label)
+            tasks = make_tasks(bench.segments, frames, count, label, request_images=bench.settings.request_images)
             limits.append(run_limit(tasks, outdir / "out", durable=durable))
         finally:
             bench.segments.cleanup()
     try:
-        pool = run_pool_batch(bench, make_tasks(bench.segments, frames, count, label), label)
+        pool = run_pool_batch(bench, make_tasks(bench.segments, frames, count, label, request_images=bench.settings.request_images), label)
     finally:
         bench.segments.cleanup()
     return limits[0], limits[1], pool
@@ -795,7 +831,7 @@ def measure_latency(bench: Bench) -> None:
     frames = natural_frames(height, width)
     if peak is None:  # throughput not run: find the peak with one short batch
         try:
-            tasks = make_tasks(bench.segments, frames, bench.settings.tasks_for(1.0), label)
+            tasks = make_tasks(bench.segments, frames, bench.settings.tasks_for(1.0), label, request_images=bench.settings.request_images)
             peak = run_pool_batch(bench, tasks, label).images_per_s
         finally:
             bench.segments.cleanup()
@@ -822,12 +858,12 @@ def latency_run(bench: Bench, frames: list[np.ndarray], rate: float, count: int)
     """Push `count` tasks at `rate` into an idle pool; (push-to-record latencies in ms, others busy %)."""
     # The segments are made before the pool starts: making them is heavy and would
     # compete with the pool for the two cores.
-    tasks = make_tasks(bench.segments, frames, count, "lat")
+    tasks = make_tasks(bench.segments, frames, count, "lat", request_images=bench.settings.request_images)
     pushed_at: dict[str, float] = {}
     seen_at: dict[str, float] = {}
 
     def on_record(line: bytes, now: float) -> None:
-        seen_at.setdefault(json.loads(line)["request_id"], now)
+        seen_at.setdefault(json.loads(line)["image_id"], now)
 
     queue = bench.queue_name("latency")
     workdir = bench.fresh_dir("pool-latency")
@@ -998,7 +1034,7 @@ def _memory_child(names: list[str], shape: tuple[int, int, int], conn: multiproc
         refs = [SegmentRef(name, shape, "uint8") for name in names]
         # The first frame includes one-time allocations (libjpeg, the output
         # buffer); it counts too, so the figure is an upper bound.
-        shm_runs = [_peak_anon_growth_kb(lambda ref=ref: encode_segment(ref, quality=QUALITY, access=SEGMENT_ACCESS)) for ref in refs]
+        shm_runs = [_peak_anon_growth_kb(lambda ref=ref: encode_segment(ref, rendering=RENDERING, access=SEGMENT_ACCESS)) for ref in refs]
 
         def encode_a_copy() -> None:
             import mmap
@@ -1008,7 +1044,7 @@ def _memory_child(names: list[str], shape: tuple[int, int, int], conn: multiproc
             with open(SHM_DIR / names[0], "rb") as segment:
                 mapping = mmap.mmap(segment.fileno(), 0, prot=mmap.PROT_READ)
             pixels = np.frombuffer(mapping, np.uint8).reshape(shape).copy()
-            encode_pixels(pixels, quality=QUALITY)
+            encode_pixels(pixels, rendering=RENDERING)
             del pixels
             mapping.close()
 

@@ -4,6 +4,7 @@ figure MAX_PIXELS is chosen from.
     .venv/bin/python bench/decode_memory.py                 # 12, 25, 42 (8192x5120), 50, 100 MP; 3 rounds
     .venv/bin/python bench/decode_memory.py --sizes 8192x5120,40 --formats png --rounds 5
     .venv/bin/python bench/decode_memory.py --budget 250     # MB a worker may peak at
+    .venv/bin/python bench/decode_memory.py --sizes 25 --formats hostile   # the hostile files alone
 
 One measurement:
 
@@ -19,8 +20,15 @@ One measurement:
 Formats: png; jpeg (baseline, 4:2:0, quality 90: what cameras and pipelines
 write); jpeg-progressive (4:4:4 progressive: libjpeg keeps every coefficient of
 the image until the last scan, the costliest JPEG per pixel, and anyone can
-send one); webp (lossy, quality 90). Medians over the rounds are printed, and
-the spread (largest - smallest peak) beside them.
+send one); webp (lossy, quality 90). And the hostile ones (harness/hostile_images.py),
+"hostile" names all three: apng16 (a 16-bit RGBA animated PNG, three flat
+full-canvas frames, dispose=previous: kilobytes that OpenCV would composite in
+16-bit canvases); webp-animated (the photo, a brighter copy, the photo again);
+jpeg-scans (the progressive JPEG with its first AC scan repeated up to
+MAX_JPEG_SCANS, the most the gate lets through: its seconds are the CPU an
+image may cost within the cap). Medians over the rounds are printed, and the
+spread (largest - smallest peak) beside them, and the seconds the decode and
+encode took.
 
 Reading it: a BGR frame is 3 bytes a pixel, but cv2.imdecode returns a Mat
 that the Python binding copies into a numpy array, so for a moment the frame
@@ -64,7 +72,8 @@ if str(REPO_ROOT) not in sys.path:
 MB = 1_000_000
 QUALITY = 80  # JPEG_QUALITY's default
 DEFAULT_SIZES = "12,25,8192x5120,50,100"
-FORMATS = ("png", "jpeg", "jpeg-progressive", "webp")
+FORMATS = ("png", "jpeg", "jpeg-progressive", "webp", "apng16", "webp-animated", "jpeg-scans")
+HOSTILE = ("apng16", "webp-animated", "jpeg-scans")
 GRAIN_SIGMA = 3.0  # grey levels of noise: a camera photo's, roughly
 URL_MAX_BYTES = 50 * 1024 * 1024  # the setting's default; larger inputs never reach the decoder
 
@@ -109,8 +118,12 @@ def make_input(size: Size, fmt: str) -> bytes:
     import cv2
     import numpy as np
 
+    from harness import hostile_images
     from harness.photos import photo_of_size
+    from shared.decode_limits import MAX_JPEG_SCANS
 
+    if fmt == "apng16":
+        return hostile_images.apng_16bit(size.width, size.height)
     image = photo_of_size(size.height, size.width)
     # A band of grain repeated every 64 rows: too far apart for PNG's 32 KB
     # window to notice, so the file is as large as a grainy photo's.
@@ -128,6 +141,11 @@ def make_input(size: Size, fmt: str) -> bytes:
         ),
         "webp": (".webp", [cv2.IMWRITE_WEBP_QUALITY, 90]),
     }
+    if fmt == "webp-animated":
+        brighter = cv2.convertScaleAbs(image, alpha=1.0, beta=40)
+        return hostile_images.animated_webp([image, brighter, image])
+    if fmt == "jpeg-scans":
+        return hostile_images.scan_bomb(image, MAX_JPEG_SCANS)
     ext, flags = params[fmt]
     ok, buffer = cv2.imencode(ext, image, flags)
     if not ok:
@@ -150,8 +168,8 @@ def run(sizes: Sequence[Size], formats: Sequence[str], rounds: int, budget_mb: f
     print(f"# a worker's peak RSS decoding + encoding one image (medians of {rounds} rounds, MB = 10^6 bytes)\n")
     print(f"python {sys.version.split()[0]}, OpenCV {_cv2_version()}, {os.cpu_count()} CPUs; budget {budget_mb:g} MB\n")
     print("| format | size | MP | input MB | baseline MB | peak MB | spread | peak - baseline | bytes/px beyond input | "
-          f"<= {budget_mb:g} MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"<= {budget_mb:g} MB | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="decode-memory-") as tmp:
         for fmt in formats:
             for size in sizes:
@@ -162,6 +180,7 @@ def run(sizes: Sequence[Size], formats: Sequence[str], rounds: int, budget_mb: f
                 print(_row(fmt, size, samples, budget_mb), flush=True)
     print(f"\n* input larger than URL_MAX_BYTES' default ({URL_MAX_BYTES / MB:.1f} MB): the fetcher refuses it "
           "before decoding, so a worker never holds it; its row overstates.")
+    print("Medians of the seconds each child took to decode and encode (its CPU, on one thread).")
 
 
 def _row(fmt: str, size: Size, samples: Sequence[Sample], budget_mb: float) -> str:
@@ -172,9 +191,10 @@ def _row(fmt: str, size: Size, samples: Sequence[Sample], budget_mb: float) -> s
     beyond_input = (peak - baseline - input_mb) * MB / size.pixels
     mark = "*" if samples[0].input_bytes > URL_MAX_BYTES else ""
     fits = "yes" if peak <= budget_mb else "no"
+    seconds = statistics.median(s.seconds for s in samples)
     return (
         f"| {fmt} | {size.label} | {size.pixels / MB:.1f} | {input_mb:.1f}{mark} | {baseline:.0f} | {peak:.0f} | {spread:.0f} | "
-        f"{peak - baseline:.0f} | {beyond_input:.2f} | {fits} |"
+        f"{peak - baseline:.0f} | {beyond_input:.2f} | {fits} | {seconds:.2f} |"
     )
 
 
@@ -193,14 +213,15 @@ def child(path: Path, pixels: int) -> None:
 
     import workers.worker  # noqa: F401 - everything a worker has loaded counts in its baseline
     from shared.images import decode_image, encode_pixels
+    from shared.rendering import Rendering
 
     cv2.setNumThreads(1)  # as worker_main does
     baseline = _peak_rss_kb()
-    started = time.perf_counter()
+    started = time.process_time()
     body = path.read_bytes()
     frame = decode_image(body, max_pixels=pixels)
-    encoded = encode_pixels(frame, quality=QUALITY)
-    seconds = time.perf_counter() - started
+    encoded = encode_pixels(frame, rendering=Rendering(quality=QUALITY))
+    seconds = time.process_time() - started
     peak = _peak_rss_kb()
     sample = Sample(baseline, peak, len(body), len(encoded.jpeg), seconds)
     print(json.dumps(asdict(sample)))
@@ -216,7 +237,9 @@ def _peak_rss_kb() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/decode_memory.py", description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated WxH or megapixels (3:2)")
-    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}")
+    parser.add_argument(
+        "--formats", default=",".join(FORMATS), help=f"comma-separated, of {', '.join(FORMATS)}; or hostile"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget", type=float, default=250.0, help="MB a worker's peak may reach")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds one child may take")
@@ -227,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         child(args.child, args.pixels)
         return 0
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    formats = [f for name in formats for f in (HOSTILE if name == "hostile" else (name,))]
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or args.rounds < 1:
         parser.error(f"unknown formats {unknown}" if unknown else "--rounds must be at least 1")

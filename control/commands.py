@@ -160,6 +160,7 @@ def collect_status(registry: PoolRegistry, *, now: float) -> dict:
     keys, client = registry.keys, registry.client
     supervisors = [json.loads(raw) for raw in _lease_values(client, keys)]
     depths = registry.depths()
+    hosts = registry.host_queues(served={str(supervisor.get("host_id")) for supervisor in supervisors})
     return {
         "collected_at": now,
         "queue": keys.queue,
@@ -170,7 +171,8 @@ def collect_status(registry: PoolRegistry, *, now: float) -> dict:
         "dead_letters": depths.dead,
         "junk_dead_letters": depths.junk,
         "dead_letters_trimmed": depths.trimmed,
-        "host_queues": registry.host_queues(),
+        "host_queues": hosts.listed,
+        "host_queues_unlisted": hosts.unlisted_json(),
         "committing": client.hlen(keys.committing),
         "last_minute": _last_minute(client, keys, now),
         "supervisors": supervisors,
@@ -209,6 +211,11 @@ def render_status(report: dict) -> list[str]:
     for host_id, depth in sorted(report["host_queues"].items()):
         whose = "" if host_id in served else "  (no supervisor: `host drain` it if the host is gone for good)"
         lines.append(f"host {host_id}: {depth} waiting in its own queue{whose}")
+    unlisted = report["host_queues_unlisted"]
+    if unlisted["queues"] or not unlisted["complete"]:
+        waiting = "" if unlisted["waiting"] is None else f", {unlisted['waiting']} tasks in them"
+        more = "" if unlisted["complete"] else " (SCAN stopped early: there may be more)"
+        lines.append(f"and {unlisted['queues']} more host queues with no supervisor{waiting}{more}")
     if report["committing"]:
         lines.append(f"{report['committing']} records being committed")
     minute = report["last_minute"]
@@ -293,7 +300,7 @@ def _watch(args: argparse.Namespace, settings: Settings, registry: PoolRegistry)
 
 
 def _lease_values(client: redis.Redis, keys: QueueKeys) -> list[bytes]:
-    lease_keys = list(client.scan_iter(match=keys.lease("*"), count=100))
+    lease_keys = list(client.scan_iter(match=keys.lease("*"), count=1000))  # 100k host queues: 100 calls, not 1000
     return [value for value in client.mget(lease_keys) if value] if lease_keys else []
 
 

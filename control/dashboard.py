@@ -10,14 +10,14 @@
 A process of its own, apart from the pool: it reads Redis (and OUTPUT_DIR, where
 it is local) from any host that reaches them, and the pool never waits on it.
 
-Why the standard library's ThreadingHTTPServer and not a web framework: the
-dashboard serves four fixed files, a few JSON answers and thumbnails to a few
-operators; routing is a dict, and what it needs beyond http.server (a
-deadline per connection, a cap on connections and on request size, the
-security headers) is a few lines either way. A framework would add a
-dependency and its own defaults to audit, for none of that. A thread per
-connection is what a blocking Redis client and a thumbnail decode need; the
-number of threads is capped (MAX_CONNECTIONS).
+Why no web framework: the dashboard serves four fixed files, a few JSON
+answers and thumbnails to a few operators; routing is a dict. What it needs
+beyond that (a deadline per connection, caps on connections and on request
+size, surviving a flood) is control/http_base.py's, shared with METRICS_PORT;
+a framework would add a dependency and its own defaults to audit. The base
+reads each request whole in one I/O thread, then one of HANDLER_THREADS
+answers it here: a blocking Redis read or a thumbnail decode takes a thread,
+an idle or slow client never does.
 
 Changes (requeue, purge) need DASHBOARD_TOKEN: unset, the dashboard is
 read-only and its buttons say so. Against cross-site requests (CSRF):
@@ -36,12 +36,8 @@ Content-Security-Policy (no inline script, no eval, nothing from elsewhere)
 stops whatever might slip through.
 
 Hazards handled here:
-- A client that sends nothing, trickles its request or never reads the
-  reply: every connection has CONNECTION_DEADLINE from accept to close; a
-  watcher thread shuts down the socket of one past it, which ends its thread.
-- Too many connections: beyond MAX_CONNECTIONS a new one is closed at once.
-- Large requests: a request head is at most MAX_HEAD_BYTES, a body at most
-  MAX_BODY_BYTES (Content-Length only; chunked bodies are refused).
+- Clients that send nothing, trickle their request, never read the reply,
+  come by the thousand or send too much: the base's (control/http_base.py).
 - A thumbnail is served only for a file a record sent to a page names, by
   its bare name, opened in OUTPUT_DIR without following a symlink: a name
   cannot reach outside OUTPUT_DIR.
@@ -56,15 +52,14 @@ import ipaddress
 import json
 import os
 import signal
-import socket
 import stat
 import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from email.utils import formatdate
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -74,6 +69,7 @@ import structlog
 
 from control import dashboard_data
 from control.dashboard_data import ActionResult, Overview
+from control.http_base import LIMITS, HardenedHTTPServer, Limits, Request, Response
 from control.lookup import DASHBOARD_BUDGET, find_task, json_object
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
@@ -83,11 +79,11 @@ from shared.pool_registry import PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
 from shared.terminal import printable
 
-CONNECTION_DEADLINE = 10.0
-IO_TIMEOUT = 5.0
-MAX_CONNECTIONS = 64
-MAX_HEAD_BYTES = 16 * 1024
-MAX_BODY_BYTES = 4096
+# Threads that answer requests the base has read whole: Redis reads, searches
+# (SEARCHES_AT_ONCE of them) and thumbnails; more requests wait their turn
+# within their deadline.
+HANDLER_THREADS = 8
+SERVER_NAME = "image-result-dashboard"
 # Redis answers a dashboard read in a millisecond; one that takes seconds means an outage.
 REDIS_TIMEOUT = 3.0
 SEARCHES_AT_ONCE = 2
@@ -259,6 +255,14 @@ def _shrink(data: bytes) -> bytes:
     import cv2
     import numpy as np
 
+    from shared.images import ImageError, decodable
+
+    # The worker's gate: a file in OUTPUT_DIR is not necessarily the pool's
+    # JPEG, and no other decoder (TIFF, JPEG 2000, GIF, ...) may see it.
+    try:
+        _, data = decodable(data)
+    except ImageError as exc:
+        raise Refused(HTTPStatus.NOT_FOUND, f"not an image a thumbnail is made of: {exc}") from None
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
     if image is None:
         raise Refused(HTTPStatus.NOT_FOUND, "not an image")
@@ -295,171 +299,39 @@ def _asset(name: str) -> bytes:
     return resources.files("control").joinpath("dashboard_static", name).read_bytes()
 
 
-class DashboardServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 64
+class DashboardServer(HardenedHTTPServer):
+    """The dashboard's routes on the hardened base (control/http_base.py): the
+    base reads each request whole, within its limits, and a few handler
+    threads answer it here (a Redis read, a search, a thumbnail)."""
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        dashboard: Dashboard,
-        *,
-        deadline: float = CONNECTION_DEADLINE,
-        max_connections: int = MAX_CONNECTIONS,
-    ) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, Handler)
+    name = "dashboard-http"
+
+    def __init__(self, address: tuple[str, int], dashboard: Dashboard, *, limits: Limits = LIMITS) -> None:
+        super().__init__(address=address[0], port=address[1], limits=limits, handler_threads=HANDLER_THREADS)
         self.dashboard = dashboard
-        self.deadline = deadline
-        self.max_connections = max_connections
-        self._open: dict[socket.socket, float] = {}
-        self._open_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._watcher = threading.Thread(target=self._enforce_deadlines, name="deadlines", daemon=True)
-        self._watcher.start()
 
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
+    def refusal(self, status: HTTPStatus, reason: str) -> Response:
+        return _answer(status, "application/json", _json({"error": reason}))
 
-    def process_request(self, request: socket.socket, client_address) -> None:  # type: ignore[override]
-        with self._open_lock:
-            if len(self._open) >= self.max_connections:
-                self.shutdown_request(request)  # full: this one goes, the ones being served stay
-                return
-            self._open[request] = time.monotonic() + self.deadline
-        super().process_request(request, client_address)
-
-    def close_request(self, request: socket.socket) -> None:  # type: ignore[override]
-        with self._open_lock:
-            self._open.pop(request, None)
-        super().close_request(request)
-
-    def handle_error(self, request, client_address) -> None:  # type: ignore[override]
-        # A client that went away or was cut off at its deadline is no error of ours.
-        error = sys.exc_info()[1]
-        if not isinstance(error, OSError | _TooLarge):
-            log.error("dashboard_request_failed", error=repr(error), client=str(client_address[0]))
-
-    def server_close(self) -> None:
-        self._stopping.set()
-        super().server_close()
-
-    def _enforce_deadlines(self) -> None:
-        while not self._stopping.wait(0.2):
-            now = time.monotonic()
-            with self._open_lock:
-                late = [sock for sock, deadline in self._open.items() if deadline <= now]
-            for sock in late:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)  # its thread's read or write fails at once
-                except OSError:
-                    pass
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _CappedReader:
-    """The request's input, cut off after `cap` bytes: a head cannot be endless."""
-
-    def __init__(self, raw, cap: int) -> None:
-        self.raw, self.left = raw, cap
-
-    def readline(self, size: int = -1) -> bytes:
-        if self.left <= 0:
-            raise _TooLarge
-        line = self.raw.readline(self.left if size < 0 else min(size, self.left))
-        self.left -= len(line)
-        return line
-
-    def read(self, size: int = -1) -> bytes:
-        if size < 0 or size > self.left:
-            raise _TooLarge
-        data = self.raw.read(size)
-        self.left -= len(data)
-        return data
-
-    def __getattr__(self, name: str):
-        return getattr(self.raw, name)
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: DashboardServer
-    timeout = IO_TIMEOUT  # each read and write; the connection's deadline bounds the whole
-    server_version = "image-result-dashboard"
-    sys_version = ""
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile = _CappedReader(self.rfile, MAX_HEAD_BYTES + MAX_BODY_BYTES)  # type: ignore[assignment]
-
-    @property
-    def dashboard(self) -> Dashboard:
-        return self.server.dashboard
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
-        pass  # no line per request on stderr; changes are logged as events
-
-    def handle_one_request(self) -> None:
+    def respond(self, request: Request) -> Response:
+        route = {"GET": self._get, "HEAD": self._get, "POST": self._post}.get(request.method)
+        if route is None:  # a CORS preflight's OPTIONS among them: never granted
+            return self.refusal(HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({request.method!r})")
         try:
-            super().handle_one_request()
-        except _TooLarge:
-            self.close_connection = True
-            limit = {"error": f"a request head is at most {MAX_HEAD_BYTES} bytes"}
-            self._reply(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "application/json", _json(limit))
-
-    def version_string(self) -> str:
-        return self.server_version
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (a bad request line, an unknown method
-        such as a CORS preflight's OPTIONS) as JSON, with our headers."""
-        self.close_connection = True
-        status = HTTPStatus(code)
-        self._reply(status, "application/json", _json({"error": message or status.phrase}))
-
-    # -- methods ------------------------------------------------------------------
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self._serve(self._get)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._serve(self._get, head=True)
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._serve(self._post)
-
-    def _serve(self, route, *, head: bool = False) -> None:
-        try:
-            check_host(self.headers.get("Host"), bound_to_loopback=self.dashboard.bound_to_loopback)
-            status, kind, body = route()
+            check_host(request.headers.get("Host"), bound_to_loopback=self.dashboard.bound_to_loopback)
+            status, kind, body = route(request)
         except Refused as refused:
             status, kind, body = refused.status, "application/json", _json({"error": refused.reason})
         except REDIS_ERRORS as exc:
             reason = printable(f"Redis at {self.dashboard.settings.redacted_redis_url()} is unreachable: {exc}")
             status, kind, body = HTTPStatus.SERVICE_UNAVAILABLE, "application/json", _json({"error": reason})
-        except (OSError, _TooLarge):
-            raise  # the client's connection: nothing to answer on
         except Exception as exc:  # noqa: BLE001 - a bug of ours: a 500 and a log line, the server goes on
-            log.exception("dashboard_request_failed", path=self.path[:200])
+            log.exception("dashboard_request_failed", path=request.target[:200])
             status, kind, body = HTTPStatus.INTERNAL_SERVER_ERROR, "application/json", _json({"error": repr(exc)})
-        self._reply(status, kind, body, head=head)
+        return _answer(status, kind, body)
 
-    def _reply(self, status: HTTPStatus, kind: str, body: bytes, *, head: bool = False) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in SECURITY_HEADERS:
-            self.send_header(name, value)
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
-
-    def _get(self) -> tuple[HTTPStatus, str, bytes]:
-        url = urlsplit(self.path)
+    def _get(self, request: Request) -> tuple[HTTPStatus, str, bytes]:
+        url = urlsplit(request.target)
         try:
             query = parse_qs(url.query, max_num_fields=4)
         except ValueError:
@@ -490,19 +362,10 @@ class Handler(BaseHTTPRequestHandler):
             self.dashboard.searches.release()
         return _json(search.as_json())
 
-    def _post(self) -> tuple[HTTPStatus, str, bytes]:
-        if self.headers.get("Transfer-Encoding"):
-            raise Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise Refused(HTTPStatus.BAD_REQUEST, "bad Content-Length") from None
-        if not 0 <= length <= MAX_BODY_BYTES:
-            self.close_connection = True
-            raise Refused(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a request body is at most {MAX_BODY_BYTES} bytes")
-        # Read before any refusal: a reply sent over unread bytes can reach the client as a reset.
-        raw_body = self.rfile.read(length) if length else b"{}"
-        path = urlsplit(self.path).path
+    def _post(self, request: Request) -> tuple[HTTPStatus, str, bytes]:
+        # The base has read the body whole (Content-Length, within its limit; chunked is refused).
+        raw_body = request.body or b"{}"
+        path = urlsplit(request.target).path
         actions = {
             "/api/unlock": self._unlock,
             "/api/dead/requeue": self._requeue,
@@ -511,11 +374,11 @@ class Handler(BaseHTTPRequestHandler):
         }
         if path not in actions:
             raise Refused(HTTPStatus.NOT_FOUND, "no such action")
-        headers = {name.lower(): value for name, value in self.headers.items()}
+        headers = {name.lower(): value for name, value in request.headers.items()}
         try:
             authorize_change(headers, token=self.dashboard.settings.dashboard_token)
         except Refused as refused:
-            log.warning("dashboard_change_refused", action=path, reason=refused.reason, client=self.client_address[0])
+            log.warning("dashboard_change_refused", action=path, reason=refused.reason, client=request.client)
             raise
         body = json_object(raw_body)
         if body is None:
@@ -523,7 +386,7 @@ class Handler(BaseHTTPRequestHandler):
         with self.dashboard.changes:
             result = actions[path](body)
         if path != "/api/unlock":
-            log.info("dashboard_change", action=path, outcome=result.message, client=self.client_address[0])
+            log.info("dashboard_change", action=path, outcome=result.message, client=request.client)
         return HTTPStatus.OK, "application/json", _json(result.as_json())
 
     def _unlock(self, body: dict) -> ActionResult:
@@ -542,6 +405,11 @@ class Handler(BaseHTTPRequestHandler):
         return dashboard_data.purge_dead_letters(self.dashboard.registry)
 
 
+def _answer(status: HTTPStatus, kind: str, body: bytes) -> Response:
+    headers = (("Server", SERVER_NAME), ("Date", formatdate(usegmt=True)), *SECURITY_HEADERS)
+    return Response(status, kind, body, headers)
+
+
 def _json(value: object) -> bytes:
     return json.dumps(value, default=str).encode()
 
@@ -558,14 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def make_server(
-    settings: Settings, *, address: str, port: int, deadline: float = CONNECTION_DEADLINE
-) -> DashboardServer:
+def make_server(settings: Settings, *, address: str, port: int, limits: Limits = LIMITS) -> DashboardServer:
     client = connect(settings)
     # A dashboard read is one round trip: do not let an outage hold a page for the pool's 10 s.
     client.connection_pool.connection_kwargs.update(socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
     dashboard = Dashboard(settings, client, bound_to_loopback=is_loopback(address))
-    return DashboardServer((address, port), dashboard, deadline=deadline)
+    return DashboardServer((address, port), dashboard, limits=limits)
 
 
 def yield_the_cpu() -> None:
@@ -601,13 +467,17 @@ def main(argv: list[str]) -> int:
     try:
         server = make_server(settings, address=settings.dashboard_address, port=port)
     except OSError as exc:
-        complain(f"cannot listen on {settings.dashboard_address}:{port}: {exc.strerror or exc}")
-        return exitcodes.BOOT_FAILED
+        # In use by another program, an address not of this host, a port below
+        # 1024: settings to correct, as for METRICS_PORT (exit 2, no restart loop).
+        complain(
+            f"--port/DASHBOARD_PORT={port} on --address/DASHBOARD_ADDRESS={settings.dashboard_address!r}"
+            f" cannot be listened on: {os.strerror(exc.errno) if exc.errno else exc}"
+        )
+        return exitcodes.CONFIG_ERROR
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.25}, name="http", daemon=True)
-    serving.start()
+    server.start()
     host = settings.dashboard_address
     url = f"http://{'[' + host + ']' if ':' in host else host}:{server.port}/"
     log.info(
@@ -619,9 +489,10 @@ def main(argv: list[str]) -> int:
         writable=settings.dashboard_token is not None,
     )
     while not stop.wait(1.0):
-        pass
-    server.shutdown()
-    server.server_close()
+        if server.failure is not None:  # a bug in its I/O thread, which cannot log: we do, and start it again
+            log.error("dashboard_http_thread_failed", error=repr(server.failure))
+            server.start()
+    server.close()
     log.info("dashboard_stopped")
     return exitcodes.OK
 

@@ -10,7 +10,9 @@ The pool must not notice the dashboard, however many browsers watch it:
   Redis what one does. A refresh is a fixed set of O(1) commands (LLEN, ZCARD,
   HGETALL of a dozen stats buckets, MGET of the leases, LRANGE of the newest
   dead letters with a limit), pipelined: two round trips, well under a
-  millisecond of Redis time, whatever the queue's depth.
+  millisecond of Redis time, whatever the queue's depth. The open requests
+  take two more: ZCARD and the first OPEN_REQUESTS_SHOWN of them, then one
+  HMGET each (shared.request_state).
 - Keys that only SCAN can find (the leases of supervisors with no worker yet,
   the host queues) are looked for every SCAN_SECONDS, at most SCAN_CALLS calls
   of COUNT 1000 each time; in between, supervisors are known by their workers'
@@ -53,8 +55,9 @@ from control.lookup import (
     scan_keys,
 )
 from shared.config import Settings
-from shared.pool_registry import PoolRegistry
+from shared.pool_registry import HostQueues, PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, STATS_BUCKET_SECONDS, QueueKeys
+from shared.request_state import RequestState
 
 REFRESH_SECONDS = 1.0
 SCAN_SECONDS = 15.0
@@ -74,6 +77,8 @@ THUMB_NAMES_KEPT = 2000
 REQUEUE_ALL_MAX = 2000
 REQUEUE_ALL_SECONDS = 3.0
 FIND_DEAD_LIMIT = 20_000
+# Open requests listed: those whose REQUEST_TTL runs out first.
+OPEN_REQUESTS_SHOWN = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +109,7 @@ class Overview:
         self.client = client
         self.settings = settings
         self.keys = QueueKeys(settings.queue)
+        self.requests = RequestState(client, self.keys, request_ttl=settings.request_ttl)
         self.refresh_seconds = refresh_seconds
         self.clock, self.wall_clock = clock, wall_clock
         self.refreshes = 0  # how many times Redis was read, for tests and the bench
@@ -114,7 +120,7 @@ class Overview:
         self._last_good: dict | None = None
         self._scanned_at = -float("inf")
         self._scanned_leases: set[bytes] = set()
-        self._host_queues: list[bytes] = []
+        self._hosts = HostQueues({}, 0, 0, True)  # as of the last scan; the listed ones' depths are read each refresh
         self._samples: collections.deque[list[float]] = collections.deque()
         self._throughput: dict[int, list[int]] = {}
         self._thumb_names: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -175,16 +181,16 @@ class Overview:
             pipe.lrange(keys.dead, -RECENT_DEAD, -1)
             for back in range(STATS_BUCKETS_READ):
                 pipe.hgetall(keys.stats((slot - back) * STATS_BUCKET_SECONDS))
-            for host_queue in self._host_queues:
-                pipe.llen(host_queue)
+            for host_id in self._hosts.listed:
+                pipe.llen(keys.host(host_id))
             if results is None and self.settings.results_stream_maxlen:
                 pipe.xrevrange(self.settings.results_stream, count=RECENT_RECORDS)
             first = pipe.execute(raise_on_error=False)
         waiting, registry, delayed, dead, committing, next_due, dead_raw = _raise_first_error(first[:7])
         registry, dead_raw = registry or set(), dead_raw or []
         buckets = first[7 : 7 + STATS_BUCKETS_READ]
-        host_depths = first[7 + STATS_BUCKETS_READ : 7 + STATS_BUCKETS_READ + len(self._host_queues)]
-        stream_page = first[7 + STATS_BUCKETS_READ + len(self._host_queues) :]
+        host_depths = first[7 + STATS_BUCKETS_READ : 7 + STATS_BUCKETS_READ + len(self._hosts.listed)]
+        stream_page = first[7 + STATS_BUCKETS_READ + len(self._hosts.listed) :]
         lists = sorted(registry)
         lease_keys = sorted(self._scanned_leases | {keys.lease(i).encode() for i in _instances(keys, lists)})
         with client.pipeline(transaction=False) as pipe:
@@ -211,9 +217,9 @@ class Overview:
             "writable": self.writable,
             "totals": totals,
             "host_queues": {
-                name.decode(errors="backslashreplace")[len(keys.host("")):]: _count(depth)
-                for name, depth in zip(self._host_queues, host_depths, strict=True)
+                host_id: _count(depth) for host_id, depth in zip(self._hosts.listed, host_depths, strict=True)
             },
+            "host_queues_unlisted": self._hosts.unlisted_json(),
             "next_retry_in": round(next_due[0][1] - now, 1) if next_due else None,
             "last_minute": self._last_minute(slot),
             "supervisors": [_supervisor(state, in_flight, now) for state in sorted(states, key=_host_order)],
@@ -226,21 +232,36 @@ class Overview:
             "dead_letters": [
                 _dead_view(raw, now) for raw in reversed(dead_raw)  # newest first
             ],
+            "requests": self._open_requests(now),
+        }
+
+    def _open_requests(self, now: float) -> dict:
+        total, shown = self.requests.open_requests(OPEN_REQUESTS_SHOWN)
+        return {
+            "open": total,
+            "items": [
+                {
+                    "request_id": progress.request_id,
+                    "recorded": progress.recorded,
+                    "request_images": progress.declared,
+                    "completed": progress.completed,
+                    "failed": progress.failed,
+                    "age": round(max(0.0, now - progress.opened), 1),
+                    "expires_in": None if progress.expires is None else round(max(0.0, progress.expires - now), 1),
+                }
+                for progress in shown
+            ],
         }
 
     def _scan(self) -> None:
         """The keys only SCAN finds: leases and host queues. Bounded: SCAN_CALLS
-        calls of COUNT SCAN_COUNT, whatever the size of the keyspace."""
-        leases, hosts = set(), []
-        lease_prefix, host_prefix = self.keys.lease(""), self.keys.host("")
-        found, _ = scan_keys(self.client, self.keys.prefix + ":", max_calls=SCAN_CALLS)
-        for key in found:
-            text = key.decode(errors="surrogateescape")
-            if text.startswith(lease_prefix):
-                leases.add(key)
-            elif text.startswith(host_prefix) and self.keys.is_producers_list(text):
-                hosts.append(key)
-        self._scanned_leases, self._host_queues = leases, sorted(hosts)
+        calls of COUNT SCAN_COUNT each, whatever the size of the keyspace, and
+        only the served hosts' and the fullest others' queues are listed."""
+        found, _ = scan_keys(self.client, self.keys.lease(""), max_calls=SCAN_CALLS)
+        states = [json_object(raw) for raw in (self.client.mget(found) if found else [])]
+        served = {str(state.get("host_id")) for state in states if state is not None}
+        self._hosts = PoolRegistry(self.client, self.keys).host_queues(served=served, scan_calls=SCAN_CALLS)
+        self._scanned_leases = set(found)
         self._scanned_at = self.clock()
 
     def _note_throughput(self, slot: int, buckets: list) -> None:

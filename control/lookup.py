@@ -5,6 +5,8 @@
     {Q}:delayed (scored by due time)            -> delayed: due when
     {Q}:dead                                    -> dead: error, attempts
     OUTPUT_DIR/results.json, else RESULTS_STREAM -> recorded: the record and its file
+    {Q}:request:<id>, {Q}:requests_ended        -> its request: "7 of 12 recorded", or ended
+    OUTPUT_DIR/requests.json                    -> its request record (shared.request_state)
 
 `find_task` looks in every one of them (a task may be in two at once: a failed
 record and its dead letter) and returns plain dicts, which the CLI prints and
@@ -46,18 +48,24 @@ from pathlib import Path
 
 import redis
 
+from image_result_client.protocol import REQUESTS_NAME
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope, InvalidMessage, parse_envelope, salvage
 from shared.output import RESULTS_NAME
+from shared.pool_registry import HOST_SCAN_CALLS, PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
+from shared.request_state import RequestState
 from shared.terminal import printable, say
 
 NOT_FOUND = 1
 PAGE = 1000
 FILE_CHUNK = 1 << 20
 SCAN_COUNT = 1000
+# Host queues `task` searches beside the served hosts': the fullest (producers
+# can make any number of them; the rest are counted, not read).
+HOST_QUEUES_SEARCHED = 200
 # A dead letter's message and a record's fields are shown, not stored: keep them short.
 MESSAGE_SHOWN = 2048
 
@@ -122,13 +130,6 @@ def lease_states(client: redis.Redis, keys: QueueKeys, *, max_calls: int | None 
         if state is not None:
             states[key.decode(errors="backslashreplace")[len(prefix):]] = state
     return states
-
-
-def producers_lists(client: redis.Redis, keys: QueueKeys, *, max_calls: int | None = None) -> tuple[list[str], bool]:
-    """The shared queue and every host queue that exists, and whether SCAN saw the whole keyspace."""
-    found, whole = scan_keys(client, keys.host(""), max_calls=max_calls)
-    names = (key.decode(errors="surrogateescape") for key in found)
-    return [keys.queue, *sorted(name for name in names if keys.is_producers_list(name))], whole
 
 
 def list_pages(client: redis.Redis, key: str | bytes, *, limit: int | None, newest_first: bool = False) -> Iterator[tuple[int, bytes]]:
@@ -255,19 +256,61 @@ def find_task(
     not_searched: list[str] = []
     states = lease_states(client, keys, max_calls=budget.scan_calls)
     found += _in_flight(client, keys, matcher, states, now)
-    found += _queued(client, keys, matcher, budget, not_searched)
+    served = {str(state.get("host_id")) for state in states.values()}
+    found += _queued(client, keys, matcher, budget, not_searched, served)
     found += _delayed(client, keys, matcher, budget, not_searched, now)
     found += _dead(client, keys, matcher, budget, not_searched, now)
     found += _recorded(client, settings, matcher, budget, not_searched)
+    found += _request(client, settings, request_id, budget, not_searched, now)
     return Search(request_id, found, not_searched)
 
 
-def _queued(client: redis.Redis, keys: QueueKeys, matcher: _Matcher, budget: Budget, skipped: list[str]) -> list[dict]:
+def _request(
+    client: redis.Redis, settings: Settings, request_id: str, budget: Budget, skipped: list[str], now: float
+) -> list[dict]:
+    """The request this id names, if its messages declared request_images: open
+    (its count), ended lately, and its record in this host's requests.json."""
+    state = RequestState(client, QueueKeys(settings.queue), request_ttl=settings.request_ttl)
+    found: list[dict] = []
+    progress = state.progress(request_id)
+    if progress is not None:
+        expires_in = None if progress.expires is None else round(max(0.0, progress.expires - now), 1)
+        found.append({"state": "request_open", "request_images": progress.declared, "recorded": progress.recorded,
+                      "completed": progress.completed, "failed": progress.failed,
+                      "mismatched_declarations": progress.mismatched, "expires_in": expires_in})
+    path = settings.output_dir / REQUESTS_NAME
+    if path.is_file() and os.access(path, os.R_OK):
+        try:
+            for line in lines_from_end(path, limit=budget.file_bytes):
+                record = record_of_line(line)
+                if record is not None and record.get("request_id") == request_id:
+                    found.append({"state": "request_ended", "source": str(path), "record": _request_summary(record)})
+        except OSError as exc:
+            skipped.append(f"{path}: {exc.strerror or exc}")
+    if not any(place["state"] == "request_ended" for place in found):
+        ended_at = state.ended_at(request_id)
+        if ended_at is not None:
+            found.append({"state": "request_ended", "source": None, "ended_at": ended_at})
+    return found
+
+
+def _request_summary(record: dict) -> dict:
+    """A request record without its list of images (`--json` readers get the counts)."""
+    return {key: record.get(key) for key in ("timestamp", "status", "images", "completed", "failed",
+                                             "request_images", "record_id")}
+
+
+def _queued(
+    client: redis.Redis, keys: QueueKeys, matcher: _Matcher, budget: Budget, skipped: list[str], served: set[str]
+) -> list[dict]:
     found = []
-    lists, whole = producers_lists(client, keys, max_calls=budget.scan_calls)
-    if not whole:
-        skipped.append(f"host queues beyond the first {budget.scan_calls} SCAN calls")
-    for name in lists:
+    scan_calls = HOST_SCAN_CALLS if budget.scan_calls is None else min(budget.scan_calls, HOST_SCAN_CALLS)
+    hosts = PoolRegistry(client, keys).host_queues(served=served, listed=HOST_QUEUES_SEARCHED, scan_calls=scan_calls)
+    if hosts.others:
+        skipped.append(f"{hosts.others} host queues with no supervisor, beyond the {HOST_QUEUES_SEARCHED} fullest")
+    if not hosts.complete:
+        skipped.append(f"host queues beyond the first {scan_calls} SCAN calls")
+    for name in [keys.queue, *(keys.host(host_id) for host_id in hosts.listed)]:
         read = 0
         for index, message in list_pages(client, name, limit=budget.list_entries):
             read += 1
@@ -569,6 +612,19 @@ def _describe_place(place: dict, now: float) -> str:
         due = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(place["due_at"]))
         when = f"in {place['due_in']:.1f}s" if place["due_in"] > 0 else "now (the next supervisor pass moves it)"
         return f"delayed retry: task {place['task_id']} delivery {place['deliveries']}, due {when}, at {due} ({image})"
+    if state == "request_open":
+        counts = f"{place['completed']} completed, {place['failed']} failed"
+        expiry = "" if place["expires_in"] is None else (
+            f"; ends incomplete in {place['expires_in']:.0f}s unless another image is recorded")
+        return f"request: {place['recorded']} of {place['request_images']} recorded ({counts}){expiry}"
+    if state == "request_ended":
+        if place["source"] is None:
+            return ("request ended at " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(place["ended_at"]))
+                    + "; its record is in the requests.json of the host that ended it, and on the results stream")
+        record = place["record"]
+        return (f"request record {record.get('status')}: {record.get('images')} of {record.get('request_images')} "
+                f"images ({record.get('completed')} completed, {record.get('failed')} failed) at "
+                f"{record.get('timestamp')} in {place['source']}")
     if state == "dead":
         return (f"dead letter: {place.get('error')} (task {place.get('task_id')}, {place.get('attempts')} attempts, "
                 f"failed at {place.get('failed_at')}, {image})")

@@ -3,44 +3,37 @@
     ledger --cumulative snapshots over its pipe--> supervisor loop
     supervisor loop (banks ledger counts, counts restarts, reads queue depths
         from Redis every few seconds, judges health) --publish()--> one PoolView
-    PoolView --read by the metrics thread--> HTTP clients (/metrics, /healthz)
+    PoolView --read by the HTTP thread--> HTTP clients (/metrics, /healthz)
 
 The supervisor's loop never waits on a client: it only publishes an immutable
 PoolView each pass, and a thread of its own answers HTTP from the newest one.
 (Served from the loop itself, two idle connections once starved it: a killed
 worker was replaced 10-28 s late, the lease expired and /healthz took 27 s.)
+The HTTP side is control/http_base.py's, with the dashboard's limits; this
+module adds the two routes, answered inline in that one I/O thread (a
+scrape takes a millisecond).
 
-Why one thread multiplexing non-blocking sockets, not a thread per connection
-(ThreadingHTTPServer) nor a process of its own: a thread per client lets a
-thousand idle sockets make a thousand threads, and http.server writes a log
-line to stderr per request, which must not happen here (see the fork hazard).
-A separate process would be one more child to reap, restart and feed over a
-pipe, for work that takes a millisecond. One thread with poll() has a fixed
-cost: at most MAX_CONNECTIONS sockets, each with one deadline.
+Why a thread of the supervisor and not a process of its own, though a thread
+in a parent that forks is why every fork goes through quiesced(): what the
+thread costs the fork is one uncontended lock and a few close() calls in the
+child, and the rules that make it safe are few and local (the thread never
+logs, never touches Redis or the supervisor's objects, only the published
+PoolView and its own sockets; see http_base.py). A process would be one more
+child to start before the others, reap, restart and watch, fed the view
+over a pipe each pass (serialised, read, refused if torn), and /healthz would
+then vouch for that process's last read of the pipe rather than for the loop
+itself. For work that takes a millisecond a pass, the thread is the smaller
+risk. http.server's thread per connection was no option here: it writes a
+log line to stderr per request (a lock a fork could copy held), and a
+thousand idle sockets would make a thousand threads.
 
-Hazards handled here:
-- A client that sends nothing, or a byte a second (slow loris), or never
-  reads its reply: every connection has REQUEST_DEADLINE from accept to the
-  last byte of the reply, and a request head is at most MAX_HEAD_BYTES.
-- Many connections at once: beyond MAX_CONNECTIONS the oldest one still
-  sending its request is dropped (never one being answered), and requests
-  that arrived are read before new connections are accepted, so a scrape is
-  answered through a flood of connects and file descriptors stay bounded.
-  On Linux (TCP_DEFER_ACCEPT) a connection reaches accept() with its request,
-  which is read there and then: a scraper descheduled between its connect and
-  its send is not taken for one of a flood's idle connections and evicted.
-- Fork while the thread runs: whatever lock it holds at that instant is
-  copied held into the child. So the thread never logs (structlog's writer
-  and sys.stderr each have a lock), never touches Redis or the supervisor's
-  objects (only the published PoolView and sockets of its own), and it works
-  only inside quiesced(), which the supervisor holds across every fork: a
-  child is forked while the thread waits in poll() or for that lock, holding
-  nothing, with its table of connections whole. (Python 3.12 warns of any
-  fork in a process with threads: this is the case it warns about, handled.)
-- A child inherits every descriptor (close-on-exec needs an exec, which a
-  forked child never does): close_in_child() closes the listener and every
-  accepted connection first thing, or a child would keep a dropped client's
-  connection open and the port bound after the supervisor is gone.
+Hazards handled here (the HTTP ones, floods, slow clients and large requests,
+are the base's):
+- Fork while the thread runs: the supervisor holds quiesced() across every
+  fork and each child calls close_in_child() first thing, or a child would
+  keep a dropped client's connection open and the port bound after the
+  supervisor is gone. (Python 3.12 warns of any fork in a process with
+  threads: this is the case it warns about, handled.)
 - A wedged loop: /healthz answers 503 once the view is LOOP_STALE_SECONDS old.
 - A bug in the thread: it records the exception in `failure` and ends; the
   loop logs it and starts a new thread (the thread cannot log, see above).
@@ -49,12 +42,10 @@ Hazards handled here:
 from __future__ import annotations
 
 import os
-import selectors
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -63,21 +54,12 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
+from control.http_base import LIMITS, HardenedHTTPServer, Limits, Request, Response
 from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, ReliableQueue
 from shared.task_stats import BUCKETS, MAX_SNAPSHOT_BYTES, TaskStats
 
-# From accept to the reply's last byte; a scrape takes milliseconds.
-REQUEST_DEADLINE = 5.0
-MAX_HEAD_BYTES = 8192
-MAX_CONNECTIONS = 64
-# The kernel hands us a connection once its request has arrived (or after this
-# long without one): a scraper's request is read as it is accepted, before a
-# flood of connections that send nothing can take its place.
-DEFER_ACCEPT_SECONDS = 1
-# How long close() may wait for the thread to notice it should stop.
-POLL_SECONDS = 0.25
 QUEUE_REFRESH_SECONDS = 5.0
 # A loop that has published nothing for this long is wedged: the same patience
 # as for the ledger's heartbeat, and as systemd's watchdog (WatchdogSec=30).
@@ -135,17 +117,11 @@ class PoolCollector:
         yield GaugeMetricFamily("image_result_ready", "1 while /healthz answers ok, else 0", value=int(view.serving()))
 
 
-@dataclass(eq=False, slots=True)
-class _Client:
-    sock: socket.socket
-    deadline: float
-    received: bytearray = field(default_factory=bytearray)
-    reply: memoryview | None = None
+class MetricsEndpoint(HardenedHTTPServer):
+    """The loop's side (read_snapshots, child_restarted, publish; the base's
+    start, quiesced, close_in_child, close) and the HTTP thread's (respond)."""
 
-
-class MetricsEndpoint:
-    """The loop's side (read_snapshots, child_restarted, publish, quiesced,
-    close_in_child) and the HTTP thread's side (_serve and below)."""
+    name = "metrics-http"
 
     def __init__(
         self,
@@ -154,20 +130,11 @@ class MetricsEndpoint:
         port: int,
         registry: PoolRegistry,
         queue: ReliableQueue,
-        request_deadline: float = REQUEST_DEADLINE,
-        max_connections: int = MAX_CONNECTIONS,
-        defer_accept: int = DEFER_ACCEPT_SECONDS,
+        limits: Limits = LIMITS,
     ) -> None:
-        # A long queue: connections held back for their request (below) wait in
-        # it, and one that overflows it is let through at once, request or not.
-        self.listener = socket.create_server((address, port), backlog=socket.SOMAXCONN, reuse_port=False)
-        self.listener.setblocking(False)
-        if hasattr(socket, "TCP_DEFER_ACCEPT"):  # Linux
-            self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept)
+        super().__init__(address=address, port=port, limits=limits)  # answered inline: a fork stays safe
         self.pool_registry = registry  # queue depths
         self.queue = queue  # replicas claims are copied to, under Sentinel
-        self.request_deadline = request_deadline
-        self.max_connections = max_connections
         # The loop's alone.
         self.restarts: dict[str, int] = {}
         self._base = TaskStats()  # from ledgers that have exited
@@ -178,33 +145,10 @@ class MetricsEndpoint:
         # Replaced whole by the loop, read by the thread: one attribute store,
         # so the thread sees the old view or the new one, never half of each.
         self.view = PoolView()
-        # The thread's alone, except across a fork (see quiesced()).
-        self._quiet = threading.Lock()
-        self._poller = selectors.PollSelector()  # poll() holds no descriptor a child must close
-        self._clients: dict[socket.socket, _Client] = {}  # oldest first
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.failure: Exception | None = None
-        self._poller.register(self.listener, selectors.EVENT_READ)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(PoolCollector(self))
 
     # -- what the loop calls ------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        return self.listener.getsockname()[1]
-
-    def start(self) -> None:
-        """Start (or, after a failure, restart) the HTTP thread. The thread
-        inherits the caller's signal mask: block the loop's signals around this."""
-        if self._thread is not None:
-            self._thread.join()  # a failed one: it has recorded its failure and is returning
-        self._drop_all()
-        self.failure = None
-        self._stopping = False
-        self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
-        self._thread.start()
 
     def read_snapshots(self, fd: int) -> int:
         """Keep the newest complete snapshot the ledger wrote to its pipe; returns
@@ -252,25 +196,6 @@ class MetricsEndpoint:
             queue_gauges=self._queue_gauges(),
         )
 
-    def quiesced(self) -> threading.Lock:
-        """Hold across a fork: the thread is then between passes, holding nothing."""
-        return self._quiet
-
-    def close_in_child(self) -> None:
-        """In a freshly forked child: close the listener and every client socket.
-        Only closes: the connections stay open in the supervisor."""
-        for sock in [self.listener, *self._clients]:
-            sock.close()
-        self._clients.clear()
-
-    def close(self) -> None:
-        self._stopping = True
-        if self._thread is not None:
-            self._thread.join(timeout=POLL_SECONDS * 4)
-        with self._quiet:
-            self._drop_all()
-            self.listener.close()
-
     def _queue_gauges(self) -> tuple[Gauge, ...]:
         """Queue figures from Redis, at most every few seconds; an outage keeps
         the last figures (the loop's other Redis steps log it)."""
@@ -299,108 +224,14 @@ class MetricsEndpoint:
 
     # -- the HTTP thread ----------------------------------------------------
 
-    def _serve(self) -> None:
-        timeout = POLL_SECONDS
-        try:
-            while True:
-                events = self._poller.select(timeout)  # the one wait, and it holds nothing
-                with self._quiet:
-                    if self._stopping:
-                        return
-                    # Clients first, then new connections: a request already in
-                    # has its answer under way before a flood of connects evicts anyone.
-                    for key, _ in events:
-                        if key.fileobj is not self.listener and key.data.sock.fileno() >= 0:
-                            self._advance(key.data)  # (not dropped earlier in this pass)
-                    if any(key.fileobj is self.listener for key, _ in events):
-                        self._accept()
-                    timeout = self._drop_late()
-        except Exception as exc:  # noqa: BLE001 - recorded: the loop logs it and restarts us
-            self.failure = exc
-
-    def _accept(self) -> None:
-        for _ in range(self.max_connections):  # bounded: a flood of connects cannot keep us here
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return  # none left (BlockingIOError), or one that went away before we took it
-            sock.setblocking(False)
-            if len(self._clients) >= self.max_connections:
-                self._drop(self._least_worth_keeping())
-            client = _Client(sock, time.monotonic() + self.request_deadline)
-            self._clients[sock] = client
-            self._poller.register(sock, selectors.EVENT_READ, client)
-            self._advance(client)  # its request is most often in already: answered, it cannot be evicted
-
-    def _least_worth_keeping(self) -> _Client:
-        """The oldest client still sending its request (idle, a slow loris, a
-        flood's), before any whose answer is on its way."""
-        waiting = (client for client in self._clients.values() if client.reply is None)
-        return next(waiting, None) or next(iter(self._clients.values()))
-
-    def _advance(self, client: _Client) -> None:
-        try:
-            if client.reply is None:
-                self._receive(client)
-            if client.reply is not None:
-                self._send(client)
-        except BlockingIOError:
-            pass  # not ready after all; poll() will say when
-        except OSError:
-            self._drop(client)  # the client went away
-
-    def _receive(self, client: _Client) -> None:
-        chunk = client.sock.recv(MAX_HEAD_BYTES)
-        if not chunk:
-            self._drop(client)
-            return
-        client.received += chunk
-        head_done = b"\r\n\r\n" in client.received or b"\n\n" in client.received
-        if not head_done:
-            if len(client.received) > MAX_HEAD_BYTES:
-                self._drop(client)
-            return
-        client.reply = memoryview(self._respond(bytes(client.received.split(b"\n", 1)[0])))
-        self._poller.modify(client.sock, selectors.EVENT_WRITE, client)
-
-    def _send(self, client: _Client) -> None:
-        sent = client.sock.send(client.reply)
-        client.reply = client.reply[sent:]
-        if not client.reply:
-            self._drop(client)
-
-    def _drop_late(self) -> float:
-        """Drop the clients past their deadline; return how long poll() may wait."""
-        now = time.monotonic()
-        for client in list(self._clients.values()):  # oldest first, so deadlines ascend
-            if client.deadline > now:
-                return min(POLL_SECONDS, client.deadline - now)
-            self._drop(client)
-        return POLL_SECONDS
-
-    def _drop(self, client: _Client) -> None:
-        self._poller.unregister(client.sock)
-        del self._clients[client.sock]
-        client.sock.close()
-
-    def _drop_all(self) -> None:
-        for client in list(self._clients.values()):
-            self._drop(client)
-
-    def _respond(self, request_line: bytes) -> bytes:
-        parts = request_line.split()
-        method = parts[0] if parts else b""
-        path = parts[1].decode(errors="replace").split("?", 1)[0] if len(parts) >= 2 else ""
-        if method != b"GET":
-            status, body, kind = "405 Method Not Allowed", b"GET only\n", "text/plain"
-        elif path == "/metrics":
-            status, body, kind = "200 OK", generate_latest(self.registry), "text/plain; version=0.0.4"
-        elif path == "/healthz":
+    def respond(self, request: Request) -> Response:
+        path = request.target.split("?", 1)[0]
+        if request.method != "GET":
+            return Response(HTTPStatus.METHOD_NOT_ALLOWED, "text/plain", b"GET only\n")
+        if path == "/metrics":
+            return Response(HTTPStatus.OK, "text/plain; version=0.0.4", generate_latest(self.registry))
+        if path == "/healthz":
             if self.view.serving():
-                status, body, kind = "200 OK", b"ok\n", "text/plain"
-            else:
-                status, body, kind = "503 Service Unavailable", b"unhealthy\n", "text/plain"
-        else:
-            status, body, kind = "404 Not Found", b"try /metrics or /healthz\n", "text/plain"
-        head = f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        return head.encode() + body
+                return Response(HTTPStatus.OK, "text/plain", b"ok\n")
+            return Response(HTTPStatus.SERVICE_UNAVAILABLE, "text/plain", b"unhealthy\n")
+        return Response(HTTPStatus.NOT_FOUND, "text/plain", b"try /metrics or /healthz\n")

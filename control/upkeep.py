@@ -7,6 +7,9 @@
                     --recover_orphaned_lists--> lists of instances whose lease
                                      expired --> Q
                     --promote_due_retries--> {Q}:delayed --> Q
+                    --expire_requests--> a request silent for REQUEST_TTL ends
+                                     "incomplete" (shared.request_state), onto this
+                                     host's unwritten list, for its ledger to write
                     --report_progress--> a `progress` log line (control/progress.py)
 
 The supervisor decides (which child died, when the state changed); this class
@@ -32,7 +35,8 @@ import structlog
 from control.progress import ProgressMeter
 from shared.config import Settings
 from shared.pool_registry import PoolRegistry
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, ReliableQueue
+from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, is_refusal
+from shared.request_state import RequestState, requests_writer
 from shared.sdnotify import Notifier
 from shared.task_board import TaskBoard, describe_task, read_entries
 
@@ -65,10 +69,26 @@ class PoolUpkeep:
         self.orphan_scan_due = 0.0
         self.progress = ProgressMeter(self.keys)
         self.redis_failing: set[str] = set()
+        # Until the supervisor's first pass is done (before any child is forked),
+        # a permanent refusal (a command the ACL lacks) stops the start: RedisRefused.
+        self.refusals_fatal = True
+        self.requests_due = 0.0
+        self.requests = self._request_state()
+
+    def _request_state(self) -> RequestState:
+        return RequestState(
+            self.queue.client,
+            self.keys,
+            writer=requests_writer(self.settings),
+            request_ttl=self.settings.request_ttl,
+            stream=self.settings.results_stream,
+            stream_maxlen=self.settings.results_stream_maxlen,
+        )
 
     def reload(self, settings: Settings) -> None:
         """Take a SIGHUP's settings (the supervisor keeps those only a restart changes)."""
         self.settings = settings
+        self.requests = self._request_state()
 
     # -- the lease -----------------------------------------------------------
 
@@ -182,6 +202,20 @@ class PoolUpkeep:
         if moved is not REDIS_FAILED and moved:
             self.log.info("retries_due", tasks=moved)
 
+    # -- requests --------------------------------------------------------------
+
+    def expire_requests(self) -> None:
+        """About once a second: end as "incomplete" the requests with no image
+        recorded for REQUEST_TTL. Every supervisor looks; the script checks and
+        ends in one step, so each such request ends once, on the host that got
+        there first, whose ledger writes it (shared/lua/request_expire.lua)."""
+        if time.monotonic() < self.requests_due:
+            return
+        self.requests_due = time.monotonic() + 1.0
+        ended = self.redis_call("request_expiry_failed", self.requests.expire_due, time.time())
+        if ended is not REDIS_FAILED and ended:
+            self.log.info("requests_expired", requests=len(ended))
+
     # -- progress --------------------------------------------------------------
 
     def report_progress(self) -> None:
@@ -207,6 +241,8 @@ class PoolUpkeep:
         try:
             result = func(*args, **options)
         except REDIS_ERRORS as exc:
+            if self.refusals_fatal and is_refusal(exc):
+                raise RedisRefused(str(exc)) from None
             # One warning per outage and chore, not one per second.
             level = self.log.debug if failure_event in self.redis_failing else self.log.warning
             level(failure_event, error=str(exc), redis=self.settings.redacted_redis_url())

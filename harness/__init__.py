@@ -7,6 +7,7 @@
     photos.py       real photos (scikit-image) at any size
     results.py      results.json read while the ledger appends to it
     http_server.py  a loopback HTTP server for URL tasks
+    hostile_images.py  images built to cost a decoder more than their size says
 
 Not part of the service: the Dockerfile does not COPY it and pyproject.toml
 packages only image_result_client. Nothing here imports from tests/.

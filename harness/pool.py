@@ -130,8 +130,16 @@ class Pool:
     def poll(self) -> int | None:
         return self.proc.poll() if self.proc else None
 
-    def send_signal(self, sig: int) -> None:
-        """Signal the supervisor only, as systemd's KillMode=mixed does first."""
+    def send_signal(self, sig: int, *, before_ready: bool = False) -> None:
+        """Signal the supervisor only, as systemd's KillMode=mixed does first.
+
+        Waits for READY=1 first (PoolFailed if it never comes): a signal that lands
+        before the supervisor has installed its handlers kills it by the kernel's
+        default action, which tests nothing but the race. A test that means to
+        signal a pool that is not ready (one waiting for Redis) says before_ready=True.
+        """
+        if not before_ready:
+            self._require_ready(f"signal {signal.Signals(sig).name}")
         os.kill(self.pid, sig)
 
     def wait_exit(self, timeout: float = 30.0) -> int:
@@ -144,11 +152,12 @@ class Pool:
             self.kill_all()
             raise PoolFailed(f"pool still running after {timeout}s\n{self.stderr_tail()}") from None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Send sig to the supervisor and wait for it; returns its exit code
-        (negative for a signal death). Kills everything and raises PoolFailed on timeout."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0, *, before_ready: bool = False) -> int:
+        """Send sig to the supervisor (once it is ready, see send_signal) and wait
+        for it; returns its exit code (negative for a signal death). Kills
+        everything and raises PoolFailed on timeout."""
         if self.poll() is None:
-            self.send_signal(sig)
+            self.send_signal(sig, before_ready=before_ready)
         return self.wait_exit(timeout)
 
     def kill_all(self, timeout: float = 10.0) -> None:
@@ -244,6 +253,18 @@ class Pool:
         )
 
     # -- internals -----------------------------------------------------
+
+    def _require_ready(self, what: str, timeout: float = 30.0) -> None:
+        assert self._notify is not None, "pool not started"
+        if self._notify.ready_at is not None:
+            return
+        try:
+            self.wait_ready(timeout)
+        except PoolFailed as exc:
+            raise PoolFailed(
+                f"{what}: the pool never reached READY=1 (wait_ready() first, or pass "
+                f"before_ready=True to mean it)\n{exc}"
+            ) from None
 
     def _kill_session(self) -> None:
         # killpg covers the process group; the session scan also catches

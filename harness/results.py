@@ -1,4 +1,4 @@
-"""results.json, read while the ledger appends to it.
+"""results.json and requests.json, read while the ledger appends to them.
 
 An append rewrites the file's tail (the closing "]" moves on), so a reader can
 catch a torn tail: it reads again until the file parses, for a while.
@@ -12,12 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from harness import PoolFailed
-from image_result_client.protocol import RESULTS_NAME
+from image_result_client.protocol import REQUESTS_NAME, RESULTS_NAME
 
 
 def read_results(output_dir: Path, timeout: float = 5.0) -> list[dict[str, Any]]:
     """The records in OUTPUT_DIR/results.json; [] when there is none yet."""
     return read_results_file(Path(output_dir) / RESULTS_NAME, timeout)
+
+
+def read_requests(output_dir: Path, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The request records in OUTPUT_DIR/requests.json; [] when there is none yet."""
+    return read_results_file(Path(output_dir) / REQUESTS_NAME, timeout)
 
 
 def read_results_file(path: Path, timeout: float = 5.0) -> list[dict[str, Any]]:

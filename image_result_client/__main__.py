@@ -3,19 +3,27 @@ submit image files or URLs from the shell.
 
     image-result-client enqueue photo.jpg scans/*.png https://example.com/a.jpg
     image-result-client enqueue --wait --timeout 60 photo.jpg     # progress bar, then one line per record
+    image-result-client enqueue --request book-7 p1.png p2.png    # one request of 2 images (request_images)
+    image-result-client wait-request --timeout 600 book-7         # its request record, from the results stream
     image-result-client --version
 
 A file is read with OpenCV and handed over through shared memory (image_id =
 the file's stem); an http(s) URL is queued as a URL task. REDIS_URL,
-HOSTING_TASKS_QUEUE and OUTPUT_DIR come from the environment, then `.env`, as
-for the pool; the options override them. OpenCV (for files) and python-dotenv
+HOSTING_TASKS_QUEUE, RESULTS_STREAM and OUTPUT_DIR come from the environment,
+then `.env`, as for the pool; the options override them. --wait follows the
+pool's results stream in Redis, which works from any host; with --output-dir
+(or RESULTS_STREAM_MAXLEN=0: the pool keeps no stream) it reads
+OUTPUT_DIR/results.json instead, which only the pool's host can. Where neither
+shows a record yet (no stream in Redis, no results.json in the directory), a
+note says so at once rather than leaving a silent wait. OpenCV (for files) and python-dotenv
 (for a `.env`) come with the `cli` extra and are imported only when needed, so
 URLs can be queued without them; when one is needed and missing, that is a
 usage error naming the extra.
 
 Every argument is checked before anything is queued, so a typo queues nothing.
-Exit status: 0 all records completed (or, without --wait, all queued), 1 a task
-failed, the wait timed out or Redis is unreachable, 2 a usage error.
+Exit status: 0 all records completed (or, without --wait, all queued; for
+wait-request, the request completed), 1 a task failed (a request did not
+complete), the wait timed out or Redis is unreachable, 2 a usage error.
 
 Records and errors carry ids and texts that came through the queue; every line
 for a person goes through terminal.say, so control characters in them are
@@ -39,7 +47,16 @@ import redis
 
 from image_result_client import __version__
 from image_result_client.producer import DEFAULT_PREFIX, Producer, Submission, WaitTimeout, check_url
-from image_result_client.protocol import DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE, DEFAULT_REDIS_URL, check_list_name
+from image_result_client.protocol import (
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_QUEUE,
+    DEFAULT_REDIS_URL,
+    DEFAULT_RESULTS_STREAM,
+    MAX_ID_LENGTH,
+    MAX_REQUEST_IMAGES,
+    RESULTS_NAME,
+    check_list_name,
+)
 from image_result_client.redact import redact_url
 from image_result_client.settings_file import SettingsFileError
 from image_result_client.settings_file import read_dotenv as read_settings_file
@@ -75,7 +92,8 @@ class Target:
 
     redis_url: str
     queue: str
-    output_dir: Path
+    output_dir: Path | None  # where --wait reads results.json; None: follow results_stream
+    results_stream: str = DEFAULT_RESULTS_STREAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,10 +148,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     enqueue.add_argument("--redis-url", help="default: REDIS_URL (environment, then .env)")
     enqueue.add_argument("--queue", help="default: HOSTING_TASKS_QUEUE")
     enqueue.add_argument("--wait", action="store_true", help="show progress until every record is in results.json")
-    enqueue.add_argument("--output-dir", help="the pool's OUTPUT_DIR, for --wait (default: OUTPUT_DIR)")
+    enqueue.add_argument(
+        "--output-dir", help="--wait reads this OUTPUT_DIR's results.json (on the pool's host) instead of the results stream"
+    )
     enqueue.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds --wait waits (default: %(default)g)")
     enqueue.add_argument("--shm-prefix", default=DEFAULT_PREFIX, help="segment name prefix (default: %(default)s)")
+    enqueue.add_argument("--request", metavar="REQUEST_ID",
+                         help="queue the inputs as one request of that id (request_images: their number)")
     enqueue.add_argument("inputs", nargs="+", metavar="PATH_OR_URL")
+    waiting = commands.add_parser("wait-request", help="wait for a request's record (messages with request_images)")
+    waiting.add_argument("--redis-url", help="default: REDIS_URL (environment, then .env)")
+    waiting.add_argument("--queue", help="default: HOSTING_TASKS_QUEUE")
+    waiting.add_argument("--stream", help="the pool's RESULTS_STREAM (default: RESULTS_STREAM, environment, then .env)")
+    waiting.add_argument("--output-dir", help="read OUTPUT_DIR/requests.json instead of the stream (this host's only)")
+    waiting.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait (default: %(default)g)")
+    waiting.add_argument("request_id", metavar="REQUEST_ID")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
@@ -141,22 +170,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_settings(args: argparse.Namespace, *, dotenv_path: Path = Path(".env")) -> Target:
-    """REDIS_URL, HOSTING_TASKS_QUEUE and OUTPUT_DIR as the pool reads them (the
-    environment over `.env`, empty means the default), the options over both."""
+    """REDIS_URL, HOSTING_TASKS_QUEUE, RESULTS_STREAM and OUTPUT_DIR as the pool
+    reads them (the environment over `.env`, empty means the default), the
+    options over both. OUTPUT_DIR counts only with --output-dir or without a
+    stream (RESULTS_STREAM_MAXLEN=0): relative to where the client runs, it
+    names the pool's directory only by luck."""
     values = read_dotenv(dotenv_path)
     values.update(os.environ)
     overrides = {"REDIS_URL": args.redis_url, "HOSTING_TASKS_QUEUE": args.queue, "OUTPUT_DIR": args.output_dir}
     values.update({name: value for name, value in overrides.items() if value is not None})
     redis_url = values.get("REDIS_URL", "").strip() or DEFAULT_REDIS_URL
     queue = values.get("HOSTING_TASKS_QUEUE", "").strip() or DEFAULT_QUEUE
+    results_stream = values.get("RESULTS_STREAM", "").strip() or DEFAULT_RESULTS_STREAM
     output_dir = values.get("OUTPUT_DIR", "").strip()
-    try:
-        check_list_name(queue)
-    except ValueError as exc:
-        raise UsageError(f"HOSTING_TASKS_QUEUE={queue!r}: {exc}") from None
+    for name, value in (("HOSTING_TASKS_QUEUE", queue), ("RESULTS_STREAM", results_stream)):
+        try:
+            check_list_name(value)
+        except ValueError as exc:
+            raise UsageError(f"{name}={value!r}: {exc}") from None
     if "\0" in output_dir:
         raise UsageError("OUTPUT_DIR contains a NUL byte; expected a directory path")
-    return Target(redis_url, queue, (Path(output_dir).expanduser() if output_dir else DEFAULT_OUTPUT_DIR).resolve())
+    if args.output_dir is None and values.get("RESULTS_STREAM_MAXLEN", "").strip() != "0":
+        return Target(redis_url, queue, None, results_stream)
+    return Target(
+        redis_url, queue, (Path(output_dir).expanduser() if output_dir else DEFAULT_OUTPUT_DIR).resolve(), results_stream
+    )
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -206,32 +244,54 @@ def url_image_id(url: str) -> str:
     return PurePosixPath(parts.path).stem or parts.hostname or "image"
 
 
-def submit(producer: Producer, item: Item, *, prefix: str) -> Submission:
+def image_id_of(item: Item) -> str:
+    return url_image_id(item.url) if item.url is not None else item.path.stem
+
+
+def request_of(request_id: str | None, items: list[Item]) -> dict[str, Any]:
+    """submit()'s options for --request: every input in that request, which
+    declares their number; its image ids must differ, or it never completes."""
+    if request_id is None:
+        return {}
+    if not 1 <= len(request_id) <= MAX_ID_LENGTH:
+        raise UsageError(f"--request must be 1..{MAX_ID_LENGTH} characters")
+    if len(items) > MAX_REQUEST_IMAGES:
+        raise UsageError(f"a request has at most {MAX_REQUEST_IMAGES} images, not {len(items)}")
+    ids = [image_id_of(item) for item in items]
+    if len(set(ids)) != len(ids):
+        doubled = sorted({image_id for image_id in ids if ids.count(image_id) > 1})
+        raise UsageError(f"--request needs a distinct image id per input; these repeat: {', '.join(doubled)}")
+    return {"request_id": request_id, "request_images": len(items)}
+
+
+def submit(producer: Producer, item: Item, *, prefix: str, request: dict[str, Any] | None = None) -> Submission:
+    request = request or {}
     if item.url is not None:
-        return producer.submit_url(item.url, image_id=url_image_id(item.url))
+        return producer.submit_url(item.url, image_id=url_image_id(item.url), **request)
     cv2 = opencv()
     # ANYCOLOR: grayscale stays one channel (a third of the segment); EXIF rotation applies.
     frame = cv2.imread(str(item.path), cv2.IMREAD_ANYCOLOR)
     if frame is None:
         raise UsageError(f"cannot read {item.argument!r}: OpenCV could not decode it")
     try:
-        return producer.submit_array(frame, image_id=item.path.stem, prefix=prefix)
+        return producer.submit_array(frame, image_id=item.path.stem, prefix=prefix, **request)
     except ValueError as exc:
         raise UsageError(f"cannot queue {item.argument!r}: {exc}") from None
 
 
 def enqueue(args: argparse.Namespace, settings: Target) -> int:
     items = classify(args.inputs)
+    request = request_of(args.request, items)
     submissions: list[Submission] = []
     try:
-        producer = Producer.from_url(settings.redis_url, queue=settings.queue)
+        producer = Producer.from_url(settings.redis_url, queue=settings.queue, results_stream=settings.results_stream)
     except ValueError as exc:  # redis-py's word on the URL: scheme, port, query
         raise UsageError(f"REDIS_URL={redact_url(settings.redis_url)!r} is not a Redis URL: {exc}") from None
     with producer:
         try:
             producer.client.ping()  # before reading any file: fail at once when Redis is away
             for item in items:
-                submissions.append(submit(producer, item, prefix=args.shm_prefix))
+                submissions.append(submit(producer, item, prefix=args.shm_prefix, request=request))
         except redis.RedisError as exc:
             # submit_array unlinked the segment of the message that did not go out.
             problem = "cannot reach Redis" if isinstance(exc, UNREACHABLE) else "Redis refused the request"
@@ -245,10 +305,37 @@ def enqueue(args: argparse.Namespace, settings: Target) -> int:
             for submission, item in zip(submissions, items, strict=True):
                 say(f"queued    {submission.request_id} {item.argument}")
             return 0
+        note_unseen_results(producer, settings)
         return wait_and_report(producer, submissions, output_dir=settings.output_dir, timeout=args.timeout)
 
 
-def wait_and_report(producer: Producer, submissions: list[Submission], *, output_dir: Path, timeout: float) -> int:
+def note_unseen_results(producer: Producer, settings: Target) -> None:
+    """Say at once when --wait has nowhere to see a record yet: a wrong
+    directory or a pool without a stream otherwise looks like a slow pool
+    until the timeout."""
+    if settings.output_dir is not None:
+        if not (settings.output_dir / RESULTS_NAME).is_file():
+            say(
+                f"{PROG}: no {RESULTS_NAME} in {settings.output_dir} (not the pool's OUTPUT_DIR on this host, "
+                "or the pool has not started there); waiting for it",
+                file=sys.stderr,
+            )
+        return
+    try:
+        exists = producer.client.exists(settings.results_stream)
+    except redis.RedisError:
+        return  # the wait itself reports what Redis says
+    if not exists:
+        say(
+            f"{PROG}: no results stream {settings.results_stream!r} in Redis yet (the pool creates it with its "
+            "first record; with RESULTS_STREAM_MAXLEN=0 it keeps none: use --output-dir on its host); waiting",
+            file=sys.stderr,
+        )
+
+
+def wait_and_report(
+    producer: Producer, submissions: list[Submission], *, output_dir: Path | None, timeout: float
+) -> int:
     bar = ProgressBar(len(submissions))
     try:
         records = producer.wait(submissions, output_dir=output_dir, timeout=timeout, on_progress=bar.on_progress)
@@ -258,16 +345,52 @@ def wait_and_report(producer: Producer, submissions: list[Submission], *, output
             say(record_line(record))
         say(f"{PROG}: {exc}", file=sys.stderr)
         return FAILED
+    except redis.RedisError as exc:  # following the results stream
+        bar.finish()
+        raise RedisUnreachable(f"lost Redis while waiting for records: {exc}") from None
     bar.finish()
     for record in records:
         say(record_line(record))
     return 0 if all(record.get("status") == "completed" for record in records) else FAILED
 
 
+def wait_request(args: argparse.Namespace, settings: Target) -> int:
+    """Print the request's record as one line; 0 if it completed."""
+    values = read_dotenv(Path(".env"))
+    values.update(os.environ)
+    stream = args.stream or values.get("RESULTS_STREAM", "").strip() or DEFAULT_RESULTS_STREAM
+    try:
+        check_list_name(stream)
+        producer = Producer.from_url(settings.redis_url, queue=settings.queue, results_stream=stream)
+    except ValueError as exc:
+        raise UsageError(f"cannot wait for {args.request_id!r}: {exc}") from None
+    output_dir = settings.output_dir if args.output_dir is not None else None
+    with producer:
+        try:
+            record = producer.wait_request(args.request_id, output_dir=output_dir, timeout=args.timeout)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        except WaitTimeout as exc:
+            say(f"{PROG}: {exc}", file=sys.stderr)
+            return FAILED
+        except redis.RedisError as exc:
+            raise RedisUnreachable(f"cannot read the results stream at {redact_url(settings.redis_url)}: {exc}") from None
+    say(request_line(record))
+    return 0 if record.get("status") == "completed" else FAILED
+
+
+def request_line(record: dict[str, Any]) -> str:
+    """`partial   <request_id> 10 of 12 images (9 completed, 1 failed)`."""
+    return (f"{record.get('status')!s:<9} {record.get('request_id')} {record.get('images')} of "
+            f"{record.get('request_images')} images ({record.get('completed')} completed, {record.get('failed')} failed)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = load_settings(args)
+        if args.command == "wait-request":
+            return wait_request(args, settings)
         return enqueue(args, settings)
     except UsageError as exc:
         say(f"{PROG}: {exc}", file=sys.stderr)

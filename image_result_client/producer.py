@@ -77,8 +77,10 @@ from image_result_client.protocol import (
     DEFAULT_SEGMENT_PREFIX,
     MAX_DIMENSION,
     MAX_ID_LENGTH,
+    MAX_REQUEST_IMAGES,
     MAX_URL_LENGTH,
     PUSH_FOR_HOST_SCRIPT,
+    REQUESTS_NAME,
     RESULTS_NAME,
     SEGMENT_NAME,
     SHM_DIR,
@@ -187,6 +189,7 @@ class Producer:
         image_id: str,
         prefix: str = DEFAULT_PREFIX,
         fallback_url: str | None = None,
+        request_images: int | None = None,
     ) -> Submission:
         """Copy `frame` into a new shared-memory segment and queue it.
 
@@ -200,13 +203,18 @@ class Producer:
         too while Redis lacks the pool's script (no pool has renewed its lease
         since Redis restarted or flushed its scripts).
 
-        Raises ValueError for a frame, id, prefix or URL the pool would refuse,
+        With `request_images` (how many distinct images the request has; the
+        same on each of its submissions), the pool appends one request record
+        once that many are recorded: see wait_request.
+
+        Raises ValueError for a frame, id, prefix, URL or count the pool would refuse,
         and redis errors when the message could not be pushed (the segment is
         unlinked first).
         """
         dtype, shape = validate_frame(frame)
         request_id = _new_or_checked_id(request_id, "request_id")
         _check_id(image_id, "image_id")
+        _check_request_images(request_images)
         if fallback_url is not None:
             check_url(fallback_url)
         name = prefix + uuid.uuid4().hex
@@ -221,6 +229,8 @@ class Producer:
         }
         if fallback_url is not None:
             message["image_url"] = fallback_url
+        if request_images is not None:
+            message["request_images"] = request_images
         try:
             if fallback_url is not None and self.host_id is not None:
                 queue = self._push_where_served(message)
@@ -236,12 +246,19 @@ class Producer:
             return Submission(request_id, image_id, "url", None, queue)
         return Submission(request_id, image_id, "shm", name, queue)
 
-    def submit_url(self, url: str, *, request_id: str | None = None, image_id: str) -> Submission:
-        """Queue a task whose pixels the pool downloads from an http(s) URL."""
+    def submit_url(
+        self, url: str, *, request_id: str | None = None, image_id: str, request_images: int | None = None
+    ) -> Submission:
+        """Queue a task whose pixels the pool downloads from an http(s) URL
+        (`request_images` as for submit_array)."""
         check_url(url)
         request_id = _new_or_checked_id(request_id, "request_id")
         _check_id(image_id, "image_id")
-        queue = self._push({"request_id": request_id, "image_id": image_id, "image_url": url}, queue=self.queue)
+        _check_request_images(request_images)
+        message: dict[str, Any] = {"request_id": request_id, "image_id": image_id, "image_url": url}
+        if request_images is not None:
+            message["request_images"] = request_images
+        queue = self._push(message, queue=self.queue)
         return Submission(request_id, image_id, "url", None, queue)
 
     def host_is_served(self) -> bool:
@@ -321,21 +338,47 @@ class Producer:
                 )
             time.sleep(POLL_SECONDS)
 
-    def _stream_reader(self) -> StreamReader:
-        return StreamReader(self.client, self.results_stream, after=self._stream_start or b"0-0")
+    def wait_request(self, request_id: str, *, output_dir: Path | None = None, timeout: float) -> dict[str, Any]:
+        """The request record of a request whose submissions carried
+        request_images: from OUTPUT_DIR/requests.json with `output_dir` (only
+        if this host recorded the request's last image), else from the results
+        stream (any host). Its `status` is completed, failed, partial, or
+        incomplete (REQUEST_TTL ran out). Raises WaitTimeout."""
+        _check_id(request_id, "request_id")
+        if output_dir is not None:
+            reader: ResultsReader | StreamReader = self._reader(Path(output_dir), REQUESTS_NAME)
+        else:
+            reader = self._stream_reader(field=b"request")
+        deadline = time.monotonic() + timeout
+        while True:
+            found = reader.find([request_id])
+            if request_id in found:
+                return found[request_id]
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"request {request_id} has no request record in {reader.path} after {timeout:g}s",
+                    records=[],
+                    missing=[request_id],
+                )
+            time.sleep(POLL_SECONDS)
 
-    def _reader(self, output_dir: Path) -> ResultsReader:
-        key = output_dir.resolve()
-        if key not in self._readers:
-            self._readers[key] = ResultsReader(key / RESULTS_NAME)
-        return self._readers[key]
+    def _stream_reader(self, *, field: bytes = b"record") -> StreamReader:
+        return StreamReader(self.client, self.results_stream, after=self._stream_start or b"0-0", field=field)
+
+    def _reader(self, output_dir: Path, name: str = RESULTS_NAME) -> ResultsReader:
+        path = output_dir.resolve() / name
+        if path not in self._readers:
+            self._readers[path] = ResultsReader(path)
+        return self._readers[path]
 
 
 class StreamReader:
-    """Records from the pool's results stream, after a given entry id."""
+    """Records from the pool's results stream, after a given entry id: task
+    records (field "record") or, with field=b"request", request records."""
 
-    def __init__(self, client: redis.Redis, stream: str, *, after: bytes) -> None:
+    def __init__(self, client: redis.Redis, stream: str, *, after: bytes, field: bytes = b"record") -> None:
         self.client = client
+        self._field = field
         self.path = f"the Redis stream {stream}"
         self._stream = stream
         self._last = after
@@ -350,7 +393,7 @@ class StreamReader:
             for entry_id, fields in entries:
                 self._last = entry_id
                 try:
-                    record = json.loads(fields.get(b"record", b""))
+                    record = json.loads(fields.get(self._field, b""))
                 except ValueError:
                     continue
                 if isinstance(record, dict) and _is_for(record, wanted, image_ids):
@@ -537,6 +580,11 @@ def _new_or_checked_id(value: str | None, field: str) -> str:
         return uuid.uuid4().hex
     _check_id(value, field)
     return value
+
+
+def _check_request_images(value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_REQUEST_IMAGES):
+        raise ValueError(f"request_images must be an integer 1..{MAX_REQUEST_IMAGES}")
 
 
 def _check_id(value: object, field: str) -> None:

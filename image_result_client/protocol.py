@@ -41,8 +41,13 @@ SUPPORTED_DTYPES = tuple(ITEM_SIZES)
 SEGMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}")
 HOST_ID = re.compile(r"[A-Za-z0-9_.\-]{1,100}")
 MAX_LIST_NAME = 200
+# The most images one request may declare (`request_images`): its request
+# record lists every image, and must stay a reasonable line and stream entry.
+MAX_REQUEST_IMAGES = 10_000
 
 RESULTS_NAME = "results.json"
+# One record per request that declared request_images, appended when it ends.
+REQUESTS_NAME = "requests.json"
 PARTIAL_DIR = ".partial"
 
 # Stats buckets are this many seconds wide; `status` sums the last minute's.
@@ -153,6 +158,27 @@ class QueueKeys:
         """Hash: task id -> the host queue of the ledger committing its record,
         from just before the commit until the acknowledgement."""
         return f"{self.prefix}:committing"
+
+    def request(self, request_id_json: str) -> str:
+        """Hash of one open request: its distinct images recorded so far. Named
+        by the request id as a JSON string (ASCII) without its quotes: one key
+        per id, whatever characters the id holds."""
+        return f"{self.prefix}:request:{request_id_json[1:-1]}"
+
+    @property
+    def open_requests(self) -> str:
+        """Sorted set: request id as a JSON string -> when its REQUEST_TTL runs out."""
+        return f"{self.prefix}:requests"
+
+    @property
+    def ended_requests(self) -> str:
+        """Sorted set: request id as a JSON string -> when it ended; kept for REQUEST_TTL."""
+        return f"{self.prefix}:requests_ended"
+
+    def unwritten_requests(self, writer: str) -> str:
+        """List of the request records a pool ended and has not yet written to
+        its requests.json; `writer` is "<HOST_ID>:<a digest of its OUTPUT_DIR>"."""
+        return f"{self.prefix}:requests_unwritten:{writer}"
 
     def is_producers_list(self, key: str) -> bool:
         """The queue or one host's queue: the lists producers push onto."""

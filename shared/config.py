@@ -28,7 +28,7 @@ from image_result_client.protocol import (
 )
 from image_result_client.protocol import has_hash_tag as has_hash_tag
 from image_result_client.redact import redact_url
-from image_result_client.settings_file import SettingsFileError
+from image_result_client.settings_file import SettingsFileError, UnknownSetting, unknown_settings
 from image_result_client.settings_file import read_dotenv as read_settings_file
 
 T = TypeVar("T")
@@ -38,6 +38,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("auto", "json", "console")
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+# Chroma subsampling of the written JPEGs: 4:4:4 keeps coloured text sharp.
+JPEG_SUBSAMPLINGS = ("444", "422", "420")
+NAMED_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 
 
 class ConfigError(ValueError):
@@ -51,6 +54,9 @@ class Settings:
     output_dir: Path = DEFAULT_OUTPUT_DIR
     output_dir_allow_shared: bool = False  # OUTPUT_DIR may be writable by others without the sticky bit
     jpeg_quality: int = 80
+    jpeg_subsampling: str = "420"  # the seed's output
+    jpeg_progressive: bool = False
+    alpha_background: tuple[int, int, int] = (255, 255, 255)  # RGB, white
     log_level: str = "INFO"
     log_format: str = "auto"
     workers: int = 1
@@ -65,6 +71,7 @@ class Settings:
     dead_letter_max: int = 10_000
     max_message_bytes: int = 65_536
     max_pixels: int = 25_000_000
+    decode_cpu_seconds: float = 30.0  # a URL image's decode; TASK_TIMEOUT / 2 when that is less
     url_connect_timeout: float = 5.0
     url_read_timeout: float = 30.0
     url_max_bytes: int = 50 * 1024 * 1024
@@ -82,6 +89,7 @@ class Settings:
     redis_tls_key_file: Path | None = None
     results_stream: str = DEFAULT_RESULTS_STREAM
     results_stream_maxlen: int = 100_000  # 0: no stream
+    request_ttl: float = 3600.0  # a request with no image recorded for this long ends "incomplete"
     metrics_port: int | None = None  # off unless set
     metrics_address: str = "0.0.0.0"
     dashboard_port: int = 8090
@@ -117,6 +125,18 @@ def read_dotenv(path: Path) -> dict[str, str]:
         raise ConfigError(str(exc)) from None
 
 
+def misspelt_settings(
+    environ: Mapping[str, str] | None = None, *, dotenv_path: Path | None = Path(".env")
+) -> list[UnknownSetting]:
+    """Names in `.env` and the environment that look like settings but are not
+    (WORKER=3, JPEG_QUALTY=95), each with the setting probably meant: the pool
+    warns about them at start, as systemd does about an unknown key."""
+    dotenv = {} if dotenv_path is None else read_dotenv(dotenv_path)
+    return unknown_settings(
+        dotenv, os.environ if environ is None else environ, setting_names(), dotenv_source=str(dotenv_path)
+    )
+
+
 def setting_names() -> tuple[str, ...]:
     """Every environment variable the settings are read from, as _parse reads
     them: what a launcher must clear so that none leaks in from its own shell."""
@@ -146,6 +166,9 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         output_dir=get("OUTPUT_DIR", _path, DEFAULTS.output_dir).resolve(),
         output_dir_allow_shared=get("OUTPUT_DIR_ALLOW_SHARED", _bool, DEFAULTS.output_dir_allow_shared),
         jpeg_quality=get("JPEG_QUALITY", _int_in(1, 100), DEFAULTS.jpeg_quality),
+        jpeg_subsampling=get("JPEG_SUBSAMPLING", _choice(JPEG_SUBSAMPLINGS), DEFAULTS.jpeg_subsampling),
+        jpeg_progressive=get("JPEG_PROGRESSIVE", _bool, DEFAULTS.jpeg_progressive),
+        alpha_background=get("ALPHA_BACKGROUND", _rgb_colour, DEFAULTS.alpha_background),
         log_level=get("LOG_LEVEL", _choice(LOG_LEVELS, upper=True), DEFAULTS.log_level),
         log_format=get("LOG_FORMAT", _choice(LOG_FORMATS), DEFAULTS.log_format),
         workers=workers,
@@ -160,6 +183,7 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         dead_letter_max=get("DEAD_LETTER_MAX", _int_in(1, 10_000_000), DEFAULTS.dead_letter_max),
         max_message_bytes=get("MAX_MESSAGE_BYTES", _int_in(1024, 131_072), DEFAULTS.max_message_bytes),
         max_pixels=get("MAX_PIXELS", _int_in(1, 1_000_000_000), DEFAULTS.max_pixels),
+        decode_cpu_seconds=get("DECODE_CPU_SECONDS", _float_in(0.01, 3600), DEFAULTS.decode_cpu_seconds),
         url_connect_timeout=get("URL_CONNECT_TIMEOUT", _float_in(0.1, 600), DEFAULTS.url_connect_timeout),
         url_read_timeout=get("URL_READ_TIMEOUT", _float_in(0.1, 3600), DEFAULTS.url_read_timeout),
         url_max_bytes=get("URL_MAX_BYTES", _int_in(1, 2**31), DEFAULTS.url_max_bytes),
@@ -177,6 +201,7 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         redis_tls_key_file=get("REDIS_TLS_KEY_FILE", _readable_file, DEFAULTS.redis_tls_key_file),
         results_stream=get("RESULTS_STREAM", _queue_name, DEFAULTS.results_stream),
         results_stream_maxlen=get("RESULTS_STREAM_MAXLEN", _int_in(0, 100_000_000), DEFAULTS.results_stream_maxlen),
+        request_ttl=get("REQUEST_TTL", _float_in(1, 30 * 86_400), DEFAULTS.request_ttl),
         metrics_port=get("METRICS_PORT", _int_in(1, 65535), DEFAULTS.metrics_port),
         metrics_address=get("METRICS_ADDRESS", _address, DEFAULTS.metrics_address),
         dashboard_port=get("DASHBOARD_PORT", _int_in(1, 65535), DEFAULTS.dashboard_port),
@@ -228,6 +253,17 @@ def _bool(name: str, raw: str) -> bool:
     if word in FALSE_WORDS:
         return False
     raise ConfigError(f"{name}={raw!r} is not a boolean; expected true or false")
+
+
+def _rgb_colour(name: str, raw: str) -> tuple[int, int, int]:
+    word = raw.lower()
+    if word in NAMED_COLOURS:
+        return NAMED_COLOURS[word]
+    hex_digits = word.removeprefix("#")
+    if not re.fullmatch(r"[0-9a-f]{6}", hex_digits):
+        raise ConfigError(f"{name}={raw!r} is not a colour; expected #RRGGBB (e.g. #ffffff), white or black")
+    red, green, blue = bytes.fromhex(hex_digits)
+    return red, green, blue
 
 
 def _path(name: str, raw: str) -> Path:

@@ -17,6 +17,9 @@ LEDGER_LOST = 4
 ORPHANED = 5
 # Another supervisor owns OUTPUT_DIR (results.json has exactly one writer).
 OUTPUT_DIR_BUSY = 6
+# A worker's decode ran past DECODE_CPU_SECONDS: its task was failed, and the
+# process, which alone can stop a decoder, ended (workers/decode_watchdog.py).
+DECODE_OVERRAN = 7
 
 DESCRIPTIONS = {
     OK: "clean exit",
@@ -25,6 +28,7 @@ DESCRIPTIONS = {
     LEDGER_LOST: "lost its channel to the ledger",
     ORPHANED: "its supervisor went away",
     OUTPUT_DIR_BUSY: "OUTPUT_DIR is owned by another supervisor",
+    DECODE_OVERRAN: "a decode ran past DECODE_CPU_SECONDS; its task was failed",
 }
 
 

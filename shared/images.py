@@ -22,7 +22,10 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from shared import colour, decode_limits
+from shared.decode_limits import DecodeRefused
 from shared.messages import SegmentRef
+from shared.rendering import Rendering
 from shared.segments import SegmentAccess, SegmentRefused, open_segment
 
 # Rows of a float frame converted to uint8 at a time.
@@ -50,7 +53,7 @@ class EncodedImage:
     height: int
 
 
-def encode_segment(ref: SegmentRef, *, quality: int, access: SegmentAccess) -> EncodedImage:
+def encode_segment(ref: SegmentRef, *, rendering: Rendering, access: SegmentAccess) -> EncodedImage:
     """Encode the frame in shared-memory segment `ref` without copying its pixels.
     Only a segment `access` allows is opened (shared.segments)."""
     try:
@@ -68,7 +71,7 @@ def encode_segment(ref: SegmentRef, *, quality: int, access: SegmentAccess) -> E
         os.close(fd)
     try:
         pixels = np.frombuffer(mapping, dtype=ref.dtype, count=ref.nbytes // np.dtype(ref.dtype).itemsize)
-        encoded = encode_pixels(pixels.reshape(ref.shape), quality=quality)
+        encoded = encode_pixels(pixels.reshape(ref.shape), rendering=rendering)
         del pixels
     finally:
         mapping.close()
@@ -88,16 +91,16 @@ def _check_fits(ref: SegmentRef, real_size: int) -> None:
         )
 
 
-def encode_pixels(pixels: np.ndarray, *, quality: int) -> EncodedImage:
+def encode_pixels(pixels: np.ndarray, *, rendering: Rendering) -> EncodedImage:
     """JPEG-encode a BGR, BGRA or grayscale frame of any supported dtype."""
     frame = _as_uint8(pixels)
     if frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame.reshape(frame.shape[:2])
     elif frame.ndim == 3 and frame.shape[2] == 4:
-        # JPEG has no alpha; drop it explicitly rather than rely on codec defaults.
-        frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
+        # JPEG has no alpha: transparent pixels show the page's background.
+        frame = colour.composite(frame, rendering.background)
     try:
-        ok, buffer = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        ok, buffer = cv2.imencode(".jpg", frame, rendering.encode_params)
     except cv2.error as exc:
         raise ImageError(f"JPEG encoder refused the frame: {exc.msg if hasattr(exc, 'msg') else exc}") from None
     if not ok:
@@ -192,25 +195,49 @@ def _iso_media_format(data: bytes) -> str:
     return "ISO media"
 
 
-def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Decode downloaded JPEG, PNG or WebP bytes to BGR; other formats are
-    refused by their leading bytes before any decoder sees them. OpenCV refuses
-    frames above MAX_PIXELS before allocating them (the supervisor sets
-    OPENCV_IO_MAX_IMAGE_PIXELS)."""
+def decodable(data: bytes) -> tuple[str, bytes | bytearray]:
+    """The format of downloaded bytes and the bytes to hand the decoder: the
+    one gate in front of OpenCV's decoders, for the worker and the dashboard
+    alike. Formats other than JPEG, PNG and WebP are refused by their leading
+    bytes; the accepted ones within the caps of shared.decode_limits (JPEG
+    scans; an animation decoded as one still frame)."""
     found = image_format(data)
     if found is None:
         raise ImageError(f"downloaded data is not a decodable image: it starts like no image format; {_EXPECTED}")
     if found not in ACCEPTED_FORMATS:
         raise ImageError(f"image format {found} is not accepted; {_EXPECTED}")
     try:
+        return found, decode_limits.limit(data, found)
+    except DecodeRefused as exc:
+        raise ImageError(f"{found} image refused: {exc}") from None
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode downloaded JPEG, PNG or WebP bytes, through `decodable`, to sRGB
+    BGR, or BGRA when they have transparency (shared.colour). OpenCV refuses
+    frames above MAX_PIXELS before allocating them (the supervisor sets
+    OPENCV_IO_MAX_IMAGE_PIXELS)."""
+    found, data = decodable(data)
+    source = _read_colour(data, found, max_pixels)
+    try:
         # The binding copies the decoded Mat into a numpy array, so the frame
         # is held twice for a moment: about 6 bytes a pixel, 9 for a progressive
         # 4:4:4 JPEG. MAX_PIXELS' default is sized for that (bench/decode_memory.py).
-        frame = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        frame = cv2.imdecode(np.frombuffer(data, np.uint8), source.imread_flags)
     except cv2.error:
         raise ImageError(f"{found} image is corrupt or has more than MAX_PIXELS={max_pixels} pixels") from None
     if frame is None:
         raise ImageError(f"downloaded data is not a decodable image: a corrupt or truncated {found}")
     if frame.shape[0] * frame.shape[1] > max_pixels:
         raise ImageError(f"image has more than MAX_PIXELS={max_pixels} pixels")
-    return frame
+    try:
+        return colour.to_srgb(frame, source, data)
+    except colour.ColourError as exc:
+        raise ImageError(str(exc)) from None
+
+
+def _read_colour(data: bytes, found: str, max_pixels: int) -> colour.SourceColour:
+    try:
+        return colour.read_header(data, found, max_pixels=max_pixels)
+    except colour.ColourError as exc:
+        raise ImageError(str(exc)) from None

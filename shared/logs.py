@@ -4,17 +4,22 @@ JSON lines when stderr is not a terminal (journald, containers, log shippers),
 readable console lines on a terminal; LOG_FORMAT forces either. Events are short
 snake_case names with fields; the task loop binds request_id and image_id.
 
-A console line is made to fit CONSOLE_COLUMNS where it can: a shorter time
-stamp, and long values cut with an ellipsis, the longest first, what says why
-(error, cause, reason) last, never below a readable length, and never an id
-(request_id, image_id, task_id: what a line is searched by). A line of many
-fields can still be wider. A JSON line always carries every value whole.
+A console line is made to fit the terminal's width (CONSOLE_COLUMNS when
+stderr is not a terminal and COLUMNS is not set) where it can: a shorter time
+stamp, and long values cut in the middle with an ellipsis, so that a path keeps
+its file name and an error its reason ("... Connection refused."), the longest
+first, what says why (error, cause, reason) last, never below a readable
+length, and never an id (request_id, image_id, task_id: what a line is
+searched by). A line of many fields can still be wider. A JSON line always
+carries every value whole.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import TextIO
 
 import structlog
 
@@ -99,13 +104,64 @@ def _cut_values(event_dict: structlog.typing.EventDict, excess: int) -> None:
                 break
             keep = max(shortest, len(shown[key]) - excess)
             excess -= len(shown[key]) - keep
-            shown[key] = shown[key][: keep - 1] + "\u2026"
+            shown[key] = cut_in_the_middle(shown[key], keep)
             event_dict[key] = _Shown(shown[key])
+
+
+def cut_in_the_middle(text: str, keep: int) -> str:
+    """`text` in `keep` characters: its start and its end, an ellipsis between.
+    The end is where a path has its file name and an error message its reason."""
+    head = (keep - 1) // 2
+    tail = keep - 1 - head
+    return text[:head] + "\u2026" + (text[-tail:] if tail else "")
+
+
+def console_columns(stream: TextIO) -> int:
+    """The width a console line should fit: the terminal's, else COLUMNS, else CONSOLE_COLUMNS."""
+    try:
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns or CONSOLE_COLUMNS
+    except (OSError, ValueError):
+        pass
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else CONSOLE_COLUMNS
 
 
 def _as_shown(value: object) -> str:
     """A value as the console renderer shows it: a string as it is, anything else by repr."""
     return value if isinstance(value, str) else repr(value)
+
+
+class LogStream:
+    """stderr as the logger writes to it: once the reader of a pipe is gone
+    (`make run 2>&1 | tee log`, then Ctrl-C ends tee as well), a line is
+    dropped rather than raised as BrokenPipeError into the code that logged,
+    so that a drain still finishes: records flushed, tasks put back, the lease
+    dropped. From then on the descriptor is /dev/null, so that neither this
+    process's later lines nor the interpreter's flush at exit (exit code 120)
+    meets the broken pipe again, nor the children forked afterwards."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
 
 
 def configure_logging(settings: Settings, *, role: str) -> None:
@@ -118,7 +174,10 @@ def configure_logging(settings: Settings, *, role: str) -> None:
     renderers: list[structlog.typing.Processor] = (
         [structlog.processors.JSONRenderer()]
         if use_json
-        else [escape_for_terminal, FittedConsoleRenderer(colors=sys.stderr.isatty())]
+        else [
+            escape_for_terminal,
+            FittedConsoleRenderer(colors=sys.stderr.isatty(), columns=console_columns(sys.stderr)),
+        ]
     )
     structlog.configure(
         processors=[
@@ -130,7 +189,7 @@ def configure_logging(settings: Settings, *, role: str) -> None:
             *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=LogStream(sys.stderr)),  # type: ignore[arg-type]
         # Caching is safe: configure runs once per process, after fork.
         cache_logger_on_first_use=True,
     )

@@ -28,6 +28,7 @@ from image_result_client.protocol import (
     ITEM_SIZES,
     MAX_DIMENSION,
     MAX_ID_LENGTH,
+    MAX_REQUEST_IMAGES,
     MAX_URL_LENGTH,
     SEGMENT_NAME,
     SUPPORTED_DTYPES,
@@ -78,6 +79,8 @@ class Task:
     image_url: str | None
     # Why shm_info was unusable when a URL fallback exists; reported if the URL fails too.
     segment_error: str | None = None
+    # How many distinct images its request has (None: not counted as a request).
+    request_images: int | None = None
 
     @property
     def source(self) -> str:
@@ -116,6 +119,7 @@ def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
     request_id = _identifier(message, "request_id")
     image_id = _identifier(message, "image_id")
     image_url = _image_url(message)
+    request_images = _request_images(message.get("request_images"), present="request_images" in message)
     segment, segment_error = None, None
     if "shm_info" in message:
         try:
@@ -126,7 +130,7 @@ def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
             segment_error = str(exc)
     elif image_url is None:
         raise InvalidMessage("message has neither shm_info nor image_url")
-    return Task(request_id, image_id, segment, image_url, segment_error)
+    return Task(request_id, image_id, segment, image_url, segment_error, request_images)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +140,7 @@ class Salvage:
     request_id: str | None = None
     image_id: str | None = None
     segment_name: str | None = None
+    request_images: int | None = None  # only a valid one: the failed image still counts for its request
 
 
 def salvage(body: bytes) -> Salvage:
@@ -157,7 +162,7 @@ def salvage(body: bytes) -> Salvage:
         name = segment_name(raw_name) if raw_name is not None else None
     except InvalidMessage:
         name = None
-    return Salvage(ids[0], ids[1], name)
+    return Salvage(ids[0], ids[1], name, _valid_request_images(message.get("request_images")))
 
 
 # A message cut at MAX_MESSAGE_BYTES, or broken by a stray byte, is not JSON,
@@ -167,21 +172,21 @@ def salvage(body: bytes) -> Salvage:
 _STRING_OR_INT = rb'"((?:[^"\\\x00-\x1f]|\\.)*)"|(-?[0-9]+)'
 _TEXT_FIELDS = {
     key: re.compile(rb'"%s"\s*:\s*(?:%s)' % (key.encode(), _STRING_OR_INT))
-    for key in ("request_id", "image_id", "shm_name", "shm_info")
+    for key in ("request_id", "image_id", "shm_name", "shm_info", "request_images")
 }
 
 
 def _salvage_text(body: bytes) -> Salvage:
     """Salvage from a body that is not JSON: a field counts only when the text
     gives it exactly one value, so a guess never names another task's segment."""
-    request_id, image_id, shm_name, shm_info = (_one_text_value(body, key) for key in _TEXT_FIELDS)
+    request_id, image_id, shm_name, shm_info, request_images = (_one_text_value(body, key) for key in _TEXT_FIELDS)
     raw_name = shm_name if shm_name is not None else shm_info
     try:
         name = segment_name(raw_name) if raw_name is not None else None
     except InvalidMessage:  # also a number where a name should be
         name = None
     ids = [_salvaged_id(value) if value not in (None, "") else None for value in (request_id, image_id)]
-    return Salvage(ids[0], ids[1], name)
+    return Salvage(ids[0], ids[1], name, _valid_request_images(request_images))
 
 
 def _salvaged_id(value: str | int) -> str | None:
@@ -212,6 +217,25 @@ def _identifier(message: dict, key: str) -> str:
     if not text or len(text) > MAX_ID_LENGTH:
         raise InvalidMessage(f"{key} must be 1..{MAX_ID_LENGTH} characters long")
     return _unicode(text, key)
+
+
+def _request_images(value: object, *, present: bool) -> int | None:
+    """The request's declared image count; absent is None (a task of no counted
+    request, as before), anything but an integer 1..MAX_REQUEST_IMAGES is refused."""
+    if not present:
+        return None
+    count = _valid_request_images(value)
+    if count is None:
+        shown = repr(value)[:40] if isinstance(value, int) and not isinstance(value, bool) else type(value).__name__
+        raise InvalidMessage(f"request_images must be an integer 1..{MAX_REQUEST_IMAGES}, got {shown}")
+    return count
+
+
+def _valid_request_images(value: object) -> int | None:
+    # bool is an int to Python, not to a producer: `true` is refused.
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_REQUEST_IMAGES:
+        return value
+    return None
 
 
 def _image_url(message: dict) -> str | None:

@@ -12,6 +12,7 @@ whichever supervisor notices first (with ReliableQueue.requeue).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import redis
@@ -32,6 +33,31 @@ class QueueDepths:
     @property
     def in_flight(self) -> int:
         return sum(self.in_flight_by_list.values())
+
+
+# Producers may create any host queue (their ACL allows `{Q}:host:*`): what
+# status, task and the dashboard read and show of them is bounded, whatever
+# their number. Each SCAN call is COUNT HOST_SCAN_COUNT.
+HOST_SCAN_CALLS = 200
+HOST_SCAN_COUNT = 1000
+HOST_QUEUES_LISTED = 20
+# Depths read (LLEN, pipelined) beyond the served hosts': reading 100,000 took
+# the command line seconds of CPU. Past these, queues are counted by name.
+HOST_DEPTHS_READ = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class HostQueues:
+    """The host queues with tasks: those of served hosts and the fullest
+    others up to a limit, each with its depth; the rest only counted."""
+
+    listed: dict[str, int]  # host id -> tasks waiting in its queue
+    others: int  # host queues that are not listed (none of them served)
+    others_waiting: int | None  # tasks waiting in them; None if not all their depths were read
+    complete: bool  # SCAN saw the whole keyspace: there are no more than these
+
+    def unlisted_json(self) -> dict:
+        return {"queues": self.others, "waiting": self.others_waiting, "complete": self.complete}
 
 
 class PoolRegistry:
@@ -75,12 +101,50 @@ class PoolRegistry:
         task_id, _, deliveries = held.decode(errors="replace").partition(":")
         return (task_id, int(deliveries)) if task_id and deliveries.isascii() and deliveries.isdigit() else None
 
-    def host_queues(self) -> dict[str, int]:
-        """Host id -> how many tasks wait in its own queue, for every host queue that exists."""
+    def host_queues(
+        self, *, served: Collection[str] = (), listed: int = HOST_QUEUES_LISTED, scan_calls: int = HOST_SCAN_CALLS
+    ) -> HostQueues:
+        """The host queues holding tasks: every `served` host's (those a live
+        supervisor serves: as many as leases, which producers cannot make) and
+        the `listed` fullest others; the rest counted. Bounded: `scan_calls` SCAN calls, and the depths pipelined."""
         prefix = self.keys.host("")
-        keys = list(self.client.scan_iter(match=self.keys.host("*"), count=100))
+        served = set(served)
+        names, complete = self._scan(prefix, max_calls=scan_calls)
         # Producers can make any key here: a name that is not UTF-8 is shown, escaped, not fatal.
-        return {key.decode(errors="backslashreplace")[len(prefix):]: self.client.llen(key) for key in keys}
+        found = {name.decode(errors="backslashreplace")[len(prefix) :]: name for name in names}
+        # A served host's queue is read whether or not a SCAN cut short came upon it.
+        key_of = {**found, **{host_id: self.keys.host(host_id).encode() for host_id in served}}
+        unserved = [host_id for host_id in found if host_id not in served]
+        to_read = sorted(served) + unserved[:HOST_DEPTHS_READ]
+        depths: dict[str, int] = {}
+        for start in range(0, len(to_read), HOST_SCAN_COUNT):
+            batch = to_read[start : start + HOST_SCAN_COUNT]
+            with self.client.pipeline(transaction=False) as pipe:
+                for host_id in batch:
+                    pipe.llen(key_of[host_id])
+                answers = pipe.execute(raise_on_error=False)
+            for host_id, depth in zip(batch, answers, strict=True):
+                if isinstance(depth, int) and depth:  # not gone since the SCAN, nor a key of another type
+                    depths[host_id] = depth
+        fullest_first = sorted(depths, key=lambda host_id: (-depths[host_id], host_id))
+        others = [host_id for host_id in fullest_first if host_id not in served]
+        shown = [host_id for host_id in fullest_first if host_id in served] + others[:listed]
+        rest = others[listed:]
+        not_read = len(unserved) - len(unserved[:HOST_DEPTHS_READ])
+        waiting = sum(depths[host_id] for host_id in rest) if not not_read else None
+        return HostQueues({host_id: depths[host_id] for host_id in shown}, len(rest) + not_read, waiting, complete)
+
+    def _scan(self, prefix: str, *, max_calls: int) -> tuple[list[bytes], bool]:
+        """Keys under `prefix` (matched literally) from at most `max_calls`
+        SCAN calls, and whether SCAN went round the whole keyspace."""
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
+        found, cursor = [], 0
+        for _ in range(max_calls):
+            cursor, keys = self.client.scan(cursor, match=pattern, count=HOST_SCAN_COUNT)
+            found.extend(keys)
+            if cursor == 0:
+                return found, True
+        return found, False
 
     def renew_lease(self, instance: str, ttl: float, state: bytes = b"{}", *, serving_host: str | None = None) -> None:
         """Renew this instance's lease; its value is the supervisor's state for

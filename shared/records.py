@@ -38,6 +38,7 @@ class CompletionRecord:
     duration_ms: float | None = None
     partial_path: str | None = None
     segment_name: str | None = None
+    request_images: int | None = None  # its request's declared image count, when it is counted (docs/formats.md)
     retry_at: float | None = None  # epoch seconds, for RETRY
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, for metrics
     sent_at: float = 0.0  # epoch seconds, when the worker sent it; the ledger's lag starts here
@@ -68,6 +69,7 @@ class CompletionRecord:
             source=self.source,
             duration_ms=self.duration_ms,
             segment_name=self.segment_name,
+            request_images=self.request_images,
             sent_at=self.sent_at,
         )
 

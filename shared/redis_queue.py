@@ -19,10 +19,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.commands.core import Script
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -46,6 +48,23 @@ REPLICA_COUNT_SECONDS = 5.0
 # a blocked call), OOM under maxmemory, even a queue key of the wrong type. A
 # worker that died on them would be respawned straight into the same error.
 REDIS_ERRORS = (redis.exceptions.RedisError,)
+# Except, at start, the answers that no wait will change: wrong credentials, an
+# ACL without a command the pool sends, a database index the server lacks. Those
+# are settings to correct (exit 2), not an outage to wait out (see is_refusal).
+_REFUSALS = (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError, redis.exceptions.NoPermissionError)
+_REFUSAL_TEXTS = ("DB index is out of range", "invalid DB index", "WRONGPASS", "NOAUTH", "NOPERM")
+
+
+class RedisRefused(Exception):
+    """Redis answered with a refusal that retrying cannot change (is_refusal)."""
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether a Redis error is a permanent refusal of our settings, rather
+    than a network error or a busy or failing-over server."""
+    if isinstance(exc, _REFUSALS):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and any(text in str(exc) for text in _REFUSAL_TEXTS)
 
 # The Lua scripts, one file each in shared/lua/ with its KEYS and ARGV in its
 # header; envelopes.lua holds what those that wrap and unwrap messages share.
@@ -74,6 +93,15 @@ def fresh_task_ids(count: int) -> list[str]:
     from another (they appear in results.json) nor collide across hosts."""
     randomness = os.urandom(12 * count).hex()
     return [randomness[24 * i: 24 * (i + 1)] for i in range(count)]
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    """A script with its KEYS and ARGV, to run alone or in a transaction."""
+
+    script: Script
+    keys: list[str]
+    args: list[Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,23 +214,29 @@ class ReliableQueue:
             self._wait_for_replica()
         return claimed
 
-    def wait_and_claim(self, processing_key: str) -> bytes | None:
+    def wait_and_claim(self, processing_key: str) -> tuple[bytes, float] | None:
         """Block up to block_seconds for one message; None when none came. With a
         host queue, the wait is on it (shared-memory tasks are the latency-bound
-        ones); the shared queue is looked at on every turn by `claim`."""
+        ones); the shared queue is looked at on every turn by `claim`.
+
+        Returns the envelope and the seconds its claim took once the message
+        was there (stamping it, and the replicas under Sentinel): the task's
+        fetch phase. The wait for it is idle time, not the task's."""
         source = self._wait_source()
         incoming = self.keys.incoming(processing_key)
         moved = self.client.blmove(source, incoming, self._block_seconds, "LEFT", "RIGHT")
         if moved is None:
             return None
+        arrived = time.perf_counter()
         origin = "s" if source == self.keys.queue else "h"
         envelope = self._stamp_incoming(
             keys=[incoming, processing_key, self.keys.redelivery, source],
             args=[fresh_task_ids(1)[0], self._max_bytes, origin],
         )
-        if envelope:
-            self._wait_for_replica()
-        return envelope or None
+        if not envelope:
+            return None
+        self._wait_for_replica()
+        return envelope, time.perf_counter() - arrived
 
     def _own_queue(self) -> str:
         return self._host_queue or self.keys.queue
@@ -302,10 +336,26 @@ class ReliableQueue:
         now: float,
         stream: str = "",
         stream_maxlen: int = 0,
-    ) -> tuple[int, int]:
+    ) -> None:
         """Remove tasks from their processing lists, announce their outcomes,
-        schedule their retries and count the batch for `status`, atomically.
-        Returns how many dead letters the caps pushed out: (failed, junk)."""
+        schedule their retries and count the batch for `status`, atomically."""
+        call = self.acknowledgement(
+            acks, counts=counts, dead_letter_max=dead_letter_max, now=now, stream=stream, stream_maxlen=stream_maxlen
+        )
+        call.script(keys=call.keys, args=call.args)
+
+    def acknowledgement(
+        self,
+        acks: list[Acknowledgement],
+        *,
+        counts: dict[str, int],
+        dead_letter_max: int,
+        now: float,
+        stream: str = "",
+        stream_maxlen: int = 0,
+    ) -> ScriptCall:
+        """acknowledge() as a script call, for a transaction that does more in
+        the same round trip (shared.request_state)."""
         keys = [
             self.keys.dead, self.keys.announced, self.keys.delayed, self.keys.stats(now), stream or self.keys.dead,
             self.keys.committing, self.keys.dead_junk, self.keys.dead_trimmed,
@@ -322,8 +372,11 @@ class ReliableQueue:
         for ack in acks:
             keys.append(ack.processing_key)
             args.extend([ack.envelope, ack.kind, ack.dead_letter, ack.retry_at, ack.task_id, ack.event])
-        failed, junk = self._ack(keys=keys, args=args)
-        return int(failed), int(junk)
+        return ScriptCall(self._ack, keys, args)
+
+    def announced(self, task_id: str) -> bool:
+        """Whether the ledger has acknowledged this task's final record."""
+        return self.client.zscore(self.keys.announced, task_id) is not None
 
     def promote_due_retries(self, now: float, *, limit: int = 1000) -> int:
         """Move retries whose time has come back onto the queue."""

@@ -1,4 +1,4 @@
-"""results.json as an append-only JSON array: one record per line.
+"""results.json (and requests.json) as an append-only JSON array: one record per line.
 
     [
     {"timestamp": ..., "status": "completed"},
@@ -37,8 +37,12 @@ class ResultsFileError(Exception):
 
 
 class ResultsFile:
-    def __init__(self, path: Path) -> None:
+    """results.json, and requests.json in the same form (torn_point names the
+    crash point that tears an append of this file)."""
+
+    def __init__(self, path: Path, *, torn_point: str = "ledger_torn_append") -> None:
         self.path = path
+        self.torn_point = torn_point
         self._fd = -1
         self._size = 0
         self._has_records = False
@@ -70,9 +74,9 @@ class ResultsFile:
         text = (b",\n" if self._has_records else b"\n") + b",\n".join(lines) + CLOSING
         offset = self._size - len(CLOSING)
         try:
-            if armed("ledger_torn_append"):
+            if armed(self.torn_point):
                 _pwrite_all(self._fd, text[: len(text) // 2], offset)
-                crash_point("ledger_torn_append")
+                crash_point(self.torn_point)
             _pwrite_all(self._fd, text, offset)
             os.fdatasync(self._fd)
         except OSError:

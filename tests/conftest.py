@@ -8,6 +8,7 @@ a /dev/shm segment behind.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +24,38 @@ from harness.pool import Pool
 from harness.segments import SegmentTracker, unlink_segment
 from image_result_client.protocol import SHM_DIR
 from tools.local_redis import LocalRedis
+
+# The fixtures that start a real process or server. A test that asks for one is
+# not in-process, whatever its mark says.
+REAL_RESOURCES = frozenset({"redis_server", "redis_client", "pool_factory", "http_server"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`-m fast` (make test-fast) is the in-process layer: a test marked fast that
+    asks for a real resource is a mistake in its marks, said at collection."""
+    for item in items:
+        used = REAL_RESOURCES.intersection(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("fast") is not None and used:
+            raise pytest.UsageError(f"{item.nodeid} is marked fast but uses {', '.join(sorted(used))}")
+
+
+@pytest.fixture(autouse=True)
+def fast_tests_stay_in_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test marked fast starts no Python interpreter and no redis-server: the
+    mark promises milliseconds, and `make test-fast` is run before every commit.
+    A stand-in child such as `sleep` (a worker for the reaping decisions) is fine."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+    start_child = subprocess.Popen._execute_child  # type: ignore[attr-defined]
+
+    def start_only_small_children(self: subprocess.Popen, args: object, *rest: object, **kwargs: object) -> None:
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)  # type: ignore[call-overload]
+        program = os.path.basename(os.fsdecode(argv[0])) if argv else ""
+        if program.startswith("python") or program == "redis-server" or os.fsdecode(argv[0]) == sys.executable:
+            raise AssertionError(f"{request.node.nodeid} is marked fast but starts {program}: take the mark off")
+        start_child(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", start_only_small_children)
 
 
 @pytest.fixture(scope="session")

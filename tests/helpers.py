@@ -113,14 +113,24 @@ def wait_until(predicate: Callable[[], Any], timeout: float, message: str, inter
 
 
 def push_photos(
-    client: redis.Redis, queue: str, segments: SegmentTracker, count: int, *, size: tuple[int, int]
+    client: redis.Redis,
+    queue: str,
+    segments: SegmentTracker,
+    count: int,
+    *,
+    size: tuple[int, int],
+    request_images: int | None = None,
 ) -> list[str]:
-    """Push `count` SHM tasks of a real photo; returns their request ids."""
+    """Push `count` SHM tasks of a real photo; returns their request ids. With
+    request_images, each message declares it (docs/formats.md)."""
     frame = photo_of_size(*size)
     request_ids = []
     for index in range(count):
         request_id = f"req_{index:04d}"
-        push(client, queue, segments.message(request_id, f"image_{index:04d}", frame))
+        message = segments.message(request_id, f"image_{index:04d}", frame)
+        if request_images is not None:
+            message["request_images"] = request_images
+        push(client, queue, message)
         request_ids.append(request_id)
     return request_ids
 

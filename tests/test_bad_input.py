@@ -216,6 +216,16 @@ def test_bad_input_fails_alone_and_the_pool_keeps_serving(
             url_task("trickle", http_server.trickle("/slow.jpg", interval=0.3, headers={"Content-Length": None})),
             r"URL_READ_TIMEOUT|timed out",
         ),
+        Bad(
+            "request-images-bool",
+            as_json({"request_id": "bad-ri-bool", "image_id": "bad-ri-bool", "image_url": good_jpeg, "request_images": True}),
+            r"request_images must be an integer 1\.\.10000, got bool",
+        ),
+        Bad(
+            "request-images-cap",
+            as_json({"request_id": "bad-ri-cap", "image_id": "bad-ri-cap", "image_url": good_jpeg, "request_images": 10**6}),
+            r"request_images must be an integer 1\.\.10000, got 1000000",
+        ),
         Bad("oversized", as_json(oversized_message), r"MAX_MESSAGE_BYTES"),
     ]
     http_server.redirect("/loop-b", http_server.url("/loop-a"))

@@ -424,6 +424,45 @@ def test_cli_enqueue_wait_reports_every_record(
     assert "3/3 done, 0 failed" in done.stderr.splitlines()[-1]
 
 
+def test_cli_enqueue_wait_from_another_directory_follows_the_results_stream(
+    pool_factory: PoolFactory, redis_server: LocalRedis, queue_name: str, photos: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    """The installed client, run anywhere but the pool's directory (OUTPUT_DIR is
+    relative there, or not set at all), still sees its records: through the
+    pool's results stream in Redis."""
+    pool = pool_factory()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cv2.imwrite(str(elsewhere / "coffee.png"), photos["coffee"])
+    pool.wait_ready()
+    env = {"REDIS_URL": redis_server.url, "HOSTING_TASKS_QUEUE": queue_name}
+
+    done = run_cli(["enqueue", "--wait", "--timeout", "20", "coffee.png"], cwd=elsewhere, env=env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    [line] = done.stdout.splitlines()
+    assert line.split()[0] == "completed" and Path(line.split()[2]).parent == pool.output_dir, line
+    assert not (elsewhere / "output").exists()
+
+
+@pytest.mark.parametrize("where", ["output_dir", "stream"])
+def test_cli_enqueue_wait_says_at_once_where_it_sees_no_records(
+    redis_client: redis.Redis, redis_server: LocalRedis, queue_name: str, tmp_path: Path, where: str
+) -> None:
+    """No results.json in --output-dir, or no results stream in Redis: a note
+    before the wait, not a silent timeout."""
+    env = {"REDIS_URL": redis_server.url, "HOSTING_TASKS_QUEUE": queue_name, "RESULTS_STREAM": f"{queue_name}:results"}
+    options = ["--output-dir", str(tmp_path / "not-the-pools")] if where == "output_dir" else []
+
+    done = run_cli(["enqueue", "--wait", "--timeout", "1", *options, "http://127.0.0.1:9/a.png"], cwd=tmp_path, env=env)
+
+    assert done.returncode == 1, done.stdout + done.stderr
+    first = done.stderr.splitlines()[0]
+    expected = f"no results.json in {tmp_path / 'not-the-pools'}" if where == "output_dir" else "no results stream"
+    assert expected in first, done.stderr
+    assert redis_client.llen(queue_name) == 1
+
+
 @pytest.mark.parametrize(
     ("argument", "message"),
     [("missing.png", "not a readable file"), ("notes.png", "not an image"), ("ftp://host/a.png", "scheme")],

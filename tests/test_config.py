@@ -22,8 +22,9 @@ import pytest
 
 from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
-from shared.config import ConfigError, Settings, read_dotenv, redact_url
+from shared.config import ConfigError, Settings, misspelt_settings, read_dotenv, redact_url
 from shared.output_dir import check_output_dir
+from tests.conftest import PoolFactory
 
 SUPERVISOR = REPO_ROOT / "supervisor.py"
 # Never the developer's Redis on 6379: should a bad value slip through, the
@@ -38,6 +39,7 @@ def settings(env: Mapping[str, str], dotenv_path: Path | None = None) -> Setting
 # ---------------------------------------------------------------- from_env
 
 
+@pytest.mark.fast
 def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     s = settings({})
@@ -50,6 +52,7 @@ def test_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert s.workers == os.cpu_count()
 
 
+@pytest.mark.fast
 def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
     dotenv = tmp_path / ".env"
     dotenv.write_text("JPEG_QUALITY=50\nLOG_LEVEL=DEBUG\n")
@@ -58,6 +61,7 @@ def test_environment_wins_over_dotenv(tmp_path: Path) -> None:
     assert s.log_level == "DEBUG"  # not in the environment: .env still counts
 
 
+@pytest.mark.fast
 def test_missing_dotenv_is_fine(tmp_path: Path) -> None:
     assert settings({}, dotenv_path=tmp_path / "absent.env").jpeg_quality == 80
 
@@ -75,8 +79,14 @@ def test_missing_dotenv_is_fine(tmp_path: Path) -> None:
         ("REDIS_URL", "redis://:secret@host:99999", "redis://"),
         ("LOG_LEVEL", "LOUD", "INFO"),
         ("UNLINK_SHM", "maybe", "true or false"),
+        ("JPEG_SUBSAMPLING", "411", "444, 422, 420"),
+        ("JPEG_SUBSAMPLING", "4:4:4", "444, 422, 420"),
+        ("JPEG_PROGRESSIVE", "maybe", "true or false"),
+        ("ALPHA_BACKGROUND", "red", "#RRGGBB"),
+        ("ALPHA_BACKGROUND", "#fff", "#RRGGBB"),
     ],
 )
+@pytest.mark.fast
 def test_invalid_value_names_variable_and_accepted_range(name: str, value: str, accepted: str) -> None:
     with pytest.raises(ConfigError) as caught:
         settings({name: value})
@@ -86,16 +96,55 @@ def test_invalid_value_names_variable_and_accepted_range(name: str, value: str, 
     assert "\n" not in message
 
 
+@pytest.mark.fast
 def test_error_for_bad_redis_url_hides_password() -> None:
     with pytest.raises(ConfigError) as caught:
         settings({"REDIS_URL": "redis://:secret@host:99999"})
     assert "secret" not in str(caught.value)
 
 
+@pytest.mark.fast
 def test_redact_url_hides_password() -> None:
     redacted = redact_url("redis://user:pw@h:6379/0")
     assert "pw" not in redacted
     assert redacted == "redis://user:***@h:6379/0"
+
+
+@pytest.mark.fast
+def test_misspelt_setting_names_are_found_with_the_name_meant(tmp_path: Path) -> None:
+    """In .env, a name close to a setting's or with our prefix; in the environment
+    (every program's names), only one with our prefix. Others' names pass."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("WORKER=3\nJPEG_QUALTY=95\nCOMPOSE_PROJECT_NAME=x\nWORKERS=2\n")
+    environ = {"PATH": "/bin", "LOGNAME": "me", "HOSTNAME": "h", "SHM_PREFIX": "img_", "WORKR": "2"}
+
+    found = {(u.name, u.source, u.did_you_mean) for u in misspelt_settings(environ, dotenv_path=dotenv)}
+
+    assert found == {
+        ("WORKER", str(dotenv), "WORKERS"),
+        ("JPEG_QUALTY", str(dotenv), "JPEG_QUALITY"),
+        ("SHM_PREFIX", "environment", "SHM_NAME_PREFIX"),
+    }
+
+
+def test_pool_warns_about_misspelt_settings_and_runs(pool_factory: PoolFactory, tmp_path: Path) -> None:
+    """WORKER=3 and JPEG_QUALTY=95 in .env, URL_MAX_REDIRECT in the environment:
+    the pool starts (with the defaults) and says, for each, which setting was meant."""
+    workdir = tmp_path / "here"
+    workdir.mkdir()
+    (workdir / ".env").write_text("WORKER=3\nJPEG_QUALTY=95\n")
+    pool = pool_factory(cwd=workdir, env={"URL_MAX_REDIRECT": "5"})
+    pool.wait_ready()
+
+    warned = {(e["name"], e["source"], e["did_you_mean"]) for e in pool.events("unknown_setting")}
+
+    assert warned == {
+        ("WORKER", ".env", "WORKERS"),
+        ("JPEG_QUALTY", ".env", "JPEG_QUALITY"),
+        ("URL_MAX_REDIRECT", "environment", "URL_MAX_REDIRECTS"),
+    }
+    assert all(e["level"] == "warning" for e in pool.events("unknown_setting"))
+    assert pool.stop() == 0
 
 
 # ---------------------------------------------------------------- supervisor.py
@@ -148,14 +197,16 @@ def run_supervisor(
         ({"WORKERS": "0"}, (), "WORKERS"),
         ({"WORKERS": "abc"}, (), "WORKERS"),
         ({"REDIS_URL": "foo://x"}, (), "REDIS_URL"),
+        ({"JPEG_SUBSAMPLING": "411"}, (), "JPEG_SUBSAMPLING"),
+        ({"ALPHA_BACKGROUND": "transparent"}, (), "ALPHA_BACKGROUND"),
         ({}, ("--workers", "abc"), "--workers"),
         ({}, ("--bogus-flag",), "--bogus-flag"),
         # str.isdigit() takes superscripts, which int() refuses: these were tracebacks.
         ({"REDIS_SENTINELS": "h:\u00b2"}, (), "REDIS_SENTINELS"),
         ({"SHM_OWNER_UIDS": "\u00b2"}, (), "SHM_OWNER_UIDS"),
     ],
-    ids=["quality-0", "quality-500", "workers-0", "workers-abc", "redis-foo", "flag-workers-abc", "flag-bogus",
-         "sentinel-port-superscript", "uid-superscript"],
+    ids=["quality-0", "quality-500", "workers-0", "workers-abc", "redis-foo", "subsampling-411", "background-transparent",
+         "flag-workers-abc", "flag-bogus", "sentinel-port-superscript", "uid-superscript"],
 )
 def test_supervisor_rejects_bad_input_with_one_line_and_exit_2(
     tmp_path: Path, env: dict[str, str], args: tuple[str, ...], named: str
@@ -178,6 +229,7 @@ def test_a_dotenv_that_is_not_text_is_one_line_naming_it_and_exit_2(tmp_path: Pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.fast
 def test_dotenv_reading_gives_its_settings_or_a_one_line_error(tmp_path: Path) -> None:
     assert read_dotenv(tmp_path / "absent.env") == {}
     (tmp_path / "a.env").write_text("# a comment\nWORKERS=3\nEMPTY\n")
@@ -202,6 +254,7 @@ def assert_refused(code: int, stderr: str, *named: str) -> None:
     assert "Traceback" not in stderr
 
 
+@pytest.mark.fast
 def test_output_dir_and_its_missing_parents_are_created(tmp_path: Path) -> None:
     output_dir = tmp_path / "a" / "b" / "out"
     assert check_output_dir(output_dir) == [tmp_path / "a", tmp_path / "a" / "b", output_dir]
@@ -409,6 +462,7 @@ def commented_settings(text: str) -> dict[str, str]:
     return dict(shown)
 
 
+@pytest.mark.fast
 def test_example_env_sets_nothing() -> None:
     """Under systemd, EnvironmentFile= overrides the unit's Environment=: a value set
     here, even a default, would replace the unit's (OUTPUT_DIR once did, and the pool
@@ -420,6 +474,7 @@ def test_example_env_sets_nothing() -> None:
     assert active == []
 
 
+@pytest.mark.fast
 def test_example_env_lists_every_setting_with_its_default(tmp_path: Path) -> None:
     """configs/example.env is the documented list: uncommented, it must parse to the
     defaults and name every field of Settings."""

@@ -1,18 +1,22 @@
 """A kill -9 at each point of the durable-step order still ends every task
-exactly once, with one file, no stray partial file and no leaked segment.
+exactly once, with one file, no stray partial file and no leaked segment, and
+every request (here, one image each) with one request record.
 
 The order (workers/ledger.py): the worker writes the JPEG, sends its record;
 the ledger syncs the batch's JPEGs, publishes the files, appends the records
-(the commit point), acknowledges in Redis, unlinks the segments. shared/faults.py arms one point;
+(the commit point), acknowledges in Redis (ending requests), unlinks the
+segments, appends the request records to requests.json. shared/faults.py arms one point;
 the first process to reach it dies there, once.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
+from harness.results import read_requests
 from harness.segments import segment_exists
 from shared.redis_queue import QueueKeys
 from tests.helpers import assert_exactly_once, push, push_photos, wait_for_queue_drained, wait_for_records
@@ -26,6 +30,9 @@ CRASH_POINTS = [
     "ledger_after_append",  # records durable, files published
     "ledger_before_ack",  # files published, Redis not told
     "ledger_after_ack",  # acknowledged, segments not unlinked
+    "ledger_before_request_append",  # requests ended in Redis, not in requests.json
+    "ledger_torn_request_append",  # half a batch written to requests.json
+    "ledger_after_request_append",  # request records durable, still on the unwritten list
 ]
 
 
@@ -39,8 +46,9 @@ def test_kill_at_each_durable_step_ends_each_task_exactly_once(
     bad = {"bad_missing_segment": {"shm_name": "img_shm_gone", "shape": [8, 8, 3], "dtype": "uint8", "size": 192},
            "bad_dtype": {"shm_name": "img_shm_x", "shape": [8, 8, 3], "dtype": "int64"}}
     for request_id, shm_info in bad.items():
-        push(redis_client, queue_name, {"request_id": request_id, "image_id": request_id, "shm_info": shm_info})
-    request_ids = list(bad) + push_photos(redis_client, queue_name, segments, 12, size=(512, 512))
+        message = {"request_id": request_id, "image_id": request_id, "shm_info": shm_info, "request_images": 1}
+        push(redis_client, queue_name, message)
+    request_ids = list(bad) + push_photos(redis_client, queue_name, segments, 12, size=(512, 512), request_images=1)
     stream = f"{queue_name}:results"
     redis_client.xgroup_create(stream, "downstream", id="$", mkstream=True)
     env = {"IRW_CRASH_AT": point, "IRW_CRASH_MARKER": str(marker), "RESULTS_STREAM": stream}
@@ -62,11 +70,20 @@ def test_kill_at_each_durable_step_ends_each_task_exactly_once(
     assert sorted(dead) == sorted(bad), "each failed task has exactly one dead letter"
     # A consumer group downstream sees each outcome exactly once, as recorded.
     ((_, entries),) = redis_client.xreadgroup("downstream", "reader", {stream: ">"}, count=1000)
-    events = {}
+    events, ended = {}, Counter()
     for _, fields in entries:
+        if b"request" in fields:
+            ended[json.loads(fields[b"request"])["request_id"]] += 1
+            continue
         event = json.loads(fields[b"record"])
         assert event["request_id"] not in events, f"{event['request_id']} announced twice"
         events[event["request_id"]] = event
     assert sorted(events) == sorted(request_ids)
     assert {r["request_id"]: r["status"] for r in records} == {k: e["status"] for k, e in events.items()}
     assert [name for name in segments.names if segment_exists(name)] == []
+    # Each request ended once: one record in requests.json, one on the stream, its task's status.
+    requests = read_requests(pool.output_dir)
+    assert sorted(r["request_id"] for r in requests) == sorted(request_ids)
+    assert ended == Counter(request_ids)
+    assert {r["request_id"]: r["status"] for r in requests} == {k: e["status"] for k, e in events.items()}
+    assert redis_client.keys(f"{QueueKeys(queue_name).prefix}:requests_unwritten:*") == []

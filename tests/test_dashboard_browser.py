@@ -328,3 +328,78 @@ def test_a_dead_letter_is_requeued_only_with_the_token_from_the_page(
     )
     assert page.evaluate("window.pwned") is None
     assert Path(records[1]["file_path"]).is_file()
+
+
+def test_thumbnails_over_the_rate_limit_wait_as_placeholders_and_a_disabled_purge_is_not_red(
+    pool_factory, redis_client: redis.Redis, queue_name: str, segments, photos, page, dashboards
+) -> None:
+    """Eight records at once: the dashboard makes a few thumbnails a second and
+    answers 503 beyond that. The page shows a placeholder for each thumbnail not
+    made yet and asks again; never a broken image. Read-only, the disabled
+    "Purge all" is grey, not the red of a button that deletes."""
+    pool = pool_factory(workers=2)
+    pool.wait_ready()
+    names = ("astronaut", "chelsea", "coffee", "camera")
+    for index in range(8):
+        push(redis_client, queue_name, segments.message(f"req-{index}", f"photo-{index}", photos[names[index % 4]]))
+    wait_for_records(pool.output_dir, 8, pool=pool)
+    dashboard = dashboards(pool, token=None)
+
+    page.goto(dashboard.url + "/")
+    page.evaluate(
+        """() => {
+        window.seen = { broken: 0, placeholders: 0 };
+        setInterval(() => {
+          const images = [...document.querySelectorAll('#records img')];
+          window.seen.broken += images.filter(i => i.complete && i.naturalWidth === 0).length;
+          window.seen.placeholders = Math.max(window.seen.placeholders,
+            document.querySelectorAll('#records .thumb-pending').length);
+        }, 20);
+      }"""
+    )
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#records img')].filter(i => i.complete && i.naturalWidth > 0).length === 8",
+        timeout=60_000,
+    )
+
+    seen = page.evaluate("() => window.seen")
+    assert seen["broken"] == 0, seen
+    assert seen["placeholders"] >= 1, seen  # the limit was met: some waited
+    assert page.locator("#records .thumb-pending").count() == 0
+    purge = page.locator("#purge")
+    assert purge.is_disabled()
+    background = purge.evaluate("node => getComputedStyle(node).backgroundColor")
+    red = page.evaluate("() => getComputedStyle(document.documentElement).getPropertyValue('--bad').trim()")
+    assert red == "#c53030" and background != "rgb(197, 48, 48)", background
+    assert pool.stop() == 0
+
+
+def test_open_requests_are_listed_with_their_progress_and_found_by_id(
+    pool_factory, redis_client: redis.Redis, queue_name: str, segments, photos, page, dashboards
+) -> None:
+    """Two of a hostile-named request's three images recorded: the page lists it
+    as "2 of 3" (as text), the search says so too; when its last image is
+    recorded, it leaves the list."""
+    pool = pool_factory(workers=1)
+    pool.wait_ready()
+    for index in range(2):
+        message = segments.message(HOSTILE_REQUEST, f"page-{index}", photos["chelsea"])
+        push(redis_client, queue_name, {**message, "request_images": 3})
+    wait_for_records(pool.output_dir, 2, pool=pool)
+    dashboard = dashboards(pool, token=None)
+
+    page.goto(dashboard.url + "/")
+    wait_for_text(page, "#requests-count", "1 open")
+    row = page.locator("#requests-rows tr")
+    assert row.locator(".request-id").inner_text() == HOSTILE_REQUEST
+    assert row.locator(".progress").inner_text() == "2 of 3"
+    page.fill("#search-id", HOSTILE_REQUEST)
+    page.press("#search-id", "Enter")
+    wait_for_text(page, "#search-result", "2 of 3 recorded")
+
+    push(redis_client, queue_name, {**segments.message(HOSTILE_REQUEST, "page-2", photos["chelsea"]), "request_images": 3})
+    wait_for_text(page, "#requests-count", "none")
+    assert page.locator("#requests-rows tr").count() == 0
+    assert page.evaluate("() => window.pwned === undefined")
+    assert dashboard.stop() == 0
+    assert pool.stop() == 0

@@ -1,16 +1,17 @@
 """The dashboard's HTTP layer, in-process, against a real socket and a real Redis:
 who may change the queue (token, Origin, Sec-Fetch-Site, content type), the
-Host check, request size caps, the per-connection deadline, thumbnails that
-cannot leave OUTPUT_DIR, and one shared read of Redis for many clients.
+Host check, thumbnails that cannot leave OUTPUT_DIR, and one shared read of
+Redis for many clients. Request size caps, deadlines and floods are the HTTP
+base's, tested once for both ports in tests/test_http_base.py.
 
 The decisions themselves (authorize_change, check_host, thumbnail_name) are
 also tested as pure functions, in milliseconds."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +26,6 @@ import redis
 
 from control.dashboard import (
     CONTENT_SECURITY_POLICY,
-    MAX_BODY_BYTES,
     THUMB_BURST,
     THUMBS_PER_SECOND,
     Refused,
@@ -36,6 +36,7 @@ from control.dashboard import (
     thumbnail_name,
 )
 from control.dashboard_data import Overview
+from control.http_base import LIMITS
 from shared.config import Settings
 from shared.records import dead_letter_entry
 from shared.redis_queue import QueueKeys
@@ -126,21 +127,18 @@ def start_server(redis_url: str, queue: str, output_dir: Path, *, token: str | N
     if token is not None:
         env["DASHBOARD_TOKEN"] = token
     settings = Settings.from_env(env, dotenv_path=None)
-    server = make_server(settings, address=HOST, port=0, deadline=deadline)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    return server, thread
+    server = make_server(settings, address=HOST, port=0, limits=dataclasses.replace(LIMITS, deadline=deadline))
+    server.start()
+    return server
 
 
 @pytest.fixture
 def server(redis_server, redis_client: redis.Redis, queue_name: str, output_dir: Path) -> Iterator:
-    server, thread = start_server(redis_server.url, queue_name, output_dir)
+    server = start_server(redis_server.url, queue_name, output_dir)
     try:
         yield server
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        server.close()
 
 
 def request(server, method: str, path: str, *, body: bytes | None = None, extra: dict | None = None):
@@ -229,7 +227,7 @@ def test_requeue_all_and_purge(server, redis_client, queue_name) -> None:
 
 def test_a_read_only_dashboard_refuses_every_change(redis_server, redis_client, queue_name, output_dir) -> None:
     add_dead_letter(redis_client, queue_name, "r1")
-    server, thread = start_server(redis_server.url, queue_name, output_dir, token=None)
+    server = start_server(redis_server.url, queue_name, output_dir, token=None)
     try:
         overview = json.loads(request(server, "GET", "/api/overview")[2])
         assert overview["writable"] is False
@@ -238,53 +236,7 @@ def test_a_read_only_dashboard_refuses_every_change(redis_server, redis_client, 
             assert status == 403 and answer["error"].startswith("read-only"), answer
         assert redis_client.llen(QueueKeys(queue_name).dead) == 1
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def test_oversized_and_chunked_requests_are_refused(server) -> None:
-    origin = {"Origin": f"http://{HOST}:{server.port}", "Content-Type": "application/json"}
-    connection = http.client.HTTPConnection(HOST, server.port, timeout=10)
-    connection.putrequest("POST", "/api/dead/purge")
-    for name, value in {**origin, "Content-Length": str(10 * MAX_BODY_BYTES)}.items():
-        connection.putheader(name, value)
-    connection.endheaders()
-    response = connection.getresponse()
-    assert response.status == 413
-    connection.close()
-
-    with socket.create_connection((HOST, server.port), timeout=10) as sock:
-        head = "".join(f"{name}: {value}\r\n" for name, value in origin.items())
-        sock.sendall(f"POST /api/dead/purge HTTP/1.1\r\nHost: {HOST}\r\n{head}Transfer-Encoding: chunked\r\n\r\n".encode())
-        assert _read_all(sock).startswith(b"HTTP/1.0 411")
-
-    with socket.create_connection((HOST, server.port), timeout=10) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Padding: " + b"a" * 60_000 + b"\r\n\r\n")
-        reply = _read_all(sock)
-    assert reply.startswith(b"HTTP/1.0 431") or reply == b"", reply[:100]
-
-
-def test_a_silent_or_trickling_client_is_cut_off_at_its_deadline(redis_server, redis_client, queue_name, output_dir) -> None:
-    server, thread = start_server(redis_server.url, queue_name, output_dir, deadline=0.5)
-    try:
-        with socket.create_connection((HOST, server.port), timeout=10) as silent, \
-                socket.create_connection((HOST, server.port), timeout=10) as trickling:
-            started = time.monotonic()
-            try:
-                for byte in b"GET / HTTP/1.1\r\n":
-                    trickling.sendall(bytes([byte]))
-                    time.sleep(0.1)
-            except OSError:
-                pass  # cut off already
-            assert _read_all(silent) == b"" and _read_all(trickling) == b""
-            assert time.monotonic() - started < 5
-        # Cut-off clients do not keep others from being served.
-        assert request(server, "GET", "/api/overview")[0] == 200
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        server.close()
 
 
 def test_thumbnails_only_for_files_a_record_names(server, output_dir, tmp_path) -> None:
@@ -339,19 +291,6 @@ def test_many_clients_share_one_read_of_redis(redis_server, redis_client, queue_
     assert len(bodies) == 400
     assert overview.refreshes <= elapsed / 1.0 + 1, (overview.refreshes, elapsed)
     assert all(json.loads(body)["queue"] == queue_name for body in bodies)
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = sock.recv(65536)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _record(request_id: str, file_path: str) -> dict:

@@ -22,6 +22,7 @@ import fnmatch
 import io
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -563,6 +564,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         f"SYSTEMD_DIR={root / 'etc' / 'systemd' / 'system'}",
         f"ENV_FILE={root / 'etc' / 'image-result-worker.env'}",
         f"PYTHON={sys.executable}",  # venv takes the interpreter behind our venv's
+        f"SERVICE_USER={pwd.getpwuid(os.geteuid()).pw_name}",  # who runs the installed pool here
     )
     first = run_make("install", *variables)
     # An upgrade: a package of the previous install is gone from the tree.
@@ -635,6 +637,71 @@ def test_make_install_puts_the_service_and_a_runtime_only_venv_in_the_prefix(ins
         cwd=prefix, env=env, check=False, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def make_install_refusal(*variables: str) -> subprocess.CompletedProcess[str]:
+    env = {name: value for name, value in os.environ.items() if name not in (*POOL_ENV_VARS, *MAKE_VARIABLES_INHERITED)}
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO_ROOT), "install", *variables],
+        env=env, check=False, capture_output=True, text=True, timeout=240,
+    )
+
+
+@pytest.fixture
+def python_in_a_closed_home(tmp_path: Path) -> Path:
+    """An interpreter as pyenv installs one for root: under a home of mode 0700.
+    The system's binary, copied; it finds its standard library where it was."""
+    system_python = shutil.which("python3", path="/usr/bin:/bin")
+    if shutil.which("make") is None or system_python is None:
+        pytest.skip("needs make and a system python3 in /usr/bin")
+    home = tmp_path / "root-home"
+    (home / "bin").mkdir(parents=True)
+    home.chmod(0o700)
+    python = home / "bin" / "python3"
+    shutil.copy2(os.path.realpath(system_python), python)
+    return python
+
+
+def test_make_install_refuses_an_interpreter_the_service_user_cannot_run(
+    python_in_a_closed_home: Path, tmp_path: Path
+) -> None:
+    """Run as the service's user (a real non-root account, `nobody`), the
+    interpreter is refused in one line naming a Python that works, before
+    anything reaches PREFIX; a system Python passes the same check."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to the service's user needs root")
+    nobody = pwd.getpwnam("nobody").pw_name
+    prefix = tmp_path / "opt" / "image-result-worker"
+
+    done = make_install_refusal(f"PREFIX={prefix}", f"PYTHON={python_in_a_closed_home}", f"SERVICE_USER={nobody}")
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("make install:")]
+    assert f"user {nobody} cannot run {python_in_a_closed_home}" in line, line
+    assert "Permission denied" in line and "PYTHON=/usr/bin/python3" in line, line
+    assert not prefix.exists()
+    system = subprocess.run(
+        ["/usr/bin/python3", str(REPO_ROOT / "tools" / "service_python.py"), "--user", nobody],
+        check=False, capture_output=True, text=True, timeout=60,
+    )
+    assert system.returncode == 0, system.stderr
+
+
+def test_make_install_refuses_an_interpreter_closed_to_a_user_not_made_yet(
+    python_in_a_closed_home: Path, tmp_path: Path
+) -> None:
+    """Before `useradd --system`, the install cannot run as the user: the way to
+    the interpreter must then be open to everyone."""
+    prefix = tmp_path / "opt" / "image-result-worker"
+
+    done = make_install_refusal(
+        f"PREFIX={prefix}", f"PYTHON={python_in_a_closed_home}", "SERVICE_USER=irw-not-created-yet"
+    )
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("make install:")]
+    assert "mode 0700" in line and "irw-not-created-yet cannot enter" in line, line
+    assert not prefix.exists()
 
 
 # A setting shown commented out in the settings file: "# NAME=value".

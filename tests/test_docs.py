@@ -24,6 +24,8 @@ from harness import REPO_ROOT
 from shared import config
 from shared.config import Settings
 
+pytestmark = pytest.mark.fast  # in-process: make test-fast
+
 OPERATIONS = REPO_ROOT / "docs" / "operations.md"
 TABLE_HEADER = re.compile(r"^\|\s*variable\s*\|\s*default\s*\|\s*meaning\s*\|\s*$")
 # Defaults the code computes on the machine it runs on, as the table words them.
@@ -296,3 +298,36 @@ def test_readme_keeps_the_quick_start_commands() -> None:
     readme = (REPO_ROOT / "README.md").read_text()
     for command in ("make run", "make test", "make demo"):
         assert command in readme
+
+
+def docker_runs(markdown: str) -> list[str]:
+    """Every `docker run` command in the page's shell blocks, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"```(?:sh|bash|console)\n(.*?)```", markdown, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line.strip() for line in joined.splitlines() if line.strip().startswith("docker run")]
+    return commands
+
+
+def container_names_without_a_network(markdown: str) -> list[str]:
+    """`docker run` commands that reach Redis by a container's name (not an
+    address, not localhost) with no --network: on Docker's default bridge the
+    name does not resolve, and the pool waits for Redis forever."""
+    problems = []
+    for run in docker_runs(markdown):
+        host = re.search(r"REDIS_URL=rediss?://(?:[^@\s]*@)?([A-Za-z][\w.-]*)", run)
+        if host and host.group(1) != "localhost" and "--network" not in run:
+            problems.append(run)
+    return problems
+
+
+@pytest.mark.parametrize("page", documentation_pages(), ids=lambda page: page.name)
+def test_docker_run_examples_that_name_a_redis_container_put_both_on_a_network(page: Path) -> None:
+    assert container_names_without_a_network(page.read_text()) == []
+
+
+def test_the_docker_run_check_catches_a_missing_network() -> None:
+    page = "```sh\ndocker run -d --ipc=host \\\n  -e REDIS_URL=redis://redis:6379 image-result-worker\n```\n"
+    assert len(container_names_without_a_network(page)) == 1
+    assert container_names_without_a_network(page.replace("--ipc=host", "--network irw --ipc=host")) == []
+    assert container_names_without_a_network(page.replace("redis://redis", "redis://10.0.0.5")) == []

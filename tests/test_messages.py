@@ -113,6 +113,21 @@ def test_integer_request_id_is_accepted_as_text() -> None:
     assert parse(message(request_id=42)).request_id == "42"
 
 
+def test_request_images_is_read_and_absent_means_no_request() -> None:
+    assert parse(message(request_images=12)).request_images == 12
+    assert parse(message(request_images=10_000)).request_images == 10_000
+    assert parse(message()).request_images is None
+
+
+def test_a_failed_message_still_names_its_request_images_when_valid() -> None:
+    """An image whose message fails for another reason still counts for its request."""
+    bad_shape = json.dumps(message(request_images=4, shm_info=shm_info(shape=[0, 1]))).encode()
+    assert salvage(bad_shape).request_images == 4
+    assert salvage(json.dumps(message(request_images=True)).encode()).request_images is None
+    assert salvage(b'{"request_id": "r", "image_id": "i", "request_images": 7, "shm_info": {"sh').request_images == 7
+    assert salvage(b'{"request_images": 7, "x": 1, "request_images": 8, "y": ').request_images is None
+
+
 def test_bad_shm_info_with_valid_url_falls_back_to_url() -> None:
     task = parse(message(shm_info=shm_info(shm_name="../etc/passwd"), image_url=URL))
     assert task.segment is None and task.image_url == URL
@@ -148,6 +163,14 @@ INVALID = {
     "size-mismatch": (message(shm_info=shm_info(size=480 * 640)), "size"),
     "shm-info-list": (message(shm_info=[1, 2]), "shm_info"),
     "url-not-string": (message(shm_info=None, image_url=5), "image_url"),
+    "request-images-zero": (message(request_images=0), "request_images must be an integer 1..10000, got 0"),
+    "request-images-negative": (message(request_images=-3), "request_images"),
+    "request-images-over-cap": (message(request_images=10_001), "got 10001"),
+    "request-images-bool": (message(request_images=True), "got bool"),
+    "request-images-float": (message(request_images=3.0), "got float"),
+    "request-images-string": (message(request_images="3"), "got str"),
+    "request-images-null": (b'{"request_id": "r", "image_id": "i", "image_url": "http://x/y", "request_images": null}',
+                            "got NoneType"),
 }
 
 
@@ -194,6 +217,7 @@ task_like = st.fixed_dictionaries(
         "image_id": st.text(max_size=10) | json_values,
         "shm_info": shm_infos | st.text(max_size=20) | json_values,
         "image_url": st.text(max_size=20) | json_values,
+        "request_images": st.integers(-2, 10_002) | json_values,
     },
 )
 

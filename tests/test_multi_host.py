@@ -207,7 +207,7 @@ def test_a_supervisor_serving_its_host_queue_keeps_the_hosts_live_key(
     assert 0 < redis_client.pttl(keys.live_host("a")) <= 2000
     assert not redis_client.exists(keys.live_host("b"))
     # Not taken for a host queue by `status` and `host drain`.
-    assert PoolRegistry(redis_client, keys).host_queues() == {}
+    assert PoolRegistry(redis_client, keys).host_queues().listed == {}
     assert serving.stop() == 0
     wait_until(lambda: not redis_client.exists(keys.live_host("a")), 30, "the live key outlived its supervisor")
     assert shared_only.stop() == 0

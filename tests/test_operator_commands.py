@@ -35,6 +35,39 @@ TITLE = "\x1b]0;pwned\x07"  # retitles a terminal window
 RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
+@pytest.mark.parametrize(
+    ("word", "said"),
+    [
+        ("stauts", "unknown command 'stauts'; did you mean 'status'?"),
+        ("dashbaord", "unknown command 'dashbaord'; did you mean 'dashboard'?"),
+        (
+            "frobnicate",
+            "unknown command 'frobnicate'; expected one of status, check, dead, host, task, dashboard, or options only",
+        ),
+    ],
+)
+def test_a_mistyped_command_is_one_line_naming_the_one_meant(tmp_path, word: str, said: str) -> None:
+    """Not argparse's "unrecognized arguments", and no pool started on a typo."""
+    done = operator_command(word, redis_url="redis://127.0.0.1:1/0", queue="q", output_dir=tmp_path / "out")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"image-result-worker: {said}"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [(), ("status",)])
+def test_an_interpreter_without_our_dependencies_is_one_line_not_a_traceback(tmp_path, args) -> None:
+    """`python supervisor.py ...` outside .venv: a bare venv stands for a system Python."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True, timeout=60)
+    python = tmp_path / "bare" / "bin" / "python"
+    done = subprocess.run(
+        [str(python), str(REPO_ROOT / "supervisor.py"), *args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"image-result-worker: {python} has no module ") and ".venv/bin/python" in line, line
+
+
 def on_terminal(
     *args: str, env: dict[str, str], answer: str | None = None, interrupt_after_frames: int | None = None
 ) -> tuple[int, str]:

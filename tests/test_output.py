@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from shared.output import final_name, publish, safe_stem, write_durably
 
+pytestmark = pytest.mark.fast  # in-process: make test-fast
+
 WHEN = datetime(2024, 3, 5, 14, 7, 9)
 HOSTILE_IDS = ["../x", "/abs/path", "a/b", "x\0y", "i" * 1000, "이미지_001", "📷🐈", "..", "", ".", "..." + "é" * 200]
 

@@ -16,6 +16,7 @@ from shared.messages import Envelope, parse_envelope
 from shared.redis_queue import Acknowledgement, QueueKeys, ReliableQueue
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("queue", ["hosting_tasks", "tasks:eu-west", "{tenant-7}:hosting", "eu:{tenant-7}"])
 def test_every_key_shares_the_queue_slot(queue: str) -> None:
     keys = QueueKeys(queue)
@@ -23,16 +24,20 @@ def test_every_key_shares_the_queue_slot(queue: str) -> None:
         keys.registry, keys.dead, keys.announced, keys.delayed, keys.stats(1_700_000_000),
         keys.processing("instance1", "w42"), keys.lease("instance1"), keys.host("gpu-3"), keys.live_host("gpu-3"),
         keys.committing, keys.wait_sources, keys.redelivery, keys.incoming(keys.processing("instance1", "w42")),
+        keys.request('"{other}"'), keys.request('"}x{"'), keys.open_requests, keys.ended_requests,
+        keys.unwritten_requests("gpu-3"),
     ]
     assert {key_slot(key.encode()) for key in all_keys} == {key_slot(queue.encode())}
 
 
+@pytest.mark.fast
 def test_processing_lists_name_their_instance() -> None:
     keys = QueueKeys("hosting_tasks")
     assert keys.instance_of(keys.processing("abc123", "w7")) == "abc123"
     assert keys.instance_of("{other}:processing:abc123:w7") is None
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("queue", ["odd}{name", "x}", "{}", "a{b"])
 def test_braces_that_are_no_hash_tag_are_refused(queue: str) -> None:
     with pytest.raises(ConfigError, match="hash tag"):

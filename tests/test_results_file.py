@@ -10,6 +10,8 @@ import pytest
 
 from shared.results_file import ResultsFile, ResultsFileError
 
+pytestmark = pytest.mark.fast  # in-process: make test-fast
+
 
 def record(n: int) -> dict:
     return {"request_id": f"req-{n}", "image_id": f"이미지-{n}", "status": "completed", "n": n}

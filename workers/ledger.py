@@ -17,6 +17,13 @@ Data flow, in the order that makes a task durable (the crash-safety contract):
          failure into the delayed-retry set, the counts `status` shows
       5. unlink the tasks' shared-memory segments (listed in OUTPUT_DIR/.unlink-pending
          before step 4, so a crash between 4 and 5 leaks none)
+      6. append the request records that step 4 ended (shared.request_state:
+         counted in the same transaction, and put on this host's unwritten list
+         in Redis) to requests.json, fdatasync; skipped for a record id already
+         in the file
+      7. take them off the unwritten list. What a crash leaves there (and what
+         the supervisor's upkeep ended as "incomplete") is written at start and
+         every second
 
 A crash before 2 loses nothing: the tasks are still in their processing lists
 and are redelivered. A JPEG whose fdatasync fails (EIO) is never trusted, even
@@ -47,6 +54,7 @@ Hazards handled here:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import selectors
@@ -57,11 +65,13 @@ import struct
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 
 import structlog
 
+from image_result_client.protocol import REQUESTS_NAME
 from shared import channel, exitcodes, output, process
 from shared.backoff import compute_backoff
 from shared.config import Settings
@@ -70,6 +80,7 @@ from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import REDIS_ERRORS, Acknowledgement, QueueKeys, ReliableQueue, connect
+from shared.request_state import CountedImage, RequestState, record_id_of, requests_writer
 from shared.results_file import ResultsFile, ResultsFileError, encode_line
 from shared.segments import SegmentAccess, unlink_segment
 from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
@@ -95,6 +106,8 @@ DIGITS = re.compile(r"[0-9]+")
 FILE_NAME = re.compile(r"[^/\x00]+\.jpg")
 # Final names a task's file may lose to another writer in a row before the task is retried.
 PUBLISH_RACES = 8
+# How often this host's unwritten request records are looked for in Redis.
+REQUESTS_CHECK_SECONDS = 1.0
 
 
 class Ledger:
@@ -111,6 +124,12 @@ class Ledger:
         self.stopping = False
         self.keys = QueueKeys(settings.queue)
         self.results = ResultsFile(settings.output_dir / output.RESULTS_NAME)
+        self.requests = ResultsFile(settings.output_dir / REQUESTS_NAME, torn_point="ledger_torn_request_append")
+        self.written_requests = RememberedIds(REMEMBERED_IDS)  # record ids in requests.json
+        self.requests_due = 0.0
+        # Written to requests.json, still on the unwritten list: they leave it in
+        # the next acknowledgement's round trip, or the next check's.
+        self.requests_to_forget: list[bytes] = []
         self.unlinks = SegmentUnlinks(settings.output_dir / ".unlink-pending", SegmentAccess.from_settings(settings))
         self.journal = PublicationJournal(settings.output_dir / PUBLISHING_NAME)
         self.selector = selectors.DefaultSelector()
@@ -123,13 +142,14 @@ class Ledger:
         self.write_retry_at = 0.0
         self.ack_failures = 0
         self.ack_retry_at = 0.0
-        self.trimmed = (0, 0)  # dead letters pushed out since the last log line: (failed, junk)
+        self.trimmed: dict[str, int] | None = None  # {Q}:dead:trimmed at the last look
         self.trimmed_logged_at = -TRIMMED_LOG_SECONDS
 
     def run(self) -> int:
         try:
             self.directories = output.prepare_output_dir(self.settings.output_dir)
             recent = self.results.open()
+            self.written_requests.learn(record.get("record_id") for record in self.requests.open())
             self.unlinks.open()
             self.journal.open()
         except (OSError, ResultsFileError) as exc:
@@ -139,6 +159,15 @@ class Ledger:
         self._finish_interrupted_publications(recent)
         self.unlinks.finish_interrupted()
         self.queue = ReliableQueue(connect(self.settings), self.keys, max_message_bytes=self.settings.max_message_bytes)
+        self.request_state = RequestState(
+            self.queue.client,
+            self.keys,
+            writer=requests_writer(self.settings),
+            request_ttl=self.settings.request_ttl,
+            stream=self.settings.results_stream,
+            stream_maxlen=self.settings.results_stream_maxlen,
+        )
+        self._note_trimmed(force=True)  # the counts so far: only what is trimmed from now on is logged
         listener = channel.listen(channel.ledger_address(self.instance))
         listener.setblocking(False)
         self.selector.register(listener, selectors.EVENT_READ, None)
@@ -158,10 +187,13 @@ class Ledger:
             if self._batch_ready():
                 self._commit()
             self._acknowledge()
+            self._write_unwritten_requests()
             self._send_stats()
         self._drain_before_exit()
+        self._note_trimmed(force=True)
         self._send_stats(force=True)
         self.results.close()
+        self.requests.close()
         log.info("ledger_stopped", unacknowledged=len(self.unacknowledged))
         return exitcodes.OK
 
@@ -501,15 +533,23 @@ class Ledger:
         try:
             acks = [self._acknowledgement(record) for record in batch]
             counts = Counter(record.status for record in batch if not record.duplicate)
+            images = [image for image in map(self._counted_image, batch) if image is not None]
             crash_point("ledger_before_ack")
-            trimmed = self.queue.acknowledge(
+            now = time.time()
+            call = self.queue.acknowledgement(
                 acks,
                 counts=counts,
                 dead_letter_max=self.settings.dead_letter_max,
-                now=time.time(),
+                now=now,
                 stream=self.settings.results_stream,
                 stream_maxlen=self.settings.results_stream_maxlen,
             )
+            # The request count rides in the acknowledgement's transaction: one round trip.
+            forget = self.requests_to_forget if images else []
+            ended = self.request_state.count_with(call, images, now=now, forget=forget) if images else []
+            if not images:
+                call.script(keys=call.keys, args=call.args)
+            self.requests_to_forget = self.requests_to_forget[len(forget):]
         except REDIS_ERRORS as exc:
             self.ack_failures += 1
             self.ack_retry_at = time.monotonic() + compute_backoff(self.ack_failures, base=0.2, cap=10.0)
@@ -519,19 +559,28 @@ class Ledger:
             log.info("redis_reconnected", after_attempts=self.ack_failures)
             self.ack_failures = 0
         self.unacknowledged = []
-        self._note_trimmed(trimmed)
+        self._note_trimmed()
         crash_point("ledger_after_ack")
         self.unlinks.unlink(doomed)
+        self._write_requests(ended, forget_now=False)
 
-    def _note_trimmed(self, trimmed: tuple[int, int]) -> None:
-        """Dead letters the caps pushed out (counted in Redis for `status` and the
-        metrics): logged at most every TRIMMED_LOG_SECONDS, so that a flood
-        that trims with every batch is one line, not thousands."""
-        self.trimmed = (self.trimmed[0] + trimmed[0], self.trimmed[1] + trimmed[1])
-        if any(self.trimmed) and time.monotonic() - self.trimmed_logged_at >= TRIMMED_LOG_SECONDS:
-            log.warning("dead_letters_trimmed", failed=self.trimmed[0], junk=self.trimmed[1],
+    def _note_trimmed(self, *, force: bool = False) -> None:
+        """Log the dead letters the caps pushed out since the last look (the ack
+        script counts them in {Q}:dead:trimmed, for `status` and the metrics).
+        One look every TRIMMED_LOG_SECONDS at most, after an acknowledgement:
+        a flood that trims with every batch is one line, not thousands."""
+        if not force and time.monotonic() - self.trimmed_logged_at < TRIMMED_LOG_SECONDS:
+            return
+        self.trimmed_logged_at = time.monotonic()
+        try:
+            counts = {k.decode(): int(v) for k, v in self.queue.client.hgetall(self.keys.dead_trimmed).items()}
+        except (*REDIS_ERRORS, ValueError):
+            return  # the next look tells
+        seen, self.trimmed = self.trimmed, counts
+        if seen is not None and counts != seen:
+            log.warning("dead_letters_trimmed", failed=counts.get("failed", 0) - seen.get("failed", 0),
+                        junk=counts.get("junk", 0) - seen.get("junk", 0),
                         dead_letter_max=self.settings.dead_letter_max)
-            self.trimmed, self.trimmed_logged_at = (0, 0), time.monotonic()
 
     def _acknowledgement(self, record: CompletionRecord) -> Acknowledgement:
         """What Redis must do for this record: announce a final outcome (a failure's
@@ -558,6 +607,80 @@ class Ledger:
             event=event,
         )
 
+    def _counted_image(self, record: CompletionRecord) -> CountedImage | None:
+        """What the request count needs of a record whose message declared
+        request_images: its final outcome (a duplicate's is its first record's)."""
+        if record.request_images is None or None in (record.request_id, record.image_id, record.task_id):
+            return None
+        status = self.recorded.status_of(record.task_id) if record.duplicate else record.status
+        if status not in (COMPLETED, FAILED):
+            return None
+        file_path = record.file_path
+        if record.duplicate:
+            file_path = (self.recorded.line_from_last_run(record.task_id) or {}).get("file_path")
+        entry = encode_line(
+            {
+                "image_id": record.image_id,
+                "status": status,
+                "file_path": file_path,
+                "task_id": record.task_id,
+                "host_id": self.settings.host_id,
+            }
+        )
+        return CountedImage(
+            record.request_id, record.image_id, record.request_images, status == COMPLETED, entry, record.task_id
+        )
+
+    # -- request records ---------------------------------------------------
+
+    def _write_unwritten_requests(self, *, now: bool = False) -> None:
+        """Every REQUESTS_CHECK_SECONDS: the request records this host ended and
+        has not written: a crash's leftovers, and the upkeep's "incomplete" ones."""
+        if not now and time.monotonic() < self.requests_due:
+            return
+        self.requests_due = time.monotonic() + REQUESTS_CHECK_SECONDS
+        try:
+            listed = self.request_state.unwritten()
+        except REDIS_ERRORS:
+            return  # the acknowledgements log the outage; the list waits in Redis
+        self._write_requests(listed, forget_now=True)
+
+    def _write_requests(self, listed: list[bytes], *, forget_now: bool) -> None:
+        """Steps 6 and 7: append each record not yet in requests.json, durably,
+        then take them all off this host's unwritten list: at once, or (after an
+        acknowledgement, under load) in the next one's round trip."""
+        fresh, ids = [], set()
+        for line in listed:
+            record_id = record_id_of(line)
+            if record_id is None:
+                log.warning("request_record_refused", record=line[:200].decode("ascii", errors="replace"))
+            elif record_id not in ids and not self.written_requests.holds(record_id):
+                ids.add(record_id)
+                fresh.append(line)
+        if fresh:
+            crash_point("ledger_before_request_append")
+            try:
+                self.requests.append_encoded(fresh)
+            except OSError as exc:
+                # They stay on the list, and are tried again on the next check.
+                log.error("requests_write_failed", error=str(exc), records=len(fresh))
+                return
+            self.written_requests.learn(ids)
+            crash_point("ledger_after_request_append")
+            for line in fresh:
+                record = json.loads(line)
+                log.info("request_ended", request_id=record.get("request_id"), status=record.get("status"),
+                         images=record.get("images"), request_images=record.get("request_images"))
+        if not forget_now:
+            self.requests_to_forget.extend(listed)
+            return
+        try:
+            self.request_state.forget_written(list(dict.fromkeys([*self.requests_to_forget, *listed])))
+            self.requests_to_forget = []
+        except REDIS_ERRORS as exc:
+            # Written: the next check finds them in requests.json and only forgets them.
+            log.warning("redis_unavailable", error=str(exc), unwritten_requests=len(listed))
+
     def _segments_to_unlink(self, records: list[CompletionRecord]) -> list[str]:
         if not self.settings.unlink_shm:
             return []
@@ -572,6 +695,7 @@ class Ledger:
             self._acknowledge()
             if self.unwritten or self.unacknowledged:
                 time.sleep(min(1.0, max(0.05, self._wait_time())))
+        self._write_unwritten_requests(now=True)
 
     def _send_stats(self, *, force: bool = False) -> None:
         """About once a second, the cumulative stats to the supervisor's metrics.
@@ -689,6 +813,26 @@ class PublicationJournal:
         os.pwrite(self._fd, listing, 0)
         os.ftruncate(self._fd, len(listing))
         os.fdatasync(self._fd)
+
+
+class RememberedIds:
+    """The last `size` ids seen, to tell one already written."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ids: set[str] = set()
+        self._order: deque[str] = deque()
+
+    def learn(self, ids: Iterable[object]) -> None:
+        for value in ids:
+            if isinstance(value, str) and value not in self._ids:
+                self._ids.add(value)
+                self._order.append(value)
+                if len(self._order) > self.size:
+                    self._ids.discard(self._order.popleft())
+
+    def holds(self, value: str) -> bool:
+        return value in self._ids
 
 
 class SegmentUnlinks:

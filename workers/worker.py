@@ -24,6 +24,10 @@ Hazards handled here:
   worker exits (LEDGER_LOST) and its processing list is requeued on reaping.
 - A task whose deliveries exceed MAX_ATTEMPTS (it killed or hung its worker
   each time) is failed without being run again.
+- A decode past DECODE_CPU_SECONDS cannot be stopped but by ending the
+  process: the decode watchdog fails the task, waits for the ledger to
+  acknowledge it (so it is not redelivered), and this worker exits
+  (DECODE_OVERRAN); the tasks claimed with it go back uncounted.
 - The supervisor dying: PDEATHSIG plus a getppid() check each turn.
 """
 
@@ -69,9 +73,11 @@ from shared.redis_queue import (
     ReliableQueue,
     connect,
 )
+from shared.rendering import Rendering
 from shared.segments import SegmentAccess
 from shared.task_board import ENCODE, LOAD, WRITE, TaskBoard
 from shared.url_fetch import UrlFetcher
+from workers.decode_watchdog import DecodeWatchdog
 
 log = structlog.get_logger()
 # How long an idle worker waits on its host queue before it looks at the shared one.
@@ -90,6 +96,9 @@ BACKLOG_CLAIM = 8
 # carry at most this many message bytes in one datagram.
 OUTBOX_SECONDS = 0.005
 OUTBOX_BYTES = 256 * 1024
+# How often a worker whose decode overran asks whether its failed record is
+# acknowledged.
+ACK_POLL_SECONDS = 0.05
 
 
 def processing_name(pid: int) -> str:
@@ -129,8 +138,12 @@ class Worker:
         self._encoded = 0
         self._encode_cpu_seconds = 0.0
         self.segment_access = SegmentAccess.from_settings(settings)
+        self.rendering = Rendering.from_settings(settings)
         self._outbox = Outbox(backlog=False)  # the current claim's
         self._ledger_lost = False
+        self.decode_watchdog = DecodeWatchdog(
+            budget=min(settings.decode_cpu_seconds, settings.task_timeout / 2), heartbeat=heartbeat
+        )
 
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
@@ -159,6 +172,7 @@ class Worker:
         self.ledger = self._connect_ledger()
         if self.ledger is None:
             return exitcodes.LEDGER_LOST
+        self.decode_watchdog.start()
         log.info("worker_started", processing_list=self.processing_key)
         while not self.stopping:
             self.heartbeat.value = time.monotonic()
@@ -237,9 +251,11 @@ class Worker:
             # The round trip's share of each task it brought.
             self._fetch_seconds = (time.perf_counter() - claim_started) / max(1, len(envelopes))
             if not envelopes:
-                one = self._wait_for_a_task()
-                envelopes = [one] if one is not None else []
-                self._fetch_seconds = None  # time spent waiting for work is not the task's
+                # An idle pool's every task comes this way: its fetch is the claim
+                # once the message arrived, never the wait for it.
+                claimed = self._wait_for_a_task()
+                envelopes = [claimed[0]] if claimed is not None else []
+                self._fetch_seconds = claimed[1] if claimed is not None else None
         except REDIS_ERRORS as exc:
             self._redis_failures += 1
             delay = compute_backoff(self._redis_failures, base=0.2, cap=10.0)
@@ -252,7 +268,7 @@ class Worker:
             self._redis_failures = 0
         return envelopes
 
-    def _wait_for_a_task(self) -> bytes | None:
+    def _wait_for_a_task(self) -> tuple[bytes, float] | None:
         """Block on the queue for one task; None after a quiet wait or a stop
         request. The stop signal ends the wait at once (request_stop raises into
         it) rather than after up to BLOCK_SECONDS: whatever the server moved
@@ -310,7 +326,7 @@ class Worker:
         structlog.contextvars.bind_contextvars(request_id=task.request_id, image_id=task.image_id)
         log.debug("task_started", source=task.source, attempt=envelope.deliveries)
         try:
-            image, source = self._load_and_encode(task)
+            image, source = self._load_and_encode(envelope, task, started)
         except ImageError as exc:
             if exc.transient and envelope.deliveries < self.settings.max_attempts:
                 return self._retry_later(envelope, task, exc, started)
@@ -338,6 +354,7 @@ class Worker:
             bytes=len(image.jpeg),
             partial_path=str(partial),
             segment_name=self._segment_to_unlink(task, envelope),
+            request_images=task.request_images,
         )
         # DEBUG, as task_started: at INFO no log line is formatted for a task that
         # went well (results.json and the metrics have it).
@@ -392,13 +409,13 @@ class Worker:
         again, with the file in hand); any other name a message gives is left alone."""
         return name if name is not None and self.segment_access.check_name(name) is None else None
 
-    def _load_and_encode(self, task: Task) -> tuple[EncodedImage, str]:
+    def _load_and_encode(self, envelope: Envelope, task: Task, started: float) -> tuple[EncodedImage, str]:
         """SHM first; the URL when there is no segment or the segment failed."""
-        quality = self.settings.jpeg_quality
+        rendering = self.rendering
         if task.segment is not None:
             try:
                 # Attaching costs microseconds; the phase is the encode.
-                return self._timed_encode(lambda: encode_segment(task.segment, quality=quality, access=self.segment_access)), "shm"
+                return self._timed_encode(lambda: encode_segment(task.segment, rendering=rendering, access=self.segment_access)), "shm"
             except ImageError as exc:
                 if task.image_url is None:
                     raise
@@ -410,9 +427,49 @@ class Worker:
         load_started = time.perf_counter()
         self.board.enter(LOAD)
         body = self.fetcher.fetch(task.image_url)
-        frame = decode_image(body, max_pixels=self.settings.max_pixels)
+        self.heartbeat.value = time.monotonic()  # the decode is bounded by its own budget from here
+        with self.decode_watchdog.watching(lambda cpu: self._decode_overran(envelope, task, started, cpu)):
+            frame = decode_image(body, max_pixels=self.settings.max_pixels)
         self._timings["load"] = time.perf_counter() - load_started
-        return self._timed_encode(lambda: encode_pixels(frame, quality=quality)), "url"
+        return self._timed_encode(lambda: encode_pixels(frame, rendering=rendering)), "url"
+
+    def _decode_overran(self, envelope: Envelope, task: Task, started: float, cpu_seconds: float) -> None:
+        """From the decode watchdog's thread, the main one still decoding: fail
+        the task, wait until the ledger has acknowledged that (so that the
+        requeue of my list does not bring the task back), and end the process,
+        which alone stops the decoder. Never returns."""
+        budget = self.decode_watchdog.budget
+        setting = self.settings.decode_cpu_seconds
+        bound_by = (
+            f"DECODE_CPU_SECONDS={setting:g}" if budget == setting else f"TASK_TIMEOUT={self.settings.task_timeout:g} / 2"
+        )
+        reason = f"decoding the image took more than {budget:g} s of CPU ({bound_by}); an image that costs this much is refused"
+        record = self._failed(envelope, envelope.raw, task, reason, started)
+        acknowledged = self._send([record]) and self._wait_for_acknowledgement(envelope.task_id)
+        log.error(
+            "decode_overran",
+            task_id=envelope.task_id,
+            request_id=task.request_id,
+            cpu_s=round(cpu_seconds, 2),
+            acknowledged=acknowledged,
+        )
+        sys.stderr.flush()
+        os._exit(exitcodes.DECODE_OVERRAN)
+
+    def _wait_for_acknowledgement(self, task_id: str) -> bool:
+        """Until the ledger acknowledged `task_id`'s final record, beating meanwhile,
+        for at most TASK_TIMEOUT / 2. Not acknowledged by then, the task is
+        requeued with my list; its redelivery's record is dropped as a duplicate."""
+        deadline = time.monotonic() + self.settings.task_timeout / 2
+        while time.monotonic() < deadline:
+            self.heartbeat.value = time.monotonic()
+            try:
+                if self.queue.announced(task_id):
+                    return True
+            except REDIS_ERRORS:
+                pass  # Redis away: keep waiting until the deadline
+            time.sleep(ACK_POLL_SECONDS)
+        return False
 
     def _timed_encode(self, encode: Callable[[], EncodedImage]) -> EncodedImage:
         """Run one encode; note its wall time (the task's encode phase) and add
@@ -446,6 +503,7 @@ class Worker:
             source=task.source if task else None,
             segment_name=self._ours(found.segment_name),
             junk=unparsed and request_id is None,
+            request_images=task.request_images if task else found.request_images,
         )
 
     def _record(

@@ -13,7 +13,14 @@
   const REFRESH_MS = 2000;
   const HISTORY_SECONDS = 15 * 60;
   const SVG_NS = "http://www.w3.org/2000/svg";
-  const state = { token: null, writable: false, data: null, openMessages: new Set(), armed: null };
+  const state = { token: null, writable: false, data: null, openMessages: new Set(), armed: null,
+    thumbs: new Map() };  // thumbnail name -> { image, loaded, attempts, failed }
+  // The dashboard makes a few thumbnails a second and answers 503 beyond that:
+  // a thumbnail shows a placeholder until its image has loaded, and is asked
+  // for again after a pause, never shown as a broken image.
+  const THUMB_RETRY_MS = 1000;
+  const THUMB_RETRY_MAX_MS = 8000;
+  const THUMB_ATTEMPTS = 8;
 
   const $ = (id) => document.getElementById(id);
 
@@ -121,6 +128,7 @@
     renderSupervisors(data.supervisors || [], data.now);
     renderDeadLetters(data.dead_letters || [], totals.dead);
     renderRecords(data.records || { items: [] });
+    renderRequests(data.requests || { open: 0, items: [] });
     renderButtons();
   }
 
@@ -327,9 +335,11 @@
     $("records-source").textContent = records.source
       ? `newest first, from ${records.source}`
       : "No results.json here and no results stream to read records from.";
+    const shown = new Set((records.items || []).map((record) => record.thumb).filter(Boolean));
+    for (const name of state.thumbs.keys()) if (!shown.has(name)) state.thumbs.delete(name);
     $("records").replaceChildren(...(records.items || []).map((record) => {
       const picture = record.thumb
-        ? el("img", { src: `/thumb?name=${encodeURIComponent(record.thumb)}`, alt: text(record.image_id), loading: "lazy" })
+        ? thumbnail(record.thumb, text(record.image_id))
         : el("div", { class: "noimage" }, record.status !== "completed" ? "no file"
           : record.file_here ? "thumbnails for the newest only" : "file not on this host");
       return el("div", { class: "record", "data-status": text(record.status) },
@@ -341,6 +351,60 @@
         record.error ? el("div", { class: "error" }, text(record.error)) : null,
         record.width ? el("div", { class: "muted" }, `${record.width}×${record.height}, ${number(record.bytes)} bytes`) : null);
     }));
+  }
+
+  // The thumbnail's image once it has loaded, else a placeholder it replaces when it does.
+  function thumbnail(name, alt) {
+    let thumb = state.thumbs.get(name);
+    if (!thumb) {
+      thumb = { image: null, loaded: false, attempts: 0, failed: false };
+      state.thumbs.set(name, thumb);
+      loadThumbnail(name, thumb, alt);
+    }
+    if (thumb.loaded) return thumb.image;
+    const placeholder = el("div", { class: "noimage thumb-pending" }, thumb.failed ? "no thumbnail" : "thumbnail coming…");
+    placeholder.dataset.thumb = name;
+    return placeholder;
+  }
+
+  function loadThumbnail(name, thumb, alt) {
+    const image = new Image();
+    image.alt = alt;
+    image.addEventListener("load", () => {
+      thumb.image = image;
+      thumb.loaded = true;
+      for (const node of document.querySelectorAll("#records .thumb-pending")) {
+        if (node.dataset.thumb === name) node.replaceWith(image);
+      }
+    });
+    image.addEventListener("error", () => {
+      thumb.attempts += 1;
+      if (state.thumbs.get(name) !== thumb) return;  // no longer shown
+      if (thumb.attempts >= THUMB_ATTEMPTS) {
+        thumb.failed = true;
+        for (const node of document.querySelectorAll("#records .thumb-pending")) {
+          if (node.dataset.thumb === name) node.textContent = "no thumbnail";
+        }
+        return;
+      }
+      const delay = Math.min(THUMB_RETRY_MAX_MS, THUMB_RETRY_MS * 2 ** (thumb.attempts - 1));
+      setTimeout(() => loadThumbnail(name, thumb, alt), delay);
+    });
+    image.src = `/thumb?name=${encodeURIComponent(name)}`;
+  }
+
+  function renderRequests(requests) {
+    const items = requests.items || [];
+    $("requests-count").textContent = requests.open
+      ? `${number(requests.open)} open` + (requests.open > items.length ? `, the ${items.length} ending soonest shown` : "")
+      : "none";
+    $("requests-rows").replaceChildren(...items.map((request) => el("tr", {},
+      el("td", { class: "ident request-id" }, text(request.request_id)),
+      el("td", { class: "num progress" }, `${number(request.recorded)} of ${number(request.request_images)}`),
+      el("td", { class: "num" }, number(request.completed)),
+      el("td", { class: "num" }, number(request.failed)),
+      el("td", {}, age(request.age)),
+      el("td", {}, request.expires_in === null || request.expires_in === undefined ? "–" : `${Math.round(request.expires_in)} s`))));
   }
 
   function renderButtons() {
@@ -467,6 +531,18 @@
       case "dead":
         parts.push(`error: ${text(place.error)}`, `${text(place.attempts)} attempts`, `failed ${age(place.age)}`, `task ${text(place.task_id)}`);
         break;
+      case "request_open":
+        parts.push(`${text(place.recorded)} of ${text(place.request_images)} recorded`,
+          `${text(place.completed)} completed, ${text(place.failed)} failed`);
+        if (place.expires_in !== null) parts.push(`ends incomplete in ${Math.round(place.expires_in)} s without another image`);
+        break;
+      case "request_ended": {
+        const record = place.record || {};
+        parts.push(place.source
+          ? `${text(record.status)}: ${text(record.images)} of ${text(record.request_images)} images at ${text(record.timestamp)}, from ${place.source}`
+          : `ended ${new Date(place.ended_at * 1000).toLocaleString()}; its record is in the requests.json of the host that ended it`);
+        break;
+      }
       case "recorded": {
         const record = place.record || {};
         parts.push(`${text(record.status)} at ${text(record.timestamp)}`);
@@ -479,9 +555,10 @@
         parts.push(JSON.stringify(place));
     }
     const image = place.image_id !== undefined ? place.image_id : (place.record || {}).image_id;
+    const isRequest = text(place.state).startsWith("request");
     return el("div", { class: "place", "data-state": text(place.state) },
       el("span", { class: "state" }, text(place.state).replace("_", " ")),
-      el("span", { class: "ident" }, `image ${text(image)} · `),
+      isRequest ? null : el("span", { class: "ident" }, `image ${text(image)} · `),
       parts.join(" · "));
   }
 
