@@ -77,7 +77,7 @@ from shared.backoff import compute_backoff
 from shared.cli import PROGRAM, OneLineParser, complain, unknown_command
 from shared.config import ConfigError, Settings, misspelt_settings
 from shared.logs import configure_logging
-from shared.output import LOCK_NAME
+from shared.output import LOCK_NAME, open_state_file
 from shared.output_dir import check_output_dir
 from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(workers_override=args.workers)
         misspelt = misspelt_settings()
         # Before any fork: a wrong OUTPUT_DIR is a bad setting (exit 2, no restart loop).
-        created = check_output_dir(settings.output_dir)
+        created = check_output_dir(settings.output_dir, allow_shared=settings.output_dir_allow_shared)
     except ConfigError as exc:
         complain(exc)
         return exitcodes.CONFIG_ERROR
@@ -176,7 +176,7 @@ def lock_output_dir(settings: Settings, instance: str) -> int:
     The children inherit the descriptor (fork, no exec), and with it the lock:
     should the supervisor die first, no new one starts while its ledger may
     still be writing results.json."""
-    fd = os.open(settings.output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_state_file(settings.output_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

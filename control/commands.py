@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("--limit", type=int, default=None, metavar="N", help="at most N, oldest first")
     purge = _subcommand(dead_commands, "purge", "delete every dead letter (asks first on a terminal)")
     purge.add_argument("--yes", action="store_true", help="do not ask; needed without a terminal")
+    for action in (listing, show, requeue, purge):
+        action.add_argument(
+            "--junk", action="store_true",
+            help="the dead letters of junk, messages without a request_id ({Q}:dead:junk), capped apart",
+        )
     host = _subcommand(commands, "host", "let go of what a host that is gone for good holds")
     host_commands = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
     drain = _subcommand(
@@ -110,7 +115,7 @@ def _interval(text: str) -> float:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a count; expected 1 or more")
     return int(text)
 
@@ -164,6 +169,8 @@ def collect_status(registry: PoolRegistry, *, now: float) -> dict:
         "in_flight_by_list": depths.in_flight_by_list,
         "delayed_retries": depths.delayed,
         "dead_letters": depths.dead,
+        "junk_dead_letters": depths.junk,
+        "dead_letters_trimmed": depths.trimmed,
         "host_queues": hosts.listed,
         "host_queues_unlisted": hosts.unlisted_json(),
         "committing": client.hlen(keys.committing),
@@ -193,6 +200,13 @@ def render_status(report: dict) -> list[str]:
         f"queue {report['queue']}: {report['queue_depth']} waiting, {report['in_flight']} in flight, "
         f"{report['delayed_retries']} delayed retries, {report['dead_letters']} dead letters"
     ]
+    trimmed = report.get("dead_letters_trimmed") or {}
+    if report.get("junk_dead_letters") or any(trimmed.values()):
+        lines.append(
+            f"{report.get('junk_dead_letters', 0)} dead letters of junk without a request_id (`dead list --junk`); "
+            f"pushed out by DEAD_LETTER_MAX so far: {trimmed.get('failed', 0)} dead letters, "
+            f"{trimmed.get('junk', 0)} of junk"
+        )
     served = {supervisor.get("host_id") for supervisor in report["supervisors"]}
     for host_id, depth in sorted(report["host_queues"].items()):
         whose = "" if host_id in served else "  (no supervisor: `host drain` it if the host is gone for good)"
@@ -397,7 +411,18 @@ def host(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -
 # -- dead letters ------------------------------------------------------------
 
 
+class JunkKeys(QueueKeys):
+    """The keys of a queue with `dead` naming the junk dead letters' list: every
+    `dead` action works on either list the same way."""
+
+    @property
+    def dead(self) -> str:
+        return self.dead_junk
+
+
 def dead(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -> int:
+    if args.junk:
+        registry = PoolRegistry(registry.client, JunkKeys(registry.keys.queue))
     if args.dead_command == "list":
         return _list_dead(args, registry)
     if args.dead_command == "show":

@@ -212,6 +212,11 @@ class MetricsEndpoint(HardenedHTTPServer):
             ("image_result_in_flight", "Tasks in processing lists", depths.in_flight),
             ("image_result_delayed_retries", "Tasks waiting for a retry", depths.delayed),
             ("image_result_dead_letters", "Entries in the dead-letter list", depths.dead),
+            ("image_result_junk_dead_letters", "Entries in the junk dead-letter list (no request_id)", depths.junk),
+            ("image_result_dead_letters_trimmed", "Dead letters pushed out by DEAD_LETTER_MAX, ever",
+             depths.trimmed.get("failed", 0)),
+            ("image_result_junk_dead_letters_trimmed", "Junk dead letters pushed out by DEAD_LETTER_MAX, ever",
+             depths.trimmed.get("junk", 0)),
         )
         if replicas is not None:
             self._gauges += (("image_result_replicas_connected", "Replicas claims are copied to (Sentinel)", replicas),)

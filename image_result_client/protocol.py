@@ -107,6 +107,16 @@ class QueueKeys:
         return f"{self.prefix}:dead"
 
     @property
+    def dead_junk(self) -> str:
+        """Dead letters of junk (messages without a request_id), capped apart from the others."""
+        return f"{self.prefix}:dead:junk"
+
+    @property
+    def dead_trimmed(self) -> str:
+        """How many dead letters each cap has pushed out, by kind."""
+        return f"{self.prefix}:dead:trimmed"
+
+    @property
     def announced(self) -> str:
         """Sorted set of task ids whose outcome was announced (dead letter,
         results stream), so each is announced once."""
@@ -188,10 +198,11 @@ def partial_path(output_dir: Path, task_id: str, delivery: int) -> Path:
 
 
 def awaiting_publication(output_dir: Path, record: Mapping[str, Any]) -> bool:
-    """Whether a completed record's JPEG is still under .partial/: the record is
-    the commit point and is appended first, the ledger gives the file its final
-    name a moment later (or, if it died in between, the next ledger does at
-    start). A reader of results.json that opens file_path waits while this holds."""
+    """Whether a completed record's JPEG is still under .partial/: the ledger
+    names the file before it appends the record, but after a power cut (or a
+    ledger of an older version killed in between) the record can come first,
+    and the next ledger names the file at start. A reader of results.json that
+    opens file_path waits while this holds."""
     if record.get("status") != "completed":
         return False
     try:

@@ -10,7 +10,9 @@ from urllib.parse import unquote_plus
 # Query parameters whose value is hidden: redis-py reads `password` (and any
 # other name it is given) from the query; a name that says it is a secret is one.
 _SECRET_PARAMETER_WORDS = ("pass", "secret", "token", "auth", "credential")
-_URL_HEAD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^/?#]*)(.*)", re.DOTALL)
+# The scheme and what ends it: "://", or a mistyped ":/" or ":" (redis:/user:pw@host),
+# after which what looks like an authority is read as one, so its password is hidden too.
+_URL_HEAD = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*:(?://|/(?!/))?)([^/?#]*)(.*)", re.DOTALL)
 _IGNORED_BY_URLSPLIT = str.maketrans("", "", "\t\r\n")
 
 
@@ -21,17 +23,20 @@ def redact_url(url: str) -> str:
     `token@` (redis-py sends it to AUTH, and people put passwords there), any
     query parameter whose name says it is a secret (`?password=`, percent-encoded
     or not), and, when an unencoded / ? or # in a password made the "@" fall
-    outside the authority, everything up to that "@".
+    outside the authority, or a mistyped "redis:///user:pw@host" left the
+    authority empty, everything up to that "@" (a unix:// path may hold an "@").
+    Spellings without "//" (`redis:/user:pw@host`, `redis:user:pw@host`) are read
+    as if it were there.
     """
     # Read the text as urlsplit, and so redis-py, does.
     text = url.lstrip("".join(map(chr, range(0x21)))).translate(_IGNORED_BY_URLSPLIT)
     match = _URL_HEAD.fullmatch(text)
     head, authority, rest = match.groups() if match else ("", "", text)
-    rest = _redact_query(rest)
-    if authority and "@" not in authority and "@" in rest:
+    if "@" not in authority and "@" in rest and (authority or not head.lower().startswith("unix:")):
         cut = rest.rindex("@")
         authority, rest = authority + rest[:cut + 1], rest[cut + 1:]
-    return head + _redact_userinfo(authority) + rest
+    # After the cut: a "#" in the password would otherwise hide the real query in a "fragment".
+    return head + _redact_userinfo(authority) + _redact_query(rest)
 
 
 def _redact_userinfo(authority: str) -> str:

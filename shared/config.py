@@ -52,6 +52,7 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     queue: str = DEFAULT_QUEUE
     output_dir: Path = DEFAULT_OUTPUT_DIR
+    output_dir_allow_shared: bool = False  # OUTPUT_DIR may be writable by others without the sticky bit
     jpeg_quality: int = 80
     jpeg_subsampling: str = "420"  # the seed's output
     jpeg_progressive: bool = False
@@ -163,6 +164,7 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         redis_url=get("REDIS_URL", _redis_url, DEFAULTS.redis_url),
         queue=get("HOSTING_TASKS_QUEUE", _queue_name, DEFAULTS.queue),
         output_dir=get("OUTPUT_DIR", _path, DEFAULTS.output_dir).resolve(),
+        output_dir_allow_shared=get("OUTPUT_DIR_ALLOW_SHARED", _bool, DEFAULTS.output_dir_allow_shared),
         jpeg_quality=get("JPEG_QUALITY", _int_in(1, 100), DEFAULTS.jpeg_quality),
         jpeg_subsampling=get("JPEG_SUBSAMPLING", _choice(JPEG_SUBSAMPLINGS), DEFAULTS.jpeg_subsampling),
         jpeg_progressive=get("JPEG_PROGRESSIVE", _bool, DEFAULTS.jpeg_progressive),
@@ -274,7 +276,7 @@ def _address_list(name: str, raw: str) -> tuple[tuple[str, int], ...]:
     addresses = []
     for item in (part.strip() for part in raw.split(",")):
         host, _, port = item.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ConfigError(f"{name}={raw!r} is not a comma-separated list of host:port")
         addresses.append((host.strip("[]"), int(port)))
     return tuple(addresses)
@@ -309,7 +311,7 @@ def _shm_name_prefix(raw: str | None) -> str:
 
 def _uid_list(name: str, raw: str) -> tuple[int, ...]:
     items = [item.strip() for item in raw.split(",") if item.strip()]
-    if not items or not all(item.isdigit() and int(item) < 2**32 - 1 for item in items):
+    if not items or not all(item.isascii() and item.isdigit() and int(item) < 2**32 - 1 for item in items):
         raise ConfigError(f"{name}={raw!r} is not a comma-separated list of numeric user ids")
     return tuple(int(item) for item in items)
 

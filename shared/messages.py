@@ -8,6 +8,13 @@ the task keeps one identity and a delivery count across redeliveries. The
 worker is handed at most MAX_MESSAGE_BYTES of the body. Everything in a message
 is untrusted: this module turns bytes into a `Task` or raises `InvalidMessage`
 with a reason a person can act on, and never lets another exception escape.
+
+It is also the one door through which message text reaches what the pool
+writes (results.json, the dead letters, the results stream, file names): JSON
+can spell a lone surrogate (`"\\ud800"`, or its raw bytes) that no UTF-8 holds,
+and jq or serde_json refuse a file that holds one, for good, since results.json
+is append-only. A message whose id or URL is not valid Unicode is refused, and
+salvage() names no id it could not write faithfully (docs/security.md).
 """
 
 from __future__ import annotations
@@ -148,7 +155,7 @@ def salvage(body: bytes) -> Salvage:
     ids = []
     for key in ("request_id", "image_id"):
         value = message.get(key)
-        ids.append(str(value)[:MAX_ID_LENGTH] if isinstance(value, str | int) and not isinstance(value, bool) else None)
+        ids.append(_salvaged_id(value) if isinstance(value, str | int) and not isinstance(value, bool) else None)
     info = message.get("shm_info")
     raw_name = info.get("shm_name") if isinstance(info, dict) else info
     try:
@@ -178,8 +185,15 @@ def _salvage_text(body: bytes) -> Salvage:
         name = segment_name(raw_name) if raw_name is not None else None
     except InvalidMessage:  # also a number where a name should be
         name = None
-    ids = [str(value)[:MAX_ID_LENGTH] if value not in (None, "") else None for value in (request_id, image_id)]
+    ids = [_salvaged_id(value) if value not in (None, "") else None for value in (request_id, image_id)]
     return Salvage(ids[0], ids[1], name, _valid_request_images(request_images))
+
+
+def _salvaged_id(value: str | int) -> str | None:
+    """An id for a failed record, or None where it is not valid Unicode: a
+    record names only what it can write as the producer sent it."""
+    text = str(value)[:MAX_ID_LENGTH]
+    return text if text.isascii() or is_unicode(text) else None
 
 
 def _one_text_value(body: bytes, key: str) -> str | int | None:
@@ -202,7 +216,7 @@ def _identifier(message: dict, key: str) -> str:
     text = str(value)
     if not text or len(text) > MAX_ID_LENGTH:
         raise InvalidMessage(f"{key} must be 1..{MAX_ID_LENGTH} characters long")
-    return text
+    return _unicode(text, key)
 
 
 def _request_images(value: object, *, present: bool) -> int | None:
@@ -230,7 +244,28 @@ def _image_url(message: dict) -> str | None:
         return None
     if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
         raise InvalidMessage(f"image_url must be a string of 1..{MAX_URL_LENGTH} characters")
-    return url
+    return _unicode(url, "image_url")
+
+
+def _unicode(text: str, key: str) -> str:
+    """`text` if UTF-8 can hold it. Refused, not repaired: a replacement character
+    in its place could be another request's id, and the producer matches its
+    record by this id."""
+    if not text.isascii() and not is_unicode(text):
+        position = next(i for i, char in enumerate(text) if "\ud800" <= char <= "\udfff")
+        raise InvalidMessage(
+            f"{key} is not valid Unicode: a lone surrogate {text[position]!r} at character {position + 1}"
+        )
+    return text
+
+
+def is_unicode(text: str) -> bool:
+    """Whether `text` holds no lone surrogate, so that UTF-8 and strict JSON parsers take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _segment_ref(info: object, *, max_pixels: int) -> SegmentRef:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -27,6 +27,8 @@ class QueueDepths:
     in_flight_by_list: dict[str, int]
     delayed: int
     dead: int
+    junk: int = 0  # dead letters of messages without a request id, in their own list
+    trimmed: dict[str, int] = field(default_factory=dict)  # dead letters pushed out by the caps, by kind
 
     @property
     def in_flight(self) -> int:
@@ -76,6 +78,8 @@ class PoolRegistry:
             in_flight_by_list=in_flight,
             delayed=client.zcard(keys.delayed),
             dead=client.llen(keys.dead),
+            junk=client.llen(keys.dead_junk),
+            trimmed={kind.decode(): int(count) for kind, count in client.hgetall(keys.dead_trimmed).items()},
         )
 
     def requeue_dead_letter(self, entry: bytes, message: bytes) -> bool:
@@ -95,7 +99,7 @@ class PoolRegistry:
         field = f"{source} {hashlib.sha1(message).hexdigest()}".encode()
         held = (self.client.hget(self.keys.redelivery, field) or b"").split(b" ")[0]
         task_id, _, deliveries = held.decode(errors="replace").partition(":")
-        return (task_id, int(deliveries)) if task_id and deliveries.isdigit() else None
+        return (task_id, int(deliveries)) if task_id and deliveries.isascii() and deliveries.isdigit() else None
 
     def host_queues(
         self, *, served: Collection[str] = (), listed: int = HOST_QUEUES_LISTED, scan_calls: int = HOST_SCAN_CALLS

@@ -43,9 +43,13 @@ class CompletionRecord:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, for metrics
     sent_at: float = 0.0  # epoch seconds, when the worker sent it; the ledger's lag starts here
     backlog: bool = False  # its task came in a full claim: more are waiting in the queue
-    file_path: str | None = None  # chosen by the ledger
+    file_path: str | None = None  # chosen by the ledger, set once the file has that name
+    partial_inode: int | None = None  # set by the ledger when it syncs the partial file
     results_json: bytes | None = None  # set by the ledger: the line it appended, sent on to the results stream
     duplicate: bool = False  # set by the ledger: this task already has its record
+    # The message gave no request id (not JSON, not an object, none in it): its
+    # dead letter is capped apart, so a flood of junk keeps the real ones.
+    junk: bool = False
 
     def too_large(self, size: int) -> CompletionRecord:
         """This task's failure, small enough to send, for a record of `size`

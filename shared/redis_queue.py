@@ -108,7 +108,7 @@ class ScriptCall:
 class Acknowledgement:
     processing_key: str
     envelope: bytes
-    kind: str  # "final", "retry" or "ack"
+    kind: str  # "final", "junk" (final, for a message with no request id), "retry" or "ack"
     task_id: str
     dead_letter: bytes = b""
     retry_at: float = 0.0
@@ -150,7 +150,7 @@ def connect(settings: Settings) -> redis.Redis:
     options.update(
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
-        db=int(database) if database.isdigit() else 0,
+        db=int(database) if database.isascii() and database.isdigit() else 0,
     )
     if settings.redis_url.startswith("rediss://"):
         options["ssl"] = True
@@ -358,7 +358,7 @@ class ReliableQueue:
         the same round trip (shared.request_state)."""
         keys = [
             self.keys.dead, self.keys.announced, self.keys.delayed, self.keys.stats(now), stream or self.keys.dead,
-            self.keys.committing,
+            self.keys.committing, self.keys.dead_junk, self.keys.dead_trimmed,
         ]
         args: list = [
             dead_letter_max,

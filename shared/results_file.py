@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from shared.faults import armed, crash_point
-from shared.output import fsync_directory
+from shared.output import fsync_directory, open_state_file
 
 OPENING = b"[\n"
 CLOSING = b"\n]\n"
@@ -49,7 +49,7 @@ class ResultsFile:
 
     def open(self) -> list[dict]:
         """Open (creating or repairing) the file; returns the records at its end."""
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        self._fd = open_state_file(self.path, os.O_RDWR | os.O_CREAT)
         size = os.fstat(self._fd).st_size
         if size == 0:
             self._rewrite_empty()
@@ -142,7 +142,7 @@ class ResultsFile:
         os.replace(staging, self.path)
         fsync_directory(self.path.parent)
         os.close(self._fd)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        self._fd = open_state_file(self.path, os.O_RDWR)
 
 
 def _complete_records(tail: bytes) -> tuple[list[dict], int | None]:

@@ -9,10 +9,15 @@ shared memory, so every open and every unlink goes through here:
   call touches it;
 - the segment is opened without following a symbolic link and without
   blocking (a FIFO in /dev/shm would otherwise hang the worker in open());
-- only a regular file with one name, owned by the pool's user or by a user
-  in SHM_OWNER_UIDS, is read or unlinked (a directory, a device, a socket, a
-  hard link to another file, or a root-owned file of another service is not
-  ours);
+- only a regular file owned by the pool's user or by a user in SHM_OWNER_UIDS
+  is read or unlinked (a directory, a device, a socket or a root-owned file of
+  another service is not ours);
+- only a file with one name is read: another name may be a hard link that
+  someone made to a private file of our uid (fs.protected_hardlinks=0 lets
+  anyone), whose bytes must not end up in a JPEG. The name a message handed
+  over is unlinked all the same: unlinking removes that name alone, never the
+  file's other names or its data, so a link someone made to a 0666 segment
+  costs that task, and leaks nothing of ours;
 - an unlink that fails for any reason but "already gone" is logged and
   skipped: a name can fail its own task, never stop the ledger, now or when
   `.unlink-pending` is replayed at the next start.
@@ -52,13 +57,14 @@ class SegmentAccess:
             return f"segment name {name[:80]!r} does not start with SHM_NAME_PREFIX {self.prefix!r}"
         return None
 
-    def check_file(self, name: str, info: os.stat_result) -> str | None:
-        """Why the file behind `name` is not a segment we may touch, or None."""
+    def check_file(self, name: str, info: os.stat_result, *, reading: bool = True) -> str | None:
+        """Why the file behind `name` is not a segment we may read (or, with
+        reading=False, unlink), or None."""
         if not stat.S_ISREG(info.st_mode):
             return f"{name[:80]!r} in {SHM_DIR} is not a shared memory segment (not a regular file)"
         if info.st_uid not in self.owner_uids:
             return f"segment {name[:80]!r} is owned by uid {info.st_uid}, not by the pool's user or SHM_OWNER_UIDS"
-        if info.st_nlink != 1:
+        if reading and info.st_nlink != 1:
             # A hard link under a pipeline name to some other file of ours: not a segment a producer made.
             return f"{name[:80]!r} in {SHM_DIR} has {info.st_nlink} names; a segment has one"
         return None
@@ -100,7 +106,7 @@ def unlink_segment(name: str, access: SegmentAccess) -> str:
         return refusal
     path = segment_path(name)
     try:
-        refusal = access.check_file(name, os.lstat(path))
+        refusal = access.check_file(name, os.lstat(path), reading=False)
         if refusal:
             return refusal
         os.unlink(path)

@@ -32,6 +32,7 @@ Hazards handled here:
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import threading
 import time
@@ -46,6 +47,9 @@ import urllib3
 from urllib3.util import parse_url
 
 from shared.config import Settings
+
+# Enough for any real length or delay; a longer run of digits is no number a server means.
+ASCII_DIGITS = re.compile(r"[0-9]{1,19}")
 from shared.images import ImageError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -533,8 +537,8 @@ class UrlFetcher:
     def _read_body(self, response: urllib3.BaseHTTPResponse, url: str, deadline: _Deadline) -> bytes:
         """The body, decompressed if it came gzip or deflate, at most URL_MAX_BYTES of it."""
         limit = self._settings.url_max_bytes
-        declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        declared = header_number(response.headers.get("Content-Length"))
+        if declared is not None and declared > limit:
             raise ImageError(f"{_short(url)} is {declared} bytes; URL_MAX_BYTES is {limit}")
         inflater = _inflater(response, url)
         body = bytearray()
@@ -607,9 +611,16 @@ def _status_error(response: urllib3.BaseHTTPResponse, url: str) -> ImageError:
     """5xx, 408 and 429 may pass; any other status will not."""
     status = response.status
     transient = status >= 500 or status in (408, 429)
-    retry_after = response.headers.get("Retry-After", "")
-    seconds = float(retry_after) if retry_after.strip().isdigit() else None
+    seconds = header_number(response.headers.get("Retry-After"))
     return ImageError(f"HTTP {status} from {_short(url)}", transient=transient, retry_after=seconds)
+
+
+def header_number(value: str | None) -> int | None:
+    """A header's 1*DIGIT (RFC 9110), or None. ASCII digits only: str.isdigit()
+    also takes "²" and "١", which int() then refuses or reads as another number."""
+    if value is None or not ASCII_DIGITS.fullmatch(value.strip(" \t")):
+        return None
+    return int(value)
 
 
 def _short(url: str) -> str:

@@ -50,9 +50,11 @@ def push(client: redis.Redis, queue: str, message: Mapping[str, Any] | list[Any]
     return int(client.rpush(queue, payload))
 
 
-def dead_letters(client: redis.Redis, queue: str) -> list[dict[str, Any]]:
-    """The JSON entries of '{queue}:dead', oldest first."""
-    return [json.loads(raw) for raw in client.lrange(QueueKeys(queue).dead, 0, -1)]
+def dead_letters(client: redis.Redis, queue: str, *, junk: bool = False) -> list[dict[str, Any]]:
+    """The JSON entries of '{queue}:dead' (or, with junk, of '{queue}:dead:junk', where
+    those of messages without a request_id go), oldest first."""
+    keys = QueueKeys(queue)
+    return [json.loads(raw) for raw in client.lrange(keys.dead_junk if junk else keys.dead, 0, -1)]
 
 
 def wait_for_records(

@@ -201,8 +201,12 @@ def run_supervisor(
         ({"ALPHA_BACKGROUND": "transparent"}, (), "ALPHA_BACKGROUND"),
         ({}, ("--workers", "abc"), "--workers"),
         ({}, ("--bogus-flag",), "--bogus-flag"),
+        # str.isdigit() takes superscripts, which int() refuses: these were tracebacks.
+        ({"REDIS_SENTINELS": "h:\u00b2"}, (), "REDIS_SENTINELS"),
+        ({"SHM_OWNER_UIDS": "\u00b2"}, (), "SHM_OWNER_UIDS"),
     ],
-    ids=["quality-0", "quality-500", "workers-0", "workers-abc", "redis-foo", "subsampling-411", "background-transparent", "flag-workers-abc", "flag-bogus"],
+    ids=["quality-0", "quality-500", "workers-0", "workers-abc", "redis-foo", "subsampling-411", "background-transparent",
+         "flag-workers-abc", "flag-bogus", "sentinel-port-superscript", "uid-superscript"],
 )
 def test_supervisor_rejects_bad_input_with_one_line_and_exit_2(
     tmp_path: Path, env: dict[str, str], args: tuple[str, ...], named: str
@@ -266,7 +270,7 @@ def test_output_dir_and_its_missing_parents_are_created(tmp_path: Path) -> None:
         ({"afile": "x"}, "afile/sub/out", "cannot be created: '{tmp}/afile' is not a directory"),
         ({}, "/proc/image-result-worker-test/out", "cannot be created: mkdir '/proc/image-result-worker-test'"),
         ({"out/.partial": "x"}, "out", "cannot be used: '{tmp}/out/.partial' is not a directory"),
-        ({"out/results.json/": None}, "out", "open '{tmp}/out/results.json' for writing: Is a directory"),
+        ({"out/results.json/": None}, "out", "cannot be used: '{tmp}/out/results.json' is not a regular file"),
     ],
     ids=["a-file", "parent-a-file", "proc", "partial-a-file", "results-a-directory"],
 )

@@ -3,8 +3,8 @@ exactly once, with one file, no stray partial file and no leaked segment, and
 every request (here, one image each) with one request record.
 
 The order (workers/ledger.py): the worker writes the JPEG, sends its record;
-the ledger syncs the batch's JPEGs, appends the records (the commit point),
-publishes the files, acknowledges in Redis (ending requests), unlinks the
+the ledger syncs the batch's JPEGs, publishes the files, appends the records
+(the commit point), acknowledges in Redis (ending requests), unlinks the
 segments, appends the request records to requests.json. shared/faults.py arms one point;
 the first process to reach it dies there, once.
 """
@@ -26,7 +26,8 @@ CRASH_POINTS = [
     "worker_after_partial",  # JPEG written under .partial, no record sent
     "worker_after_send",  # record sent, not yet durable
     "ledger_torn_append",  # half a batch written to results.json
-    "ledger_after_append",  # records durable, files not published
+    "ledger_after_publish",  # files published, their records not appended
+    "ledger_after_append",  # records durable, files published
     "ledger_before_ack",  # files published, Redis not told
     "ledger_after_ack",  # acknowledged, segments not unlinked
     "ledger_before_request_append",  # requests ended in Redis, not in requests.json

@@ -123,7 +123,8 @@ def test_status_reports_queue_workers_and_recent_outcomes(pool_factory, redis_cl
         10,
         "status never showed the ready supervisor",
     )
-    assert report["queue_depth"] == 0 and report["in_flight"] == 0 and report["dead_letters"] == 1
+    assert report["queue_depth"] == 0 and report["in_flight"] == 0 and report["dead_letters"] == 0
+    assert report["junk_dead_letters"] == 1, "not JSON, so no request_id: junk, capped apart"
     assert report["last_minute"] == {"completed": 5, "failed": 1, "retried": 0}
     (supervisor,) = report["supervisors"]
     assert len(supervisor["workers"]) == 2 and supervisor["ledger"]["pid"] > 0
@@ -425,3 +426,45 @@ def test_sighup_keeps_the_count_sigttin_set_unless_workers_changed(pool_factory,
     assert pool.events("settings_reloaded")[1]["workers_from"] == "WORKERS"
     wait_until(lambda: len(worker_pids(pool)) == 3, 15, "WORKERS=3 not taken")
     assert pool.stop() == 0
+
+
+def test_a_flood_of_junk_keeps_the_dead_letters_of_real_tasks_and_counts_what_it_pushed_out(
+    pool_factory, redis_client, queue_name
+):
+    """One-byte pushes, many more than DEAD_LETTER_MAX, used to push every real
+    dead letter out. Junk (no request_id: not JSON, not an object, none in it)
+    now has a list and a cap of its own; what the caps push out is counted in
+    Redis (`status`, the metrics) and logged, once for the whole flood."""
+    keys = QueueKeys(queue_name)
+    cap, flood = 20, 300
+    pool = pool_factory(workers=2, env={"DEAD_LETTER_MAX": str(cap)})
+    pool.wait_ready()
+    real = [f"real_{index}" for index in range(5)]
+    for request_id in real:  # real tasks that fail: a segment that is not there
+        push(redis_client, queue_name, {"request_id": request_id, "image_id": request_id,
+                                        "shm_info": {"shm_name": f"img_shm_gone_{request_id}", "shape": [8, 8, 3],
+                                                     "dtype": "uint8"}})
+    wait_until(lambda: redis_client.llen(keys.dead) == len(real), 30, "the real tasks were not dead-lettered")
+    with redis_client.pipeline(transaction=False) as pipe:
+        for index in range(flood):
+            pipe.rpush(queue_name, b"x" if index % 3 else b"{}")
+        pipe.execute()
+    wait_for_records(pool.output_dir, len(real) + flood, timeout=120, pool=pool)
+    wait_until(lambda: int(redis_client.hget(keys.dead_trimmed, "junk") or 0) == flood - cap, 30, "trim not counted")
+
+    kept = [json.loads(entry)["request_id"] for entry in redis_client.lrange(keys.dead, 0, -1)]
+    assert sorted(kept) == real, "a flood of junk pushed out the dead letters of real tasks"
+    assert redis_client.llen(keys.dead_junk) == cap
+    listing = command(pool, "dead", "list")
+    assert listing.returncode == 0 and all(request_id in listing.stdout for request_id in real)
+    junk = command(pool, "dead", "list", "--junk", "--json", "--limit", "1000")
+    assert len(junk.stdout.splitlines()) == cap
+    assert all(json.loads(line)["request_id"] is None for line in junk.stdout.splitlines())
+    status = json.loads(command(pool, "status", "--json").stdout)
+    assert status["dead_letters"] == len(real) and status["junk_dead_letters"] == cap
+    assert status["dead_letters_trimmed"] == {"junk": flood - cap}
+    assert f"{flood - cap} of junk" in command(pool, "status").stdout
+    assert pool.stop() == 0
+    logged = pool.events("dead_letters_trimmed")
+    assert logged and sum(event["junk"] for event in logged) <= flood - cap
+    assert len(logged) < 5, "one line per batch is a flood of its own"

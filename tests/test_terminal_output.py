@@ -159,6 +159,16 @@ def test_json_log_keeps_hostile_values_exact_and_escaped(console_log, capsys) ->
         ("redis://host:6379/0", "redis://host:6379/0"),
         ("redis://user:@host", "redis://user:@host"),
         ("localhost:6379", "localhost:6379"),
+        # Mistyped slashes: the password is hidden all the same.
+        ("redis:/user:s3cret@host", "redis:/user:***@host"),
+        ("redis:user:s3cret@host:6379/0", "redis:user:***@host:6379/0"),
+        ("redis:///user:s3cret@host", "redis:///user:***@host"),
+        ("REDIS:/:s3cret@host", "REDIS:/:***@host"),
+        ("rediss:/s3cret@host", "rediss:/***@host"),
+        ("redis:\\\\user:s3cret@host", "redis:\\\\user:***@host"),
+        ("unix:/:s3cret@/run/redis.sock", "unix:/:***@/run/redis.sock"),
+        # A "#" in the password, then the real query: its secret is hidden too.
+        ("redis://user:s3#cret@host?password=s3cret", "redis://user:***@host?password=***"),
     ],
 )
 def test_redact_url_hides_every_credential(url: str, shown: str) -> None:
@@ -278,6 +288,8 @@ def protected_user(redis_client):
         "redis://s3cret@127.0.0.1:{port}/0",  # redis-py sends it to AUTH
         "redis://:s3cret@127.0.0.1:{free}/0",  # nobody listens
         "redis://:s3cret@127.0.0.1:99999/0",  # a configuration error
+        "redis:/irw_app:s3cret@127.0.0.1:{port}/0",  # one slash: a configuration error
+        "redis:///irw_app:s3cret@127.0.0.1",  # three
     ],
 )
 def test_status_never_prints_the_password_in_redis_url(redis_server, protected_user, queue_name, tmp_path, url):

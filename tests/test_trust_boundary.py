@@ -120,11 +120,14 @@ def test_unlink_leaves_anything_not_ours_and_never_raises(planted: Planted) -> N
     access = SegmentAccess("img_shm_", frozenset({os.getuid()}))
     victim = planted.file(unique("victim_app_state"))
     kept = [victim, planted.directory(unique("img_shm_dir")), planted.fifo(unique("img_shm_fifo")),
-            planted.file(unique("img_shm_foreign"), uid=54321), planted.symlink(unique("img_shm_link"), victim),
-            planted.hardlink(unique("img_shm_hardlink"), victim)]
+            planted.file(unique("img_shm_foreign"), uid=54321), planted.symlink(unique("img_shm_link"), victim)]
     for path in kept:
         assert unlink_segment(path.name, access) not in ("unlinked", "gone")
         assert os.path.lexists(path)
+    # A second name of a file of ours: unlinking it removes that name only, and the file stays whole.
+    link = planted.hardlink(unique("img_shm_hardlink"), victim)
+    assert unlink_segment(link.name, access) == "unlinked" and not os.path.lexists(link)
+    assert victim.read_bytes() == b"victim state " * 1000 and victim.stat().st_nlink == 1
     assert unlink_segment(unique("img_shm_missing"), access) == "gone"
     ours = planted.file(unique("img_shm_ours"))
     assert unlink_segment(ours.name, access) == "unlinked" and not ours.exists()
@@ -271,3 +274,42 @@ def test_a_hanging_download_costs_the_tasks_done_before_it_nothing(
     assert records["hang"]["status"] == "failed"
     done = {rid: (r["status"], r["attempts"]) for rid, r in records.items() if rid != "hang"}
     assert done == {f"t{n}": ("completed", 1) for n in range(40)}
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second uid")
+def test_a_link_another_uid_made_to_a_segment_fails_its_task_and_leaks_nothing_of_ours(
+    pool_factory: PoolFactory, redis_client: redis.Redis, queue_name: str, segments: SegmentTracker,
+    planted: Planted,
+) -> None:
+    """A producer's segment is 0666; nobody (a real second uid) links it under a
+    name of its own. The task is refused (a file with two names may be a link to
+    anything of ours), and the name the producer handed over is unlinked all the
+    same: unlinking removes that name alone. nobody's link, not ours, stays."""
+    name = segments.make(photo_of_size(16, 16))
+    os.chmod(SHM_DIR / name, 0o666)
+    theirs = SHM_DIR / unique("their_link")
+    planted.paths.append(theirs)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            os.link(SHM_DIR / name, theirs)
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and theirs.exists(), "nobody could not link the segment"
+    pool = pool_factory(workers=1)
+    pool.wait_ready()
+    push(redis_client, queue_name, shm_task("linked", name))
+    (record,) = wait_for_records(pool.output_dir, 1, WAIT, pool=pool)
+    assert record["status"] == "failed" and "has 2 names" in record["error"], record
+    wait_until(lambda: not (SHM_DIR / name).exists(), 10, "the name handed over leaked")
+    assert pool.stop() == 0
+    assert theirs.exists() and theirs.stat().st_nlink == 1, "nobody's own link is not ours to remove"

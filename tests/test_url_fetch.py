@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
+from harness.http_server import HttpServer
 from shared import url_fetch
 from shared.config import Settings
 from shared.images import ImageError
@@ -939,3 +941,46 @@ def test_pool_completes_a_same_host_redirect_with_a_body_at_the_first_attempt(
     assert record["status"] == "completed" and record["attempts"] == 1, record
     assert not pool.events("task_retry_scheduled")
     assert [number for _, _, number in host.requests] == [1, 1]
+
+
+# ---------------------------------------------------------------- numbers in headers
+
+
+def test_header_numbers_in_other_digits_are_no_numbers_and_no_crash(
+    pool_factory, redis_client, queue_name, http_server: HttpServer
+) -> None:
+    """`Retry-After: ²` and `Content-Length: ²` (str.isdigit() takes them, int()
+    does not) used to end as "internal error" records with a traceback. Now a
+    header that is not ASCII digits counts as absent: the 503 is an HTTP 503,
+    and the image is read to its end (header values are Latin-1 on the wire)."""
+    _, png = cv2.imencode(".png", np.full((32, 32, 3), 200, np.uint8))
+    routes = {
+        "busy-sup": http_server.add("/busy-sup", b"busy", status=503, headers={"Retry-After": "\u00b2"}),
+        "busy-sup3": http_server.add("/busy-sup3", b"busy", status=503, headers={"Retry-After": "1\u00b3"}),
+        "length-sup": http_server.add("/len-sup.png", png.tobytes(), content_type="image/png",
+                                      headers={"Content-Length": "\u00b2"}),
+        "length-sup-big": http_server.add("/len-sup-big.png", png.tobytes(), content_type="image/png",
+                                          headers={"Content-Length": "9\u00b9"}),
+    }
+    pool = pool_factory(workers=1, env={"MAX_ATTEMPTS": "1"})
+    pool.wait_ready()
+    for request_id, url in routes.items():
+        push(redis_client, queue_name, {"request_id": request_id, "image_id": request_id, "image_url": url})
+    records = {r["request_id"]: r for r in wait_for_records(pool.output_dir, len(routes), timeout=60, pool=pool)}
+    assert pool.stop() == 0
+    for request_id in ("busy-sup", "busy-sup3"):
+        assert records[request_id]["status"] == "failed"
+        assert records[request_id]["error"].startswith("gave up after 1 attempts: HTTP 503 from"), records[request_id]
+    for request_id in ("length-sup", "length-sup-big"):
+        assert records[request_id]["status"] == "completed", records[request_id]
+    assert not pool.events("task_crashed")
+    assert "Traceback" not in pool.stderr_text()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(("value", "number"), [
+    ("7", 7), (" 12 ", 12), ("\u00b2", None), ("\uff17", None), ("\u0663", None), ("1.5", None), ("-1", None),
+    ("", None), (None, None), ("9" * 20, None), ("1_000", None),
+])
+def test_header_number_takes_ascii_digits_only(value: str | None, number: int | None) -> None:
+    assert url_fetch.header_number(value) == number

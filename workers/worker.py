@@ -148,7 +148,7 @@ class Worker:
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
         try:
-            output.prepare_output_dir(self.settings.output_dir)
+            self.directories = output.prepare_output_dir(self.settings.output_dir)
         except OSError as exc:
             log.error("worker_boot_failed", reason=f"OUTPUT_DIR unusable: {exc}")
             return exitcodes.BOOT_FAILED
@@ -300,7 +300,7 @@ class Worker:
         try:
             envelope = parse_envelope(raw)
         except InvalidMessage as exc:
-            return self._failed(None, raw, None, str(exc), started)
+            return self._failed(None, raw, None, str(exc), started, unparsed=True)
         structlog.contextvars.bind_contextvars(task_id=envelope.task_id)
         try:
             return self._run_task(envelope, started)
@@ -322,7 +322,7 @@ class Worker:
         try:
             task = parse_task(envelope, max_pixels=self.settings.max_pixels)
         except InvalidMessage as exc:
-            return self._failed(envelope, envelope.raw, None, str(exc), started)
+            return self._failed(envelope, envelope.raw, None, str(exc), started, unparsed=True)
         structlog.contextvars.bind_contextvars(request_id=task.request_id, image_id=task.image_id)
         log.debug("task_started", source=task.source, attempt=envelope.deliveries)
         try:
@@ -368,10 +368,11 @@ class Worker:
         failures = 0
         while True:
             try:
-                output.write_partial(partial, jpeg)
+                self.directories.follow_partial()
+                output.write_partial(partial.name, jpeg, dir_fd=self.directories.partial_fd)
                 return True
             except OSError as exc:
-                output.remove_quietly(partial)
+                output.remove_quietly(partial.name, dir_fd=self.directories.partial_fd)
                 failures += 1
                 delay = compute_backoff(failures, base=0.5, cap=30.0)
                 log.error("jpeg_write_failed", error=str(exc), path=str(partial), retry_in=round(delay, 2))
@@ -484,7 +485,8 @@ class Worker:
         return image
 
     def _failed(
-        self, envelope: Envelope | None, raw: bytes, task: Task | None, reason: str, started: float
+        self, envelope: Envelope | None, raw: bytes, task: Task | None, reason: str, started: float,
+        *, unparsed: bool = False,
     ) -> CompletionRecord:
         found = salvage(envelope.body if envelope else b"")
         request_id = task.request_id if task else found.request_id
@@ -500,6 +502,7 @@ class Worker:
             error=reason,
             source=task.source if task else None,
             segment_name=self._ours(found.segment_name),
+            junk=unparsed and request_id is None,
             request_images=task.request_images if task else found.request_images,
         )
 

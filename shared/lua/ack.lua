@@ -1,6 +1,9 @@
 -- ack.lua: acknowledge a batch of tasks in one atomic step. Per task, its kind:
--- "final" (its record is durable: announce it), "retry" (into the delayed set),
--- "ack" (only leave the processing list). A task's outcome is announced (its
+-- "final" (its record is durable: announce it), "junk" (as final, for a
+-- message with no request id: not JSON, not an object, or without one; its
+-- dead letter goes to the junk list, capped apart, so that a flood of junk
+-- cannot push out the dead letters of real tasks), "retry"
+-- (into the delayed set), "ack" (only leave the processing list). A task's outcome is announced (its
 -- dead letter pushed, its completion event added to the stream) once per task
 -- id, whichever delivery gets here: a ledger killed with acknowledgements
 -- pending leaves the task to be redelivered, and its duplicate then brings the
@@ -13,8 +16,10 @@
 -- KEYS[4]  this 10 s stats bucket (hash)
 -- KEYS[5]  the results stream (KEYS[1] again when there is no stream)
 -- KEYS[6]  committing (hash)
--- KEYS[7..] one processing list per task, in the order of the tasks below
--- ARGV[1]  dead letters kept
+-- KEYS[7]  junk messages' dead letters (list)
+-- KEYS[8]  dead letters trimmed by the caps, ever (hash: failed, junk)
+-- KEYS[9..] one processing list per task, in the order of the tasks below
+-- ARGV[1]  dead letters kept, in each of the two lists
 -- ARGV[2]  now (epoch seconds)
 -- ARGV[3], ARGV[4], ARGV[5]  the batch's completed, failed and retried counts
 -- ARGV[6]  the stream's MAXLEN (0: no stream)
@@ -39,19 +44,21 @@ end
 
 local dead_max, now = tonumber(ARGV[1]), tonumber(ARGV[2])
 local stream_maxlen, keep_ids = tonumber(ARGV[6]), tonumber(ARGV[7])
-local pushed_dead, announced = false, false
-for i = 7, #KEYS do
-  local at = 8 + (i - 7) * 6
+local pushed = {}  -- dead-letter list -> its field in KEYS[8]
+local announced = false
+for i = 9, #KEYS do
+  local at = 8 + (i - 9) * 6
   local envelope, kind, dead_letter, retry_at, task_id, event =
     ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
   local removed = remove(KEYS[i], envelope)
   redis.call('HDEL', KEYS[6], task_id)
-  if kind == 'final' then
+  if kind == 'final' or kind == 'junk' then
     if redis.call('ZADD', KEYS[2], 'NX', now, task_id) == 1 then
       announced = true
       if dead_letter ~= '' then
-        redis.call('RPUSH', KEYS[1], dead_letter)
-        pushed_dead = true
+        local list = kind == 'junk' and 7 or 1
+        redis.call('RPUSH', KEYS[list], dead_letter)
+        pushed[list] = kind == 'junk' and 'junk' or 'failed'
       end
       if stream_maxlen > 0 then
         redis.call('XADD', KEYS[5], 'MAXLEN', '~', stream_maxlen, '*', 'record', event)
@@ -61,8 +68,14 @@ for i = 7, #KEYS do
     redis.call('ZADD', KEYS[3], tonumber(retry_at), envelope)
   end
 end
-if pushed_dead then
-  redis.call('LTRIM', KEYS[1], -dead_max, -1)
+local trimmed = {0, 0}
+for list, field in pairs(pushed) do
+  local over = redis.call('LLEN', KEYS[list]) - dead_max
+  if over > 0 then
+    redis.call('LTRIM', KEYS[list], -dead_max, -1)
+    redis.call('HINCRBY', KEYS[8], field, over)
+    trimmed[list == 1 and 1 or 2] = over
+  end
 end
 if announced then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(keep_ids + 1))
@@ -71,4 +84,4 @@ redis.call('HINCRBY', KEYS[4], 'completed', ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'failed', ARGV[4])
 redis.call('HINCRBY', KEYS[4], 'retried', ARGV[5])
 redis.call('EXPIRE', KEYS[4], 120)
-return 1
+return trimmed
