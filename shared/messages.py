@@ -13,6 +13,7 @@ with a reason a person can act on, and never lets another exception escape.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -71,6 +72,8 @@ class Task:
     image_url: str | None
     # Why shm_info was unusable when a URL fallback exists; reported if the URL fails too.
     segment_error: str | None = None
+    # Unix seconds after which nobody wants the result (the message's `deadline`); None: never.
+    deadline: float | None = None
 
     @property
     def source(self) -> str:
@@ -109,6 +112,7 @@ def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
     request_id = _identifier(message, "request_id")
     image_id = _identifier(message, "image_id")
     image_url = _image_url(message)
+    deadline = _deadline(message)
     segment, segment_error = None, None
     if "shm_info" in message:
         try:
@@ -119,7 +123,7 @@ def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
             segment_error = str(exc)
     elif image_url is None:
         raise InvalidMessage("message has neither shm_info nor image_url")
-    return Task(request_id, image_id, segment, image_url, segment_error)
+    return Task(request_id, image_id, segment, image_url, segment_error, deadline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +211,29 @@ def _image_url(message: dict) -> str | None:
     if not isinstance(url, str) or not url or len(url) > MAX_URL_LENGTH:
         raise InvalidMessage(f"image_url must be a string of 1..{MAX_URL_LENGTH} characters")
     return url
+
+
+def _deadline(message: dict) -> float | None:
+    """`deadline` as Unix seconds; absent or null: none (as for image_url).
+    json.loads reads NaN and Infinity, which no comparison treats as a time,
+    and a bool is an int to Python: all refused."""
+    value = message.get("deadline")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidMessage(f"deadline must be a number (Unix seconds), got {type(value).__name__}")
+    try:
+        deadline = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise InvalidMessage("deadline must be a finite number of Unix seconds") from None
+    if not math.isfinite(deadline):
+        raise InvalidMessage(f"deadline must be a finite number of Unix seconds, got {value!r}")
+    return deadline
+
+
+def expired_reason(deadline: float, now: float) -> str:
+    """The failed record's error for a task that was not started by its deadline."""
+    return f"expired: its deadline {deadline:.3f} passed {now - deadline:.3f}s before it could start"
 
 
 def _segment_ref(info: object, *, max_pixels: int) -> SegmentRef:
