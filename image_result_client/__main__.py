@@ -3,6 +3,8 @@ submit image files or URLs from the shell.
 
     image-result-client enqueue photo.jpg scans/*.png https://example.com/a.jpg
     image-result-client enqueue --wait --timeout 60 photo.jpg     # progress bar, then one line per record
+    image-result-client enqueue --expires-in 60 photo.jpg  # the pool fails it as expired after a minute
+    image-result-client room --bytes 6220800                 # exit 0 if a 1080p frame fits SHM_BUDGET_BYTES
     image-result-client --version
 
 A file is read with OpenCV and handed over through shared memory (image_id =
@@ -14,8 +16,14 @@ URLs can be queued without them; when one is needed and missing, that is a
 usage error naming the extra.
 
 Every argument is checked before anything is queued, so a typo queues nothing.
+Before each file's segment is made, the budget SHM_BUDGET_BYTES and the queue
+limit MAX_QUEUE_LENGTH are waited on for up to PUSH_WAIT seconds (settings read
+as the others; docs/operations.md#flow-control).
+
 Exit status: 0 all records completed (or, without --wait, all queued), 1 a task
-failed, the wait timed out or Redis is unreachable, 2 a usage error.
+failed, the wait timed out or Redis is unreachable, 2 a usage error, 75
+(EX_TEMPFAIL) SHM_BUDGET_BYTES or MAX_QUEUE_LENGTH left no room within PUSH_WAIT:
+one line says which and how many were queued before, which stay queued.
 
 Records and errors carry ids and texts that came through the queue; every line
 for a person goes through terminal.say, so control characters in them are
@@ -38,6 +46,7 @@ from urllib.parse import urlsplit
 import redis
 
 from image_result_client import __version__
+from image_result_client.flow import EX_TEMPFAIL, FlowLimits, PushRefused, shm_budget_room
 from image_result_client.producer import DEFAULT_PREFIX, Producer, Submission, WaitTimeout, check_url
 from image_result_client.protocol import DEFAULT_OUTPUT_DIR, DEFAULT_QUEUE, DEFAULT_REDIS_URL, check_list_name
 from image_result_client.redact import redact_url
@@ -63,6 +72,10 @@ class RedisUnreachable(Exception):
     """Shown as one line; exit 1."""
 
 
+class NoRoom(Exception):
+    """A budget or queue limit refused; shown as one line, exit EX_TEMPFAIL."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         say(f"{PROG}: {message}; see --help", file=sys.stderr)
@@ -76,6 +89,7 @@ class Target:
     redis_url: str
     queue: str
     output_dir: Path
+    limits: FlowLimits
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,10 +147,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     enqueue.add_argument("--output-dir", help="the pool's OUTPUT_DIR, for --wait (default: OUTPUT_DIR)")
     enqueue.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds --wait waits (default: %(default)g)")
     enqueue.add_argument("--shm-prefix", default=DEFAULT_PREFIX, help="segment name prefix (default: %(default)s)")
+    enqueue.add_argument("--expires-in", type=float, metavar="SECONDS", help="the pool fails a task not started by then")
     enqueue.add_argument("inputs", nargs="+", metavar="PATH_OR_URL")
+    room = commands.add_parser("room", help="how many bytes of frames SHM_BUDGET_BYTES still has room for")
+    room.add_argument("--bytes", type=int, default=1, help="exit 75 unless this many fit (default: %(default)s)")
+    room.set_defaults(redis_url=None, queue=None, output_dir=None, timeout=DEFAULT_TIMEOUT, expires_in=None)
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.expires_in is not None and not 0 < args.expires_in < 1e9:
+        parser.error("--expires-in must be positive seconds")
     return args
 
 
@@ -156,7 +176,11 @@ def load_settings(args: argparse.Namespace, *, dotenv_path: Path = Path(".env"))
         raise UsageError(f"HOSTING_TASKS_QUEUE={queue!r}: {exc}") from None
     if "\0" in output_dir:
         raise UsageError("OUTPUT_DIR contains a NUL byte; expected a directory path")
-    return Target(redis_url, queue, (Path(output_dir).expanduser() if output_dir else DEFAULT_OUTPUT_DIR).resolve())
+    try:
+        limits = FlowLimits.from_settings(values)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return Target(redis_url, queue, (Path(output_dir).expanduser() if output_dir else DEFAULT_OUTPUT_DIR).resolve(), limits)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -206,16 +230,16 @@ def url_image_id(url: str) -> str:
     return PurePosixPath(parts.path).stem or parts.hostname or "image"
 
 
-def submit(producer: Producer, item: Item, *, prefix: str) -> Submission:
+def submit(producer: Producer, item: Item, *, prefix: str, expires_in: float | None = None) -> Submission:
     if item.url is not None:
-        return producer.submit_url(item.url, image_id=url_image_id(item.url))
+        return producer.submit_url(item.url, image_id=url_image_id(item.url), expires_in=expires_in)
     cv2 = opencv()
     # ANYCOLOR: grayscale stays one channel (a third of the segment); EXIF rotation applies.
     frame = cv2.imread(str(item.path), cv2.IMREAD_ANYCOLOR)
     if frame is None:
         raise UsageError(f"cannot read {item.argument!r}: OpenCV could not decode it")
     try:
-        return producer.submit_array(frame, image_id=item.path.stem, prefix=prefix)
+        return producer.submit_array(frame, image_id=item.path.stem, prefix=prefix, expires_in=expires_in)
     except ValueError as exc:
         raise UsageError(f"cannot queue {item.argument!r}: {exc}") from None
 
@@ -224,14 +248,17 @@ def enqueue(args: argparse.Namespace, settings: Target) -> int:
     items = classify(args.inputs)
     submissions: list[Submission] = []
     try:
-        producer = Producer.from_url(settings.redis_url, queue=settings.queue)
+        producer = Producer.from_url(settings.redis_url, queue=settings.queue, limits=settings.limits)
     except ValueError as exc:  # redis-py's word on the URL: scheme, port, query
         raise UsageError(f"REDIS_URL={redact_url(settings.redis_url)!r} is not a Redis URL: {exc}") from None
     with producer:
         try:
             producer.client.ping()  # before reading any file: fail at once when Redis is away
             for item in items:
-                submissions.append(submit(producer, item, prefix=args.shm_prefix))
+                submissions.append(submit(producer, item, prefix=args.shm_prefix, expires_in=args.expires_in))
+        except PushRefused as exc:
+            # Nothing of the refused one is left; those before it stay queued.
+            raise NoRoom(f"{exc} ({len(submissions)} queued)") from None
         except redis.RedisError as exc:
             # submit_array unlinked the segment of the message that did not go out.
             problem = "cannot reach Redis" if isinstance(exc, UNREACHABLE) else "Redis refused the request"
@@ -264,11 +291,29 @@ def wait_and_report(producer: Producer, submissions: list[Submission], *, output
     return 0 if all(record.get("status") == "completed" for record in records) else FAILED
 
 
+def room(args: argparse.Namespace, settings: Target) -> int:
+    """One line: the budget's room; exit 0 when `--bytes` fit, else EX_TEMPFAIL."""
+    limits = settings.limits
+    left = shm_budget_room(limits)
+    if left is None:
+        say("room      unlimited (SHM_BUDGET_BYTES=0)")
+        return 0
+    waiting = limits.shm_budget_bytes - left
+    say(f"room      {max(0, left)} bytes (SHM_BUDGET_BYTES={limits.shm_budget_bytes}, {waiting} waiting"
+        f" under {limits.shm_name_prefix!r} in /dev/shm)")
+    return 0 if left >= args.bytes else EX_TEMPFAIL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = load_settings(args)
+        if args.command == "room":
+            return room(args, settings)
         return enqueue(args, settings)
+    except NoRoom as exc:
+        say(f"{PROG}: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     except UsageError as exc:
         say(f"{PROG}: {exc}", file=sys.stderr)
         return USAGE_ERROR
