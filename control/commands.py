@@ -215,6 +215,9 @@ def _render_supervisor(state: dict, in_flight_by_list: dict[str, int], *, now: f
         f"{len(state['workers'])}/{state['desired_workers']} workers{condition}, "
         f"as of {time.strftime('%H:%M:%S', time.localtime(updated_at))} ({_duration(stale)} ago)"
     ]
+    shm = state.get("shm")  # a supervisor of an older version, or without /dev/shm, does not say
+    if isinstance(shm, dict):
+        lines.append(f"  shared memory  {_shm_usage(shm)}")
     ledger = state["ledger"]
     if ledger:
         lines.append(f"  ledger     pid {ledger['pid']:>7}  last beat {_ago(ledger['heartbeat_age'], stale)}")
@@ -228,6 +231,17 @@ def _render_supervisor(state: dict, in_flight_by_list: dict[str, int], *, now: f
             line += "  " + _render_task(worker["task"], stale)
         lines.append(line)
     return lines
+
+
+def _shm_usage(shm: dict) -> str:
+    """`12.6 MB of frames waiting, 2% of SHM_BUDGET_BYTES (629.1 MB)`."""
+    waiting, budget = shm.get("waiting_bytes"), shm.get("budget_bytes")
+    if not isinstance(waiting, int) or not isinstance(budget, int):
+        return "not reported"
+    text = f"{waiting / 1e6:.1f} MB of frames waiting"
+    if budget <= 0:
+        return text + " (no SHM_BUDGET_BYTES)"
+    return text + f", {100 * waiting // budget}% of SHM_BUDGET_BYTES ({budget / 1e6:.1f} MB)"
 
 
 def _render_task(task: dict | None, stale: float) -> str:

@@ -45,6 +45,9 @@ from image_result_client.protocol import DEFAULT_SEGMENT_PREFIX, SHM_DIR
 EX_TEMPFAIL = 75
 DEFAULT_PUSH_WAIT = 30.0
 DEFAULT_MAX_QUEUE_LENGTH = 0  # off
+# The largest values the settings take (the pool's shared/config.py checks the same).
+MAX_COUNT = 2**62
+MAX_PUSH_WAIT = 86_400.0
 # How often a producer waiting for room looks again.
 ROOM_POLL_SECONDS = 0.1
 
@@ -191,9 +194,9 @@ def _whole_number(name: str, raw: str) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a whole number, 0 for none") from None
-    if value < 0:
-        raise ValueError(f"{name}={raw!r}: expected a whole number, 0 for none")
+        value = -1
+    if not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{name}={raw!r}: expected a whole number 0..{MAX_COUNT}, 0 for none")
     return value
 
 
@@ -201,7 +204,7 @@ def _seconds(name: str, raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected seconds, 0 or more") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}={raw!r}: expected seconds, 0 or more")
+        value = math.nan
+    if not 0 <= value <= MAX_PUSH_WAIT:  # NaN too
+        raise ValueError(f"{name}={raw!r}: expected seconds, 0..{MAX_PUSH_WAIT:g}")
     return value

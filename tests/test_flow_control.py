@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,14 +21,19 @@ import cv2
 import numpy as np
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
+from control.dashboard_data import Overview
 from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
 from harness.results import read_results
 from image_result_client import FlowLimits, Producer, PushRefused
 from image_result_client.flow import EX_TEMPFAIL, shm_bytes_waiting
+from image_result_client.producer import write_segment
 from image_result_client.protocol import SHM_DIR
-from tests.helpers import assert_exactly_once, wait_for_records
+from shared.config import Settings
+from tests.helpers import assert_exactly_once, command, wait_for_records, wait_until
+from tools.local_redis import free_port
 
 WAIT = 90.0
 CLI_TIMEOUT = 60.0
@@ -255,3 +261,61 @@ def test_queue_limit_counts_the_hosts_queue_for_frames(redis_server, redis_clien
         # A URL task counts only the shared queue, which holds one.
         producer.submit_url("http://images.example/e.jpg", image_id="e")
     assert len(segments_under(shm_prefix)) == 2
+
+
+# ---------------------------------------------------------------- what the operator sees
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+def sample(text: str, name: str) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name:
+                return found.value
+    return None
+
+
+def test_frames_waiting_against_the_budget_and_expired_tasks_are_shown(
+    pool_factory, redis_client, queue_name, photos, shm_prefix, http_server
+):
+    """Metrics, `status` and the dashboard's data show the bytes of frames in
+    /dev/shm under SHM_NAME_PREFIX against SHM_BUDGET_BYTES; the metrics count
+    expired tasks on their own."""
+    frame = photos["astronaut"]
+    budget = 10 * frame.nbytes
+    port = free_port()
+    env = {"METRICS_PORT": str(port), "METRICS_ADDRESS": "127.0.0.1", "SHM_NAME_PREFIX": shm_prefix,
+           "SHM_BUDGET_BYTES": str(budget), "LEASE_TTL": "3"}
+    for index in range(2):  # frames a producer made, not yet queued
+        write_segment(f"{shm_prefix}waiting_{index}", frame)
+    url = http_server.add("/late.png", b"never fetched")
+    redis_client.rpush(queue_name, json.dumps({"request_id": "late", "image_id": "late", "image_url": url,
+                                               "deadline": time.time() - 5}))
+    pool = pool_factory(workers=1, env=env)
+    pool.wait_ready()
+    wait_for_records(pool.output_dir, 1, timeout=WAIT, pool=pool)
+
+    def figures() -> tuple | None:
+        text = scrape(port)
+        found = (sample(text, "image_result_shm_waiting_bytes"), sample(text, "image_result_shm_budget_bytes"),
+                 sample(text, "image_result_tasks_expired_total"))
+        return found if found == (2 * frame.nbytes, budget, 1) else None
+
+    wait_until(figures, 20, "the metrics should show 2 frames waiting of the budget and 1 expired task")
+
+    def status_line() -> str | None:
+        done = command(pool, "status")
+        lines = [line for line in done.stdout.splitlines() if "shared memory" in line]
+        return lines[0] if lines and "20%" in lines[0] else None
+
+    line = wait_until(status_line, 20, "status should show the frames waiting")
+    assert f"{2 * frame.nbytes / 1e6:.1f} MB of frames waiting, 20% of SHM_BUDGET_BYTES" in line, line
+    settings = Settings.from_env({"REDIS_URL": pool.redis_url, "HOSTING_TASKS_QUEUE": queue_name}, dotenv_path=None)
+    overview = json.loads(Overview(redis_client, settings, refresh_seconds=0).get())
+    (supervisor,) = overview["supervisors"]
+    assert supervisor["shm"] == {"waiting_bytes": 2 * frame.nbytes, "budget_bytes": budget}
+    assert pool.stop() == 0

@@ -272,7 +272,7 @@ class Ledger:
                 self.recorded.remember(record.task_id, record.status)
             if self.metrics_fd is not None:
                 timings = {**record.timings, "ledger": max(0.0, committed_at - record.sent_at)}
-                self.stats.observe(status=record.status, source=record.source, timings=timings)
+                self.stats.observe(status=record.status, source=record.source, timings=timings, expired=record.expired)
 
     def _drop_duplicates(self, duplicates: list[CompletionRecord]) -> None:
         """A redelivered task that already has its record: only its partial file goes."""
