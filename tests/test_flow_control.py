@@ -32,6 +32,7 @@ from image_result_client.flow import EX_TEMPFAIL, shm_bytes_waiting
 from image_result_client.producer import write_segment
 from image_result_client.protocol import SHM_DIR
 from shared.config import Settings
+from shared.redis_queue import QueueKeys
 from tests.helpers import assert_exactly_once, command, wait_for_records, wait_until
 from tools.local_redis import free_port
 
@@ -319,3 +320,29 @@ def test_frames_waiting_against_the_budget_and_expired_tasks_are_shown(
     (supervisor,) = overview["supervisors"]
     assert supervisor["shm"] == {"waiting_bytes": 2 * frame.nbytes, "budget_bytes": budget}
     assert pool.stop() == 0
+
+
+# ---------------------------------------------------------------- the order of queues
+
+
+def test_a_full_host_queue_does_not_starve_the_shared_queue(
+    pool_factory, redis_client, queue_name, segments, http_server, photos
+):
+    """120 frames wait in the host's queue and 4 URL tasks in the shared one:
+    the URL tasks are done among the first claims, not after every frame."""
+    frame = np.ascontiguousarray(photos["astronaut"][:64, :64])
+    host_queue = QueueKeys(queue_name).host("h1")
+    for index in range(120):
+        redis_client.rpush(host_queue, json.dumps(segments.message(f"frame_{index:03d}", f"frame_{index:03d}", frame)))
+    ok, png = cv2.imencode(".png", frame)
+    url = http_server.add("/shared.png", png.tobytes(), content_type="image/png")
+    for index in range(4):
+        redis_client.rpush(queue_name, json.dumps({"request_id": f"url_{index}", "image_id": f"url_{index}",
+                                                   "image_url": url}))
+    pool = pool_factory(workers=1, env={"HOST_ID": "h1", "HOST_QUEUE": "true"})
+    records = wait_for_records(pool.output_dir, 124, timeout=WAIT, pool=pool)
+    assert pool.stop() == 0
+    order = [record["request_id"] for record in records]
+    assert all(record["status"] == "completed" for record in records)
+    shared_at = [order.index(f"url_{index}") for index in range(4)]
+    assert max(shared_at) < 40, shared_at  # one claim in CLAIM_CYCLE goes to the shared queue first
