@@ -234,7 +234,6 @@ class Producer:
         expiry = _deadline_in(expires_in)
         room_deadline = time.monotonic() + self.limits.push_wait
         self._wait_for_queue_room(self._queues_of_shm_tasks(), deadline=room_deadline)
-        _fill_segment(reserve_segment(name, nbytes, self.limits, deadline=room_deadline), name, frame, dtype)
         message: dict[str, Any] = {
             "request_id": request_id,
             "image_id": image_id,
@@ -244,13 +243,16 @@ class Producer:
             message["image_url"] = fallback_url
         if expiry is not None:
             message["deadline"] = expiry
+        segment = reserve_segment(name, nbytes, self.limits, deadline=room_deadline)
         try:
+            _fill_segment(segment, name, frame, dtype)
             if fallback_url is not None and self.host_id is not None:
                 queue = self._push_where_served(message)
             else:
                 queue = self._push(message, queue=self.shm_queue)
         except BaseException:
-            # The pool never saw the message: nobody else will ever free this segment.
+            # The pool never saw the message (a failed copy, a failed push,
+            # Ctrl-C): nobody else will ever free this segment.
             unlink_segment(name)
             raise
         if queue != self.shm_queue:
