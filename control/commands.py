@@ -198,7 +198,10 @@ def render_status(report: dict) -> list[str]:
     if report["committing"]:
         lines.append(f"{report['committing']} records being committed")
     minute = report["last_minute"]
-    lines.append(f"last minute: {minute['completed']} completed, {minute['failed']} failed, {minute['retried']} retried")
+    expired = f" ({minute['expired']} expired)" if minute.get("expired") else ""
+    lines.append(
+        f"last minute: {minute['completed']} completed, {minute['failed']} failed{expired}, {minute['retried']} retried"
+    )
     if not report["supervisors"]:
         lines.append("no supervisor is running on this queue")
     for supervisor in report["supervisors"]:
@@ -298,7 +301,7 @@ def _lease_values(client: redis.Redis, keys: QueueKeys) -> list[bytes]:
 
 
 def _last_minute(client: redis.Redis, keys: QueueKeys, now: float) -> dict[str, int]:
-    totals = {"completed": 0, "failed": 0, "retried": 0}
+    totals = {"completed": 0, "failed": 0, "retried": 0, "expired": 0}
     for back in range(60 // STATS_BUCKET_SECONDS):
         counts = client.hgetall(keys.stats(now - back * STATS_BUCKET_SECONDS))
         for name in totals:

@@ -19,7 +19,8 @@ Hazards handled here:
   full size first and counts afterwards, itself included, and gives it back if
   the total is over the budget. Of two producers that race, the one whose
   segment was created later counts the other's, so a kept segment never takes
-  the total over the budget; both may back off, and try again a moment later.
+  the total over the budget; both may back off, and try again a moment later
+  (a jittered moment, so that they do not collide again).
 - /dev/shm changing while it is counted (the pool unlinking segments): a file
   gone between the listing and its stat counts nothing.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import sys
 import time
 from collections.abc import Mapping
@@ -178,7 +180,8 @@ def reserve_segment(name: str, size: int, limits: FlowLimits, *, deadline: float
                 f"under {limits.shm_name_prefix!r}, no room for {size} more after PUSH_WAIT={limits.push_wait:g}s",
                 limit="SHM_BUDGET_BYTES",
             )
-        time.sleep(min(ROOM_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        # Jittered: producers that collided on the last room try again apart.
+        time.sleep(min(random.uniform(0.5, 1.0) * ROOM_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         waiting = shm_bytes_waiting(limits.shm_name_prefix)
 
 

@@ -279,10 +279,7 @@ class Producer:
 
     def queue_length(self, queues: Sequence[str]) -> int:
         """The tasks waiting in `queues`, as MAX_QUEUE_LENGTH counts them."""
-        with self.client.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.llen(queue)
-            return sum(int(length) for length in pipe.execute())
+        return sum(int(self.client.llen(queue)) for queue in queues)
 
     def _queues_of_shm_tasks(self) -> list[str]:
         """The shared queue, and the host's own where shared-memory tasks go."""

@@ -327,6 +327,7 @@ class ReliableQueue:
             counts.get("retry", 0),
             stream_maxlen if stream else 0,
             max(MIN_ANNOUNCED_IDS, dead_letter_max, stream_maxlen),
+            counts.get("expired", 0),
         ]
         for ack in acks:
             keys.append(ack.processing_key)

@@ -114,7 +114,7 @@ def test_producers_pushing_forever_stop_at_the_budget_and_everything_drains_once
 ):
     frame = photos["astronaut"]
     budget = 12 * frame.nbytes + frame.nbytes // 2  # room for 12 frames, not 13
-    limits = FlowLimits(shm_budget_bytes=budget, push_wait=0.5, shm_name_prefix=shm_prefix)
+    limits = FlowLimits(shm_budget_bytes=budget, push_wait=2.0, shm_name_prefix=shm_prefix)
     with ShmWatcher(shm_prefix).running() as watcher:
         outcome = fill_producers(redis_server.url, queue_name, frame, limits, shm_prefix)
     assert all(limit == "SHM_BUDGET_BYTES" for _, limit, _ in outcome.values()), outcome
@@ -308,13 +308,14 @@ def test_frames_waiting_against_the_budget_and_expired_tasks_are_shown(
 
     wait_until(figures, 20, "the metrics should show 2 frames waiting of the budget and 1 expired task")
 
-    def status_line() -> str | None:
+    def status_text() -> str | None:
         done = command(pool, "status")
         lines = [line for line in done.stdout.splitlines() if "shared memory" in line]
-        return lines[0] if lines and "20%" in lines[0] else None
+        return done.stdout if lines and "20%" in lines[0] else None
 
-    line = wait_until(status_line, 20, "status should show the frames waiting")
-    assert f"{2 * frame.nbytes / 1e6:.1f} MB of frames waiting, 20% of SHM_BUDGET_BYTES" in line, line
+    text = wait_until(status_text, 20, "status should show the frames waiting")
+    assert f"shared memory  {2 * frame.nbytes / 1e6:.1f} MB of frames waiting, 20% of SHM_BUDGET_BYTES" in text, text
+    assert "last minute: 0 completed, 1 failed (1 expired), 0 retried" in text, text
     settings = Settings.from_env({"REDIS_URL": pool.redis_url, "HOSTING_TASKS_QUEUE": queue_name}, dotenv_path=None)
     overview = json.loads(Overview(redis_client, settings, refresh_seconds=0).get())
     (supervisor,) = overview["supervisors"]

@@ -405,6 +405,7 @@ class Ledger:
         try:
             acks = [self._acknowledgement(record) for record in batch]
             counts = Counter(record.status for record in batch if not record.duplicate)
+            counts["expired"] = sum(1 for record in batch if record.expired and not record.duplicate)
             crash_point("ledger_before_ack")
             self.queue.acknowledge(
                 acks,
