@@ -160,10 +160,15 @@ def reserve_segment(name: str, size: int, limits: FlowLimits, *, deadline: float
     budget = limits.shm_budget_bytes
     if budget == 0:
         return create_segment(name, size)
+    if size > budget:
+        raise PushRefused(
+            f"SHM_BUDGET_BYTES={budget} is smaller than this frame ({size} bytes): it can never fit",
+            limit="SHM_BUDGET_BYTES",
+        )
     counted_by_scan = name.startswith(limits.shm_name_prefix)
     waiting = shm_bytes_waiting(limits.shm_name_prefix)
     while True:
-        if size <= budget and waiting + size <= budget:
+        if waiting + size <= budget:
             shm = create_segment(name, size)
             try:
                 waiting = shm_bytes_waiting(limits.shm_name_prefix) + (0 if counted_by_scan else size)
@@ -174,7 +179,7 @@ def reserve_segment(name: str, size: int, limits: FlowLimits, *, deadline: float
                 return shm
             _give_back(shm, name)  # another producer took the room first
             waiting -= size
-        if size > budget or time.monotonic() >= deadline:
+        if time.monotonic() >= deadline:
             raise PushRefused(
                 f"SHM_BUDGET_BYTES={budget} reached: {max(0, waiting)} bytes of frames wait in {SHM_DIR} "
                 f"under {limits.shm_name_prefix!r}, no room for {size} more after PUSH_WAIT={limits.push_wait:g}s",

@@ -143,3 +143,11 @@ def test_expires_in_must_be_positive_seconds(bad: object) -> None:
 def test_expires_in_becomes_a_deadline_from_now() -> None:
     assert _deadline_in(None) is None
     assert time.time() + 59 < _deadline_in(60) <= time.time() + 60.001  # kept to the millisecond
+
+
+def test_a_frame_larger_than_the_budget_is_refused_at_once(prefix: str) -> None:
+    limits = FlowLimits(shm_budget_bytes=FRAME - 1, push_wait=60, shm_name_prefix=prefix)
+    started = time.monotonic()
+    with pytest.raises(PushRefused, match="can never fit"):
+        reserve_segment(prefix + "a", FRAME, limits, deadline=started + 60)
+    assert time.monotonic() - started < 5 and not (SHM_DIR / (prefix + "a")).exists()
