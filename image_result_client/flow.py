@@ -9,10 +9,12 @@ stopped or slow pool must not let them pile up until the OOM killer picks the
 GPU stage. SHM_BUDGET_BYTES bounds the bytes of segments under SHM_NAME_PREFIX
 in this host's /dev/shm; MAX_QUEUE_LENGTH (off by default) bounds the queue.
 
-A segment counts max(st_size, st_blocks * 512) bytes: its size from the moment
-it is created (ftruncate), before a page of it is written, so a producer still
-copying a frame is counted in full; and the pages it holds, when a stranger's
-segment holds more than its size says (never ours).
+A segment counts its size rounded up to whole pages, or the memory it holds
+(st_blocks * 512) if that is more. The size, because it is there from the
+moment the segment is created (ftruncate), before a page of it is written: a
+producer still copying a frame is counted in full. Rounded up to pages,
+because tmpfs holds whole pages: a written 405,900-byte frame holds 409,600.
+The blocks, for a stranger's segment that holds more than its size says.
 
 Hazards handled here:
 - Two producers checking at once: reserve_segment creates the segment at its
@@ -20,7 +22,8 @@ Hazards handled here:
   the total is over the budget. Of two producers that race, the one whose
   segment was created later counts the other's, so a kept segment never takes
   the total over the budget; both may back off, and try again a moment later
-  (a jittered moment, so that they do not collide again).
+  (a jittered moment, so that they do not collide again). A segment given back
+  was never written: while it exists it is counted, but holds no memory.
 - /dev/shm changing while it is counted (the pool unlinking segments): a file
   gone between the listing and its stat counts nothing.
 
@@ -50,6 +53,7 @@ DEFAULT_MAX_QUEUE_LENGTH = 0  # off
 # The largest values the settings take (the pool's shared/config.py checks the same).
 MAX_COUNT = 2**62
 MAX_PUSH_WAIT = 86_400.0
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # How often a producer waiting for room looks again.
 ROOM_POLL_SECONDS = 0.1
 
@@ -79,7 +83,7 @@ def default_shm_budget(shm_dir: Path = SHM_DIR) -> int:
 
 def segment_bytes(info: os.stat_result) -> int:
     """What one segment counts against the budget (see the module's docstring)."""
-    return max(info.st_size, info.st_blocks * 512)
+    return max(-(-info.st_size // PAGE_SIZE) * PAGE_SIZE, info.st_blocks * 512)
 
 
 def shm_bytes_waiting(prefix: str = DEFAULT_SEGMENT_PREFIX, shm_dir: Path = SHM_DIR) -> int:

@@ -28,7 +28,7 @@ from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
 from harness.results import read_results
 from image_result_client import FlowLimits, Producer, PushRefused
-from image_result_client.flow import EX_TEMPFAIL, shm_bytes_waiting
+from image_result_client.flow import EX_TEMPFAIL
 from image_result_client.producer import write_segment
 from image_result_client.protocol import SHM_DIR
 from shared.config import Settings
@@ -52,9 +52,22 @@ def queued_segments(client: redis.Redis, *queues: str) -> set[str]:
     return names
 
 
+def shm_bytes_held(prefix: str) -> int:
+    """The memory the segments under `prefix` hold in /dev/shm (tmpfs pages)."""
+    total = 0
+    with os.scandir(SHM_DIR) as entries:
+        for entry in entries:
+            try:
+                if entry.name.startswith(prefix):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except FileNotFoundError:
+                continue
+    return total
+
+
 class ShmWatcher:
-    """Samples the bytes under a prefix in /dev/shm as fast as it can, from a
-    thread: the most it ever saw is what the budget must bound."""
+    """Samples the memory held under a prefix in /dev/shm as fast as it can,
+    from a thread: the most it ever saw is what the budget must bound."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -65,7 +78,7 @@ class ShmWatcher:
 
     def _watch(self) -> None:
         while not self._stop.is_set():
-            self.most = max(self.most, shm_bytes_waiting(self.prefix))
+            self.most = max(self.most, shm_bytes_held(self.prefix))
             self.samples += 1
 
     @contextmanager

@@ -53,6 +53,14 @@ def test_a_segment_counts_its_size_before_its_pages_are_written(prefix: str) -> 
     assert shm_bytes_waiting(prefix + "b") == 0  # another prefix is not counted
 
 
+def test_a_segment_counts_whole_pages_as_tmpfs_holds_them(prefix: str) -> None:
+    shm = create_segment(prefix + "odd", 405_900)
+    assert shm_bytes_waiting(prefix) == 409_600  # before a page is written
+    shm.buf[:] = b"\x01" * 405_900
+    shm.close()
+    assert shm_bytes_waiting(prefix) == 409_600 == os.stat(SHM_DIR / (prefix + "odd")).st_blocks * 512
+
+
 def test_room_is_the_budget_less_what_waits(prefix: str) -> None:
     limits = FlowLimits(shm_budget_bytes=3 * FRAME, shm_name_prefix=prefix)
     assert shm_budget_room(limits) == 3 * FRAME
