@@ -112,7 +112,9 @@ def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
     request_id = _identifier(message, "request_id")
     image_id = _identifier(message, "image_id")
     image_url = _image_url(message)
-    deadline = _deadline(message)
+    deadline = message.get("deadline")
+    if deadline is not None:  # absent or null: none, as for image_url
+        deadline = _deadline(deadline)
     segment, segment_error = None, None
     if "shm_info" in message:
         try:
@@ -213,13 +215,10 @@ def _image_url(message: dict) -> str | None:
     return url
 
 
-def _deadline(message: dict) -> float | None:
-    """`deadline` as Unix seconds; absent or null: none (as for image_url).
-    json.loads reads NaN and Infinity, which no comparison treats as a time,
-    and a bool is an int to Python: all refused."""
-    value = message.get("deadline")
-    if value is None:
-        return None
+def _deadline(value: object) -> float:
+    """A message's `deadline` as Unix seconds. json.loads reads NaN and
+    Infinity, which no comparison treats as a time, and a bool is an int to
+    Python: all refused."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidMessage(f"deadline must be a number (Unix seconds), got {type(value).__name__}")
     try:
