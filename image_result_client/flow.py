@@ -160,7 +160,10 @@ def reserve_segment(name: str, size: int, limits: FlowLimits, *, deadline: float
     """Create segment `name` of `size` bytes once the budget has room for it,
     waiting until `deadline` (time.monotonic()) at most; PushRefused after that.
     The segment is created before the count that decides, so that producers
-    racing for the last room cannot together go over the budget."""
+    racing for the last room cannot together go over the budget. One listing
+    of /dev/shm a frame while there is room (a few microseconds a segment
+    waiting); while there is none, a listing every 50-100 ms, and a segment
+    is created only when the listing shows room."""
     budget = limits.shm_budget_bytes
     if budget == 0:
         return create_segment(name, size)
@@ -170,7 +173,7 @@ def reserve_segment(name: str, size: int, limits: FlowLimits, *, deadline: float
             limit="SHM_BUDGET_BYTES",
         )
     counted_by_scan = name.startswith(limits.shm_name_prefix)
-    waiting = shm_bytes_waiting(limits.shm_name_prefix)
+    waiting = 0  # not counted yet: the first try creates, then counts (one listing a frame)
     while True:
         if waiting + size <= budget:
             shm = create_segment(name, size)
