@@ -86,12 +86,18 @@ def segment_bytes(info: os.stat_result) -> int:
     return max(-(-info.st_size // PAGE_SIZE) * PAGE_SIZE, info.st_blocks * 512)
 
 
-def shm_bytes_waiting(prefix: str = DEFAULT_SEGMENT_PREFIX, shm_dir: Path = SHM_DIR) -> int:
+def shm_bytes_waiting(
+    prefix: str = DEFAULT_SEGMENT_PREFIX, shm_dir: Path = SHM_DIR, *, max_entries: int | None = None
+) -> int:
     """Bytes of the regular files under `prefix` in shm_dir (every file for an
-    empty prefix): the frames waiting for the pool on this host."""
+    empty prefix): the frames waiting for the pool on this host. With
+    `max_entries`, only that many directory entries are looked at (a lower
+    bound, for a caller that must not be held up by a flooded /dev/shm)."""
     total = 0
     with os.scandir(shm_dir) as entries:
-        for entry in entries:
+        for seen, entry in enumerate(entries, 1):
+            if max_entries is not None and seen > max_entries:
+                break
             if not entry.name.startswith(prefix):
                 continue
             try:

@@ -5,6 +5,11 @@ supervisor reports them (metrics, the lease that `status` and the dashboard read
 
 Counted as producers count it (image_result_client.flow.shm_bytes_waiting), so
 the figure an operator sees is the one the client refuses at.
+
+Hazard handled here: the listing runs in the supervisor's loop, so anyone who
+can write /dev/shm could slow the loop (reaping, the lease) with a flood of
+files. At most MAX_ENTRIES entries are looked at (a few tens of milliseconds);
+beyond them the figure is a lower bound.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from shared.config import Settings
 
 # A listing costs about a microsecond a segment; the figures are read every few seconds.
 READ_SECONDS = 5.0
+# Thousands of frames wait at most (a 1080p frame is 6 MB); a flood of files is cut short.
+MAX_ENTRIES = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +48,7 @@ class ShmMeter:
         if time.monotonic() - self._read_at >= self.read_seconds:
             self._read_at = time.monotonic()
             try:
-                waiting = shm_bytes_waiting(settings.shm_name_prefix)
+                waiting = shm_bytes_waiting(settings.shm_name_prefix, max_entries=MAX_ENTRIES)
             except OSError:
                 self._usage = None
             else:

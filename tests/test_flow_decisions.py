@@ -159,3 +159,12 @@ def test_a_frame_larger_than_the_budget_is_refused_at_once(prefix: str) -> None:
     with pytest.raises(PushRefused, match="can never fit"):
         reserve_segment(prefix + "a", FRAME, limits, deadline=started + 60)
     assert time.monotonic() - started < 5 and not (SHM_DIR / (prefix + "a")).exists()
+
+
+def test_a_bounded_listing_looks_at_no_more_entries_than_asked(prefix: str) -> None:
+    for index in range(5):
+        create_segment(f"{prefix}{index}", FRAME).close()
+    assert shm_bytes_waiting(prefix) == 5 * FRAME
+    # Other entries of /dev/shm count towards the bound too: at most 5 of ours are seen.
+    assert shm_bytes_waiting(prefix, max_entries=5) <= 5 * FRAME
+    assert shm_bytes_waiting(prefix, max_entries=0) == 0
