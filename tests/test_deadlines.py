@@ -70,6 +70,7 @@ def test_expired_at_first_delivery_is_one_failed_record_without_fetch_or_jpeg(
         assert record["status"] == "failed" and record["error"].startswith("expired"), record
         assert record["file_path"] is None and record["attempts"] == 1
     assert http_server.hits("/late.png") == 0
+    assert encoded_by(pool) == 1  # the fresh one only: nothing of the expired ones was encoded
     assert sorted(p.name for p in pool.output_dir.glob("*.jpg")) == [Path(records["fresh_url"]["file_path"]).name]
     assert not segment_exists(expired_shm["shm_info"]["shm_name"]), "the expired task's segment was not released"
     assert sorted(d["request_id"] for d in dead_letters(redis_client, queue_name)) == ["late_shm", "late_url"]
@@ -103,6 +104,7 @@ def test_expired_when_its_retry_comes_due(pool_factory, redis_client, queue_name
         assert record["status"] == "failed" and record["error"].startswith("expired"), record
         assert record["attempts"] == 2
     assert http_server.hits("/busy.png") == 1 and http_server.hits("/busy_shm.png") == 1
+    assert encoded_by(pool) == 0
     assert no_jpegs(pool.output_dir)
     assert not segment_exists(segment), "the expired task's segment was not released"
     assert redis_client.zcard(keys.delayed) == 0
@@ -170,6 +172,13 @@ def test_bad_deadline_is_a_failed_record(pool_factory, redis_client, queue_name,
         assert record["status"] == "failed" and "deadline" in record["error"], record
     assert http_server.hits("/ok.png") == 0
     assert not segment_exists(segment)
+
+
+def encoded_by(pool) -> int:
+    """Frames the pool's workers encoded, as each says when it stops."""
+    stopped = pool.events("worker_stopped")
+    assert stopped, "no worker said what it encoded"
+    return sum(event["encoded"] for event in stopped)
 
 
 def read_nothing(output_dir: Path) -> bool:
