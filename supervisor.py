@@ -83,6 +83,7 @@ from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, connect, is_refusal
 from shared.sdnotify import Notifier
+from shared.shm_usage import ShmMeter
 from shared.task_board import TaskBoard
 
 LOOP_SECONDS = 1.0
@@ -234,6 +235,7 @@ class Supervisor:
         )
         self.worker_main, self.ledger_main, self.processing_name = worker_main, ledger_main, processing_name
         self.desired = settings.workers
+        self.shm_meter = ShmMeter()
         # Wake often enough to renew the lease several times within its TTL.
         self.loop_seconds = min(LOOP_SECONDS, settings.lease_ttl / 4)
         self.workers: dict[int, Child] = {}
@@ -488,7 +490,9 @@ class Supervisor:
             with signals_blocked():
                 self.metrics.start()
         self.read_ledger_stats()
-        self.metrics.publish(healthy=self.healthy(), live_workers=len(self.workers))
+        self.metrics.publish(
+            healthy=self.healthy(), live_workers=len(self.workers), shm=self.shm_meter.read(self.settings)
+        )
 
     def read_ledger_stats(self) -> None:
         """The ledger's newest stats snapshot, from its pipe; anything else there is dropped and logged."""
@@ -518,6 +522,7 @@ class Supervisor:
         each child beat, and the task each worker has in hand (None: idle)."""
         now = time.monotonic()
         tasks = self.upkeep.tasks_in_hand(self.workers, now)
+        shm = self.shm_meter.read(self.settings)
 
         def describe(child: Child) -> dict:
             beat = child.heartbeat.value
@@ -542,6 +547,7 @@ class Supervisor:
                     for child in sorted(self.workers.values(), key=lambda c: c.slot)
                 ],
                 "ledger": describe(self.ledger) if self.ledger else None,
+                "shm": shm.as_dict() if shm else None,
             }
         ).encode()
 

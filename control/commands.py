@@ -219,7 +219,10 @@ def render_status(report: dict) -> list[str]:
     if report["committing"]:
         lines.append(f"{report['committing']} records being committed")
     minute = report["last_minute"]
-    lines.append(f"last minute: {minute['completed']} completed, {minute['failed']} failed, {minute['retried']} retried")
+    expired = f" ({minute['expired']} expired)" if minute.get("expired") else ""
+    lines.append(
+        f"last minute: {minute['completed']} completed, {minute['failed']} failed{expired}, {minute['retried']} retried"
+    )
     if not report["supervisors"]:
         lines.append("no supervisor is running on this queue")
     for supervisor in report["supervisors"]:
@@ -236,6 +239,9 @@ def _render_supervisor(state: dict, in_flight_by_list: dict[str, int], *, now: f
         f"{len(state['workers'])}/{state['desired_workers']} workers{condition}, "
         f"as of {time.strftime('%H:%M:%S', time.localtime(updated_at))} ({_duration(stale)} ago)"
     ]
+    shm = state.get("shm")  # a supervisor of an older version, or without /dev/shm, does not say
+    if isinstance(shm, dict):
+        lines.append(f"  shared memory  {_shm_usage(shm)}")
     ledger = state["ledger"]
     if ledger:
         lines.append(f"  ledger     pid {ledger['pid']:>7}  last beat {_ago(ledger['heartbeat_age'], stale)}")
@@ -249,6 +255,17 @@ def _render_supervisor(state: dict, in_flight_by_list: dict[str, int], *, now: f
             line += "  " + _render_task(worker["task"], stale)
         lines.append(line)
     return lines
+
+
+def _shm_usage(shm: dict) -> str:
+    """`12.6 MB of frames waiting, 2% of SHM_BUDGET_BYTES (629.1 MB)`."""
+    waiting, budget = shm.get("waiting_bytes"), shm.get("budget_bytes")
+    if not isinstance(waiting, int) or not isinstance(budget, int):
+        return "not reported"
+    text = f"{waiting / 1e6:.1f} MB of frames waiting"
+    if budget <= 0:
+        return text + " (no SHM_BUDGET_BYTES)"
+    return text + f", {100 * waiting // budget}% of SHM_BUDGET_BYTES ({budget / 1e6:.1f} MB)"
 
 
 def _render_task(task: dict | None, stale: float) -> str:
@@ -305,7 +322,7 @@ def _lease_values(client: redis.Redis, keys: QueueKeys) -> list[bytes]:
 
 
 def _last_minute(client: redis.Redis, keys: QueueKeys, now: float) -> dict[str, int]:
-    totals = {"completed": 0, "failed": 0, "retried": 0}
+    totals = {"completed": 0, "failed": 0, "retried": 0, "expired": 0}
     for back in range(60 // STATS_BUCKET_SECONDS):
         counts = client.hgetall(keys.stats(now - back * STATS_BUCKET_SECONDS))
         for name in totals:

@@ -408,7 +408,17 @@ def _supervisor(state: dict, in_flight: dict[str, int], now: float) -> dict:
         "beat_age": round(now - updated, 1) if isinstance(updated, int | float) else None,
         "ledger": _child(state.get("ledger"), in_flight),
         "workers": [_child(worker, in_flight) for worker in workers if isinstance(worker, dict)],
+        "shm": _shm(state.get("shm")),
     }
+
+
+def _shm(shm: object) -> dict | None:
+    """The frames waiting in the supervisor's /dev/shm and its SHM_BUDGET_BYTES, when it says."""
+    if not isinstance(shm, dict):
+        return None
+    figures = {key: shm.get(key) for key in ("waiting_bytes", "budget_bytes")}
+    valid = all(isinstance(value, int) and not isinstance(value, bool) and value >= 0 for value in figures.values())
+    return figures if valid else None
 
 
 def _child(child: object, in_flight: dict[str, int]) -> dict | None:

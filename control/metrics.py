@@ -58,6 +58,7 @@ from control.http_base import LIMITS, HardenedHTTPServer, Limits, Request, Respo
 from shared.pool_registry import PoolRegistry
 from shared.process import LEDGER_STALE_SECONDS
 from shared.redis_queue import REDIS_ERRORS, ReliableQueue
+from shared.shm_usage import ShmUsage
 from shared.task_stats import BUCKETS, MAX_SNAPSHOT_BYTES, TaskStats
 
 QUEUE_REFRESH_SECONDS = 5.0
@@ -77,6 +78,7 @@ class PoolView:
     restarts: tuple[tuple[str, int], ...] = ()
     stats: TaskStats = field(default_factory=TaskStats)
     queue_gauges: tuple[Gauge, ...] = ()
+    shm: ShmUsage | None = None  # None: /dev/shm could not be read
     published_at: float = field(default_factory=time.monotonic)
 
     def serving(self) -> bool:
@@ -111,6 +113,18 @@ class PoolCollector:
         for role, count in view.restarts:
             restarts.add_metric([role], count)
         yield restarts
+        yield CounterMetricFamily(
+            "image_result_tasks_expired", "Tasks failed because their deadline passed before they started",
+            value=view.stats.expired,
+        )
+        if view.shm is not None:
+            yield GaugeMetricFamily(
+                "image_result_shm_waiting_bytes", "Bytes of frames waiting in this host's /dev/shm (SHM_NAME_PREFIX)",
+                value=view.shm.waiting_bytes,
+            )
+            yield GaugeMetricFamily(
+                "image_result_shm_budget_bytes", "SHM_BUDGET_BYTES (0: no budget)", value=view.shm.budget_bytes
+            )
         for name, help_text, value in view.queue_gauges:
             yield GaugeMetricFamily(name, help_text, value=value)
         yield GaugeMetricFamily("image_result_workers", "Live worker processes", value=view.live_workers)
@@ -183,7 +197,7 @@ class MetricsEndpoint(HardenedHTTPServer):
     def child_restarted(self, role: str) -> None:
         self.restarts[role] = self.restarts.get(role, 0) + 1
 
-    def publish(self, *, healthy: bool, live_workers: int) -> None:
+    def publish(self, *, healthy: bool, live_workers: int, shm: ShmUsage | None = None) -> None:
         """Hand the thread a fresh view of the pool; it reads nothing else of ours."""
         stats = TaskStats()
         stats.add(self._base)
@@ -194,6 +208,7 @@ class MetricsEndpoint(HardenedHTTPServer):
             restarts=tuple(sorted(self.restarts.items())),
             stats=stats,
             queue_gauges=self._queue_gauges(),
+            shm=shm,
         )
 
     def _queue_gauges(self) -> tuple[Gauge, ...]:

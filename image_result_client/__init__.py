@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["Producer", "Submission", "WaitTimeout", "__version__"]
+__all__ = ["FlowLimits", "Producer", "PushRefused", "Submission", "WaitTimeout", "__version__", "shm_budget_room"]
 
 if TYPE_CHECKING:
+    from image_result_client.flow import FlowLimits, PushRefused, shm_budget_room
     from image_result_client.producer import Producer, Submission, WaitTimeout
 
 _PRODUCER_NAMES = frozenset({"Producer", "Submission", "WaitTimeout"})
+_FLOW_NAMES = frozenset({"FlowLimits", "PushRefused", "shm_budget_room"})
 
 
 def __getattr__(name: str) -> object:
@@ -28,4 +30,8 @@ def __getattr__(name: str) -> object:
         from image_result_client import producer
 
         return getattr(producer, name)
+    if name in _FLOW_NAMES:
+        from image_result_client import flow
+
+        return getattr(flow, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,6 +5,8 @@ submit image files or URLs from the shell.
     image-result-client enqueue --wait --timeout 60 photo.jpg     # progress bar, then one line per record
     image-result-client enqueue --request book-7 p1.png p2.png    # one request of 2 images (request_images)
     image-result-client wait-request --timeout 600 book-7         # its request record, from the results stream
+    image-result-client enqueue --expires-in 60 photo.jpg  # the pool fails it as expired after a minute
+    image-result-client room --bytes 6220800                 # exit 0 if a 1080p frame fits SHM_BUDGET_BYTES
     image-result-client --version
 
 A file is read with OpenCV and handed over through shared memory (image_id =
@@ -23,7 +25,13 @@ usage error naming the extra.
 Every argument is checked before anything is queued, so a typo queues nothing.
 Exit status: 0 all records completed (or, without --wait, all queued; for
 wait-request, the request completed), 1 a task failed (a request did not
-complete), the wait timed out or Redis is unreachable, 2 a usage error.
+complete), the wait timed out or Redis is unreachable, 2 a usage error, 75
+(EX_TEMPFAIL) SHM_BUDGET_BYTES or MAX_QUEUE_LENGTH left no room within PUSH_WAIT:
+one line says which and how many were queued before, which stay queued.
+
+Before each file's segment is made, the budget SHM_BUDGET_BYTES and the queue
+limit MAX_QUEUE_LENGTH are waited on for up to PUSH_WAIT seconds (settings read
+as the others; docs/operations.md#flow-control).
 
 Records and errors carry ids and texts that came through the queue; every line
 for a person goes through terminal.say, so control characters in them are
@@ -46,6 +54,7 @@ from urllib.parse import urlsplit
 import redis
 
 from image_result_client import __version__
+from image_result_client.flow import EX_TEMPFAIL, FlowLimits, PushRefused, shm_budget_room
 from image_result_client.producer import DEFAULT_PREFIX, Producer, Submission, WaitTimeout, check_url
 from image_result_client.protocol import (
     DEFAULT_OUTPUT_DIR,
@@ -80,6 +89,10 @@ class RedisUnreachable(Exception):
     """Shown as one line; exit 1."""
 
 
+class NoRoom(Exception):
+    """A budget or queue limit refused; shown as one line, exit EX_TEMPFAIL."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         say(f"{PROG}: {message}; see --help", file=sys.stderr)
@@ -93,6 +106,7 @@ class Target:
     redis_url: str
     queue: str
     output_dir: Path | None  # where --wait reads results.json; None: follow results_stream
+    limits: FlowLimits
     results_stream: str = DEFAULT_RESULTS_STREAM
 
 
@@ -155,6 +169,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     enqueue.add_argument("--shm-prefix", default=DEFAULT_PREFIX, help="segment name prefix (default: %(default)s)")
     enqueue.add_argument("--request", metavar="REQUEST_ID",
                          help="queue the inputs as one request of that id (request_images: their number)")
+    enqueue.add_argument("--expires-in", type=float, metavar="SECONDS", help="the pool fails a task not started by then")
     enqueue.add_argument("inputs", nargs="+", metavar="PATH_OR_URL")
     waiting = commands.add_parser("wait-request", help="wait for a request's record (messages with request_images)")
     waiting.add_argument("--redis-url", help="default: REDIS_URL (environment, then .env)")
@@ -163,9 +178,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     waiting.add_argument("--output-dir", help="read OUTPUT_DIR/requests.json instead of the stream (this host's only)")
     waiting.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds to wait (default: %(default)g)")
     waiting.add_argument("request_id", metavar="REQUEST_ID")
+    waiting.set_defaults(expires_in=None)
+    room = commands.add_parser("room", help="how many bytes of frames SHM_BUDGET_BYTES still has room for")
+    room.add_argument("--bytes", type=int, default=1, help="exit 75 unless this many fit (default: %(default)s)")
+    room.set_defaults(redis_url=None, queue=None, output_dir=None, timeout=DEFAULT_TIMEOUT, expires_in=None)
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.expires_in is not None and not 0 < args.expires_in < 1e9:
+        parser.error("--expires-in must be positive seconds")
     return args
 
 
@@ -190,11 +211,14 @@ def load_settings(args: argparse.Namespace, *, dotenv_path: Path = Path(".env"))
             raise UsageError(f"{name}={value!r}: {exc}") from None
     if "\0" in output_dir:
         raise UsageError("OUTPUT_DIR contains a NUL byte; expected a directory path")
+    try:
+        limits = FlowLimits.from_settings(values)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.output_dir is None and values.get("RESULTS_STREAM_MAXLEN", "").strip() != "0":
-        return Target(redis_url, queue, None, results_stream)
-    return Target(
-        redis_url, queue, (Path(output_dir).expanduser() if output_dir else DEFAULT_OUTPUT_DIR).resolve(), results_stream
-    )
+        return Target(redis_url, queue, None, limits, results_stream)
+    resolved = (Path(output_dir).expanduser() if output_dir else DEFAULT_OUTPUT_DIR).resolve()
+    return Target(redis_url, queue, resolved, limits, results_stream)
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
@@ -264,17 +288,24 @@ def request_of(request_id: str | None, items: list[Item]) -> dict[str, Any]:
     return {"request_id": request_id, "request_images": len(items)}
 
 
-def submit(producer: Producer, item: Item, *, prefix: str, request: dict[str, Any] | None = None) -> Submission:
+def submit(
+    producer: Producer,
+    item: Item,
+    *,
+    prefix: str,
+    request: dict[str, Any] | None = None,
+    expires_in: float | None = None,
+) -> Submission:
     request = request or {}
     if item.url is not None:
-        return producer.submit_url(item.url, image_id=url_image_id(item.url), **request)
+        return producer.submit_url(item.url, image_id=url_image_id(item.url), expires_in=expires_in, **request)
     cv2 = opencv()
     # ANYCOLOR: grayscale stays one channel (a third of the segment); EXIF rotation applies.
     frame = cv2.imread(str(item.path), cv2.IMREAD_ANYCOLOR)
     if frame is None:
         raise UsageError(f"cannot read {item.argument!r}: OpenCV could not decode it")
     try:
-        return producer.submit_array(frame, image_id=item.path.stem, prefix=prefix, **request)
+        return producer.submit_array(frame, image_id=item.path.stem, prefix=prefix, expires_in=expires_in, **request)
     except ValueError as exc:
         raise UsageError(f"cannot queue {item.argument!r}: {exc}") from None
 
@@ -284,14 +315,21 @@ def enqueue(args: argparse.Namespace, settings: Target) -> int:
     request = request_of(args.request, items)
     submissions: list[Submission] = []
     try:
-        producer = Producer.from_url(settings.redis_url, queue=settings.queue, results_stream=settings.results_stream)
+        producer = Producer.from_url(
+            settings.redis_url, queue=settings.queue, results_stream=settings.results_stream, limits=settings.limits
+        )
     except ValueError as exc:  # redis-py's word on the URL: scheme, port, query
         raise UsageError(f"REDIS_URL={redact_url(settings.redis_url)!r} is not a Redis URL: {exc}") from None
     with producer:
         try:
             producer.client.ping()  # before reading any file: fail at once when Redis is away
             for item in items:
-                submissions.append(submit(producer, item, prefix=args.shm_prefix, request=request))
+                submissions.append(
+                    submit(producer, item, prefix=args.shm_prefix, request=request, expires_in=args.expires_in)
+                )
+        except PushRefused as exc:
+            # Nothing of the refused one is left; those before it stay queued.
+            raise NoRoom(f"{exc} ({len(submissions)} queued)") from None
         except redis.RedisError as exc:
             # submit_array unlinked the segment of the message that did not go out.
             problem = "cannot reach Redis" if isinstance(exc, UNREACHABLE) else "Redis refused the request"
@@ -385,13 +423,31 @@ def request_line(record: dict[str, Any]) -> str:
             f"{record.get('request_images')} images ({record.get('completed')} completed, {record.get('failed')} failed)")
 
 
+def room(args: argparse.Namespace, settings: Target) -> int:
+    """One line: the budget's room; exit 0 when `--bytes` fit, else EX_TEMPFAIL."""
+    limits = settings.limits
+    left = shm_budget_room(limits)
+    if left is None:
+        say("room      unlimited (SHM_BUDGET_BYTES=0)")
+        return 0
+    waiting = limits.shm_budget_bytes - left
+    say(f"room      {max(0, left)} bytes (SHM_BUDGET_BYTES={limits.shm_budget_bytes}, {waiting} waiting"
+        f" under {limits.shm_name_prefix!r} in /dev/shm)")
+    return 0 if left >= args.bytes else EX_TEMPFAIL
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         settings = load_settings(args)
         if args.command == "wait-request":
             return wait_request(args, settings)
+        if args.command == "room":
+            return room(args, settings)
         return enqueue(args, settings)
+    except NoRoom as exc:
+        say(f"{PROG}: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
     except UsageError as exc:
         say(f"{PROG}: {exc}", file=sys.stderr)
         return USAGE_ERROR

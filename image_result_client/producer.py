@@ -54,12 +54,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from types import TracebackType
@@ -71,6 +69,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from image_result_client.flow import ROOM_POLL_SECONDS, FlowLimits, PushRefused, create_segment, reserve_segment
 from image_result_client.protocol import (
     DEFAULT_QUEUE,
     DEFAULT_RESULTS_STREAM,
@@ -123,7 +122,12 @@ class WaitTimeout(TimeoutError):
 
 
 class Producer:
-    """Submits hosting tasks onto one queue; waits for their results.json records."""
+    """Submits hosting tasks onto one queue; waits for their results.json records.
+
+    `limits` (default: FlowLimits.from_settings(), i.e. SHM_BUDGET_BYTES,
+    PUSH_WAIT, MAX_QUEUE_LENGTH and SHM_NAME_PREFIX from the environment) is
+    what a submission waits for room under, and raises PushRefused past.
+    """
 
     def __init__(
         self,
@@ -132,9 +136,11 @@ class Producer:
         queue: str = DEFAULT_QUEUE,
         host_id: str | None = None,
         results_stream: str = DEFAULT_RESULTS_STREAM,
+        limits: FlowLimits | None = None,
     ) -> None:
         self.client = client
         self.queue = queue
+        self.limits = FlowLimits.from_settings() if limits is None else limits
         self.host_id = host_id or None
         self.results_stream = results_stream
         # The stream's last entry before our first submission: wait() reads after it.
@@ -154,6 +160,7 @@ class Producer:
         queue: str = DEFAULT_QUEUE,
         host_id: str | None = None,
         results_stream: str = DEFAULT_RESULTS_STREAM,
+        limits: FlowLimits | None = None,
     ) -> Producer:
         """A producer with its own client; close() (or `with`) releases it."""
         client = redis.Redis.from_url(
@@ -163,7 +170,7 @@ class Producer:
             # No retries: an RPUSH retried after a lost reply may deliver a task twice.
             retry=Retry(NoBackoff(), 0),
         )
-        producer = cls(client, queue=queue, host_id=host_id, results_stream=results_stream)
+        producer = cls(client, queue=queue, host_id=host_id, results_stream=results_stream, limits=limits)
         producer._owns_client = True
         return producer
 
@@ -190,6 +197,7 @@ class Producer:
         prefix: str = DEFAULT_PREFIX,
         fallback_url: str | None = None,
         request_images: int | None = None,
+        expires_in: float | None = None,
     ) -> Submission:
         """Copy `frame` into a new shared-memory segment and queue it.
 
@@ -207,9 +215,19 @@ class Producer:
         same on each of its submissions), the pool appends one request record
         once that many are recorded: see wait_request.
 
-        Raises ValueError for a frame, id, prefix, URL or count the pool would refuse,
-        and redis errors when the message could not be pushed (the segment is
-        unlinked first).
+        With `expires_in` (seconds), the message carries a `deadline` that
+        many seconds from now: the pool fails the task as expired rather than
+        start it later.
+
+        Before the segment is made, waits up to PUSH_WAIT seconds while the
+        queue holds MAX_QUEUE_LENGTH tasks (the host's queue counted too) or
+        the frame would take this host's segments over SHM_BUDGET_BYTES
+        (image_result_client.flow), then raises PushRefused: nothing of this
+        frame is left behind, and what was submitted before stays queued.
+
+        Raises ValueError for a frame, id, prefix, URL, count or expires_in the
+        pool would refuse, and redis errors when the message could not be pushed
+        (the segment is unlinked first).
         """
         dtype, shape = validate_frame(frame)
         request_id = _new_or_checked_id(request_id, "request_id")
@@ -221,8 +239,10 @@ class Producer:
         if not SEGMENT_NAME.fullmatch(name):
             raise ValueError(f"prefix {prefix!r} does not make a valid segment name (letters, digits, _ . -)")
         nbytes = int(frame.nbytes)
-        write_segment(name, frame, dtype)
-        message = {
+        expiry = _deadline_in(expires_in)
+        room_deadline = time.monotonic() + self.limits.push_wait
+        self._wait_for_queue_room(self._queues_of_shm_tasks(), deadline=room_deadline)
+        message: dict[str, Any] = {
             "request_id": request_id,
             "image_id": image_id,
             "shm_info": {"shm_name": name, "shape": list(shape), "dtype": dtype.name, "size": nbytes},
@@ -231,13 +251,18 @@ class Producer:
             message["image_url"] = fallback_url
         if request_images is not None:
             message["request_images"] = request_images
+        if expiry is not None:
+            message["deadline"] = expiry
+        segment = reserve_segment(name, nbytes, self.limits, deadline=room_deadline)
         try:
+            _fill_segment(segment, name, frame, dtype)
             if fallback_url is not None and self.host_id is not None:
                 queue = self._push_where_served(message)
             else:
                 queue = self._push(message, queue=self.shm_queue)
         except BaseException:
-            # The pool never saw the message: nobody else will ever free this segment.
+            # The pool never saw the message (a failed copy, a failed push,
+            # Ctrl-C): nobody else will ever free this segment.
             unlink_segment(name)
             raise
         if queue != self.shm_queue:
@@ -247,19 +272,54 @@ class Producer:
         return Submission(request_id, image_id, "shm", name, queue)
 
     def submit_url(
-        self, url: str, *, request_id: str | None = None, image_id: str, request_images: int | None = None
+        self,
+        url: str,
+        *,
+        request_id: str | None = None,
+        image_id: str,
+        request_images: int | None = None,
+        expires_in: float | None = None,
     ) -> Submission:
-        """Queue a task whose pixels the pool downloads from an http(s) URL
-        (`request_images` as for submit_array)."""
+        """Queue a task whose pixels the pool downloads from an http(s) URL.
+        `request_images`, `expires_in` and MAX_QUEUE_LENGTH as for submit_array
+        (PushRefused)."""
         check_url(url)
         request_id = _new_or_checked_id(request_id, "request_id")
         _check_id(image_id, "image_id")
         _check_request_images(request_images)
+        expiry = _deadline_in(expires_in)
+        self._wait_for_queue_room([self.queue], deadline=time.monotonic() + self.limits.push_wait)
         message: dict[str, Any] = {"request_id": request_id, "image_id": image_id, "image_url": url}
         if request_images is not None:
             message["request_images"] = request_images
+        if expiry is not None:
+            message["deadline"] = expiry
         queue = self._push(message, queue=self.queue)
         return Submission(request_id, image_id, "url", None, queue)
+
+    def queue_length(self, queues: Sequence[str]) -> int:
+        """The tasks waiting in `queues`, as MAX_QUEUE_LENGTH counts them."""
+        return sum(int(self.client.llen(queue)) for queue in queues)
+
+    def _queues_of_shm_tasks(self) -> list[str]:
+        """The shared queue, and the host's own where shared-memory tasks go."""
+        return [self.queue] if self.shm_queue == self.queue else [self.queue, self.shm_queue]
+
+    def _wait_for_queue_room(self, queues: Sequence[str], *, deadline: float) -> None:
+        """Return once fewer than MAX_QUEUE_LENGTH tasks wait in `queues`;
+        PushRefused if they still do at `deadline` (time.monotonic()). A check,
+        then a push: producers that race may each add one past the limit."""
+        limit = self.limits.max_queue_length
+        if limit == 0:
+            return
+        while (length := self.queue_length(queues)) >= limit:
+            if time.monotonic() >= deadline:
+                raise PushRefused(
+                    f"MAX_QUEUE_LENGTH={limit} reached: {length} tasks wait in {' + '.join(queues)} "
+                    f"after PUSH_WAIT={self.limits.push_wait:g}s",
+                    limit="MAX_QUEUE_LENGTH",
+                )
+            time.sleep(min(ROOM_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
 
     def host_is_served(self) -> bool:
         """Whether a pool serves this producer's host queue: a supervisor with
@@ -555,15 +615,14 @@ def unlink_segment(name: str) -> bool:
 def write_segment(name: str, frame: np.ndarray, dtype: np.dtype | None = None) -> None:
     """Create segment `name` holding frame's pixels (C order; as `dtype`, frame's
     own by default), owned by whoever will unlink it, not by this process: the
-    way producers hand frames to the pool."""
+    way producers hand frames to the pool. No budget is looked at (submit_array does)."""
+    _fill_segment(create_segment(name, int(frame.nbytes)), name, frame, dtype)
+
+
+def _fill_segment(shm: SharedMemory, name: str, frame: np.ndarray, dtype: np.dtype | None) -> None:
+    """Copy frame's pixels into a segment just created for them, and close it;
+    the segment is unlinked if the copy fails."""
     dtype = frame.dtype if dtype is None else dtype
-    if sys.version_info >= (3, 13):
-        shm = SharedMemory(name=name, create=True, size=frame.nbytes, track=False)
-    else:
-        shm = SharedMemory(name=name, create=True, size=frame.nbytes)
-        # The resource tracker would unlink the segment when this process exits,
-        # maybe before the pool has read it: ownership passes to the pool.
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     try:
         view: np.ndarray = np.ndarray(frame.shape, dtype=dtype, buffer=shm.buf)
         view[...] = frame
@@ -573,6 +632,15 @@ def write_segment(name: str, frame: np.ndarray, dtype: np.dtype | None = None) -
         unlink_segment(name)
         raise
     shm.close()
+
+
+def _deadline_in(expires_in: float | None) -> float | None:
+    """The message's `deadline` for a task that expires `expires_in` seconds from now."""
+    if expires_in is None:
+        return None
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or not 0 < expires_in < 1e9:
+        raise ValueError(f"expires_in must be a number of seconds above 0, got {expires_in!r}")
+    return round(time.time() + expires_in, 3)
 
 
 def _new_or_checked_id(value: str | None, field: str) -> str:

@@ -16,6 +16,16 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+# The producers' flow control (image_result_client/flow.py): the pool reports
+# against the same budget, and the client refuses the same values.
+from image_result_client.flow import (
+    DEFAULT_MAX_QUEUE_LENGTH,
+    DEFAULT_PUSH_WAIT,
+    MAX_COUNT,
+    MAX_PUSH_WAIT,
+    default_shm_budget,
+)
+
 # What producers must agree on (names, defaults, the queue-name rule) is the client's.
 from image_result_client.protocol import (
     DEFAULT_OUTPUT_DIR,
@@ -66,6 +76,9 @@ class Settings:
     unlink_shm: bool = True
     shm_name_prefix: str = DEFAULT_SEGMENT_PREFIX  # empty: any segment name
     shm_owner_uids: tuple[int, ...] = ()  # empty: only the pool's own uid
+    shm_budget_bytes: int = 0  # the real default, half the size of /dev/shm, is set in _parse; 0: none
+    push_wait: float = DEFAULT_PUSH_WAIT  # the client's; read here so one .env is checked whole
+    max_queue_length: int = DEFAULT_MAX_QUEUE_LENGTH  # the client's, as PUSH_WAIT; 0: none
     max_attempts: int = 5
     task_timeout: float = 300.0
     dead_letter_max: int = 10_000
@@ -178,6 +191,9 @@ def _parse(env: Mapping[str, str], workers_override: int | None) -> Settings:
         unlink_shm=get("UNLINK_SHM", _bool, DEFAULTS.unlink_shm),
         shm_name_prefix=_shm_name_prefix(env.get("SHM_NAME_PREFIX")),
         shm_owner_uids=get("SHM_OWNER_UIDS", _uid_list, DEFAULTS.shm_owner_uids),
+        shm_budget_bytes=get("SHM_BUDGET_BYTES", _int_in(0, MAX_COUNT), default_shm_budget()),
+        push_wait=get("PUSH_WAIT", _float_in(0, MAX_PUSH_WAIT), DEFAULTS.push_wait),
+        max_queue_length=get("MAX_QUEUE_LENGTH", _int_in(0, MAX_COUNT), DEFAULTS.max_queue_length),
         max_attempts=get("MAX_ATTEMPTS", _int_in(1, 100), DEFAULTS.max_attempts),
         task_timeout=get("TASK_TIMEOUT", _float_in(1, 86_400), DEFAULTS.task_timeout),
         dead_letter_max=get("DEAD_LETTER_MAX", _int_in(1, 10_000_000), DEFAULTS.dead_letter_max),

@@ -20,6 +20,7 @@ salvage() names no id it could not write faithfully (docs/security.md).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -81,6 +82,8 @@ class Task:
     segment_error: str | None = None
     # How many distinct images its request has (None: not counted as a request).
     request_images: int | None = None
+    # Unix seconds after which nobody wants the result (the message's `deadline`); None: never.
+    deadline: float | None = None
 
     @property
     def source(self) -> str:
@@ -120,6 +123,9 @@ def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
     image_id = _identifier(message, "image_id")
     image_url = _image_url(message)
     request_images = _request_images(message.get("request_images"), present="request_images" in message)
+    deadline = message.get("deadline")
+    if deadline is not None:  # absent or null: none, as for image_url
+        deadline = _deadline(deadline)
     segment, segment_error = None, None
     if "shm_info" in message:
         try:
@@ -130,7 +136,7 @@ def parse_task(envelope: Envelope, *, max_pixels: int) -> Task:
             segment_error = str(exc)
     elif image_url is None:
         raise InvalidMessage("message has neither shm_info nor image_url")
-    return Task(request_id, image_id, segment, image_url, segment_error, request_images)
+    return Task(request_id, image_id, segment, image_url, segment_error, request_images, deadline)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +272,26 @@ def is_unicode(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _deadline(value: object) -> float:
+    """A message's `deadline` as Unix seconds. json.loads reads NaN and
+    Infinity, which no comparison treats as a time, and a bool is an int to
+    Python: all refused."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidMessage(f"deadline must be a number (Unix seconds), got {type(value).__name__}")
+    try:
+        deadline = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise InvalidMessage("deadline must be a finite number of Unix seconds") from None
+    if not math.isfinite(deadline):
+        raise InvalidMessage(f"deadline must be a finite number of Unix seconds, got {value!r}")
+    return deadline
+
+
+def expired_reason(deadline: float, now: float) -> str:
+    """The failed record's error for a task that was not started by its deadline."""
+    return f"expired: its deadline {deadline:.3f} passed {now - deadline:.3f}s before it could start"
 
 
 def _segment_ref(info: object, *, max_pixels: int) -> SegmentRef:

@@ -51,6 +51,12 @@ class CompletionRecord:
     # dead letter is capped apart, so a flood of junk keeps the real ones.
     junk: bool = False
 
+    @property
+    def expired(self) -> bool:
+        """A task failed because its deadline passed before it could start
+        (the worker's errors for it start so: shared.messages.expired_reason)."""
+        return self.status == FAILED and (self.error or "").startswith("expired:")
+
     def too_large(self, size: int) -> CompletionRecord:
         """This task's failure, small enough to send, for a record of `size`
         bytes that is not. The envelope keeps its header and the start of the

@@ -84,6 +84,12 @@ ACK_SCRIPT = load_script("ack")
 REQUEUE_DEAD_SCRIPT = load_script("requeue_dead")  # run by shared.pool_registry
 DRAIN_ENTRY_SCRIPT = load_script("drain_entry", envelopes=True)  # run by shared.pool_registry
 
+# Of every CLAIM_CYCLE messages a worker claims while both its host's queue and
+# the shared queue hold tasks, one comes from the shared queue and the rest from
+# the host's (shared/lua/claim.lua): shared-memory tasks, which hold RAM and
+# are latency-bound, keep most of the claims, and neither queue can starve.
+CLAIM_CYCLE = 4
+
 # Announced task ids kept at least this long in count, so a redelivered
 # duplicate (seconds later) is still recognised.
 MIN_ANNOUNCED_IDS = 100_000
@@ -191,6 +197,7 @@ class ReliableQueue:
         self._host_queue = host_queue
         self._wait_on_host_queue = wait_on_host_queue
         self._claim = client.register_script(CLAIM_SCRIPT)
+        self._claimed = 0  # messages this queue's worker claimed: its place in the CLAIM_CYCLE
         self._stamp_incoming = client.register_script(STAMP_INCOMING_SCRIPT)
         self._requeue = client.register_script(REQUEUE_SCRIPT)
         self._promote = client.register_script(PROMOTE_SCRIPT)
@@ -207,9 +214,12 @@ class ReliableQueue:
 
     def claim(self, processing_key: str, *, count: int) -> list[bytes]:
         """Up to `count` envelopes moved into `processing_key`, without waiting:
-        from this host's queue first, when it has one, then the shared queue."""
+        of every CLAIM_CYCLE, CLAIM_CYCLE-1 from this host's queue first and one
+        from the shared queue first, each falling back to the other."""
         keys = [self.keys.queue, processing_key, self._own_queue(), self.keys.redelivery]
-        claimed = self._claim(keys=keys, args=[count, self._max_bytes, *fresh_task_ids(count)])
+        args = [count, self._max_bytes, self._claimed % CLAIM_CYCLE, CLAIM_CYCLE, *fresh_task_ids(count)]
+        claimed = self._claim(keys=keys, args=args)
+        self._claimed += len(claimed)
         if claimed:
             self._wait_for_replica()
         return claimed
@@ -368,6 +378,7 @@ class ReliableQueue:
             counts.get("retry", 0),
             stream_maxlen if stream else 0,
             max(MIN_ANNOUNCED_IDS, dead_letter_max, stream_maxlen),
+            counts.get("expired", 0),
         ]
         for ack in acks:
             keys.append(ack.processing_key)

@@ -46,9 +46,11 @@ class TaskStats:
     outcomes: Counter = field(default_factory=Counter)  # (status, source) -> tasks
     phases: dict[str, Histogram] = field(default_factory=lambda: {phase: Histogram() for phase in PHASES})
     duplicates: int = 0
+    expired: int = 0  # failed tasks whose deadline passed before they could start
 
-    def observe(self, *, status: str, source: str | None, timings: dict[str, float]) -> None:
+    def observe(self, *, status: str, source: str | None, timings: dict[str, float], expired: bool = False) -> None:
         self.outcomes[(status, source or "none")] += 1
+        self.expired += expired
         for phase, seconds in timings.items():
             if phase in self.phases:
                 self.phases[phase].observe(seconds)
@@ -58,12 +60,14 @@ class TaskStats:
         for phase, histogram in other.phases.items():
             self.phases[phase].add(histogram)
         self.duplicates += other.duplicates
+        self.expired += other.expired
 
     def to_bytes(self) -> bytes:
         snapshot = {
             "outcomes": [[status, source, count] for (status, source), count in sorted(self.outcomes.items())],
             "phases": {phase: [h.buckets, h.total, h.count] for phase, h in self.phases.items()},
             "duplicates": self.duplicates,
+            "expired": self.expired,
         }
         return json.dumps(snapshot, separators=(",", ":")).encode()
 
@@ -72,7 +76,7 @@ class TaskStats:
         """A snapshot as to_bytes wrote it; ValueError for anything else."""
         try:
             snapshot = json.loads(data)
-            stats = TaskStats(duplicates=int(snapshot["duplicates"]))
+            stats = TaskStats(duplicates=int(snapshot["duplicates"]), expired=int(snapshot["expired"]))
             for status, source, count in snapshot["outcomes"]:
                 stats.outcomes[(str(status), str(source))] = int(count)
             for phase, (buckets, total, count) in snapshot["phases"].items():

@@ -201,6 +201,9 @@ def test_the_page_shows_the_pools_numbers_workers_and_records_safely(
     assert box.count() == 1 and box.get_attribute("data-instance") == supervisor["instance"]
     heading = box.locator("h3").inner_text()
     assert supervisor["host"] in heading and "2/2 workers" in heading and "ready" in heading
+    # The frames waiting in its /dev/shm against SHM_BUDGET_BYTES (other tests' frames may come and go).
+    budget_mb = f"({supervisor['shm']['budget_bytes'] / 1e6:.1f} MB)"
+    assert "MB of frames waiting" in box.locator(".shm").inner_text() and budget_mb in box.locator(".shm").inner_text()
     rows = box.locator("tbody tr")
     assert rows.count() == 3 and rows.nth(0).inner_text().startswith("ledger")
     pids = {str(worker["pid"]) for worker in supervisor["workers"]}

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import REPO_ROOT
+from image_result_client.flow import default_shm_budget
 from shared import config
 from shared.config import Settings
 
@@ -32,6 +33,7 @@ TABLE_HEADER = re.compile(r"^\|\s*variable\s*\|\s*default\s*\|\s*meaning\s*\|\s*
 COMPUTED_DEFAULTS = {
     "the CPU count": lambda: os.cpu_count() or 1,
     "the host name": lambda: socket.gethostname() or "localhost",
+    "half the size of /dev/shm": default_shm_budget,
 }
 
 

@@ -289,3 +289,26 @@ def test_salvage_never_raises(body: bytes) -> None:
 def test_salvage_reads_ids_and_segment_from_text_that_is_not_json(body: bytes, expected: tuple) -> None:
     found = salvage(body)
     assert (found.request_id, found.image_id, found.segment_name) == expected
+
+
+# ---------------------------------------------------------------- deadline
+
+
+def test_deadline_is_kept_as_unix_seconds() -> None:
+    assert parse(message(deadline=1_800_000_000)).deadline == 1_800_000_000.0
+    assert parse(message(deadline=1_800_000_000.25)).deadline == 1_800_000_000.25
+
+
+def test_no_deadline_or_null_means_none() -> None:
+    assert parse(message()).deadline is None
+    assert parse(b'{"request_id": "r", "image_id": "i", "image_url": "%s", "deadline": null}' % URL.encode()).deadline is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'"soon"', b"NaN", b"Infinity", b"-Infinity", b"[1]", b"{}", b"true", b"1e400", b"9" * 400],
+)
+def test_deadline_that_is_not_a_finite_number_is_invalid(raw: bytes) -> None:
+    body = b'{"request_id": "r", "image_id": "i", "image_url": "%s", "deadline": %s}' % (URL.encode(), raw)
+    with pytest.raises(InvalidMessage, match="deadline"):
+        parse(body)

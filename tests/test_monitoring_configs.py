@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from control.metrics import MetricsEndpoint
 from harness import REPO_ROOT
 from shared.pool_registry import QueueDepths
+from shared.shm_usage import ShmUsage
 from shared.task_stats import PHASES, TaskStats
 
 pytestmark = pytest.mark.timeout(60)
@@ -71,7 +72,7 @@ def exported_series() -> set[str]:
             os.close(read_end)
             os.close(write_end)
         endpoint.child_restarted("worker")
-        endpoint.publish(healthy=True, live_workers=2)
+        endpoint.publish(healthy=True, live_workers=2, shm=ShmUsage(waiting_bytes=10, budget_bytes=100))
         text = generate_latest(endpoint.registry).decode()
     finally:
         endpoint.close()
@@ -86,6 +87,7 @@ def exported() -> set[str]:
         "image_result_tasks_total", "image_result_task_phase_seconds_bucket", "image_result_queue_depth",
         "image_result_in_flight", "image_result_delayed_retries", "image_result_dead_letters",
         "image_result_workers", "image_result_child_restarts_total", "image_result_replicas_connected",
+        "image_result_shm_waiting_bytes", "image_result_shm_budget_bytes", "image_result_tasks_expired_total",
     ):
         assert name in names, f"control/metrics.py no longer exports {name}"
     return names

@@ -125,7 +125,7 @@ def test_status_reports_queue_workers_and_recent_outcomes(pool_factory, redis_cl
     )
     assert report["queue_depth"] == 0 and report["in_flight"] == 0 and report["dead_letters"] == 0
     assert report["junk_dead_letters"] == 1, "not JSON, so no request_id: junk, capped apart"
-    assert report["last_minute"] == {"completed": 5, "failed": 1, "retried": 0}
+    assert report["last_minute"] == {"completed": 5, "failed": 1, "retried": 0, "expired": 0}
     (supervisor,) = report["supervisors"]
     assert len(supervisor["workers"]) == 2 and supervisor["ledger"]["pid"] > 0
     assert all(worker["heartbeat_age"] < 10 for worker in supervisor["workers"])

@@ -13,7 +13,7 @@ from redis.crc import key_slot
 
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope, parse_envelope
-from shared.redis_queue import Acknowledgement, QueueKeys, ReliableQueue
+from shared.redis_queue import CLAIM_CYCLE, Acknowledgement, QueueKeys, ReliableQueue
 
 
 @pytest.mark.fast
@@ -185,3 +185,27 @@ def test_task_ids_are_random_not_a_sequence(redis_client, queue_name: str) -> No
     assert len(set(ids)) == len(ids)
     assert all(len(task_id) == 24 and int(task_id, 16) >= 0 for task_id in ids)
     assert len({task_id[:8] for task_id in ids}) == len(ids)  # no shared prefix to count on
+
+
+@pytest.mark.parametrize("count", [1, 32])
+def test_neither_the_hosts_queue_nor_the_shared_queue_starves_the_other(
+    redis_client, queue_name: str, count: int
+) -> None:
+    """While both hold tasks, one claim in CLAIM_CYCLE goes to the shared queue
+    first and the rest to the host's queue first, whether claims take one task
+    or many; once one queue is empty, the other gives everything."""
+    keys = QueueKeys(queue_name)
+    host_queue = keys.host("h1")
+    queue = ReliableQueue(redis_client, keys, max_message_bytes=1 << 20, host_queue=host_queue)
+    processing = keys.processing("instance1", "w1")
+    redis_client.rpush(host_queue, *[b'{"from": "host"}'] * 400)
+    redis_client.rpush(queue_name, *[b'{"from": "shared"}'] * 40)
+    origins: list[str] = []
+    while len(origins) < 160:
+        origins += [parse_envelope(raw).body.decode()[10:-2] for raw in queue.claim(processing, count=count)]
+    first = origins[:160]
+    assert first.count("shared") == 160 // CLAIM_CYCLE and first.count("host") == 160 - 160 // CLAIM_CYCLE
+    while batch := queue.claim(processing, count=count):
+        origins += [parse_envelope(raw).body.decode()[10:-2] for raw in batch]
+    assert origins.count("shared") == 40 and origins.count("host") == 400
+    assert set(origins[-100:]) == {"host"}  # the shared queue ran dry first; the host's gave the rest

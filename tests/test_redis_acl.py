@@ -498,9 +498,9 @@ def test_producers_push_by_url_until_a_pool_loads_their_script(
 # The pool's scripts, each with keys the producer's selector allows and arguments
 # that would take or remove messages, and the first command each runs.
 POOL_SCRIPTS_AS_PRODUCER = {
-    "CLAIM_SCRIPT": (["Q", "H:x", "H:h", "H:r"], [10, 65536, "a", "b"], "llen"),
+    "CLAIM_SCRIPT": (["Q", "H:x", "H:h", "H:r"], [10, 65536, 0, 4, "a", "b"], "lpop"),  # LLEN is the producers' too
     "STAMP_INCOMING_SCRIPT": (["Q", "H:x", "H:r", "H:h"], ["a", 65536, "s"], "lpop"),
-    "ACK_SCRIPT": (["H:d", "H:a", "H:y", "H:s", "H:d", "H:c", "H:j", "H:t", "Q"], [10, 0, 0, 0, 0, 0, 10, "m1", "ack", "", 0, "t", ""],
+    "ACK_SCRIPT": (["H:d", "H:a", "H:y", "H:s", "H:d", "H:c", "H:j", "H:t", "Q"], [10, 0, 0, 0, 0, 0, 10, 0, "m1", "ack", "", 0, "t", ""],
                    "lrem"),
     "REQUEUE_SCRIPT": (["Q", "H:h", "H:r", "H:c", "H:w", "H:h", "H:h", "H:h", "H:r"], [0], "rpop"),
     "PROMOTE_SCRIPT": (["L:h", "Q", "H:r"], [1e12, 10], "zrangebyscore"),

@@ -324,7 +324,7 @@ class Ledger:
                 self.recorded.remember(record.task_id, record.status)
             if self.metrics_fd is not None:
                 timings = {**record.timings, "ledger": max(0.0, committed_at - record.sent_at)}
-                self.stats.observe(status=record.status, source=record.source, timings=timings)
+                self.stats.observe(status=record.status, source=record.source, timings=timings, expired=record.expired)
 
     def _drop_duplicates(self, duplicates: list[CompletionRecord]) -> None:
         """A redelivered task that already has its record: only its partial file goes."""
@@ -533,6 +533,7 @@ class Ledger:
         try:
             acks = [self._acknowledgement(record) for record in batch]
             counts = Counter(record.status for record in batch if not record.duplicate)
+            counts["expired"] = sum(1 for record in batch if record.expired and not record.duplicate)
             images = [image for image in map(self._counted_image, batch) if image is not None]
             crash_point("ledger_before_ack")
             now = time.time()

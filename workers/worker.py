@@ -28,6 +28,9 @@ Hazards handled here:
   process: the decode watchdog fails the task, waits for the ledger to
   acknowledge it (so it is not redelivered), and this worker exits
   (DECODE_OVERRAN); the tasks claimed with it go back uncounted.
+- A task past its `deadline` when it would start (any delivery) is failed
+  as expired without being fetched or decoded; one whose retry would come due
+  after its deadline is failed then, not retried.
 - The supervisor dying: PDEATHSIG plus a getppid() check each turn.
 """
 
@@ -61,6 +64,7 @@ from shared.messages import (
     Envelope,
     InvalidMessage,
     Task,
+    expired_reason,
     parse_envelope,
     parse_task,
     salvage,
@@ -324,6 +328,10 @@ class Worker:
         except InvalidMessage as exc:
             return self._failed(envelope, envelope.raw, None, str(exc), started, unparsed=True)
         structlog.contextvars.bind_contextvars(request_id=task.request_id, image_id=task.image_id)
+        # Here, where every delivery starts (the first, a retry come due, a
+        # redelivery after a crash), and before anything is fetched or decoded.
+        if task.deadline is not None and (now := time.time()) >= task.deadline:
+            return self._failed(envelope, envelope.raw, task, expired_reason(task.deadline, now), started)
         log.debug("task_started", source=task.source, attempt=envelope.deliveries)
         try:
             image, source = self._load_and_encode(envelope, task, started)
@@ -385,6 +393,14 @@ class Worker:
         delay = compute_backoff(envelope.deliveries, base=1.0, cap=300.0, jitter=0.25)
         if exc.retry_after is not None:
             delay = max(delay, min(exc.retry_after, 3600.0))
+        retry_at = time.time() + delay
+        if task.deadline is not None and retry_at >= task.deadline:
+            # It would expire while it waits: end it now, not at the retry.
+            reason = (
+                f"expired: its deadline {task.deadline:.3f} comes {retry_at - task.deadline:.3f}s "
+                f"before its retry is due; last error: {exc}"
+            )
+            return self._failed(envelope, envelope.raw, task, reason, started)
         log.warning("task_retry_scheduled", error=str(exc), retry_in=round(delay, 2), attempt=envelope.deliveries)
         return self._record(
             envelope,
@@ -395,7 +411,7 @@ class Worker:
             image_id=task.image_id,
             error=str(exc),
             source=task.source,
-            retry_at=time.time() + delay,
+            retry_at=retry_at,
         )
 
     def _segment_to_unlink(self, task: Task, envelope: Envelope) -> str | None:

@@ -239,8 +239,19 @@
       const table = el("table", { class: "children" },
         el("thead", {}, el("tr", {}, ...["", "pid", "last beat", "in flight", "doing"].map((h) => el("th", {}, h)))),
         el("tbody", {}, ...rows));
-      return el("div", { class: "supervisor", "data-instance": text(supervisor.instance) }, heading, table);
+      return el("div", { class: "supervisor", "data-instance": text(supervisor.instance) }, heading, shmLine(supervisor.shm), table);
     }));
+  }
+
+  // The frames waiting in the supervisor's /dev/shm against SHM_BUDGET_BYTES.
+  function shmLine(shm) {
+    if (!shm) return null;
+    const mb = (bytes) => `${(bytes / 1e6).toFixed(1)} MB`;
+    const share = shm.budget_bytes > 0 ? Math.floor(100 * shm.waiting_bytes / shm.budget_bytes) : null;
+    const words = share === null
+      ? `shared memory: ${mb(shm.waiting_bytes)} of frames waiting (no SHM_BUDGET_BYTES)`
+      : `shared memory: ${mb(shm.waiting_bytes)} of frames waiting, ${share}% of SHM_BUDGET_BYTES (${mb(shm.budget_bytes)})`;
+    return el("p", { class: share !== null && share >= 90 ? "shm warn" : "shm" }, words);
   }
 
   // What the lease state says a child does beyond its beat: the task in hand,

@@ -24,7 +24,8 @@
 -- ARGV[3], ARGV[4], ARGV[5]  the batch's completed, failed and retried counts
 -- ARGV[6]  the stream's MAXLEN (0: no stream)
 -- ARGV[7]  announced ids kept
--- then six per task, task n at ARGV[8 + 6 * (n - 1)]:
+-- ARGV[8]  of the batch's failed, how many expired (their deadline passed)
+-- then six per task, task n at ARGV[9 + 6 * (n - 1)]:
 --   envelope (as the worker holds it), kind, dead letter ('' for none),
 --   retry time, task id, results-stream event
 
@@ -47,7 +48,7 @@ local stream_maxlen, keep_ids = tonumber(ARGV[6]), tonumber(ARGV[7])
 local pushed = {}  -- dead-letter list -> its field in KEYS[8]
 local announced = false
 for i = 9, #KEYS do
-  local at = 8 + (i - 9) * 6
+  local at = 9 + (i - 9) * 6
   local envelope, kind, dead_letter, retry_at, task_id, event =
     ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5]
   local removed = remove(KEYS[i], envelope)
@@ -83,5 +84,6 @@ end
 redis.call('HINCRBY', KEYS[4], 'completed', ARGV[3])
 redis.call('HINCRBY', KEYS[4], 'failed', ARGV[4])
 redis.call('HINCRBY', KEYS[4], 'retried', ARGV[5])
+if tonumber(ARGV[8]) > 0 then redis.call('HINCRBY', KEYS[4], 'expired', ARGV[8]) end
 redis.call('EXPIRE', KEYS[4], 120)
 return trimmed
