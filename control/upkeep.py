@@ -36,7 +36,7 @@ from control.progress import ProgressMeter
 from shared.config import Settings
 from shared.pool_registry import PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, is_refusal
-from shared.request_state import EXPIRE_BATCH, RequestState, requests_writer
+from shared.request_state import EXPIRE_BATCH, RequestState
 from shared.sdnotify import Notifier
 from shared.task_board import TaskBoard, describe_task, read_entries
 
@@ -78,14 +78,7 @@ class PoolUpkeep:
         self.requests = self._request_state()
 
     def _request_state(self) -> RequestState:
-        return RequestState(
-            self.queue.client,
-            self.keys,
-            writer=requests_writer(self.settings),
-            request_ttl=self.settings.request_ttl,
-            stream=self.settings.results_stream,
-            stream_maxlen=self.settings.results_stream_maxlen,
-        )
+        return RequestState.for_pool(self.queue.client, self.keys, self.settings)
 
     def reload(self, settings: Settings) -> None:
         """Take a SIGHUP's settings (the supervisor keeps those only a restart changes)."""
