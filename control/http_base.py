@@ -135,10 +135,14 @@ def parse_request(data: bytes, *, client: str, limits: Limits) -> Request | None
         raise Refusal(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "too many header lines") from None
     if headers.get("Transfer-Encoding"):
         raise Refusal(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length")
-    raw_length = headers.get("Content-Length", "0").strip()
+    lengths = {value.strip() for value in headers.get_all("Content-Length", ["0"])}
+    if len(lengths) != 1:
+        raise Refusal(HTTPStatus.BAD_REQUEST, "Content-Length given twice, differently")
+    (raw_length,) = lengths
     if not raw_length.isascii() or not raw_length.isdigit():  # isdigit alone takes "²"
         raise Refusal(HTTPStatus.BAD_REQUEST, "bad Content-Length")
-    length = int(raw_length)
+    # int() refuses more than 4,300 digits with a ValueError; no body we take has 20.
+    length = int(raw_length) if len(raw_length) <= 19 else limits.max_body_bytes + 1
     if length > limits.max_body_bytes:
         raise Refusal(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"a request body is at most {limits.max_body_bytes} bytes")
     if len(data) < head_end + length:
@@ -281,17 +285,22 @@ class HardenedHTTPServer:
                 return  # none left (BlockingIOError), or one that went away before we took it
             sock.setblocking(False)
             if len(self._clients) >= self.limits.max_connections:
-                self._drop(self._least_worth_keeping())
+                sending = self._least_worth_keeping()
+                if sending is None:
+                    sock.close()  # every place holds a request being answered: this one waits its turn elsewhere
+                    continue
+                self._drop(sending)
             client = _Client(sock, str(peer[0]), time.monotonic() + self.limits.deadline)
             self._clients[sock] = client
             self._poller.register(sock, selectors.EVENT_READ, client)
             self._advance(client)  # its request is most often in already: answered, it cannot be evicted
 
-    def _least_worth_keeping(self) -> _Client:
+    def _least_worth_keeping(self) -> _Client | None:
         """The oldest client still sending its request (idle, a slow loris, a
-        flood's), before any whose answer is under way."""
+        flood's); None when every one has its answer under way, which is never
+        given up for a newcomer."""
         sending = (client for client in self._clients.values() if client.reply is None and not client.handling)
-        return next(sending, None) or next(iter(self._clients.values()))
+        return next(sending, None)
 
     def _advance(self, client: _Client) -> None:
         try:
@@ -303,6 +312,8 @@ class HardenedHTTPServer:
             pass  # not ready after all; poll() will say when
         except OSError:
             self._drop(client)  # the client went away
+        except Exception:  # noqa: BLE001 - one client's bytes must never end the thread that serves all
+            self._drop(client)
 
     def _receive(self, client: _Client) -> None:
         chunk = client.sock.recv(self.limits.max_head_bytes + self.limits.max_body_bytes)
@@ -376,6 +387,8 @@ class HardenedHTTPServer:
     def _handle(self) -> None:
         while (work := self._work.get()) is not None:
             client, request = work
+            if client.sock.fileno() < 0:
+                continue  # dropped while it waited (its deadline passed): no work for nobody
             try:
                 reply = self.respond(request).encode(head_only=request.method == "HEAD")
             except Exception:  # noqa: BLE001 - respond() answers its own errors; this is the backstop

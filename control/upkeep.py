@@ -36,11 +36,13 @@ from control.progress import ProgressMeter
 from shared.config import Settings
 from shared.pool_registry import PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, is_refusal
-from shared.request_state import RequestState, requests_writer
+from shared.request_state import EXPIRE_BATCH, RequestState
 from shared.sdnotify import Notifier
 from shared.task_board import TaskBoard, describe_task, read_entries
 
 REDIS_FAILED = object()
+# How long one pass may spend ending requests whose REQUEST_TTL ran out.
+EXPIRY_PASS_SECONDS = 0.2
 
 
 class WorkerInHand(Protocol):
@@ -76,14 +78,7 @@ class PoolUpkeep:
         self.requests = self._request_state()
 
     def _request_state(self) -> RequestState:
-        return RequestState(
-            self.queue.client,
-            self.keys,
-            writer=requests_writer(self.settings),
-            request_ttl=self.settings.request_ttl,
-            stream=self.settings.results_stream,
-            stream_maxlen=self.settings.results_stream_maxlen,
-        )
+        return RequestState.for_pool(self.queue.client, self.keys, self.settings)
 
     def reload(self, settings: Settings) -> None:
         """Take a SIGHUP's settings (the supervisor keeps those only a restart changes)."""
@@ -211,10 +206,22 @@ class PoolUpkeep:
         there first, whose ledger writes it (shared/lua/request_expire.lua)."""
         if time.monotonic() < self.requests_due:
             return
-        self.requests_due = time.monotonic() + 1.0
-        ended = self.redis_call("request_expiry_failed", self.requests.expire_due, time.time())
-        if ended is not REDIS_FAILED and ended:
-            self.log.info("requests_expired", requests=len(ended))
+        # Batch after batch for a bounded time: producers can open requests far
+        # faster than one batch a second would end them. What is left after
+        # the time is up is taken at the next pass, not a second later.
+        stop_at = time.monotonic() + EXPIRY_PASS_SECONDS
+        total, backlog = 0, False
+        while True:
+            ended = self.redis_call("request_expiry_failed", self.requests.expire_due, time.time())
+            if ended is REDIS_FAILED:
+                break
+            total += len(ended)
+            backlog = len(ended) >= EXPIRE_BATCH
+            if not backlog or time.monotonic() >= stop_at:
+                break
+        self.requests_due = time.monotonic() + (0.0 if backlog else 1.0)
+        if total:
+            self.log.info("requests_expired", requests=total)
 
     # -- progress --------------------------------------------------------------
 

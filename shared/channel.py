@@ -13,6 +13,7 @@ at most that worker's unsent records, which redelivery covers.
 from __future__ import annotations
 
 import pickle
+import select
 import socket
 
 from shared.records import CompletionRecord
@@ -68,3 +69,11 @@ def decode_records(datagram: bytes) -> list[CompletionRecord]:
     # ledger accepts only connections of its own uid (SO_PEERCRED), a user who
     # could as well ptrace it, so unpickling what they send trusts no one new.
     return pickle.loads(datagram)
+
+
+def peer_gone(sock: socket.socket) -> bool:
+    """Whether the other end of a channel has closed (the ledger died), without
+    waiting: the ledger never sends, so anything poll() reports is a hang-up."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))

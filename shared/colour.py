@@ -93,7 +93,7 @@ def read_header(data: bytes, image_format: str, *, max_pixels: int | None = None
     if image_format == "PNG":
         return _png_header(data, max_pixels)
     if image_format == "JPEG":
-        return _jpeg_header(data)
+        return _jpeg_header(data, max_pixels)
     if image_format == "WebP":
         return _webp_header(data)
     return PLAIN
@@ -122,12 +122,7 @@ def _png_header(data: bytes, max_pixels: int | None) -> SourceColour:
             exif = body
         at += 12 + length
     if alpha and depth == 16 and max_pixels is not None:
-        allowed = max_pixels * MAX_PIXELS_BYTES_PER_PIXEL // WIDE_ALPHA_BYTES_PER_PIXEL
-        if pixels > allowed:
-            raise ColourError(
-                f"a 16-bit PNG with transparency takes {WIDE_ALPHA_BYTES_PER_PIXEL} bytes a pixel to decode; "
-                f"at most {allowed} pixels (MAX_PIXELS x {MAX_PIXELS_BYTES_PER_PIXEL}/{WIDE_ALPHA_BYTES_PER_PIXEL})"
-            )
+        _check_wide_decode(pixels, max_pixels, "a 16-bit PNG with transparency")
     orientation = _orientation(exif) if alpha and exif else 1
     return SourceColour(profile=profile, alpha=alpha, gray=gray, orientation=orientation)
 
@@ -146,8 +141,8 @@ def _inflate_profile(body: bytes) -> bytes:
     return profile
 
 
-def _jpeg_header(data: bytes) -> SourceColour:
-    at, chunks, cmyk, gray, total = 2, {}, False, False, 0
+def _jpeg_header(data: bytes, max_pixels: int | None) -> SourceColour:
+    at, chunks, cmyk, gray, total, pixels = 2, {}, False, False, 0, 0
     for _ in _segments("JPEG"):
         if at + 4 > len(data) or data[at] != 0xFF:
             break
@@ -168,8 +163,24 @@ def _jpeg_header(data: bytes) -> SourceColour:
             chunks[body[12]] = (body[13], body[14:])
         elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(body) >= 6:
             cmyk, gray = body[5] == 4, body[5] == 1
+            pixels = int.from_bytes(body[1:3], "big") * int.from_bytes(body[3:5], "big")
         at += 2 + length
+    if cmyk and chunks and max_pixels is not None:
+        # Its inks are decoded a second time (_decode_cmyk) beside OpenCV's frame:
+        # a progressive one peaked at 15.6 bytes a pixel.
+        _check_wide_decode(pixels, max_pixels, "a CMYK JPEG with an ICC profile is decoded twice, and")
     return SourceColour(profile=_join_icc_chunks(chunks) if chunks else None, cmyk=cmyk, gray=gray)
+
+
+def _check_wide_decode(pixels: int, max_pixels: int, what: str) -> None:
+    """Refuse an image whose decode takes WIDE_ALPHA_BYTES_PER_PIXEL above what
+    MAX_PIXELS is sized for (MAX_PIXELS_BYTES_PER_PIXEL), from its header."""
+    allowed = max_pixels * MAX_PIXELS_BYTES_PER_PIXEL // WIDE_ALPHA_BYTES_PER_PIXEL
+    if pixels > allowed:
+        raise ColourError(
+            f"{what} takes {WIDE_ALPHA_BYTES_PER_PIXEL} bytes a pixel to decode; "
+            f"at most {allowed} pixels (MAX_PIXELS x {MAX_PIXELS_BYTES_PER_PIXEL}/{WIDE_ALPHA_BYTES_PER_PIXEL})"
+        )
 
 
 def _join_icc_chunks(chunks: dict[int, tuple[int, bytes]]) -> bytes:

@@ -144,6 +144,19 @@ class RequestState:
 
     # -- ending requests (the ledger, the upkeep) ---------------------------------
 
+
+    @classmethod
+    def for_pool(cls, client: redis.Redis, keys: QueueKeys, settings: Settings) -> RequestState:
+        """The state as a pool's ledger and upkeep use it: ending requests onto
+        this pool's own unwritten list and the results stream."""
+        return cls(
+            client,
+            keys,
+            writer=requests_writer(settings),
+            request_ttl=settings.request_ttl,
+            stream=settings.results_stream,
+            stream_maxlen=settings.results_stream_maxlen,
+        )
     def count_with(
         self,
         acknowledgement: ScriptCall,

@@ -49,3 +49,13 @@ def test_records_too_large_together_go_one_by_one_and_one_too_large_alone_fails(
     # The acknowledgement finds the envelope by its header, kept whole.
     assert too_large.envelope.startswith(b"irw2 task99 1 2000000 s\n")
     assert too_large.dead_letter()
+
+
+def test_a_worker_sees_at_once_that_the_ledger_is_gone() -> None:
+    """A worker whose decode overran waits for its failed record's
+    acknowledgement; with the ledger dead it must not wait out TASK_TIMEOUT / 2."""
+    worker_end, ledger_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with worker_end:
+        assert not channel.peer_gone(worker_end)
+        ledger_end.close()
+        assert channel.peer_gone(worker_end)

@@ -13,6 +13,7 @@ import pytest
 import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from harness import icc
 from harness.http_server import HttpServer
@@ -477,6 +478,19 @@ def test_a_sixteen_bit_png_with_alpha_gets_the_share_of_max_pixels_its_memory_al
     # Eight bits, or no alpha: MAX_PIXELS itself.
     assert decode_image(cv2_bytes(".png", np.zeros((40, 50, 4), np.uint8)), max_pixels=40 * 50).shape == (40, 50, 4)
     assert decode_image(cv2_bytes(".png", np.zeros((40, 50, 3), np.uint16)), max_pixels=40 * 50).shape == (40, 50, 3)
+
+
+@pytest.mark.fast
+def test_a_cmyk_jpeg_with_a_profile_gets_the_share_of_max_pixels_its_memory_allows() -> None:
+    """Its inks are decoded a second time, beside OpenCV's frame: a progressive
+    one peaked at 15.6 bytes a pixel. Refused above MAX_PIXELS x 9/16, named;
+    without a profile (one decode), MAX_PIXELS itself."""
+    inks = Image.new("CMYK", (50, 40), (9, 9, 9, 9))
+    profiled = icc.as_bytes(inks, "JPEG", icc_profile=icc.press_cmyk(), progressive=True)
+    assert decode_image(profiled, max_pixels=40 * 50 * 16 // 9 + 1).shape == (40, 50, 3)
+    with pytest.raises(ImageError, match="CMYK JPEG with an ICC profile is decoded twice, and takes 16 bytes a pixel"):
+        decode_image(profiled, max_pixels=40 * 50 * 16 // 9 - 1)
+    assert decode_image(icc.as_bytes(inks, "JPEG"), max_pixels=40 * 50).shape == (40, 50, 3)
 
 
 def _profiled_file(kind: int, profile: bytes) -> bytes:

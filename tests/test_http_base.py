@@ -63,6 +63,10 @@ def parse(data: bytes, **limits) -> object:
         (b"POST /a HTTP/1.1\r\nContent-Length: 5000\r\n\r\n", HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
         (b"POST /a HTTP/1.1\r\nContent-Length: \xc2\xb2\r\n\r\n", HTTPStatus.BAD_REQUEST),  # a superscript two
         (b"POST /a HTTP/1.1\r\nContent-Length: -1\r\n\r\n", HTTPStatus.BAD_REQUEST),
+        # int() refuses 4,301 digits and more with a ValueError, which ended the I/O thread.
+        (b"POST /a HTTP/1.1\r\nContent-Length: " + b"9" * 4301 + b"\r\n\r\n", HTTPStatus.REQUEST_ENTITY_TOO_LARGE),
+        (b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}", HTTPStatus.BAD_REQUEST),
+        (b"POST /a HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", "POST /a"),
         (b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", HTTPStatus.LENGTH_REQUIRED),
         (b"GET /\r\n\r\n", HTTPStatus.BAD_REQUEST),
         (b"GET / SPDY/3\r\n\r\n", HTTPStatus.BAD_REQUEST),
@@ -180,6 +184,18 @@ def test_an_oversized_request_is_refused_at_once(serve, port_kind) -> None:
         client.sendall(f"POST / HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
         reply = answer_or_drop(client, within=3)
     assert reply is not None and reply.startswith(b"HTTP/1.1 411"), reply
+    assert probe(server, port_kind) == 200
+
+
+def test_a_content_length_of_thousands_of_digits_is_refused_and_the_port_serves_on(serve, port_kind) -> None:
+    """Python's int() raises past 4,300 digits; that ended the thread serving every client."""
+    server = serve()
+    for _ in range(3):
+        with connect(server.port) as client:
+            client.sendall(f"POST / HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {'9' * 5000}\r\n\r\n".encode())
+            reply = answer_or_drop(client, within=3)
+        assert reply is not None and reply.startswith(b"HTTP/1.1 413"), reply
+    assert server.failure is None
     assert probe(server, port_kind) == 200
 
 

@@ -4,6 +4,7 @@ is kept and done on a later pass, with one warning per outage."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from control.upkeep import PoolUpkeep
 from shared.config import Settings
 from shared.pool_registry import PoolRegistry
 from shared.redis_queue import QueueKeys, ReliableQueue, connect
+from shared.request_state import EXPIRE_BATCH, CountedImage, ScriptCall
 from shared.sdnotify import Notifier
 from tools.local_redis import LocalRedis, free_port
 
@@ -97,3 +99,25 @@ def test_the_lease_is_renewed_at_once_when_the_state_changes_and_otherwise_every
     redis_later.start()
     renew()  # the state changed while Redis was away: the next pass writes it
     assert redis.Redis.from_url(redis_later.url).get(lease) == b'{"n": 4}'
+
+
+def test_requests_past_request_ttl_end_in_batches_within_one_pass(redis_later, tmp_path, queue_name):
+    """Producers open requests far faster than one batch a second would end
+    them; a pass ends batch after batch (for a bounded time), and a backlog left
+    then is taken at the very next pass."""
+    redis_later.start()
+    upkeep = upkeep_for(redis_later, tmp_path, queue_name)
+    ping = upkeep.queue.client.register_script("return 1")
+    long_ago = time.time() - upkeep.settings.request_ttl - 60
+    images = [
+        CountedImage(f"r{n}", "only-one-of-two", 2, True, b'{"image_id": "only-one-of-two"}', f"t{n}")
+        for n in range(5 * EXPIRE_BATCH)
+    ]
+    upkeep.requests.count_with(ScriptCall(ping, [], []), images, now=long_ago)
+
+    upkeep.expire_requests()
+    left = upkeep.queue.client.zcard(upkeep.keys.open_requests)
+    assert left < 4 * EXPIRE_BATCH, f"one pass ended {5 * EXPIRE_BATCH - left}, one batch at most"
+    upkeep.expire_requests()  # a backlog is not kept waiting a second
+    upkeep.expire_requests()
+    assert upkeep.queue.client.zcard(upkeep.keys.open_requests) == 0

@@ -80,7 +80,7 @@ from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import REDIS_ERRORS, Acknowledgement, QueueKeys, ReliableQueue, connect
-from shared.request_state import CountedImage, RequestState, record_id_of, requests_writer
+from shared.request_state import CountedImage, RequestState, record_id_of
 from shared.results_file import ResultsFile, ResultsFileError, encode_line
 from shared.segments import SegmentAccess, unlink_segment
 from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
@@ -159,14 +159,7 @@ class Ledger:
         self._finish_interrupted_publications(recent)
         self.unlinks.finish_interrupted()
         self.queue = ReliableQueue(connect(self.settings), self.keys, max_message_bytes=self.settings.max_message_bytes)
-        self.request_state = RequestState(
-            self.queue.client,
-            self.keys,
-            writer=requests_writer(self.settings),
-            request_ttl=self.settings.request_ttl,
-            stream=self.settings.results_stream,
-            stream_maxlen=self.settings.results_stream_maxlen,
-        )
+        self.request_state = RequestState.for_pool(self.queue.client, self.keys, self.settings)
         self._note_trimmed(force=True)  # the counts so far: only what is trimmed from now on is logged
         listener = channel.listen(channel.ledger_address(self.instance))
         listener.setblocking(False)

@@ -474,10 +474,11 @@ class Worker:
 
     def _wait_for_acknowledgement(self, task_id: str) -> bool:
         """Until the ledger acknowledged `task_id`'s final record, beating meanwhile,
-        for at most TASK_TIMEOUT / 2. Not acknowledged by then, the task is
-        requeued with my list; its redelivery's record is dropped as a duplicate."""
+        for at most TASK_TIMEOUT / 2, and not at all once the ledger is gone (its
+        record went with it). Not acknowledged, the task is requeued with my
+        list; a redelivery whose record was committed is dropped as a duplicate."""
         deadline = time.monotonic() + self.settings.task_timeout / 2
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (self.ledger is not None and channel.peer_gone(self.ledger)):
             self.heartbeat.value = time.monotonic()
             try:
                 if self.queue.announced(task_id):
