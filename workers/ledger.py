@@ -25,6 +25,8 @@ Data flow, in the order that makes a task durable (the crash-safety contract):
          the supervisor's upkeep ended as "incomplete") is written at start and
          every second
 
+Steps 1 and 2, and their recovery at start, are workers/publication.py's.
+
 A crash before 2 loses nothing: the tasks are still in their processing lists
 and are redelivered. A JPEG whose fdatasync fails (EIO) is never trusted, even
 if a later fdatasync would succeed: its task is retried like a transient error.
@@ -56,11 +58,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import selectors
 import signal
 import socket
-import stat
 import struct
 import sys
 import time
@@ -84,6 +84,7 @@ from shared.request_state import CountedImage, RequestState, record_id_of
 from shared.results_file import ResultsFile, ResultsFileError, encode_line
 from shared.segments import SegmentAccess, unlink_segment
 from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
+from workers.publication import Publisher
 
 log = structlog.get_logger()
 
@@ -100,12 +101,7 @@ UCRED = struct.Struct("3i")
 # Records a ledger may have made durable but not acknowledged when it died: its
 # batch and what waited behind it.
 LINES_KEPT_FROM_LAST_RUN = 4 * MAX_BATCH
-PUBLISHING_NAME = ".publishing"
 TRIMMED_LOG_SECONDS = 10.0
-DIGITS = re.compile(r"[0-9]+")
-FILE_NAME = re.compile(r"[^/\x00]+\.jpg")
-# Final names a task's file may lose to another writer in a row before the task is retried.
-PUBLISH_RACES = 8
 # How often this host's unwritten request records are looked for in Redis.
 REQUESTS_CHECK_SECONDS = 1.0
 
@@ -131,7 +127,7 @@ class Ledger:
         # the next acknowledgement's round trip, or the next check's.
         self.requests_to_forget: list[bytes] = []
         self.unlinks = SegmentUnlinks(settings.output_dir / ".unlink-pending", SegmentAccess.from_settings(settings))
-        self.journal = PublicationJournal(settings.output_dir / PUBLISHING_NAME)
+        self.publisher = Publisher(settings)
         self.selector = selectors.DefaultSelector()
         self.connections = 0
         self.unwritten: list[CompletionRecord] = []  # read but not yet durable
@@ -147,16 +143,15 @@ class Ledger:
 
     def run(self) -> int:
         try:
-            self.directories = output.prepare_output_dir(self.settings.output_dir)
+            self.publisher.open()
             recent = self.results.open()
             self.written_requests.learn(record.get("record_id") for record in self.requests.open())
             self.unlinks.open()
-            self.journal.open()
         except (OSError, ResultsFileError) as exc:
             log.error("ledger_boot_failed", reason=str(exc))
             return exitcodes.BOOT_FAILED
         self.recorded.learn_from_last_run(recent)
-        self._finish_interrupted_publications(recent)
+        self.publisher.finish_interrupted(recent)
         self.unlinks.finish_interrupted()
         self.queue = ReliableQueue(connect(self.settings), self.keys, max_message_bytes=self.settings.max_message_bytes)
         self.request_state = RequestState.for_pool(self.queue.client, self.keys, self.settings)
@@ -284,12 +279,12 @@ class Ledger:
         for record in duplicates:
             record.duplicate = True
         try:
-            self._make_partials_durable(fresh)
+            self.publisher.make_durable(fresh)
             # As late as can be: a task marked but not recorded when this host
             # dies waits for it instead of moving on.
             if not self._mark_committing(self.unwritten):
                 return
-            self._publish(fresh)
+            self.publisher.publish(fresh)
             crash_point("ledger_after_publish")
             for record in fresh:
                 if record.status != RETRY:
@@ -300,12 +295,12 @@ class Ledger:
             self._postpone_commit(base=0.5, cap=30.0)
             return
         self.write_failures = 0
-        self.journal.committed()
+        self.publisher.committed()
         crash_point("ledger_after_append")
         self._note_committed(fresh)
         self._drop_duplicates(duplicates)
         for record in self.unwritten:
-            self._remove_earlier_partials(record)
+            self.publisher.remove_earlier_partials(record)
         self.unacknowledged.extend(self.unwritten)
         self.unwritten = []
 
@@ -323,8 +318,7 @@ class Ledger:
         """A redelivered task that already has its record: only its partial file goes."""
         self.stats.duplicates += len(duplicates)
         for record in duplicates:
-            if record.partial_path:
-                output.remove_quietly(os.path.basename(record.partial_path), dir_fd=self.directories.partial_fd)
+            self.publisher.discard_partial(record)
             log.info(
                 "duplicate_dropped", task_id=record.task_id, request_id=record.request_id, image_id=record.image_id
             )
@@ -348,172 +342,6 @@ class Ledger:
             self._postpone_commit(base=0.2, cap=10.0)
             return False
         return True
-
-    def _make_partials_durable(self, records: list[CompletionRecord]) -> None:
-        """Step 1, once for the whole batch. OSError if the names cannot be made
-        durable: the batch is tried again later."""
-        # A record published by an earlier try of this batch has no partial file left.
-        completed = [r for r in records if r.status == COMPLETED and r.file_path is None]
-        if completed and self.directories.follow_partial():
-            log.warning("partial_dir_reopened", path=str(self.settings.output_dir / output.PARTIAL_DIR))
-        for record in completed:
-            try:
-                record.partial_inode = output.sync_data(
-                    os.path.basename(record.partial_path), dir_fd=self.directories.partial_fd
-                )
-            except OSError as exc:
-                self._retry_without_jpeg(record, f"could not make the JPEG durable: {exc}", "jpeg_sync_failed")
-        if completed:
-            output.fsync_directory(self.directories.partial_fd)
-
-    def _retry_without_jpeg(self, record: CompletionRecord, error: str, event: str) -> None:
-        """A JPEG that may not be on disk, or could not be given its name, is not
-        recorded: the task runs again (or fails, after MAX_ATTEMPTS), from its
-        segment, which is kept."""
-        output.remove_quietly(os.path.basename(record.partial_path), dir_fd=self.directories.partial_fd)
-        log.error(event, error=error, task_id=record.task_id, request_id=record.request_id)
-        record.partial_path = record.width = record.height = record.bytes = record.file_path = None
-        if record.delivery < self.settings.max_attempts:
-            record.status, record.error = RETRY, error
-            record.retry_at = time.time() + compute_backoff(record.delivery, base=1.0, cap=300.0)
-        else:
-            record.status, record.error = FAILED, f"gave up after {record.delivery} attempts: {error}"
-
-    def _publish(self, records: list[CompletionRecord]) -> None:
-        """Step 2, before the append: give each completed record's JPEG a free
-        final name, with a rename that never replaces. The names are listed in
-        .publishing first, durably, so that a crash before the append lets the
-        next start remove the files no record names. A name taken meanwhile (a
-        writer of another uid in a shared OUTPUT_DIR) moves on to the next
-        free one; any other failure retries the task: a completed record names
-        only a file the pool put there."""
-        pending = [r for r in records if r.status == COMPLETED and r.file_path is None]
-        if not pending:
-            return
-        names = self._free_names(pending)
-        self.journal.note(pending, names)
-        for record in pending:
-            self._publish_one(record, names)
-        output.fsync_directory(self.directories.output_fd)
-
-    def _free_names(self, records: list[CompletionRecord], *, after: dict[int, int] | None = None) -> dict[int, tuple[int, str]]:
-        """id(record) -> (collision number, final name) of a name free right now."""
-        names: dict[int, tuple[int, str]] = {}
-        taken: set[str] = set()
-        for record in records:
-            collision = (after or {}).get(id(record), -1) + 1
-            while True:
-                name = output.final_name(record.image_id or "image", record.finished_at, collision)
-                if name not in taken and not self._exists(name):
-                    break
-                collision += 1
-            taken.add(name)
-            names[id(record)] = (collision, name)
-        return names
-
-    def _exists(self, name: str) -> bool:
-        try:
-            os.stat(name, dir_fd=self.directories.output_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        return True
-
-    def _publish_one(self, record: CompletionRecord, names: dict[int, tuple[int, str]]) -> None:
-        partial = os.path.basename(record.partial_path)
-        for _ in range(PUBLISH_RACES):
-            collision, name = names[id(record)]
-            try:
-                output.publish(partial, name, src_dir_fd=self.directories.partial_fd,
-                               dst_dir_fd=self.directories.output_fd)
-            except FileExistsError:
-                log.warning("final_name_taken", file_name=name, task_id=record.task_id, request_id=record.request_id)
-                names.update(self._free_names([record], after={id(record): collision}))
-                self.journal.note_again(record, names[id(record)][1])
-                continue
-            except OSError as exc:
-                self._retry_without_jpeg(record, f"could not publish the JPEG as {name}: {exc}", "publish_failed")
-                return
-            record.file_path = os.path.join(os.fspath(self.settings.output_dir), name)
-            return
-        self._retry_without_jpeg(
-            record, f"could not publish the JPEG: {PUBLISH_RACES} final names in a row were taken", "publish_failed"
-        )
-
-    def _remove_earlier_partials(self, record: CompletionRecord) -> None:
-        """A worker killed between writing its partial file and sending the record
-        leaves that file behind; the task's later delivery clears it."""
-        if record.task_id is None:
-            return
-        for delivery in range(1, record.delivery):
-            output.remove_quietly(f"{record.task_id}.{delivery}.jpg", dir_fd=self.directories.partial_fd)
-
-    def _finish_interrupted_publications(self, recent: list[dict]) -> None:
-        """At start, what the last ledger left between publishing and recording."""
-        recorded = {
-            (line["task_id"], line["attempts"]): line
-            for line in recent
-            if line.get("status") == COMPLETED and isinstance(line.get("task_id"), str)
-            and isinstance(line.get("attempts"), int)
-        }
-        for task_id, delivery, inode, name in self.journal.entries():
-            if (task_id, delivery) not in recorded:
-                self._remove_unrecorded(task_id, inode, name)
-        self.journal.clear()
-        for (task_id, attempts), line in recorded.items():
-            self._publish_recorded(task_id, attempts, line)
-        output.fsync_directory(self.directories.output_fd)
-
-    def _remove_unrecorded(self, task_id: str, inode: int, name: str) -> None:
-        """A file published for a record that was never appended: its task is
-        redelivered and makes another. Only the very file published goes (same
-        inode, ours): anything else under that name is not the pool's."""
-        try:
-            found = os.stat(name, dir_fd=self.directories.output_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        if stat.S_ISREG(found.st_mode) and found.st_ino == inode and found.st_uid == os.geteuid():
-            output.remove_quietly(name, dir_fd=self.directories.output_fd)
-            log.info("unrecorded_file_removed", file_name=name, task_id=task_id)
-        else:
-            log.warning("unrecorded_file_not_ours", file_name=name, task_id=task_id)
-
-    def _publish_recorded(self, task_id: str, attempts: int, line: dict) -> None:
-        """A record whose JPEG is still under .partial (a power cut undid the
-        rename, or a ledger of the previous version, which appended first, died)."""
-        partial = f"{task_id}.{attempts}.jpg"
-        partial_fd, output_fd = self.directories.partial_fd, self.directories.output_fd
-        try:
-            kept = os.stat(partial, dir_fd=partial_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return
-        final = Path(line.get("file_path") or "")
-        if final.parent != self.settings.output_dir:
-            output.remove_quietly(partial, dir_fd=partial_fd)
-            return
-        fields = {"file_path": str(final), "task_id": task_id, "request_id": line.get("request_id")}
-        try:
-            there = os.stat(final.name, dir_fd=output_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            try:
-                output.publish(partial, final.name, src_dir_fd=partial_fd, dst_dir_fd=output_fd)
-            except OSError as exc:  # a name planted meanwhile: the next start replaces it
-                log.error("publication_failed", error=str(exc), **fields)
-                return
-            log.info("publication_finished", **fields)
-            return
-        if (there.st_dev, there.st_ino) == (kept.st_dev, kept.st_ino):
-            output.remove_quietly(partial, dir_fd=partial_fd)  # published, only the old name was left
-            return
-        # The durable record claims this name, and the pool never puts a second
-        # file under a name it gave: whatever is there was put by someone else.
-        # A rename replaces that entry without following it (a symlink's target
-        # is untouched).
-        try:
-            os.rename(partial, final.name, src_dir_fd=partial_fd, dst_dir_fd=output_fd)
-        except OSError as exc:
-            log.error("publication_failed", error=str(exc), **fields)
-            return
-        log.warning("publication_restored", replaced=stat.filemode(there.st_mode), owner_uid=there.st_uid, **fields)
 
     # -- acknowledging -----------------------------------------------------
 
@@ -759,54 +587,6 @@ class RecordedTasks:
                 if task_id is not None and record.status != RETRY:
                     seen.add(task_id)
         return fresh, duplicates
-
-
-class PublicationJournal:
-    """OUTPUT_DIR/.publishing: the final names a batch is about to be published
-    under, written and fdatasync'ed before the renames. A ledger killed between
-    publishing and appending leaves files that no record names; the next one
-    finds them here. One line per file: `<task id> <delivery> <inode> <name>`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = -1
-        self._lines: dict[int, str] = {}  # id(record) -> its line, for the batch being published
-
-    def open(self) -> None:
-        self._fd = output.open_state_file(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-
-    def note(self, records: list[CompletionRecord], names: dict[int, tuple[int, str]]) -> None:
-        """Before the renames: kept with those of an earlier try of the same
-        batch (an append that failed), whose files are published already."""
-        self._lines.update({id(r): f"{r.task_id} {r.delivery} {r.partial_inode} {names[id(r)][1]}" for r in records})
-        self._write()
-
-    def committed(self) -> None:
-        """The batch is recorded: the next one starts a new listing."""
-        self._lines = {}
-
-    def note_again(self, record: CompletionRecord, name: str) -> None:
-        """The record's name was taken before its rename: the next one it tries."""
-        self._lines[id(record)] = f"{record.task_id} {record.delivery} {record.partial_inode} {name}"
-        self._write()
-
-    def entries(self) -> list[tuple[str, int, int, str]]:
-        text = os.pread(self._fd, 1 << 22, 0).decode("utf-8", errors="replace")
-        found = []
-        for line in text.splitlines():
-            fields = line.split(" ", 3)
-            if len(fields) == 4 and DIGITS.fullmatch(fields[1] + fields[2]) and FILE_NAME.fullmatch(fields[3]):
-                found.append((fields[0], int(fields[1]), int(fields[2]), fields[3]))
-        return found
-
-    def clear(self) -> None:
-        os.ftruncate(self._fd, 0)
-
-    def _write(self) -> None:
-        listing = "\n".join(self._lines.values()).encode()
-        os.pwrite(self._fd, listing, 0)
-        os.ftruncate(self._fd, len(listing))
-        os.fdatasync(self._fd)
 
 
 class RememberedIds:
