@@ -253,6 +253,10 @@ def classify(arguments: Sequence[str]) -> list[Item]:
             items.append(Item(argument, url=argument))
             continue
         path = Path(argument)
+        if not is_utf8(argument):
+            # OpenCV takes the name as UTF-8: the undecodable bytes Python keeps as
+            # surrogates crash it (a segfault), so such a name is refused first.
+            raise UsageError(f"cannot read {argument!r}: its name is not UTF-8; rename the file")
         if not path.is_file() or not os.access(path, os.R_OK):
             raise UsageError(f"cannot read {argument!r}: not a readable file")
         cv2 = cv2 or opencv()
@@ -260,6 +264,14 @@ def classify(arguments: Sequence[str]) -> list[Item]:
             raise UsageError(f"cannot read {argument!r}: not an image format OpenCV knows")
         items.append(Item(argument, path=path))
     return items
+
+
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def url_image_id(url: str) -> str:

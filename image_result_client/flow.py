@@ -212,10 +212,9 @@ def _give_back(shm: SharedMemory, name: str) -> None:
 
 
 def _whole_number(name: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
+    # ASCII digits only, as the pool's settings: int() also takes "١٢" and "1_000".
+    digits = raw.strip()
+    value = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 19 else -1
     if not 0 <= value <= MAX_COUNT:
         raise ValueError(f"{name}={raw!r}: expected a whole number 0..{MAX_COUNT}, 0 for none")
     return value

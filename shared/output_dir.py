@@ -39,7 +39,14 @@ import stat
 from pathlib import Path
 
 from shared.config import ConfigError
-from shared.output import PARTIAL_DIR, RESULTS_NAME, STATE_FILES, partial_dir_problem, state_file_problem
+from shared.output import (
+    PARTIAL_DIR,
+    REQUESTS_NAME,
+    RESULTS_NAME,
+    STATE_FILES,
+    partial_dir_problem,
+    state_file_problem,
+)
 
 PROBE_PREFIX = ".probe-"
 
@@ -64,7 +71,7 @@ def check_output_dir(output_dir: Path, *, allow_shared: bool = False) -> list[Pa
         _make_directories(_missing_directories(partial, within=output_dir), failure="cannot be used")
         _check_partial_ours(partial)
         _probe(partial)
-        for name in (RESULTS_NAME, *STATE_FILES):
+        for name in (RESULTS_NAME, REQUESTS_NAME, *STATE_FILES):
             _check_state_file_if_present(output_dir / name)
     except _Unusable as reason:
         raise ConfigError(f"OUTPUT_DIR={str(output_dir)!r} {reason}") from None

@@ -85,6 +85,19 @@ class ResultsFile:
         self._size = offset + len(text)
         self._has_records = True
 
+    def records_of_tasks(self, task_ids: set[str]) -> list[dict]:
+        """Every record, anywhere in the file, of these task ids. A read of the
+        whole file, for what open()'s tail window may not reach: at start, and
+        only when the last ledger left something to decide by it."""
+        needles = [f'"task_id": {json.dumps(task_id)}'.encode() for task_id in task_ids]
+        found = []
+        with open(self.path, "rb") as whole:
+            for line in whole:
+                if any(needle in line for needle in needles):
+                    records, _ = _complete_records(line.rstrip(b"\n"))
+                    found.extend(r for r in records if r.get("task_id") in task_ids)
+        return found
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

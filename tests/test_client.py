@@ -465,7 +465,12 @@ def test_cli_enqueue_wait_says_at_once_where_it_sees_no_records(
 
 @pytest.mark.parametrize(
     ("argument", "message"),
-    [("missing.png", "not a readable file"), ("notes.png", "not an image"), ("ftp://host/a.png", "scheme")],
+    [
+        ("missing.png", "not a readable file"),
+        ("notes.png", "not an image"),
+        ("ftp://host/a.png", "scheme"),
+        ("\udcffbad.png", "not UTF-8"),  # the byte 0xff: OpenCV crashed (a segfault) on the name
+    ],
 )
 def test_cli_usage_errors_exit_2_with_one_line_and_queue_nothing(
     redis_client: redis.Redis,
@@ -478,6 +483,7 @@ def test_cli_usage_errors_exit_2_with_one_line_and_queue_nothing(
 ) -> None:
     cv2.imwrite(str(tmp_path / "good.png"), photos["camera"])
     (tmp_path / "notes.png").write_text("not a picture\n")
+    os.link(tmp_path / "good.png", os.fsencode(tmp_path) + b"/\xffbad.png")
     env = {"REDIS_URL": redis_server.url, "HOSTING_TASKS_QUEUE": queue_name}
 
     done = run_cli(["enqueue", "good.png", argument], cwd=tmp_path, env=env)

@@ -127,6 +127,8 @@ def test_producers_racing_for_the_last_room_never_keep_more_than_the_budget(pref
         ({"PUSH_WAIT": "nan"}, "PUSH_WAIT='nan'"),
         ({"PUSH_WAIT": "-2"}, "PUSH_WAIT='-2'"),
         ({"MAX_QUEUE_LENGTH": "1.5"}, "MAX_QUEUE_LENGTH='1.5'"),
+        ({"SHM_BUDGET_BYTES": "\u0661\u0662\u0660\u0660"}, "SHM_BUDGET_BYTES="),  # Arabic-Indic digits
+        ({"MAX_QUEUE_LENGTH": "9" * 5000}, "MAX_QUEUE_LENGTH="),  # int() raises past 4,300 digits
     ],
 )
 def test_bad_flow_settings_name_the_variable(values: dict[str, str], problem: str) -> None:

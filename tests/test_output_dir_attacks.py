@@ -228,10 +228,42 @@ def test_a_ledger_killed_between_publishing_and_appending_leaves_no_file_without
     assert_exactly_once(pool.output_dir, request_ids, redis_client, queue_name)
 
 
+def test_a_restart_never_removes_a_file_a_record_names(
+    pool_factory: PoolFactory, redis_client: redis.Redis, queue_name: str, segments: SegmentTracker
+) -> None:
+    """.publishing kept the last batch that published a file after its records
+    were appended, and a start removed each listed file whose record it did not
+    see in results.json's tail: after a rotation of results.json, or 8 MiB of
+    failures since, a completed record's JPEG was deleted (red team)."""
+    request_ids = push_photos(redis_client, queue_name, segments, 3, size=(256, 256))
+    pool = pool_factory(workers=1)
+    pool.wait_ready()
+    records = wait_for_records(pool.output_dir, 3, pool=pool)
+    assert pool.stop() == 0
+    (pool.output_dir / "results.json").rename(pool.output_dir / "results-archived.json")  # an operator's rotation
+
+    again = pool_factory(workers=1)
+    again.wait_ready()
+    assert again.stop() == 0
+    assert not again.events("unrecorded_file_removed")
+    assert all(Path(record["file_path"]).is_file() for record in records), request_ids
+
+
+def test_a_record_beyond_the_tail_read_at_start_keeps_its_file(tmp_path: Path) -> None:
+    """What start-up reads of results.json is its end; a record further back is
+    still found, by reading the whole file, before anything is removed for it."""
+    results = ResultsFile(tmp_path / "results.json")
+    results.open()
+    results.append([{"task_id": "t-old", "attempts": 1, "status": "completed", "request_id": "r"}])
+    results.append([{"task_id": f"t{n}", "attempts": 1, "status": "failed", "request_id": "x" * 100} for n in range(2000)])
+    results.close()
+    assert [r["task_id"] for r in results.records_of_tasks({"t-old", "t-missing"})] == ["t-old"]
+
+
 # ---------------------------------------------------------------- found by attacking the fixes
 
 
-@pytest.mark.parametrize("name", [".lock", "results.json", ".publishing", ".unlink-pending"])
+@pytest.mark.parametrize("name", [".lock", "results.json", "requests.json", ".publishing", ".unlink-pending"])
 def test_a_state_file_another_uid_planted_in_a_sticky_output_dir_is_refused(
     name: str, shared_home: Path, redis_server, queue_name: str
 ) -> None:

@@ -89,6 +89,11 @@ from workers.publication import Publisher
 log = structlog.get_logger()
 
 MAX_BATCH = 1024
+# And at most this many bytes of datagrams: a batch's lines in results.json
+# (ids escaped, at most about 3 bytes for each of theirs) must fit well within
+# the tail that a start reads back (shared.results_file.TAIL_WINDOW), where the
+# next ledger recognises a redelivery of an appended but unacknowledged task.
+MAX_BATCH_BYTES = 1 << 20
 # While the queue has a backlog, a batch is committed once it holds
 # LINGER_RECORDS records or its first record is LINGER_SECONDS old.
 LINGER_SECONDS = 0.025
@@ -131,6 +136,7 @@ class Ledger:
         self.selector = selectors.DefaultSelector()
         self.connections = 0
         self.unwritten: list[CompletionRecord] = []  # read but not yet durable
+        self.unwritten_bytes = 0  # the datagrams they came in
         self.batch_started_at = 0.0  # when the first of them arrived
         self.unacknowledged: list[CompletionRecord] = []  # durable, not yet acknowledged
         self.recorded = RecordedTasks()
@@ -151,7 +157,7 @@ class Ledger:
             log.error("ledger_boot_failed", reason=str(exc))
             return exitcodes.BOOT_FAILED
         self.recorded.learn_from_last_run(recent)
-        self.publisher.finish_interrupted(recent)
+        self.publisher.finish_interrupted(recent, self.results)
         self.unlinks.finish_interrupted()
         self.queue = ReliableQueue(connect(self.settings), self.keys, max_message_bytes=self.settings.max_message_bytes)
         self.request_state = RequestState.for_pool(self.queue.client, self.keys, self.settings)
@@ -213,7 +219,7 @@ class Ledger:
                 os.read(key.fd, 64)  # the signal's handler has run; the loop looks at `stopping`
             else:
                 self._read(key.fileobj)
-            if len(self.unwritten) >= MAX_BATCH:
+            if self._batch_full():
                 break
 
     def _wake_on_signals(self) -> None:
@@ -239,7 +245,7 @@ class Ledger:
         self.connections += 1
 
     def _read(self, conn: socket.socket) -> None:
-        while len(self.unwritten) < MAX_BATCH:
+        while not self._batch_full():
             try:
                 datagram = conn.recv(channel.MAX_DATAGRAM)
             except BlockingIOError:
@@ -255,6 +261,10 @@ class Ledger:
             if not self.unwritten:
                 self.batch_started_at = time.monotonic()
             self.unwritten.extend(channel.decode_records(datagram))
+            self.unwritten_bytes += len(datagram)
+
+    def _batch_full(self) -> bool:
+        return len(self.unwritten) >= MAX_BATCH or self.unwritten_bytes >= MAX_BATCH_BYTES
 
     def _batch_ready(self) -> bool:
         """Commit now, or wait a moment for a fuller batch?
@@ -302,7 +312,7 @@ class Ledger:
         for record in self.unwritten:
             self.publisher.remove_earlier_partials(record)
         self.unacknowledged.extend(self.unwritten)
-        self.unwritten = []
+        self.unwritten, self.unwritten_bytes = [], 0
 
     def _note_committed(self, fresh: list[CompletionRecord]) -> None:
         """Remember what is now recorded (for duplicates) and count it (for metrics)."""

@@ -34,6 +34,7 @@ from shared import output
 from shared.backoff import compute_backoff
 from shared.config import Settings
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
+from shared.results_file import ResultsFile
 
 log = structlog.get_logger()
 
@@ -164,15 +165,17 @@ class Publisher:
         for delivery in range(1, record.delivery):
             output.remove_quietly(f"{record.task_id}.{delivery}.jpg", dir_fd=self.directories.partial_fd)
 
-    def finish_interrupted(self, recent: list[dict]) -> None:
-        """At start, what the last ledger left between publishing and recording."""
-        recorded = {
-            (line["task_id"], line["attempts"]): line
-            for line in recent
-            if line.get("status") == COMPLETED and isinstance(line.get("task_id"), str)
-            and isinstance(line.get("attempts"), int)
-        }
-        for task_id, delivery, inode, name in self.journal.entries():
+    def finish_interrupted(self, recent: list[dict], results: ResultsFile) -> None:
+        """At start, what the last ledger left between publishing and recording.
+        `recent` is the end of results.json; an entry of .publishing whose record
+        is not there is looked for in the whole file before its file is removed:
+        a file a durable record names is never removed."""
+        recorded = _completed_by_task(recent)
+        entries = self.journal.entries()
+        unseen = {task_id for task_id, delivery, _, _ in entries if (task_id, delivery) not in recorded}
+        if unseen:
+            recorded.update(_completed_by_task(results.records_of_tasks(unseen)))
+        for task_id, delivery, inode, name in entries:
             if (task_id, delivery) not in recorded:
                 self._remove_unrecorded(task_id, inode, name)
         self.journal.clear()
@@ -254,8 +257,12 @@ class PublicationJournal:
         self._write()
 
     def committed(self) -> None:
-        """The batch is recorded: the next one starts a new listing."""
-        self._lines = {}
+        """The batch is recorded: its listing goes, in memory and on disk. Not
+        synced: should a power cut bring it back, it lists only the batch at the
+        end of results.json, whose records the next start finds."""
+        if self._lines:
+            self._lines = {}
+            os.ftruncate(self._fd, 0)
 
     def note_again(self, record: CompletionRecord, name: str) -> None:
         """The record's name was taken before its rename: the next one it tries."""
@@ -279,3 +286,13 @@ class PublicationJournal:
         os.pwrite(self._fd, listing, 0)
         os.ftruncate(self._fd, len(listing))
         os.fdatasync(self._fd)
+
+
+def _completed_by_task(lines: list[dict]) -> dict[tuple[str, int], dict]:
+    """(task id, attempts) -> its completed record line."""
+    return {
+        (line["task_id"], line["attempts"]): line
+        for line in lines
+        if line.get("status") == COMPLETED and isinstance(line.get("task_id"), str)
+        and isinstance(line.get("attempts"), int)
+    }
