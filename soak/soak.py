@@ -6,13 +6,28 @@
         --> OUTPUT_DIR/results.json + one JPEG per completed task
     main thread: every --kill-every seconds SIGKILL a random worker (every 4th
         time the ledger); once, half-way, take Redis down for ~2 s
-    then: wait for N records, SIGTERM the supervisor (exit 0 expected), verify:
-        exactly one record per task, one decodable file per completed record,
-        no orphan or partial files, no segment left in /dev/shm, Redis drained.
+    then: wait for N records and a request record for every request declared,
+        SIGTERM the supervisor (exit 0 expected), verify: exactly one record
+        per message, one decodable file per completed record, no orphan or
+        partial files, no segment left in /dev/shm, Redis drained; exactly one
+        request record per declared request, in requests.json and on the
+        results stream, agreeing with the task records; none for other ids;
+        every task whose deadline had passed when pushed: one failed record
+        whose error starts "expired", and no JPEG.
 
 The mix: ~70% SHM (256x256 and 512x512), ~25% URL (PNG and JPEG photos from a
 loopback server), ~5% bad (malformed JSON, a missing segment, a 404, a 500 that
-is retried up to MAX_ATTEMPTS and then fails). request_id is soak_<i>.
+is retried up to MAX_ATTEMPTS and then fails). image_id is img_<i>, unique per
+message but for a duplicate (below).
+
+Requests: ~80% of the messages belong to a request soakreq_<r> of 1..12 images
+whose every message declares request_images. Some requests declare one image
+more than is ever pushed: they end "incomplete" after the soak's REQUEST_TTL.
+In some, one image is pushed twice (a copy of its message, same image_id): it
+counts once. The other messages are lone tasks, request_id soak_<i>, without
+request_images (a malformed message is always one). A share of the parseable
+messages carries a deadline, half already past (expired at first delivery)
+and half a day ahead (no effect).
 
 Hazards handled here:
 - /dev/shm must stay bounded: the producer keeps the queue under a cap, so only
@@ -23,6 +38,10 @@ Hazards handled here:
 - A malformed message has no readable request_id, so its record has none; the
   dead letter (same task_id) carries the raw text, which names soak_<i>.
 - results.json is read while the ledger appends: a torn tail is retried.
+- REQUEST_TTL must outlast any silence inside a live request, or a request
+  would end "incomplete" while its last image is merely late: a 500's retries
+  (backoff 1+2+4+8 s, jitter), a ledger respawn, Redis away. It is set well
+  above that, and the run waits that long at the end for the incomplete ones.
 - Everything this run starts or makes (the pool's whole session, Redis, the
   HTTP server, segments, temp dirs) is released in a `finally`, on Ctrl-C and
   SIGTERM too; the pool log is copied to /tmp/soak-last.log first.
@@ -44,7 +63,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -61,8 +80,9 @@ from harness import PoolFailed
 from harness.http_server import HttpServer
 from harness.photos import load_photos, photo_of_size
 from harness.pool import Pool
-from harness.results import read_results
+from harness.results import read_requests, read_results
 from harness.segments import SegmentTracker
+from image_result_client.protocol import DEFAULT_RESULTS_STREAM
 from shared.redis_queue import QueueKeys
 from tools.local_redis import LocalRedis
 
@@ -79,7 +99,14 @@ READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 120.0
 PROGRESS_SECONDS = 15.0
 LOG_COPY = Path("/tmp/soak-last.log")
-SOAK_ID = re.compile(r"soak_\d+")
+IMAGE_ID_IN_TEXT = re.compile(r'"image_id": "(img_\d+)"')
+REQUEST_TTL = 40.0  # seconds; see the hazards above
+REQUEST_SHARE = 0.80  # of the messages, roughly
+REQUEST_SIZES = (1, 12)
+NEVER_COMES_SHARE = 0.12  # of the requests of 2 or more images: the last image is never pushed
+DUPLICATE_SHARE = 0.15  # of the requests: one image pushed twice
+DEADLINE_SHARE = 0.10  # of the parseable messages: half past, half far ahead
+PAST_DEADLINE, FUTURE_DEADLINE = -600.0, 86_400.0  # seconds from the push
 
 
 # ---------------------------------------------------------------- settings and plan
@@ -125,28 +152,97 @@ class Planned:
     kind: str  # shm, url, or one of BAD_KINDS
     size: tuple[int, int] | None = None  # (height, width) of a completed task's JPEG
     photo: str | None = None  # URL tasks: which served photo
+    request_id: str = ""
+    image_id: str = ""
+    request_images: int | None = None  # declared on the message, for a task of a request
+    deadline: str | None = None  # "past" or "future": seconds from the push, set when pushed
 
     @property
-    def request_id(self) -> str:
-        return f"soak_{self.index}"
+    def expired(self) -> bool:
+        return self.deadline == "past"
 
     @property
     def status(self) -> str:
-        return "failed" if self.kind in BAD_KINDS else "completed"
+        return "failed" if self.kind in BAD_KINDS or self.expired else "completed"
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedRequest:
+    """A request and the request record it must end with."""
+
+    request_id: str
+    declared: int
+    images: dict[str, str]  # image_id -> its planned status (a duplicate has its original's)
+    duplicate: bool
+
+    @property
+    def never_comes(self) -> bool:
+        return len(self.images) < self.declared
+
+    @property
+    def status(self) -> str:
+        if self.never_comes:
+            return "incomplete"
+        completed = sum(1 for status in self.images.values() if status == "completed")
+        return "completed" if completed == len(self.images) else "failed" if completed == 0 else "partial"
+
+
+def draw_task(index: int, rng: random.Random, photo_sizes: dict[str, tuple[int, int]], *, parseable: bool) -> Planned:
+    draw = rng.random()
+    if draw < SHM_SHARE:
+        task = Planned(index, "shm", size=rng.choice(SHM_SIZES))
+    elif draw < SHM_SHARE + URL_SHARE:
+        name, ext = rng.choice(URL_PHOTOS)
+        task = Planned(index, "url", size=photo_sizes[name], photo=name + ext)
+    else:
+        task = Planned(index, rng.choice(BAD_KINDS[1:] if parseable else BAD_KINDS))
+    if task.kind != "bad_json" and rng.random() < DEADLINE_SHARE:
+        task = replace(task, deadline=rng.choice(("past", "future")))
+    return task
 
 
 def plan_tasks(count: int, rng: random.Random, photo_sizes: dict[str, tuple[int, int]]) -> list[Planned]:
-    plan = []
-    for index in range(count):
-        draw = rng.random()
-        if draw < SHM_SHARE:
-            plan.append(Planned(index, "shm", size=rng.choice(SHM_SIZES)))
-        elif draw < SHM_SHARE + URL_SHARE:
-            name, ext = rng.choice(URL_PHOTOS)
-            plan.append(Planned(index, "url", size=photo_sizes[name], photo=name + ext))
-        else:
-            plan.append(Planned(index, rng.choice(BAD_KINDS)))
+    """`count` messages: lone tasks and requests, each request's messages pushed together."""
+    plan: list[Planned] = []
+    mean_request = sum(REQUEST_SIZES) / 2
+    # The chance that the next unit is a request, so that ~REQUEST_SHARE of the messages are in one.
+    request_odds = REQUEST_SHARE / (REQUEST_SHARE + (1 - REQUEST_SHARE) * mean_request)
+    requests = 0
+    while len(plan) < count:
+        if rng.random() >= request_odds:
+            index = len(plan)
+            task = draw_task(index, rng, photo_sizes, parseable=False)
+            plan.append(replace(task, request_id=f"soak_{index}", image_id=f"img_{index}"))
+            continue
+        request_id, declared = f"soakreq_{requests}", rng.randint(*REQUEST_SIZES)
+        requests += 1
+        pushed = declared - 1 if declared > 1 and rng.random() < NEVER_COMES_SHARE else declared
+        members = []
+        for _ in range(pushed):
+            index = len(plan) + len(members)
+            task = draw_task(index, rng, photo_sizes, parseable=True)
+            members.append(replace(task, request_id=request_id, image_id=f"img_{index}", request_images=declared))
+        if rng.random() < DUPLICATE_SHARE:
+            original = rng.choice(members)
+            members.insert(rng.randrange(len(members) + 1), replace(original, index=len(plan) + len(members)))
+        plan.extend(members[:count - len(plan)])
     return plan
+
+
+def plan_requests(plan: list[Planned]) -> dict[str, PlannedRequest]:
+    """The requests of the tasks in `plan` (a request cut short by the end of the plan
+    declares more than it pushed and so ends "incomplete")."""
+    images: dict[str, dict[str, str]] = defaultdict(dict)
+    copies: Counter = Counter()
+    declared: dict[str, int] = {}
+    for task in plan:
+        if task.request_images is None:
+            continue
+        declared[task.request_id] = task.request_images
+        images[task.request_id][task.image_id] = task.status
+        copies[(task.request_id, task.image_id)] += 1
+    duplicated = {rid for (rid, _), n in copies.items() if n > 1}
+    return {rid: PlannedRequest(rid, declared[rid], images[rid], rid in duplicated) for rid in declared}
 
 
 # ---------------------------------------------------------------- the pieces
@@ -173,11 +269,15 @@ def serve_photos(http: HttpServer) -> dict[str, tuple[int, int]]:
 
 
 def message_for(task: Planned, http: HttpServer, segments: SegmentTracker) -> bytes:
-    request_id, image_id = task.request_id, f"img_{task.index}"
+    request_id, image_id = task.request_id, task.image_id
     if task.kind == "bad_json":
         # Cut short: the pool cannot parse it, but the dead letter keeps the text.
         return f'{{"request_id": "{request_id}", "image_id": "{image_id}", "shm_info": {{"shm_name": '.encode()
     message: dict[str, Any] = {"request_id": request_id, "image_id": image_id}
+    if task.request_images is not None:
+        message["request_images"] = task.request_images
+    if task.deadline is not None:
+        message["deadline"] = time.time() + (PAST_DEADLINE if task.expired else FUTURE_DEADLINE)
     if task.kind == "shm":
         height, width = task.size  # type: ignore[misc]
         name = segments.make(shm_frame(task.size))  # type: ignore[arg-type]
@@ -292,6 +392,7 @@ class Soak:
         self.producer.start()
         self.run_chaos(deadline)
         self.wait_for_records(deadline)
+        self.wait_for_request_records(deadline)
         self.stop_pool()
         report = self.verify()
         report.print(time.monotonic() - started, self.throughput())
@@ -300,15 +401,24 @@ class Soak:
     def print_header(self) -> None:
         kinds = Counter(task.kind for task in self.plan)
         bad = sum(kinds[k] for k in BAD_KINDS)
+        deadlines = Counter(task.deadline for task in self.plan)
+        requests = plan_requests(self.plan)
+        in_requests = sum(1 for task in self.plan if task.request_images is not None)
         s = self.settings
         print(f"soak: tasks={s.tasks} (shm={kinds['shm']} url={kinds['url']} bad={bad}: "
               + " ".join(f"{k[4:]}={kinds[k]}" for k in BAD_KINDS)
               + f") workers={s.workers} kill_every={s.kill_every:g}s seed={s.seed}", flush=True)
+        print(f"      requests={len(requests)} holding {in_requests} tasks "
+              f"(last image never comes: {sum(r.never_comes for r in requests.values())}, "
+              f"an image pushed twice: {sum(r.duplicate for r in requests.values())}) "
+              f"REQUEST_TTL={REQUEST_TTL:g}s; deadlines past={deadlines['past']} future={deadlines['future']}",
+              flush=True)
 
     def start_pool(self) -> None:
         # Its own session: our Ctrl-C does not reach it, and cleanup kills it whole.
         self.pool = Pool(workdir=self.workdir, output_dir=self.output_dir, redis_url=self.redis.url, queue=QUEUE,
-                         workers=self.settings.workers, env={"MAX_ATTEMPTS": str(MAX_ATTEMPTS)})
+                         workers=self.settings.workers,
+                         env={"MAX_ATTEMPTS": str(MAX_ATTEMPTS), "REQUEST_TTL": f"{REQUEST_TTL:g}"})
         self.pool.start()
 
     def wait_ready(self) -> None:
@@ -361,6 +471,23 @@ class Soak:
             time.sleep(0.5)
         self.failures.append(f"timeout: fewer than {self.producer.pushed} records after {self.settings.timeout:g}s")
 
+    def wait_for_request_records(self, deadline: float) -> None:
+        """Until every declared request has a request record: the incomplete ones
+        end REQUEST_TTL after their last image, plus an upkeep pass."""
+        declared = set(plan_requests(self.plan[:self.producer.pushed]))
+        give_up = min(deadline, time.monotonic() + REQUEST_TTL + 30.0)
+        next_progress = time.monotonic() + PROGRESS_SECONDS
+        while time.monotonic() < give_up:
+            self.check_alive()
+            if declared <= {r.get("request_id") for r in read_requests(self.output_dir)}:
+                return
+            if time.monotonic() >= next_progress:
+                print(f"  [requests ending] request records={len(read_requests(self.output_dir))} "
+                      f"of {len(declared)}", flush=True)
+                next_progress += PROGRESS_SECONDS
+            time.sleep(0.5)
+        # Not a failure of its own: check_requests names what is missing.
+
     def stop_pool(self) -> None:
         try:
             self.pool_exit = self.pool.stop(timeout=STOP_TIMEOUT)
@@ -375,12 +502,15 @@ class Soak:
             raise RuntimeError(f"supervisor exited with {self.pool.poll()} in the middle of the run")
 
     def print_progress(self, phase: str) -> None:
-        try:
-            records = (self.output_dir / "results.json").read_bytes().count(b"\n{")
-        except FileNotFoundError:
-            records = 0
+        counts = []
+        for name in ("results.json", "requests.json"):
+            try:
+                counts.append((self.output_dir / name).read_bytes().count(b"\n{"))
+            except FileNotFoundError:
+                counts.append(0)
+        records, request_records = counts
         kills = self.chaos.kills
-        print(f"  [{phase}] pushed={self.producer.pushed} records={records} "
+        print(f"  [{phase}] pushed={self.producer.pushed} records={records} request records={request_records} "
               f"kills: workers={kills['worker']} ledger={kills['ledger']}", flush=True)
 
     def throughput(self) -> tuple[float, float] | None:
@@ -393,24 +523,33 @@ class Soak:
 
     def verify(self) -> Report:
         records = read_results(self.output_dir)
+        request_records = read_requests(self.output_dir)
         events = self.pool.log_lines()
+        keys = QueueKeys(QUEUE)
         client = redis.Redis.from_url(self.redis.url)
         try:
-            dead = [json.loads(raw) for raw in client.lrange(QueueKeys(QUEUE).dead, 0, -1)]
+            dead = [json.loads(raw) for raw in client.lrange(keys.dead, 0, -1)]
+            stream = client.xrange(DEFAULT_RESULTS_STREAM)
             leftovers_in_redis = {
                 "queue": client.llen(QUEUE),
-                "processing": sum(client.llen(key) for key in client.scan_iter(f"{QueueKeys(QUEUE).prefix}:processing:*")),
-                "delayed": client.zcard(QueueKeys(QUEUE).delayed),
+                "processing": sum(client.llen(key) for key in client.scan_iter(f"{keys.prefix}:processing:*")),
+                "delayed": client.zcard(keys.delayed),
+                "open requests": client.zcard(keys.open_requests)
+                + sum(1 for _ in client.scan_iter(f"{keys.prefix}:request:*")),
+                "unwritten request records": sum(
+                    client.llen(key) for key in client.scan_iter(f"{keys.prefix}:requests_unwritten:*")),
             }
         finally:
             client.close()
         report = Report(settings=self.settings, failures=list(self.failures), kills=self.chaos.kills,
                         redis_restarts=self.chaos.redis_restarts, pushed=self.producer.pushed,
                         records=records, dead=dead, pool_exit=self.pool_exit, log_path=self.log_path)
-        planned = {task.request_id: task for task in self.plan[:self.producer.pushed]}
-        report.check_exactly_once(planned, dead, events)
-        report.check_outcomes(planned)
-        report.check_files(planned, self.output_dir)
+        pushed = self.plan[:self.producer.pushed]
+        report.check_exactly_once(pushed, dead, events)
+        report.check_outcomes(pushed)
+        report.check_files(pushed, self.output_dir)
+        report.check_deadlines(pushed, self.output_dir)
+        report.check_requests(plan_requests(pushed), request_records, stream, events)
         report.check_segments(self.segments.leftovers(), len(self.segments.names))
         report.check_redis(leftovers_in_redis)
         report.count_events(events)
@@ -443,7 +582,9 @@ class Report:
     lines: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
-    by_request: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    by_image: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    wrong_requests: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)  # the new counts, printed after the records line
 
     @property
     def ok(self) -> bool:
@@ -452,74 +593,85 @@ class Report:
     def fail(self, message: str) -> None:
         self.failures.append(message)
 
-    def check_exactly_once(self, planned: dict[str, Planned], dead: list[dict], events: list[dict]) -> None:
-        """lost: planned tasks without a record; duplicated: with more than one."""
-        by_request: dict[str, list[dict]] = defaultdict(list)
-        # A malformed message's record has no request_id; its dead letter names it.
+    def check_exactly_once(self, planned: list[Planned], dead: list[dict], events: list[dict]) -> None:
+        """Per image_id, as many records as messages pushed with it (two for an image
+        pushed twice). lost: fewer; duplicated: more."""
+        expected = Counter(task.image_id for task in planned)
+        request_of = {task.image_id: task.request_id for task in planned}
+        by_image: dict[str, list[dict]] = defaultdict(list)
+        # A malformed message's record may lack its ids; its dead letter keeps the text, which names it.
         named_by_dead_letter = {}
         for entry in dead:
-            found = SOAK_ID.search(entry.get("message") or "")
+            found = IMAGE_ID_IN_TEXT.search(entry.get("message") or "")
             if entry.get("task_id") and found:
-                named_by_dead_letter[entry["task_id"]] = found.group(0)
+                named_by_dead_letter[entry["task_id"]] = found.group(1)
         unnamed = []
         for record in self.records:
-            request_id = record.get("request_id") or named_by_dead_letter.get(record.get("task_id"))
-            if request_id is None:
+            image_id = record.get("image_id") or named_by_dead_letter.get(record.get("task_id"))
+            if image_id is None:
                 unnamed.append(record)
             else:
-                by_request[request_id].append(record)
-        missing = [rid for rid in planned if rid not in by_request]
-        missing_malformed = [rid for rid in missing if planned[rid].kind == "bad_json"]
+                by_image[image_id].append(record)
+        missing = [iid for iid in expected if len(by_image.get(iid, ())) < expected[iid]]
+        missing_malformed = [iid for iid in missing if any(t.kind == "bad_json" for t in planned if t.image_id == iid)]
         # An unnamed record can only be a malformed task whose dead letter is missing.
         absorbed = min(len(unnamed), len(missing_malformed))
-        self.lost = [rid for rid in missing if rid not in missing_malformed[:absorbed]]
-        self.duplicated = sorted((rid for rid, recs in by_request.items() if len(recs) > 1), key=_index)
+        self.lost = [iid for iid in missing if iid not in missing_malformed[:absorbed]]
+        self.duplicated = sorted((iid for iid, recs in by_image.items() if len(recs) > expected.get(iid, 0) > 0),
+                                 key=_index)
         self.duplicated += [f"<unnamed task {r.get('task_id')}>" for r in unnamed[absorbed:]]
-        self.by_request = by_request
-        strangers = sorted(set(by_request) - set(planned))
+        self.by_image = by_image
+        strangers = sorted(set(by_image) - set(expected))
+        wrong_request = sorted(iid for iid, recs in by_image.items() if iid in request_of and any(
+            r.get("request_id") not in (None, request_of[iid]) for r in recs))
         task_ids = Counter(r.get("task_id") for r in self.records if r.get("task_id"))
         doubled_task_ids = [tid for tid, n in task_ids.items() if n > 1]
         if unnamed:
             self.lines.append(f"  note: {len(unnamed)} malformed-task record(s) had no dead letter to name them")
         if self.lost:
             self.fail(f"lost {len(self.lost)}: {_sample(self.lost)}")
-            self.lines += [f"  evidence {rid}: {_story(rid, events)}" for rid in self.lost[:3]]
+            self.lines += [f"  evidence {iid}: {_story(iid, events)}" for iid in self.lost[:3]]
         if self.duplicated:
             self.fail(f"duplicated {len(self.duplicated)}: {_sample(self.duplicated)}")
-            self.lines += [f"  evidence {rid}: {_story(rid, events)}" for rid in self.duplicated[:3]]
+            self.lines += [f"  evidence {iid}: {_story(iid, events)}" for iid in self.duplicated[:3]]
         if strangers:
-            self.fail(f"records for unknown request ids: {_sample(strangers)}")
+            self.fail(f"records for unknown image ids: {_sample(strangers)}")
+        if wrong_request:
+            self.fail(f"records under another request id than pushed: {_sample(wrong_request)}")
         if doubled_task_ids:
             self.fail(f"task ids recorded more than once: {_sample(doubled_task_ids)}")
 
-    def check_outcomes(self, planned: dict[str, Planned]) -> None:
+    def check_outcomes(self, planned: list[Planned]) -> None:
         """Good tasks complete at their size; bad ones fail (the 500 after MAX_ATTEMPTS)."""
+        plan_of = {task.image_id: task for task in planned}  # a duplicate is a copy of its original
         wrong = []
-        for rid, recs in self.by_request.items():
-            task = planned.get(rid)
+        for iid, recs in self.by_image.items():
+            task = plan_of.get(iid)
             if task is None:
                 continue
-            record = recs[0]
-            if record.get("status") != task.status:
-                wrong.append(f"{rid} ({task.kind}) {record.get('status')}: {str(record.get('error'))[:100]}")
-            elif task.status == "completed" and (record.get("height"), record.get("width")) != task.size:
-                wrong.append(f"{rid} record says {record.get('width')}x{record.get('height')}, expected {task.size}")
-            elif task.kind == "bad_500" and "gave up after" not in (record.get("error") or ""):
-                wrong.append(f"{rid} (bad_500) failed without its retries: {record.get('error')}")
+            for record in recs:
+                if record.get("status") != task.status:
+                    wrong.append(f"{iid} ({task.kind}, deadline {task.deadline}) {record.get('status')}: "
+                                 f"{str(record.get('error'))[:100]}")
+                elif task.status == "completed" and (record.get("height"), record.get("width")) != task.size:
+                    wrong.append(f"{iid} record says {record.get('width')}x{record.get('height')}, expected {task.size}")
+                elif task.kind == "bad_500" and not task.expired and "gave up after" not in (record.get("error") or ""):
+                    wrong.append(f"{iid} (bad_500) failed without its retries: {record.get('error')}")
         if wrong:
             self.fail(f"{len(wrong)} task(s) with the wrong outcome: " + "; ".join(wrong[:3]))
         failed = sum(1 for r in self.records if r.get("status") == "failed")
         if len(self.dead) != failed:
             self.fail(f"dead letters {len(self.dead)} != failed records {failed}")
 
-    def check_files(self, planned: dict[str, Planned], output_dir: Path) -> None:
+    def check_files(self, planned: list[Planned], output_dir: Path) -> None:
+        plan_of = {task.image_id: task for task in planned}
         completed = [r for r in self.records if r.get("status") == "completed"]
         recorded_paths: set[Path] = set()
         bad = []
         for record in completed:
             path = Path(record.get("file_path") or "")
             recorded_paths.add(path)
-            task = planned.get(record.get("request_id") or "")
+            task = plan_of.get(record.get("image_id") or "")
             image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED) if path.is_file() else None
             if path.parent != output_dir or image is None:
                 bad.append(f"{record.get('request_id')}: {path} missing or undecodable")
@@ -538,6 +690,83 @@ class Report:
             self.fail(f"orphan files: {_sample(orphans)}")
         if partials:
             self.fail(f"stray files in .partial: {_sample(partials)}")
+
+    def check_deadlines(self, planned: list[Planned], output_dir: Path) -> None:
+        """A task whose deadline had passed when it was pushed: every record of it
+        failed with an error starting "expired", and no JPEG under its image id."""
+        expired = [task for task in planned if task.expired]
+        wrong = []
+        for task in expired:
+            for record in self.by_image.get(task.image_id, ()):
+                if record.get("status") != "failed" or not str(record.get("error") or "").startswith("expired"):
+                    wrong.append(f"{task.image_id}: {record.get('status')} {str(record.get('error'))[:80]}")
+            wrong += [f"{task.image_id}: {path.name} written" for path in output_dir.glob(f"{task.image_id}_*.jpg")]
+        expired_records = sum(1 for r in self.records if str(r.get("error") or "").startswith("expired"))
+        future = sum(1 for task in planned if task.deadline == "future")
+        self.summary.append(f"deadlines          past {len(expired)} -> {expired_records} records \"expired\", "
+                            f"{len(wrong)} wrong; a day ahead {future}")
+        if expired_records != len(expired):
+            self.fail(f"{expired_records} records expired, {len(expired)} tasks pushed with a deadline past")
+        if wrong:
+            self.fail(f"{len(wrong)} expired task(s) with the wrong outcome: " + "; ".join(wrong[:3]))
+
+    def check_requests(self, planned: dict[str, PlannedRequest], request_records: list[dict],
+                       stream: list[tuple[bytes, dict[bytes, bytes]]], events: list[dict]) -> None:
+        """One request record per declared request, in requests.json and on the stream,
+        agreeing with the task records and with the plan; none for any other id.
+        The stream's task records: one per task id, as many as results.json holds."""
+        in_file = defaultdict(list)
+        for record in request_records:
+            in_file[record.get("request_id")].append(record)
+        on_stream: Counter = Counter()
+        stream_task_ids: Counter = Counter()
+        for _, entry in stream:
+            if b"request" in entry:
+                on_stream[json.loads(entry[b"request"]).get("request_id")] += 1
+            if b"record" in entry:
+                stream_task_ids[json.loads(entry[b"record"]).get("task_id")] += 1
+        wrong = self.wrong_requests
+        for rid, plan in planned.items():
+            records = in_file.get(rid, [])
+            if len(records) != 1:
+                wrong.append(f"{rid}: {len(records)} records in requests.json")
+            if on_stream[rid] != 1:
+                wrong.append(f"{rid}: {on_stream[rid]} request entries on the stream")
+            if not records:
+                continue
+            record = records[0]
+            # What a user checks against results.json: the distinct images recorded, and of them completed.
+            recorded = {iid: recs for iid, recs in self.by_image.items() if iid in plan.images}
+            completed = sum(1 for recs in recorded.values() if any(r.get("status") == "completed" for r in recs))
+            counts = (record.get("images"), record.get("completed"), record.get("failed"))
+            if counts != (len(recorded), completed, len(recorded) - completed):
+                wrong.append(f"{rid}: images/completed/failed {counts}, results.json has "
+                             f"{(len(recorded), completed, len(recorded) - completed)}")
+            if record.get("status") != plan.status:
+                wrong.append(f"{rid}: status {record.get('status')}, expected {plan.status} "
+                             f"({len(plan.images)} of {plan.declared} images pushed)")
+            if record.get("request_images") != plan.declared:
+                wrong.append(f"{rid}: request_images {record.get('request_images')}, declared {plan.declared}")
+        strangers = sorted((set(in_file) | set(on_stream)) - set(planned))
+        if strangers:
+            wrong.append(f"request records for ids that never declared request_images: {_sample(strangers)}")
+        statuses = Counter(records[0].get("status") for rid, records in in_file.items() if rid in planned)
+        self.summary.append(
+            f"requests           declared {len(planned)} (never complete {sum(p.never_comes for p in planned.values())}, "
+            f"an image twice {sum(p.duplicate for p in planned.values())}); request records {len(request_records)} "
+            f"(completed {statuses['completed']}, partial {statuses['partial']}, failed {statuses['failed']}, "
+            f"incomplete {statuses['incomplete']}); on the stream {sum(on_stream.values())}; wrong {len(wrong)}")
+        doubled_on_stream = [str(tid) for tid, n in stream_task_ids.items() if n > 1]
+        self.summary.append(f"results stream     {sum(stream_task_ids.values())} task records "
+                            f"({len(stream_task_ids)} task ids, {len(doubled_on_stream)} twice)")
+        if wrong:
+            self.fail(f"{len(wrong)} wrong request record(s): " + "; ".join(wrong[:5]))
+            self.lines += [f"  evidence {rid}: {_story(rid, events)}" for rid in
+                           sorted({w.split(':', 1)[0] for w in wrong if w.startswith('soakreq_')})[:3]]
+        if doubled_on_stream or set(stream_task_ids) != {r.get("task_id") for r in self.records}:
+            self.fail(f"results stream: {len(doubled_on_stream)} task ids twice; its task ids and results.json's differ"
+                      if set(stream_task_ids) != {r.get("task_id") for r in self.records}
+                      else f"results stream: task ids twice: {_sample(doubled_on_stream)}")
 
     def check_segments(self, leftovers: list[str], created: int) -> None:
         self.lines.append(f"segments           {created} created, {len(leftovers)} still in /dev/shm")
@@ -569,6 +798,8 @@ class Report:
         statuses = Counter(r.get("status") for r in self.records)
         print(f"tasks pushed       {self.pushed}")
         print(f"records            {len(self.records)} (completed {statuses['completed']}, failed {statuses['failed']})")
+        for line in self.summary:
+            print(line)
         print(f"kills              workers {self.kills['worker']}, ledger {self.kills['ledger']}")
         print(f"redis restarts     {self.redis_restarts}")
         for line in self.lines:
@@ -580,11 +811,12 @@ class Report:
         print(f"wall time          {wall_seconds:.1f} s")
         for failure in self.failures:
             print(f"FAILED: {failure}")
-        print(f"lost={len(self.lost)} duplicated={len(self.duplicated)}", flush=True)
+        print(f"lost={len(self.lost)} duplicated={len(self.duplicated)} wrong_requests={len(self.wrong_requests)}",
+              flush=True)
 
 
-def _index(request_id: str) -> int:
-    return int(request_id.rsplit("_", 1)[1]) if SOAK_ID.fullmatch(request_id) else -1
+def _index(image_id: str) -> int:
+    return int(image_id.rsplit("_", 1)[1]) if re.fullmatch(r"img_\d+", image_id) else -1
 
 
 def _sample(items: Sequence[str], count: int = 5) -> str:
@@ -592,11 +824,12 @@ def _sample(items: Sequence[str], count: int = 5) -> str:
     return ", ".join(items[:count]) + more
 
 
-def _story(request_id: str, events: list[dict]) -> str:
-    """The pool's log events for one task, in order, compressed to one line."""
-    mine = [e for e in events if e.get("request_id") == request_id]
+def _story(some_id: str, events: list[dict]) -> str:
+    """The pool's log events for one image or request id, in order, compressed to one line."""
+    key = "request_id" if some_id.startswith("soak") else "image_id"
+    mine = [e for e in events if e.get(key) == some_id]
     task_ids = {e.get("task_id") for e in mine if e.get("task_id")}
-    mine = [e for e in events if e.get("request_id") == request_id or (e.get("task_id") in task_ids)]
+    mine = [e for e in events if e.get(key) == some_id or (e.get("task_id") in task_ids)]
     steps = [f"{e.get('event')}(pid={e.get('pid')},attempt={e.get('attempt', '-')},task={e.get('task_id')})" for e in mine]
     return " -> ".join(steps[:12]) or "no log events"
 
