@@ -8,15 +8,26 @@ through a real pool) and read what `status`, `dead list` and the pool print.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import re
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
 from datetime import datetime, timezone
 
 import pytest
 import structlog
 
 import image_result_client.__main__ as client_main
+from harness import REPO_ROOT
+from harness.pool import environment_without
 from shared.config import Settings, redact_url
 from shared.logs import configure_logging, escape_for_terminal
 from shared.output import LOCK_NAME
@@ -313,19 +324,6 @@ def test_a_pool_refused_by_redis_never_logs_the_password(pool_factory, redis_ser
 def test_the_console_log_fits_a_wide_terminal_and_keeps_paths_whole(tmp_path) -> None:
     """On a 300-column terminal the pool's console lines use its width: a long
     OUTPUT_DIR is shown whole, not cut to fit 120 columns."""
-    import fcntl
-    import pty
-    import select
-    import signal
-    import struct
-    import subprocess
-    import sys
-    import termios
-    import time
-
-    from harness import REPO_ROOT
-    from harness.pool import environment_without
-
     output_dir = tmp_path / "output" / "translated"
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 300, 0, 0))
