@@ -312,8 +312,6 @@ class HardenedHTTPServer:
             pass  # not ready after all; poll() will say when
         except OSError:
             self._drop(client)  # the client went away
-        except Exception:  # noqa: BLE001 - one client's bytes must never end the thread that serves all
-            self._drop(client)
 
     def _receive(self, client: _Client) -> None:
         chunk = client.sock.recv(self.limits.max_head_bytes + self.limits.max_body_bytes)
@@ -325,6 +323,9 @@ class HardenedHTTPServer:
             request = parse_request(client.received, client=client.address, limits=self.limits)
         except Refusal as refused:
             self._reply(client, self.refusal(refused.status, refused.reason).encode())
+            return
+        except ValueError:  # no client's bytes may end the thread that serves every client
+            self._reply(client, self.refusal(HTTPStatus.BAD_REQUEST, "malformed request").encode())
             return
         if request is None:
             return
