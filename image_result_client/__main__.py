@@ -65,6 +65,7 @@ from image_result_client.protocol import (
     MAX_REQUEST_IMAGES,
     RESULTS_NAME,
     check_list_name,
+    is_unicode,
 )
 from image_result_client.redact import redact_url
 from image_result_client.settings_file import SettingsFileError
@@ -253,7 +254,7 @@ def classify(arguments: Sequence[str]) -> list[Item]:
             items.append(Item(argument, url=argument))
             continue
         path = Path(argument)
-        if not is_utf8(argument):
+        if not is_unicode(argument):
             # OpenCV takes the name as UTF-8: the undecodable bytes Python keeps as
             # surrogates crash it (a segfault), so such a name is refused first.
             raise UsageError(f"cannot read {argument!r}: its name is not UTF-8; rename the file")
@@ -264,14 +265,6 @@ def classify(arguments: Sequence[str]) -> list[Item]:
             raise UsageError(f"cannot read {argument!r}: not an image format OpenCV knows")
         items.append(Item(argument, path=path))
     return items
-
-
-def is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def url_image_id(url: str) -> str:

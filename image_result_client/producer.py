@@ -86,6 +86,7 @@ from image_result_client.protocol import (
     SUPPORTED_DTYPES,
     QueueKeys,
     awaiting_publication,
+    is_unicode,
 )
 
 DEFAULT_PREFIX = DEFAULT_SEGMENT_PREFIX
@@ -658,6 +659,6 @@ def _check_request_images(value: object) -> None:
 def _check_id(value: object, field: str) -> None:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_ID_LENGTH:
         raise ValueError(f"{field} must be a string of 1..{MAX_ID_LENGTH} characters")
-    if not value.isascii() and any("\ud800" <= char <= "\udfff" for char in value):
+    if not value.isascii() and not is_unicode(value):
         # The pool refuses it too: no record could name it (docs/formats.md).
         raise ValueError(f"{field} holds a lone surrogate, which is not valid Unicode")

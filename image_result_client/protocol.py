@@ -210,3 +210,13 @@ def awaiting_publication(output_dir: Path, record: Mapping[str, Any]) -> bool:
     except (KeyError, TypeError, ValueError):
         return False
     return partial.exists()
+
+
+def is_unicode(text: str) -> bool:
+    """Whether `text` holds no lone surrogate, so that UTF-8 and strict JSON
+    parsers (jq, serde_json) take it: what the pool writes must be."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -33,6 +33,7 @@ from image_result_client.protocol import (
     MAX_URL_LENGTH,
     SEGMENT_NAME,
     SUPPORTED_DTYPES,
+    is_unicode,
 )
 
 ENVELOPE_MAGIC = b"irw2 "
@@ -264,14 +265,6 @@ def _unicode(text: str, key: str) -> str:
         )
     return text
 
-
-def is_unicode(text: str) -> bool:
-    """Whether `text` holds no lone surrogate, so that UTF-8 and strict JSON parsers take it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _deadline(value: object) -> float:
