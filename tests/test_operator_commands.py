@@ -68,6 +68,13 @@ def test_an_interpreter_without_our_dependencies_is_one_line_not_a_traceback(tmp
     assert line.startswith(f"image-result-worker: {python} has no module ") and ".venv/bin/python" in line, line
 
 
+def as_at_a_prompt() -> None:
+    """In the child: Ctrl-C as a shell's foreground job has it. A suite started as
+    a background job without job control (`(make test &)`) has SIGINT ignored,
+    and an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def on_terminal(
     *args: str, env: dict[str, str], answer: str | None = None, interrupt_after_frames: int | None = None
 ) -> tuple[int, str]:
@@ -78,7 +85,7 @@ def on_terminal(
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "supervisor.py", *args], cwd=REPO_ROOT, env=env,
-        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True, preexec_fn=as_at_a_prompt,
     )
     os.close(slave)
     shown, acted = b"", False
@@ -274,7 +281,7 @@ def test_status_watch_redraws_until_ctrl_c(redis_server, redis_client, queue_nam
 
     watch = subprocess.Popen(
         [sys.executable, "supervisor.py", "status", "--watch", "--json", "--interval", "0.2"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=as_at_a_prompt,
     )
     try:
         reports = [json.loads(watch.stdout.readline()) for _ in range(2)]
