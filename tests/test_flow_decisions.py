@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -30,14 +28,9 @@ FRAME = 1 << 20
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    prefix = f"img_shm_flow_{uuid.uuid4().hex[:8]}_"
-    try:
-        yield prefix
-    finally:
-        for name in os.listdir(SHM_DIR):
-            if name.startswith(prefix):
-                unlink_segment(name)
+def prefix(shm_prefix: str) -> str:
+    """conftest's segment prefix of the test's own, unlinked afterwards."""
+    return shm_prefix
 
 
 def test_default_budget_is_half_the_tmpfs() -> None:
