@@ -72,19 +72,20 @@ import structlog
 from control.metrics import MetricsEndpoint
 from control.upkeep import PoolUpkeep
 from image_result_client import __version__
+from image_result_client.protocol import QueueKeys
 from shared import exitcodes
 from shared.backoff import compute_backoff
 from shared.cli import PROGRAM, OneLineParser, complain, unknown_command
 from shared.config import ConfigError, Settings, misspelt_settings
+from shared.imaging.shm_usage import ShmMeter
+from shared.ipc.sdnotify import Notifier
+from shared.ipc.task_board import TaskBoard
 from shared.logs import configure_logging
-from shared.output import LOCK_NAME, open_state_file
-from shared.output_dir import check_output_dir
-from shared.pool_registry import PoolRegistry
+from shared.output.files import LOCK_NAME, open_state_file
+from shared.output.output_dir import check_output_dir
 from shared.process import LEDGER_STALE_SECONDS
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, connect, is_refusal
-from shared.sdnotify import Notifier
-from shared.shm_usage import ShmMeter
-from shared.task_board import TaskBoard
+from shared.state.pool_registry import PoolRegistry
+from shared.state.redis_queue import REDIS_ERRORS, RedisRefused, ReliableQueue, connect, is_refusal
 
 LOOP_SECONDS = 1.0
 LEDGER_STOP_TIMEOUT = 15.0

@@ -66,15 +66,15 @@ from harness.pool import Pool
 from harness.results import read_requests, read_results, read_results_file
 from harness.segments import SegmentTracker, still_present
 from image_result_client.producer import unlink_segment
+from image_result_client.protocol import RESULTS_NAME, QueueKeys
 from shared.config import Settings
-from shared.images import encode_segment
+from shared.imaging.images import encode_segment
+from shared.imaging.rendering import Rendering
+from shared.imaging.segments import SHM_DIR, SegmentAccess
+from shared.ipc.records import COMPLETED, CompletionRecord
 from shared.messages import SegmentRef
-from shared.output import RESULTS_NAME, write_durably
-from shared.records import COMPLETED, CompletionRecord
-from shared.redis_queue import QueueKeys
-from shared.rendering import Rendering
-from shared.results_file import ResultsFile
-from shared.segments import SHM_DIR, SegmentAccess
+from shared.output.files import write_durably
+from shared.output.results_file import ResultsFile
 from tools.local_redis import LocalRedis
 
 # OpenCV starts a thread pool on its first parallel call (cv2.resize of the
@@ -1039,7 +1039,7 @@ def _memory_child(names: list[str], shape: tuple[int, int, int], conn: multiproc
         def encode_a_copy() -> None:
             import mmap
 
-            from shared.images import encode_pixels
+            from shared.imaging.images import encode_pixels
 
             with open(SHM_DIR / names[0], "rb") as segment:
                 mapping = mmap.mmap(segment.fileno(), 0, prot=mmap.PROT_READ)

@@ -120,7 +120,7 @@ def make_input(size: Size, fmt: str) -> bytes:
 
     from harness import hostile_images
     from harness.photos import photo_of_size
-    from shared.decode_limits import MAX_JPEG_SCANS
+    from shared.imaging.decode_limits import MAX_JPEG_SCANS
 
     if fmt == "apng16":
         return hostile_images.apng_16bit(size.width, size.height)
@@ -212,8 +212,8 @@ def child(path: Path, pixels: int) -> None:
     import cv2
 
     import workers.worker  # noqa: F401 - everything a worker has loaded counts in its baseline
-    from shared.images import decode_image, encode_pixels
-    from shared.rendering import Rendering
+    from shared.imaging.images import decode_image, encode_pixels
+    from shared.imaging.rendering import Rendering
 
     cv2.setNumThreads(1)  # as worker_main does
     baseline = _peak_rss_kb()

@@ -31,9 +31,9 @@ import numpy as np
 
 from harness import icc
 from harness.photos import photo_of_size
-from shared import colour
-from shared.images import decode_image, encode_pixels
-from shared.rendering import Rendering
+from shared.imaging import colour
+from shared.imaging.images import decode_image, encode_pixels
+from shared.imaging.rendering import Rendering
 
 cv2.setNumThreads(1)  # one core per worker, as worker_main sets it
 

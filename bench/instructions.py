@@ -59,8 +59,8 @@ import bench as throughput  # bench/bench.py, beside this file
 from harness import PoolFailed
 from harness.pool import Pool
 from harness.segments import SegmentTracker
+from image_result_client.protocol import RESULTS_NAME
 from shared.cli import OneLineParser, complain
-from shared.output import RESULTS_NAME
 from tools.local_redis import LocalRedis
 
 # Task counts per size: N2 - N1 tasks are what the figure is the average of.

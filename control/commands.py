@@ -8,7 +8,7 @@ worker has in hand). `dead requeue|purge` and `host drain` (control/drain.py)
 change the queue; none touches results.json. `dead purge` asks first on a
 terminal and, without one, refuses unless given --yes.
 
-Everything printed for a person goes through shared.terminal: host ids, list
+Everything printed for a person goes through image_result_client.terminal: host ids, list
 names, ids and errors come from Redis, where whoever can write may put terminal
 control sequences; `--json` output is escaped by json.dumps.
 
@@ -34,20 +34,15 @@ import redis
 
 from control.drain import HostStillServed, drain_host
 from control.lookup import dead_letter_message, json_object
+from image_result_client.protocol import STATS_BUCKET_SECONDS, QueueKeys
+from image_result_client.terminal import printable, say
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
-from shared.output import LOCK_NAME
-from shared.pool_registry import PoolRegistry
+from shared.output.files import LOCK_NAME
 from shared.process import LEDGER_STALE_SECONDS
-from shared.redis_queue import (
-    REDIS_ERRORS,
-    STATS_BUCKET_SECONDS,
-    QueueKeys,
-    ReliableQueue,
-    connect,
-)
-from shared.terminal import printable, say
+from shared.state.pool_registry import PoolRegistry
+from shared.state.redis_queue import REDIS_ERRORS, ReliableQueue, connect
 
 UNHEALTHY = 1
 # Home the cursor and clear the screen: `status --watch` draws each refresh anew.

@@ -71,13 +71,14 @@ from control import dashboard_data
 from control.dashboard_data import ActionResult, Overview
 from control.http_base import LIMITS, HardenedHTTPServer, Limits, Request, Response
 from control.lookup import DASHBOARD_BUDGET, find_task, json_object
+from image_result_client.protocol import QueueKeys
+from image_result_client.terminal import printable
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.logs import configure_logging
-from shared.pool_registry import PoolRegistry
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
-from shared.terminal import printable
+from shared.state.pool_registry import PoolRegistry
+from shared.state.redis_queue import REDIS_ERRORS, connect
 
 # Threads that answer requests the base has read whole: Redis reads, searches
 # (SEARCHES_AT_ONCE of them) and thumbnails; more requests wait their turn
@@ -255,7 +256,7 @@ def _shrink(data: bytes) -> bytes:
     import cv2
     import numpy as np
 
-    from shared.images import ImageError, decodable
+    from shared.imaging.images import ImageError, decodable
 
     # The worker's gate: a file in OUTPUT_DIR is not necessarily the pool's
     # JPEG, and no other decoder (TIFF, JPEG 2000, GIF, ...) may see it.

@@ -12,7 +12,7 @@ The pool must not notice the dashboard, however many browsers watch it:
   dead letters with a limit), pipelined: two round trips, well under a
   millisecond of Redis time, whatever the queue's depth. The open requests
   take two more: ZCARD and the first OPEN_REQUESTS_SHOWN of them, then one
-  HMGET each (shared.request_state).
+  HMGET each (shared.state.request_state).
 - Keys that only SCAN can find (the leases of supervisors with no worker yet,
   the host queues) are looked for every SCAN_SECONDS, at most SCAN_CALLS calls
   of COUNT 1000 each time; in between, supervisors are known by their workers'
@@ -54,10 +54,11 @@ from control.lookup import (
     results_path,
     scan_keys,
 )
+from image_result_client.protocol import STATS_BUCKET_SECONDS, QueueKeys
 from shared.config import Settings
-from shared.pool_registry import HostQueues, PoolRegistry
-from shared.redis_queue import REDIS_ERRORS, STATS_BUCKET_SECONDS, QueueKeys
-from shared.request_state import RequestState
+from shared.state.pool_registry import HostQueues, PoolRegistry
+from shared.state.redis_queue import REDIS_ERRORS
+from shared.state.request_state import RequestState
 
 REFRESH_SECONDS = 1.0
 SCAN_SECONDS = 15.0

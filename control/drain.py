@@ -27,10 +27,10 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
+from shared.ipc.records import dead_letter_entry
 from shared.messages import salvage
-from shared.pool_registry import PoolRegistry
-from shared.records import dead_letter_entry
-from shared.redis_queue import ReliableQueue
+from shared.state.pool_registry import PoolRegistry
+from shared.state.redis_queue import ReliableQueue
 
 SHARED, DEAD = "shared queue", "dead letter"
 

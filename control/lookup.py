@@ -6,7 +6,7 @@
     {Q}:dead                                    -> dead: error, attempts
     OUTPUT_DIR/results.json, else RESULTS_STREAM -> recorded: the record and its file
     {Q}:request:<id>, {Q}:requests_ended        -> its request: "7 of 12 recorded", or ended
-    OUTPUT_DIR/requests.json                    -> its request record (shared.request_state)
+    OUTPUT_DIR/requests.json                    -> its request record (shared.state.request_state)
 
 `find_task` looks in every one of them (a task may be in two at once: a failed
 record and its dead letter) and returns plain dicts, which the CLI prints and
@@ -23,7 +23,7 @@ Hazards handled here:
   stream in pages (XREVRANGE with COUNT), results.json from its end in chunks;
   with `Budget`, each stops after so many entries or bytes and the answer says
   what was not searched. The CLI searches everything; the dashboard does not.
-- Ids, errors and list names are printed through shared.terminal.printable:
+- Ids, errors and list names are printed through image_result_client.terminal.printable:
   whoever can write to Redis chooses them.
 - The places are read one after another while the pool works: a task that
   moves meanwhile (claimed, acknowledged, promoted) can be seen in two places,
@@ -48,16 +48,15 @@ from pathlib import Path
 
 import redis
 
-from image_result_client.protocol import REQUESTS_NAME
+from image_result_client.protocol import REQUESTS_NAME, RESULTS_NAME, QueueKeys
+from image_result_client.terminal import printable, say
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope, InvalidMessage, parse_envelope, salvage
-from shared.output import RESULTS_NAME
-from shared.pool_registry import HOST_SCAN_CALLS, PoolRegistry
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
-from shared.request_state import RequestState
-from shared.terminal import printable, say
+from shared.state.pool_registry import HOST_SCAN_CALLS, PoolRegistry
+from shared.state.redis_queue import REDIS_ERRORS, connect
+from shared.state.request_state import RequestState
 
 NOT_FOUND = 1
 PAGE = 1000

@@ -55,11 +55,11 @@ from prometheus_client.core import (
 )
 
 from control.http_base import LIMITS, HardenedHTTPServer, Limits, Request, Response
-from shared.pool_registry import PoolRegistry
+from shared.imaging.shm_usage import ShmUsage
+from shared.ipc.task_stats import BUCKETS, MAX_SNAPSHOT_BYTES, TaskStats
 from shared.process import LEDGER_STALE_SECONDS
-from shared.redis_queue import REDIS_ERRORS, ReliableQueue
-from shared.shm_usage import ShmUsage
-from shared.task_stats import BUCKETS, MAX_SNAPSHOT_BYTES, TaskStats
+from shared.state.pool_registry import PoolRegistry
+from shared.state.redis_queue import REDIS_ERRORS, ReliableQueue
 
 QUEUE_REFRESH_SECONDS = 5.0
 # A loop that has published nothing for this long is wedged: the same patience

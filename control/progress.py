@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import redis
 
-from shared.redis_queue import STATS_BUCKET_SECONDS, QueueKeys
+from image_result_client.protocol import STATS_BUCKET_SECONDS, QueueKeys
 
 OUTCOMES = ("completed", "failed", "retried")
 SAMPLE_SECONDS = 10.0

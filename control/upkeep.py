@@ -8,7 +8,7 @@
                                      expired --> Q
                     --promote_due_retries--> {Q}:delayed --> Q
                     --expire_requests--> a request silent for REQUEST_TTL ends
-                                     "incomplete" (shared.request_state), onto this
+                                     "incomplete" (shared.state.request_state), onto this
                                      host's unwritten list, for its ledger to write
                     --report_progress--> a `progress` log line (control/progress.py)
 
@@ -33,12 +33,13 @@ from typing import Any, Protocol
 import structlog
 
 from control.progress import ProgressMeter
+from image_result_client.protocol import QueueKeys
 from shared.config import Settings
-from shared.pool_registry import PoolRegistry
-from shared.redis_queue import REDIS_ERRORS, QueueKeys, RedisRefused, ReliableQueue, is_refusal
-from shared.request_state import EXPIRE_BATCH, RequestState
-from shared.sdnotify import Notifier
-from shared.task_board import TaskBoard, describe_task, read_entries
+from shared.ipc.sdnotify import Notifier
+from shared.ipc.task_board import TaskBoard, describe_task, read_entries
+from shared.state.pool_registry import PoolRegistry
+from shared.state.redis_queue import REDIS_ERRORS, RedisRefused, ReliableQueue, is_refusal
+from shared.state.request_state import EXPIRE_BATCH, RequestState
 
 REDIS_FAILED = object()
 # How long one pass may spend ending requests whose REQUEST_TTL ran out.
@@ -116,7 +117,7 @@ class PoolUpkeep:
     def tasks_in_hand(self, workers: Mapping[int, WorkerInHand], now: float) -> dict[int, dict]:
         """Slot -> the task that worker is on: its phase and age from the
         worker's board, its ids from its entry in the worker's processing list,
-        read only here, once per lease renewal (shared/task_board.py)."""
+        read only here, once per lease renewal (shared/ipc/task_board.py)."""
         readings = {}
         for slot, child in workers.items():
             if child.board is not None and child.unstarted is not None:
@@ -203,7 +204,7 @@ class PoolUpkeep:
         """About once a second: end as "incomplete" the requests with no image
         recorded for REQUEST_TTL. Every supervisor looks; the script checks and
         ends in one step, so each such request ends once, on the host that got
-        there first, whose ledger writes it (shared/lua/request_expire.lua)."""
+        there first, whose ledger writes it (shared/state/lua/request_expire.lua)."""
         if time.monotonic() < self.requests_due:
             return
         # Batch after batch for a bounded time: producers can open requests far

@@ -34,8 +34,8 @@ import redis
 
 from harness import REPO_ROOT, PoolFailed, procfs
 from harness.notify import NotifySocket
+from image_result_client.protocol import QueueKeys
 from shared.config import setting_names
-from shared.redis_queue import QueueKeys
 
 # What systemd hands a service; the pool acts on each, so none may leak in from a caller's session.
 SYSTEMD_ENV_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")

@@ -43,7 +43,7 @@ Hazards handled here:
   not served. Never a wrong place: a pool on any host can download it.
 - wait() reads results.json while the ledger appends to it: only complete
   lines are parsed, and the offset already scanned is kept, so each poll reads
-  only what was appended since (the pool's shared/results_file.py writes it).
+  only what was appended since (the pool's shared/output/results_file.py writes it).
 
 Depends on redis, numpy and the standard library (the wire format's names and
 limits are in image_result_client.protocol, which the pool imports too); no OpenCV.

@@ -99,7 +99,7 @@ class QueueKeys:
     @property
     def redelivery(self) -> str:
         """Hash: "<list> <sha1 of a message>" -> the identities ("<task id>:<deliveries>")
-        of the copies of that message that went back to that list (see the pool's shared/lua/envelopes.lua)."""
+        of the copies of that message that went back to that list (see the pool's shared/state/lua/envelopes.lua)."""
         return f"{self.prefix}:redelivery"
 
     @property

@@ -36,7 +36,6 @@ from image_result_client.protocol import (
     HOST_ID,
     check_list_name,
 )
-from image_result_client.protocol import has_hash_tag as has_hash_tag
 from image_result_client.redact import redact_url
 from image_result_client.settings_file import SettingsFileError, UnknownSetting, unknown_settings
 from image_result_client.settings_file import read_dotenv as read_settings_file

@@ -23,8 +23,8 @@ from typing import TextIO
 
 import structlog
 
+from image_result_client.terminal import has_control, printable
 from shared.config import Settings
-from shared.terminal import has_control, printable
 
 _PLAIN_TYPES = (bool, int, float, type(None))
 _MULTILINE_KEYS = ("exception", "stack")  # tracebacks: their own lines are real

@@ -3,7 +3,7 @@
 Producers RPUSH the seed's JSON messages. When a worker claims one, a Lua script
 wraps it, whatever its bytes, in an envelope
 (`irw2 <task_id> <deliveries> <original_length> <origin>\\n<body>`) inside the
-worker's processing list, a list only the pool writes (shared.redis_queue), so
+worker's processing list, a list only the pool writes (shared.state.redis_queue), so
 the task keeps one identity and a delivery count across redeliveries. The
 worker is handed at most MAX_MESSAGE_BYTES of the body. Everything in a message
 is untrusted: this module turns bytes into a `Task` or raises `InvalidMessage`

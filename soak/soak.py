@@ -82,8 +82,7 @@ from harness.photos import load_photos, photo_of_size
 from harness.pool import Pool
 from harness.results import read_requests, read_results
 from harness.segments import SegmentTracker
-from image_result_client.protocol import DEFAULT_RESULTS_STREAM
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import DEFAULT_RESULTS_STREAM, QueueKeys
 from tools.local_redis import LocalRedis
 
 QUEUE = "soak"

@@ -25,8 +25,7 @@ from harness.photos import photo_of_size
 from harness.pool import Pool, environment_without
 from harness.results import read_results
 from harness.segments import SegmentTracker
-from image_result_client.protocol import RESULTS_NAME, awaiting_publication
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import RESULTS_NAME, QueueKeys, awaiting_publication
 
 # ---------------------------------------------------------------- images
 

@@ -17,7 +17,7 @@ from harness import REPO_ROOT
 from harness.notify import NotifySocket
 from harness.pool import Pool
 from harness.results import read_results
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
 from tests.helpers import assert_exactly_once, push_photos, wait_for_records
 
 

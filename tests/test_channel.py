@@ -8,8 +8,8 @@ from datetime import datetime
 
 import pytest
 
-from shared import channel
-from shared.records import COMPLETED, FAILED, CompletionRecord
+from shared.ipc import channel
+from shared.ipc.records import COMPLETED, FAILED, CompletionRecord
 
 pytestmark = pytest.mark.fast
 

@@ -23,7 +23,7 @@ import pytest
 from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
 from shared.config import ConfigError, Settings, misspelt_settings, read_dotenv, redact_url
-from shared.output_dir import check_output_dir
+from shared.output.output_dir import check_output_dir
 from tests.conftest import PoolFactory
 
 SUPERVISOR = REPO_ROOT / "supervisor.py"

@@ -5,7 +5,7 @@ every request (here, one image each) with one request record.
 The order (workers/ledger.py): the worker writes the JPEG, sends its record;
 the ledger syncs the batch's JPEGs, publishes the files, appends the records
 (the commit point), acknowledges in Redis (ending requests), unlinks the
-segments, appends the request records to requests.json. shared/faults.py arms one point;
+segments, appends the request records to requests.json. shared/crash_points.py arms one point;
 the first process to reach it dies there, once.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 from harness.results import read_requests
 from harness.segments import segment_exists
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
 from tests.helpers import assert_exactly_once, push, push_photos, wait_for_queue_drained, wait_for_records
 
 CRASH_POINTS = [

@@ -34,7 +34,7 @@ import redis
 from harness import REPO_ROOT
 from harness.http_server import HttpServer
 from harness.pool import POOL_ENV_VARS, Pool
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
 from tests.helpers import push, wait_for_records, wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -37,10 +37,10 @@ from control.dashboard import (
 )
 from control.dashboard_data import Overview
 from control.http_base import LIMITS
+from image_result_client.protocol import QueueKeys
 from shared.config import Settings
-from shared.records import dead_letter_entry
-from shared.redis_queue import QueueKeys
-from shared.results_file import ResultsFile
+from shared.ipc.records import dead_letter_entry
+from shared.output.results_file import ResultsFile
 
 pytestmark = pytest.mark.timeout(60)
 

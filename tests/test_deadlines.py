@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from harness.segments import SegmentTracker, make_segment, segment_exists
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
 from tests.helpers import assert_exactly_once, dead_letters, push, wait_for_records, wait_until
 
 WAIT = 60.0

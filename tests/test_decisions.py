@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 from control.drain import DEAD, SHARED, dispose
 from shared import exitcodes
 from shared.config import Settings
-from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
+from shared.ipc.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from supervisor import Child, Supervisor
 from workers.ledger import Ledger, RecordedTasks
 from workers.worker import OUTBOX_BYTES, OUTBOX_SECONDS, Outbox

@@ -16,9 +16,9 @@ from harness import icc
 from harness.hostile_images import animated_webp, apng_16bit, png_chunk, progressive_jpeg, scan_bomb
 from harness.http_server import HttpServer
 from harness.photos import photo_of_size
-from shared import decode_limits
-from shared.decode_limits import MAX_CHUNKS_BEFORE_IMAGE, MAX_JPEG_SCANS, DecodeRefused, jpeg_scan_count
-from shared.images import ImageError, decodable, decode_image
+from shared.imaging import decode_limits
+from shared.imaging.decode_limits import MAX_CHUNKS_BEFORE_IMAGE, MAX_JPEG_SCANS, DecodeRefused, jpeg_scan_count
+from shared.imaging.images import ImageError, decodable, decode_image
 from tests.conftest import PoolFactory
 from tests.helpers import dead_letters, push, wait_for_records, worker_pids
 

@@ -19,9 +19,9 @@ from harness import icc
 from harness.http_server import HttpServer
 from harness.photos import photo_of_size
 from harness.segments import SegmentTracker
-from shared import colour
-from shared.images import ImageError, decode_image, encode_pixels, image_format
-from shared.rendering import Rendering
+from shared.imaging import colour
+from shared.imaging.images import ImageError, decode_image, encode_pixels, image_format
+from shared.imaging.rendering import Rendering
 from tests.conftest import PoolFactory
 from tests.helpers import push, wait_for_records
 

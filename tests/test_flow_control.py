@@ -30,9 +30,8 @@ from harness.results import read_results
 from image_result_client import FlowLimits, Producer, PushRefused
 from image_result_client.flow import EX_TEMPFAIL
 from image_result_client.producer import write_segment
-from image_result_client.protocol import SHM_DIR
+from image_result_client.protocol import SHM_DIR, QueueKeys
 from shared.config import Settings
-from shared.redis_queue import QueueKeys
 from tests.helpers import assert_exactly_once, command, wait_for_records, wait_until
 from tools.local_redis import free_port
 

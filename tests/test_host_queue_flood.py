@@ -18,9 +18,9 @@ import pytest
 import redis
 
 from control.dashboard import make_server
+from image_result_client.protocol import QueueKeys
 from shared.config import Settings
-from shared.pool_registry import HOST_QUEUES_LISTED
-from shared.redis_queue import QueueKeys
+from shared.state.pool_registry import HOST_QUEUES_LISTED
 from tests.helpers import operator_command
 
 pytestmark = pytest.mark.timeout(120)

@@ -29,9 +29,10 @@ import redis
 from control.dashboard import make_server
 from control.http_base import LIMITS, HardenedHTTPServer, Refusal, parse_request
 from control.metrics import MetricsEndpoint
+from image_result_client.protocol import QueueKeys
 from shared.config import Settings
-from shared.pool_registry import PoolRegistry
-from shared.redis_queue import QueueKeys, ReliableQueue
+from shared.state.pool_registry import PoolRegistry
+from shared.state.redis_queue import ReliableQueue
 from tests.helpers import REPO_ROOT, operator_env, wait_until
 
 pytestmark = pytest.mark.timeout(90)

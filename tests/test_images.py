@@ -19,10 +19,10 @@ from harness import REPO_ROOT
 from harness.http_server import HttpServer
 from harness.photos import photo_of_size
 from harness.segments import SegmentTracker, segment_exists
-from shared.images import ACCEPTED_FORMATS, EncodedImage, ImageError, decode_image, encode_segment, image_format
+from shared.imaging.images import ACCEPTED_FORMATS, EncodedImage, ImageError, decode_image, encode_segment, image_format
+from shared.imaging.rendering import Rendering
+from shared.imaging.segments import SegmentAccess
 from shared.messages import LEGACY_SHAPE, SegmentRef
-from shared.rendering import Rendering
-from shared.segments import SegmentAccess
 from tests.conftest import PoolFactory
 from tests.helpers import psnr, push, wait_for_records
 
@@ -126,10 +126,10 @@ def test_encoding_does_not_register_with_resource_tracker(segments: SegmentTrack
     name = segments.make(photo_of_size(64, 64))
     script = (
         "import os\n"
-        "from shared.images import encode_segment\n"
+        "from shared.imaging.images import encode_segment\n"
         "from shared.messages import SegmentRef\n"
-        "from shared.rendering import Rendering\n"
-        "from shared.segments import SegmentAccess\n"
+        "from shared.imaging.rendering import Rendering\n"
+        "from shared.imaging.segments import SegmentAccess\n"
         "access = SegmentAccess('img_shm_', frozenset({os.getuid()}))\n"
         f"encode_segment(SegmentRef({name!r}, (64, 64, 3), 'uint8'), rendering=Rendering(), access=access)\n"
     )
@@ -310,7 +310,7 @@ def test_what_pipelines_write_decodes_to_bgr_or_bgra(
         4: cv2.cvtColor(small_photo, cv2.COLOR_BGR2BGRA),
     }[channels]
     frame = decode_image(written(ext, image, params), max_pixels=MAX_PIXELS)
-    # An alpha channel is kept, for the encoder to composite (shared.colour);
+    # An alpha channel is kept, for the encoder to composite (shared.imaging.colour);
     # OpenCV's WebP encoder leaves out one that is opaque everywhere.
     kept = 4 if ext == ".png" and channels == 4 else 3
     assert frame.shape == (*small_photo.shape[:2], kept) and frame.dtype == np.uint8
@@ -378,7 +378,7 @@ def test_a_tiff_by_url_fails_naming_its_format_and_the_next_task_is_served(
 def test_float_frames_convert_in_bands_exactly_as_whole(dtype: type) -> None:
     """The conversion goes band by band to bound a worker's memory; every band
     boundary must give what the whole-frame formula gives, NaN and inf included."""
-    from shared.images import FLOAT_BAND_ROWS, _as_uint8
+    from shared.imaging.images import FLOAT_BAND_ROWS, _as_uint8
 
     rng = np.random.default_rng(7)
     frame = (rng.random((FLOAT_BAND_ROWS * 3 + 5, 33, 3)) * 1.4 - 0.2).astype(dtype)

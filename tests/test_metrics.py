@@ -20,8 +20,8 @@ import pytest
 from control import metrics
 from control.metrics import MetricsEndpoint
 from harness.pool import Pool
-from shared.pool_registry import QueueDepths
-from shared.task_stats import TaskStats
+from shared.ipc.task_stats import TaskStats
+from shared.state.pool_registry import QueueDepths
 from tests.helpers import push, push_photos, wait_for_records, wait_until, worker_pids
 from tools.local_redis import free_port
 

@@ -25,9 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from control.metrics import MetricsEndpoint
 from harness import REPO_ROOT
-from shared.pool_registry import QueueDepths
-from shared.shm_usage import ShmUsage
-from shared.task_stats import PHASES, TaskStats
+from shared.imaging.shm_usage import ShmUsage
+from shared.ipc.task_stats import PHASES, TaskStats
+from shared.state.pool_registry import QueueDepths
 
 pytestmark = pytest.mark.timeout(60)
 

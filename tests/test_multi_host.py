@@ -13,8 +13,8 @@ import cv2
 
 from harness.photos import photo_of_size
 from harness.results import read_results
-from shared.pool_registry import PoolRegistry
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
+from shared.state.pool_registry import PoolRegistry
 from tests.helpers import command, push, wait_for_records, wait_until
 
 

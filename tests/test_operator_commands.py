@@ -18,8 +18,8 @@ import pytest
 from control.commands import CLEAR_SCREEN
 from harness import REPO_ROOT
 from harness.pool import Pool
-from shared.records import dead_letter_entry
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
+from shared.ipc.records import dead_letter_entry
 from tests.helpers import (
     command,
     operator_command,

@@ -10,7 +10,7 @@ import pytest
 
 from control.progress import ProgressMeter, progress_fields, tally
 from harness.photos import photo_of_size
-from shared.redis_queue import STATS_BUCKET_SECONDS, QueueKeys
+from image_result_client.protocol import STATS_BUCKET_SECONDS, QueueKeys
 from tests.helpers import push, wait_for_records, wait_until
 
 

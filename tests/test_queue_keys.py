@@ -11,9 +11,10 @@ import time
 import pytest
 from redis.crc import key_slot
 
+from image_result_client.protocol import QueueKeys
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope, parse_envelope
-from shared.redis_queue import CLAIM_CYCLE, Acknowledgement, QueueKeys, ReliableQueue
+from shared.state.redis_queue import CLAIM_CYCLE, Acknowledgement, ReliableQueue
 
 
 @pytest.mark.fast

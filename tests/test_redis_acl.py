@@ -41,14 +41,13 @@ import numpy as np
 import pytest
 import redis
 
-import shared.redis_queue
+import shared.state.redis_queue
 from harness import REPO_ROOT
 from harness.photos import photo_of_size
 from harness.results import read_results
 from image_result_client import Producer
 from image_result_client.producer import PUSH_FOR_HOST_SHA
-from shared.config import has_hash_tag
-from shared.redis_queue import PUSH_FOR_HOST_SCRIPT, QueueKeys
+from image_result_client.protocol import PUSH_FOR_HOST_SCRIPT, QueueKeys, has_hash_tag
 from tests.helpers import assert_exactly_once, command, wait_for_queue_drained, wait_until, worker_pids
 from tools.local_redis import LocalRedis
 
@@ -76,7 +75,7 @@ METHOD_COMMANDS = {
     "script_load": ("script|load",),
     "pipeline": ("multi", "exec"),  # every pipeline of ours is transaction=True
 }
-# Methods on a client that send nothing; shared/channel.py names its socket client.
+# Methods on a client that send nothing; shared/ipc/channel.py names its socket client.
 NOT_COMMANDS = frozenset({"close", "execute", "setsockopt", "connect"})
 
 
@@ -179,9 +178,9 @@ def lua_files(directory: str) -> dict[str, str]:
 
 
 def test_every_command_in_the_lua_scripts_is_granted() -> None:
-    """The pool's: what shared.redis_queue runs, and any .lua file under shared/.
+    """The pool's: what shared.state.redis_queue runs, and any .lua file under shared/.
     The producer's: what its module registers, and any .lua file beside it."""
-    scripts = {name: value for name, value in vars(shared.redis_queue).items() if name.endswith("_SCRIPT")}
+    scripts = {name: value for name, value in vars(shared.state.redis_queue).items() if name.endswith("_SCRIPT")}
     assert len(scripts) >= 7 and all(lua_commands(script) for script in scripts.values())
     for name, script in {**scripts, **lua_files("shared")}.items():
         missing = lua_commands(script) - granted(POOL_USER)
@@ -198,7 +197,7 @@ def client_commands(paths: tuple[str, ...]) -> dict[str, set[str]]:
     something named client or pipe (`self.client.llen`, `queue.client.lrange`,
     `pipe.hset`), by the redis-py method's name."""
     found: dict[str, set[str]] = {}
-    files = [p for path in paths for p in ([REPO_ROOT / path] if path.endswith(".py") else (REPO_ROOT / path).glob("*.py"))]
+    files = [p for path in paths for p in ([REPO_ROOT / path] if path.endswith(".py") else (REPO_ROOT / path).rglob("*.py"))]
     for file in files:
         for node in ast.walk(ast.parse(file.read_text())):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
@@ -247,7 +246,7 @@ def test_nothing_is_granted_that_the_code_does_not_send() -> None:
     """The other direction: a grant the code no longer needs is taken away.
     SELECT is redis-py's, on connecting to a database other than 0."""
     pool = set(client_commands(POOL_SOURCES))
-    for script in [*scripts_of(vars(shared.redis_queue)), *lua_files("shared").values()]:
+    for script in [*scripts_of(vars(shared.state.redis_queue)), *lua_files("shared").values()]:
         pool |= lua_commands(script)
     producer = set(client_commands(PRODUCER_SOURCES))
     for script in [*scripts_of(vars(PRODUCER_MODULE)), *lua_files(PRODUCER_SOURCES[0]).values()]:
@@ -521,10 +520,10 @@ def test_a_producer_cannot_run_the_pools_scripts(users: Users) -> None:
     admin.set(keys.live_host("h"), "instance")
     before = {key: admin.dump(key) for key in admin.keys("*")}
     try:
-        assert set(POOL_SCRIPTS_AS_PRODUCER) == {name for name in vars(shared.redis_queue) if name.endswith("_SCRIPT")
+        assert set(POOL_SCRIPTS_AS_PRODUCER) == {name for name in vars(shared.state.redis_queue) if name.endswith("_SCRIPT")
                                                   and name != "PUSH_FOR_HOST_SCRIPT"}
         for name, (script_keys, args, first_command) in POOL_SCRIPTS_AS_PRODUCER.items():
-            sha = pool_user.script_load(getattr(shared.redis_queue, name))  # as the pool's register_script does
+            sha = pool_user.script_load(getattr(shared.state.redis_queue, name))  # as the pool's register_script does
             script_keys = [names[key[0]] + key[1:] for key in script_keys]
             with pytest.raises(redis.exceptions.ResponseError, match=SCRIPT_REFUSED):
                 producer.evalsha(sha, len(script_keys), *script_keys, *args)

@@ -21,7 +21,7 @@ import redis
 
 from harness import REPO_ROOT
 from harness.pool import Pool
-from shared.redis_queue import is_refusal
+from shared.state.redis_queue import is_refusal
 from tests.helpers import wait_until
 from tools.local_redis import LocalRedis, free_port
 

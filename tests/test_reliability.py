@@ -22,7 +22,7 @@ from harness.pool import Pool
 from harness.procfs import CLOCK_TICKS, cpu_ticks, pid_alive
 from harness.results import read_results
 from harness.segments import segment_exists
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
 from tests.helpers import (
     assert_exactly_once,
     push,

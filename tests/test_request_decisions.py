@@ -14,8 +14,8 @@ import pytest
 
 from image_result_client.__main__ import Item, UsageError, request_of
 from shared.config import Settings
-from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
-from shared.request_state import id_json, record_id_of
+from shared.ipc.records import COMPLETED, FAILED, RETRY, CompletionRecord
+from shared.state.request_state import id_json, record_id_of
 from workers.ledger import Ledger, RememberedIds
 
 pytestmark = pytest.mark.fast

@@ -1,4 +1,4 @@
-"""The request count's scripts on a real Redis (shared/request_state.py and its
+"""The request count's scripts on a real Redis (shared/state/request_state.py and its
 Lua): each decision the end-to-end tests in test_requests.py rely on, named."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 import redis
 
-from shared.redis_queue import QueueKeys
-from shared.request_state import CountedImage, RequestState, ScriptCall
+from image_result_client.protocol import QueueKeys
+from shared.state.request_state import CountedImage, RequestState, ScriptCall
 
 NOW = 1_800_000_000.0
 TTL = 60.0

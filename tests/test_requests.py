@@ -15,7 +15,7 @@ import redis
 
 from harness.photos import photo_of_size
 from harness.results import read_requests, read_results
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
 from tests.helpers import command, push, wait_for_queue_drained, wait_for_records, wait_until
 
 FRAME = photo_of_size(256, 256)

@@ -7,7 +7,7 @@ import json
 
 import cv2
 
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
 from tests.helpers import push, wait_for_records, wait_until
 
 

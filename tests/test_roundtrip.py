@@ -21,7 +21,7 @@ from harness.http_server import HttpServer
 from harness.photos import photo_of_size
 from harness.pool import Pool
 from harness.segments import SegmentTracker, segment_exists
-from shared.redis_queue import QueueKeys
+from image_result_client.protocol import QueueKeys
 from tests.conftest import PoolFactory
 from tests.helpers import psnr, push, wait_for_records, wait_until
 

@@ -7,8 +7,8 @@ import multiprocessing
 
 import pytest
 
-from shared.redis_queue import QueueKeys
-from shared.task_board import ENCODE, LOAD, TaskBoard, describe_task, read_entries
+from image_result_client.protocol import QueueKeys
+from shared.ipc.task_board import ENCODE, LOAD, TaskBoard, describe_task, read_entries
 
 
 def envelope(task_id: str, deliveries: int, message: bytes) -> bytes:

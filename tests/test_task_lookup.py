@@ -22,11 +22,12 @@ import redis
 from control.lookup import Budget, describe, find_task, lines_from_end
 from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
+from image_result_client.protocol import QueueKeys
 from shared.config import Settings
-from shared.pool_registry import PoolRegistry
-from shared.records import dead_letter_entry
-from shared.redis_queue import QueueKeys, ReliableQueue
-from shared.results_file import ResultsFile
+from shared.ipc.records import dead_letter_entry
+from shared.output.results_file import ResultsFile
+from shared.state.pool_registry import PoolRegistry
+from shared.state.redis_queue import ReliableQueue
 from tests.helpers import push, wait_for_records
 
 pytestmark = pytest.mark.timeout(60)

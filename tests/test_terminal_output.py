@@ -28,12 +28,12 @@ import structlog
 import image_result_client.__main__ as client_main
 from harness import REPO_ROOT
 from harness.pool import environment_without
+from image_result_client.protocol import QueueKeys
+from image_result_client.terminal import has_control, printable
 from shared.config import Settings, redact_url
+from shared.ipc.records import dead_letter_entry
 from shared.logs import configure_logging, escape_for_terminal
-from shared.output import LOCK_NAME
-from shared.records import dead_letter_entry
-from shared.redis_queue import QueueKeys
-from shared.terminal import has_control, printable
+from shared.output.files import LOCK_NAME
 from tests.helpers import command, operator_command, push, wait_for_records, wait_until
 from tools.local_redis import free_port
 

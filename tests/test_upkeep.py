@@ -13,11 +13,12 @@ import redis
 from structlog.testing import capture_logs
 
 from control.upkeep import PoolUpkeep
+from image_result_client.protocol import QueueKeys
 from shared.config import Settings
-from shared.pool_registry import PoolRegistry
-from shared.redis_queue import QueueKeys, ReliableQueue, connect
-from shared.request_state import EXPIRE_BATCH, CountedImage, ScriptCall
-from shared.sdnotify import Notifier
+from shared.ipc.sdnotify import Notifier
+from shared.state.pool_registry import PoolRegistry
+from shared.state.redis_queue import ReliableQueue, connect
+from shared.state.request_state import EXPIRE_BATCH, CountedImage, ScriptCall
 from tools.local_redis import LocalRedis, free_port
 
 

@@ -37,9 +37,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from harness.http_server import HttpServer
-from shared import url_fetch
 from shared.config import Settings
-from shared.images import ImageError
+from shared.imaging import url_fetch
+from shared.imaging.images import ImageError
 from tests.helpers import dead_letters, push, wait_for_records
 
 LOOPBACK_SPELLINGS = (

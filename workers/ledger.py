@@ -17,7 +17,7 @@ Data flow, in the order that makes a task durable (the crash-safety contract):
          failure into the delayed-retry set, the counts `status` shows
       5. unlink the tasks' shared-memory segments (listed in OUTPUT_DIR/.unlink-pending
          before step 4, so a crash between 4 and 5 leaks none)
-      6. append the request records that step 4 ended (shared.request_state:
+      6. append the request records that step 4 ended (shared.state.request_state:
          counted in the same transaction, and put on this host's unwritten list
          in Redis) to requests.json, fdatasync; skipped for a record id already
          in the file
@@ -71,19 +71,21 @@ from pathlib import Path
 
 import structlog
 
-from image_result_client.protocol import REQUESTS_NAME
-from shared import channel, exitcodes, output, process
+from image_result_client.protocol import REQUESTS_NAME, RESULTS_NAME, QueueKeys
+from shared import exitcodes, process
 from shared.backoff import compute_backoff
 from shared.config import Settings
-from shared.faults import crash_point
+from shared.crash_points import crash_point
+from shared.imaging.segments import SegmentAccess, unlink_segment
+from shared.ipc import channel
+from shared.ipc.records import COMPLETED, FAILED, RETRY, CompletionRecord
+from shared.ipc.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
 from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
-from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
-from shared.redis_queue import REDIS_ERRORS, Acknowledgement, QueueKeys, ReliableQueue, connect
-from shared.request_state import CountedImage, RequestState, record_id_of
-from shared.results_file import ResultsFile, ResultsFileError, encode_line
-from shared.segments import SegmentAccess, unlink_segment
-from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
+from shared.output import files
+from shared.output.results_file import ResultsFile, ResultsFileError, encode_line
+from shared.state.redis_queue import REDIS_ERRORS, Acknowledgement, ReliableQueue, connect
+from shared.state.request_state import CountedImage, RequestState, record_id_of
 from workers.publication import Publisher
 
 log = structlog.get_logger()
@@ -91,7 +93,7 @@ log = structlog.get_logger()
 MAX_BATCH = 1024
 # And at most this many bytes of datagrams: a batch's lines in results.json
 # (ids escaped, at most about 3 bytes for each of theirs) must fit well within
-# the tail that a start reads back (shared.results_file.TAIL_WINDOW), where the
+# the tail that a start reads back (shared.output.results_file.TAIL_WINDOW), where the
 # next ledger recognises a redelivery of an appended but unacknowledged task.
 MAX_BATCH_BYTES = 1 << 20
 # While the queue has a backlog, a batch is committed once it holds
@@ -124,7 +126,7 @@ class Ledger:
         self.parent = os.getppid()
         self.stopping = False
         self.keys = QueueKeys(settings.queue)
-        self.results = ResultsFile(settings.output_dir / output.RESULTS_NAME)
+        self.results = ResultsFile(settings.output_dir / RESULTS_NAME)
         self.requests = ResultsFile(settings.output_dir / REQUESTS_NAME, torn_point="ledger_torn_request_append")
         self.written_requests = RememberedIds(REMEMBERED_IDS)  # record ids in requests.json
         self.requests_due = 0.0
@@ -625,7 +627,7 @@ class SegmentUnlinks:
     acknowledging and unlinking leaks none: the next one unlinks what is listed.
     No fsync: /dev/shm does not survive a power cut. A name that is not the
     pipeline's, or a file that is not a segment we own, is left alone and
-    logged (shared.segments): no name in a message can make this raise, so
+    logged (shared.imaging.segments): no name in a message can make this raise, so
     none can stop the ledger, now or on replay."""
 
     def __init__(self, path: Path, access: SegmentAccess) -> None:
@@ -634,7 +636,7 @@ class SegmentUnlinks:
         self._fd = -1  # kept open: it is rewritten for every batch
 
     def open(self) -> None:
-        self._fd = output.open_state_file(self.path, os.O_RDWR | os.O_CREAT)
+        self._fd = files.open_state_file(self.path, os.O_RDWR | os.O_CREAT)
 
     def note_pending(self, names: list[str]) -> None:
         if names:

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import structlog
 
-from shared import output
+from image_result_client.protocol import PARTIAL_DIR
 from shared.backoff import compute_backoff
 from shared.config import Settings
-from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
-from shared.results_file import ResultsFile
+from shared.ipc.records import COMPLETED, FAILED, RETRY, CompletionRecord
+from shared.output import files
+from shared.output.results_file import ResultsFile
 
 log = structlog.get_logger()
 
@@ -55,7 +56,7 @@ class Publisher:
 
     def open(self) -> None:
         """Open OUTPUT_DIR, .partial and .publishing (OSError if they are not the pool's)."""
-        self.directories = output.prepare_output_dir(self.output_dir)
+        self.directories = files.prepare_output_dir(self.output_dir)
         self.journal.open()
 
     def committed(self) -> None:
@@ -65,7 +66,7 @@ class Publisher:
     def discard_partial(self, record: CompletionRecord) -> None:
         """A duplicate's JPEG: its task has its record and file already."""
         if record.partial_path:
-            output.remove_quietly(os.path.basename(record.partial_path), dir_fd=self.directories.partial_fd)
+            files.remove_quietly(os.path.basename(record.partial_path), dir_fd=self.directories.partial_fd)
 
     def make_durable(self, records: list[CompletionRecord]) -> None:
         """Step 1, once for the whole batch. OSError if the names cannot be made
@@ -73,22 +74,22 @@ class Publisher:
         # A record published by an earlier try of this batch has no partial file left.
         completed = [r for r in records if r.status == COMPLETED and r.file_path is None]
         if completed and self.directories.follow_partial():
-            log.warning("partial_dir_reopened", path=str(self.output_dir / output.PARTIAL_DIR))
+            log.warning("partial_dir_reopened", path=str(self.output_dir / PARTIAL_DIR))
         for record in completed:
             try:
-                record.partial_inode = output.sync_data(
+                record.partial_inode = files.sync_data(
                     os.path.basename(record.partial_path), dir_fd=self.directories.partial_fd
                 )
             except OSError as exc:
                 self._retry_without_jpeg(record, f"could not make the JPEG durable: {exc}", "jpeg_sync_failed")
         if completed:
-            output.fsync_directory(self.directories.partial_fd)
+            files.fsync_directory(self.directories.partial_fd)
 
     def _retry_without_jpeg(self, record: CompletionRecord, error: str, event: str) -> None:
         """A JPEG that may not be on disk, or could not be given its name, is not
         recorded: the task runs again (or fails, after MAX_ATTEMPTS), from its
         segment, which is kept."""
-        output.remove_quietly(os.path.basename(record.partial_path), dir_fd=self.directories.partial_fd)
+        files.remove_quietly(os.path.basename(record.partial_path), dir_fd=self.directories.partial_fd)
         log.error(event, error=error, task_id=record.task_id, request_id=record.request_id)
         record.partial_path = record.width = record.height = record.bytes = record.file_path = None
         if record.delivery < self.max_attempts:
@@ -112,7 +113,7 @@ class Publisher:
         self.journal.note(pending, names)
         for record in pending:
             self._publish_one(record, names)
-        output.fsync_directory(self.directories.output_fd)
+        files.fsync_directory(self.directories.output_fd)
 
     def _free_names(self, records: list[CompletionRecord], *, after: dict[int, int] | None = None) -> dict[int, tuple[int, str]]:
         """id(record) -> (collision number, final name) of a name free right now."""
@@ -121,7 +122,7 @@ class Publisher:
         for record in records:
             collision = (after or {}).get(id(record), -1) + 1
             while True:
-                name = output.final_name(record.image_id or "image", record.finished_at, collision)
+                name = files.final_name(record.image_id or "image", record.finished_at, collision)
                 if name not in taken and not self._exists(name):
                     break
                 collision += 1
@@ -141,7 +142,7 @@ class Publisher:
         for _ in range(PUBLISH_RACES):
             collision, name = names[id(record)]
             try:
-                output.publish(partial, name, src_dir_fd=self.directories.partial_fd,
+                files.publish(partial, name, src_dir_fd=self.directories.partial_fd,
                                dst_dir_fd=self.directories.output_fd)
             except FileExistsError:
                 log.warning("final_name_taken", file_name=name, task_id=record.task_id, request_id=record.request_id)
@@ -163,7 +164,7 @@ class Publisher:
         if record.task_id is None:
             return
         for delivery in range(1, record.delivery):
-            output.remove_quietly(f"{record.task_id}.{delivery}.jpg", dir_fd=self.directories.partial_fd)
+            files.remove_quietly(f"{record.task_id}.{delivery}.jpg", dir_fd=self.directories.partial_fd)
 
     def finish_interrupted(self, recent: list[dict], results: ResultsFile) -> None:
         """At start, what the last ledger left between publishing and recording.
@@ -181,7 +182,7 @@ class Publisher:
         self.journal.clear()
         for (task_id, attempts), line in recorded.items():
             self._publish_recorded(task_id, attempts, line)
-        output.fsync_directory(self.directories.output_fd)
+        files.fsync_directory(self.directories.output_fd)
 
     def _remove_unrecorded(self, task_id: str, inode: int, name: str) -> None:
         """A file published for a record that was never appended: its task is
@@ -192,7 +193,7 @@ class Publisher:
         except FileNotFoundError:
             return
         if stat.S_ISREG(found.st_mode) and found.st_ino == inode and found.st_uid == os.geteuid():
-            output.remove_quietly(name, dir_fd=self.directories.output_fd)
+            files.remove_quietly(name, dir_fd=self.directories.output_fd)
             log.info("unrecorded_file_removed", file_name=name, task_id=task_id)
         else:
             log.warning("unrecorded_file_not_ours", file_name=name, task_id=task_id)
@@ -208,21 +209,21 @@ class Publisher:
             return
         final = Path(line.get("file_path") or "")
         if final.parent != self.output_dir:
-            output.remove_quietly(partial, dir_fd=partial_fd)
+            files.remove_quietly(partial, dir_fd=partial_fd)
             return
         fields = {"file_path": str(final), "task_id": task_id, "request_id": line.get("request_id")}
         try:
             there = os.stat(final.name, dir_fd=output_fd, follow_symlinks=False)
         except FileNotFoundError:
             try:
-                output.publish(partial, final.name, src_dir_fd=partial_fd, dst_dir_fd=output_fd)
+                files.publish(partial, final.name, src_dir_fd=partial_fd, dst_dir_fd=output_fd)
             except OSError as exc:  # a name planted meanwhile: the next start replaces it
                 log.error("publication_failed", error=str(exc), **fields)
                 return
             log.info("publication_finished", **fields)
             return
         if (there.st_dev, there.st_ino) == (kept.st_dev, kept.st_ino):
-            output.remove_quietly(partial, dir_fd=partial_fd)  # published, only the old name was left
+            files.remove_quietly(partial, dir_fd=partial_fd)  # published, only the old name was left
             return
         # The durable record claims this name, and the pool never puts a second
         # file under a name it gave: whatever is there was put by someone else.
@@ -248,7 +249,7 @@ class PublicationJournal:
         self._lines: dict[int, str] = {}  # id(record) -> its line, for the batch being published
 
     def open(self) -> None:
-        self._fd = output.open_state_file(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = files.open_state_file(self.path, os.O_RDWR | os.O_CREAT, 0o600)
 
     def note(self, records: list[CompletionRecord], names: dict[int, tuple[int, str]]) -> None:
         """Before the renames: kept with those of an earlier try of the same

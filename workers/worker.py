@@ -48,17 +48,24 @@ from pathlib import Path
 import cv2
 import structlog
 
-from shared import channel, exitcodes, output, process
+from image_result_client.protocol import QueueKeys, partial_path
+from shared import exitcodes, process
 from shared.backoff import compute_backoff
 from shared.config import Settings
-from shared.faults import crash_point
-from shared.images import (
+from shared.crash_points import crash_point
+from shared.imaging.images import (
     EncodedImage,
     ImageError,
     decode_image,
     encode_pixels,
     encode_segment,
 )
+from shared.imaging.rendering import Rendering
+from shared.imaging.segments import SegmentAccess
+from shared.imaging.url_fetch import UrlFetcher
+from shared.ipc import channel
+from shared.ipc.records import COMPLETED, FAILED, RETRY, CompletionRecord
+from shared.ipc.task_board import ENCODE, LOAD, WRITE, TaskBoard
 from shared.logs import configure_logging
 from shared.messages import (
     Envelope,
@@ -69,18 +76,8 @@ from shared.messages import (
     parse_task,
     salvage,
 )
-from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
-from shared.redis_queue import (
-    BLOCK_SECONDS,
-    REDIS_ERRORS,
-    QueueKeys,
-    ReliableQueue,
-    connect,
-)
-from shared.rendering import Rendering
-from shared.segments import SegmentAccess
-from shared.task_board import ENCODE, LOAD, WRITE, TaskBoard
-from shared.url_fetch import UrlFetcher
+from shared.output import files
+from shared.state.redis_queue import BLOCK_SECONDS, REDIS_ERRORS, ReliableQueue, connect
 from workers.decode_watchdog import DecodeWatchdog
 
 log = structlog.get_logger()
@@ -128,7 +125,7 @@ class Worker:
         # How many tasks at the end of my processing list I claimed but have not
         # started; the supervisor reads it when I die, to requeue them uncounted.
         self.unstarted = unstarted
-        # What I am doing, for `status`: a few stores per task (shared/task_board.py).
+        # What I am doing, for `status`: a few stores per task (shared/ipc/task_board.py).
         self.board = board
         self.parent = os.getppid()
         self.stopping = False
@@ -152,7 +149,7 @@ class Worker:
     def run(self) -> int:
         """Boot, then loop until told to stop. Returns the exit code."""
         try:
-            self.directories = output.prepare_output_dir(self.settings.output_dir)
+            self.directories = files.prepare_output_dir(self.settings.output_dir)
         except OSError as exc:
             log.error("worker_boot_failed", reason=f"OUTPUT_DIR unusable: {exc}")
             return exitcodes.BOOT_FAILED
@@ -342,7 +339,7 @@ class Worker:
             if exc.transient:
                 reason = f"gave up after {envelope.deliveries} attempts: {reason}"
             return self._failed(envelope, envelope.raw, task, reason, started)
-        partial = output.partial_path(self.settings.output_dir, envelope.task_id, envelope.deliveries)
+        partial = partial_path(self.settings.output_dir, envelope.task_id, envelope.deliveries)
         write_started = time.perf_counter()
         self.board.enter(WRITE)
         if not self._write_partial(partial, image.jpeg):
@@ -377,10 +374,10 @@ class Worker:
         while True:
             try:
                 self.directories.follow_partial()
-                output.write_partial(partial.name, jpeg, dir_fd=self.directories.partial_fd)
+                files.write_partial(partial.name, jpeg, dir_fd=self.directories.partial_fd)
                 return True
             except OSError as exc:
-                output.remove_quietly(partial.name, dir_fd=self.directories.partial_fd)
+                files.remove_quietly(partial.name, dir_fd=self.directories.partial_fd)
                 failures += 1
                 delay = compute_backoff(failures, base=0.5, cap=30.0)
                 log.error("jpeg_write_failed", error=str(exc), path=str(partial), retry_in=round(delay, 2))

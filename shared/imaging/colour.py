@@ -3,9 +3,9 @@ ICC profiles converted to sRGB, transparency composited over ALPHA_BACKGROUND,
 and EXIF orientation applied where OpenCV does not apply it.
 
     downloaded bytes --read_header (headers only, no pixels)--> SourceColour
-      -> OpenCV decodes (shared.images), keeping alpha only if the header has some
+      -> OpenCV decodes (shared.imaging.images), keeping alpha only if the header has some
       -> to_srgb: littleCMS through Pillow's ImageCms, only if a profile is embedded
-      -> composite (shared.images.encode_pixels): every 4-channel frame, the
+      -> composite (shared.imaging.images.encode_pixels): every 4-channel frame, the
          BGRA frames of shared memory included, over the background
 
 Hazards handled here:

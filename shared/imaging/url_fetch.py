@@ -50,7 +50,7 @@ from shared.config import Settings
 
 # Enough for any real length or delay; a longer run of digits is no number a server means.
 ASCII_DIGITS = re.compile(r"[0-9]{1,19}")
-from shared.images import ImageError
+from shared.imaging.images import ImageError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

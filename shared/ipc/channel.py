@@ -16,7 +16,7 @@ import pickle
 import select
 import socket
 
-from shared.records import CompletionRecord
+from shared.ipc.records import CompletionRecord
 
 SEND_BUFFER_BYTES = 1 << 20
 # The largest datagram the ledger reads; one larger would be cut, and unpickling

@@ -3,7 +3,7 @@
 Hazards handled here:
 - Attaching must not involve multiprocessing.shared_memory: on 3.11/3.12 its
   resource tracker would unlink a segment we merely read, and warn at exit.
-  We open /dev/shm/NAME read-only ourselves (through shared.segments, which
+  We open /dev/shm/NAME read-only ourselves (through shared.imaging.segments, which
   decides whether a message may name it) and map it.
 - A declared shape larger than the real segment would read out of bounds:
   the mapping is sized from the declaration only after fstat proves it fits.
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from shared import colour, decode_limits
-from shared.decode_limits import DecodeRefused
+from shared.imaging import colour, decode_limits
+from shared.imaging.decode_limits import DecodeRefused
+from shared.imaging.rendering import Rendering
+from shared.imaging.segments import SegmentAccess, SegmentRefused, open_segment
 from shared.messages import SegmentRef
-from shared.rendering import Rendering
-from shared.segments import SegmentAccess, SegmentRefused, open_segment
 
 # Rows of a float frame converted to uint8 at a time.
 FLOAT_BAND_ROWS = 64
@@ -55,7 +55,7 @@ class EncodedImage:
 
 def encode_segment(ref: SegmentRef, *, rendering: Rendering, access: SegmentAccess) -> EncodedImage:
     """Encode the frame in shared-memory segment `ref` without copying its pixels.
-    Only a segment `access` allows is opened (shared.segments)."""
+    Only a segment `access` allows is opened (shared.imaging.segments)."""
     try:
         fd, real_size = open_segment(ref.name, access)
     except FileNotFoundError:
@@ -199,7 +199,7 @@ def decodable(data: bytes) -> tuple[str, bytes | bytearray]:
     """The format of downloaded bytes and the bytes to hand the decoder: the
     one gate in front of OpenCV's decoders, for the worker and the dashboard
     alike. Formats other than JPEG, PNG and WebP are refused by their leading
-    bytes; the accepted ones within the caps of shared.decode_limits (JPEG
+    bytes; the accepted ones within the caps of shared.imaging.decode_limits (JPEG
     scans; an animation decoded as one still frame)."""
     found = image_format(data)
     if found is None:
@@ -214,7 +214,7 @@ def decodable(data: bytes) -> tuple[str, bytes | bytearray]:
 
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     """Decode downloaded JPEG, PNG or WebP bytes, through `decodable`, to sRGB
-    BGR, or BGRA when they have transparency (shared.colour). OpenCV refuses
+    BGR, or BGRA when they have transparency (shared.imaging.colour). OpenCV refuses
     frames above MAX_PIXELS before allocating them (the supervisor sets
     OPENCV_IO_MAX_IMAGE_PIXELS)."""
     found, data = decodable(data)

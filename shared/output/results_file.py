@@ -21,8 +21,8 @@ import json
 import os
 from pathlib import Path
 
-from shared.faults import armed, crash_point
-from shared.output import fsync_directory, open_state_file
+from shared.crash_points import armed, crash_point
+from shared.output.files import fsync_directory, open_state_file
 
 OPENING = b"[\n"
 CLOSING = b"\n]\n"

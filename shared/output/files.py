@@ -30,10 +30,6 @@ from pathlib import Path
 
 # Where files and records are, as readers of OUTPUT_DIR (the client) rely on it.
 from image_result_client.protocol import PARTIAL_DIR
-from image_result_client.protocol import REQUESTS_NAME as REQUESTS_NAME
-from image_result_client.protocol import RESULTS_NAME as RESULTS_NAME
-from image_result_client.protocol import awaiting_publication as awaiting_publication
-from image_result_client.protocol import partial_path as partial_path
 
 LOCK_NAME = ".lock"
 # Leaves room for "_YYYYMMDD_HHMMSS_NNN.jpg" within the 255-byte name limit.

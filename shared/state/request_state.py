@@ -5,7 +5,7 @@
         --> {Q}:request:<id> (hash: the request's distinct images recorded)
             {Q}:requests (the open requests, by when REQUEST_TTL runs out)
         the image that makes the count reach request_images ends the request, in
-        the same step (shared/lua/requests.lua):
+        the same step (shared/state/lua/requests.lua):
             --> RESULTS_STREAM, field "request" (a task record's field is "record")
             --> {Q}:requests_unwritten:<HOST_ID>:<OUTPUT_DIR's digest>
                 --the ledger--> OUTPUT_DIR/requests.json,
@@ -41,7 +41,7 @@ from redis.client import Pipeline
 
 from image_result_client.protocol import QueueKeys
 from shared.config import Settings
-from shared.redis_queue import LUA_DIR, ScriptCall
+from shared.state.redis_queue import LUA_DIR, ScriptCall
 
 _SHARED = (LUA_DIR / "requests.lua").read_text()
 COUNT_SCRIPT = _SHARED + "\n" + (LUA_DIR / "request_count.lua").read_text()

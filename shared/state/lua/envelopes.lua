@@ -1,5 +1,5 @@
 -- envelopes.lua: functions the scripts that wrap and unwrap messages share.
--- It is prepended to them (shared/redis_queue.py, load_script); it touches only
+-- It is prepended to them (shared/state/redis_queue.py, load_script); it touches only
 -- the keys its callers pass it, which they took from KEYS.
 --
 -- The producers' lists (the queue, the host queues) hold only the bytes

@@ -1,5 +1,5 @@
 """How a frame becomes the hosted JPEG: the encoder's settings and the colour
-under transparent pixels (shared.colour composites), built once per worker
+under transparent pixels (shared.imaging.colour composites), built once per worker
 from Settings so that the per-task path only passes a ready list to OpenCV."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """What the pool keeps about itself in Redis, beside the task path
-(shared.redis_queue): each supervisor's lease (its state for `status`) and its
+(shared.state.redis_queue): each supervisor's lease (its state for `status`) and its
 host's live key, the processing lists whose owner died, how deep every list is,
 the host queues, and the operator's moves on dead letters and a lost host's
 queue.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import redis
 
 from image_result_client.protocol import PUSH_FOR_HOST_SCRIPT, QueueKeys
-from shared.redis_queue import DRAIN_ENTRY_SCRIPT, REQUEUE_DEAD_SCRIPT
+from shared.state.redis_queue import DRAIN_ENTRY_SCRIPT, REQUEUE_DEAD_SCRIPT
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ A task is always in exactly one list. Claiming wraps a producer's message in an
 envelope (see shared.messages) carrying a task id and a delivery count, so a
 redelivered task keeps its identity. What the pool keeps about itself (leases,
 orphaned lists, host queues, depths, dead letters, draining a host) is in
-shared.pool_registry; the scripts are in shared/lua/, the keys in
+shared.state.pool_registry; the scripts are in shared/state/lua/, the keys in
 image_result_client.protocol.QueueKeys (docs/design.md#redis-keys).
 """
 
@@ -29,8 +29,6 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 # The keys and the producers' script are the client's to publish; here they are used.
-from image_result_client.protocol import PUSH_FOR_HOST_SCRIPT as PUSH_FOR_HOST_SCRIPT
-from image_result_client.protocol import STATS_BUCKET_SECONDS as STATS_BUCKET_SECONDS
 from image_result_client.protocol import QueueKeys
 from shared.config import Settings
 
@@ -66,7 +64,7 @@ def is_refusal(exc: BaseException) -> bool:
         return True
     return isinstance(exc, redis.exceptions.ResponseError) and any(text in str(exc) for text in _REFUSAL_TEXTS)
 
-# The Lua scripts, one file each in shared/lua/ with its KEYS and ARGV in its
+# The Lua scripts, one file each in shared/state/lua/ with its KEYS and ARGV in its
 # header; envelopes.lua holds what those that wrap and unwrap messages share.
 LUA_DIR = Path(__file__).resolve().parent / "lua"
 
@@ -81,12 +79,12 @@ STAMP_INCOMING_SCRIPT = load_script("stamp_incoming", envelopes=True)
 REQUEUE_SCRIPT = load_script("requeue", envelopes=True)
 PROMOTE_SCRIPT = load_script("promote", envelopes=True)
 ACK_SCRIPT = load_script("ack")
-REQUEUE_DEAD_SCRIPT = load_script("requeue_dead")  # run by shared.pool_registry
-DRAIN_ENTRY_SCRIPT = load_script("drain_entry", envelopes=True)  # run by shared.pool_registry
+REQUEUE_DEAD_SCRIPT = load_script("requeue_dead")  # run by shared.state.pool_registry
+DRAIN_ENTRY_SCRIPT = load_script("drain_entry", envelopes=True)  # run by shared.state.pool_registry
 
 # Of every CLAIM_CYCLE messages a worker claims while both its host's queue and
 # the shared queue hold tasks, one comes from the shared queue and the rest from
-# the host's (shared/lua/claim.lua): shared-memory tasks, which hold RAM and
+# the host's (shared/state/lua/claim.lua): shared-memory tasks, which hold RAM and
 # are latency-bound, keep most of the claims, and neither queue can starve.
 CLAIM_CYCLE = 4
 
@@ -365,7 +363,7 @@ class ReliableQueue:
         stream_maxlen: int = 0,
     ) -> ScriptCall:
         """acknowledge() as a script call, for a transaction that does more in
-        the same round trip (shared.request_state)."""
+        the same round trip (shared.state.request_state)."""
         keys = [
             self.keys.dead, self.keys.announced, self.keys.delayed, self.keys.stats(now), stream or self.keys.dead,
             self.keys.committing, self.keys.dead_junk, self.keys.dead_trimmed,

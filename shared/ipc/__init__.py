@@ -1,0 +1,1 @@
+"""What the processes of one pool tell each other (worker to ledger, both to the supervisor) and systemd."""

@@ -1,0 +1,1 @@
+"""What the pool writes to OUTPUT_DIR: the JPEGs, results.json and requests.json, and the directory's checks."""
