@@ -73,7 +73,7 @@ from control.metrics import MetricsEndpoint
 from control.upkeep import PoolUpkeep
 from image_result_client import __version__
 from image_result_client.protocol import QueueKeys
-from shared import exitcodes
+from shared import crash_points, exitcodes
 from shared.backoff import compute_backoff
 from shared.cli import PROGRAM, OneLineParser, complain, unknown_command
 from shared.config import ConfigError, Settings, misspelt_settings
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         structlog.get_logger().warning(
             "unknown_setting", name=unknown.name, source=unknown.source, did_you_mean=unknown.did_you_mean
         )
+    if crash_points.ARMED_POINT:
+        structlog.get_logger().warning("crash_point_armed", point=crash_points.ARMED_POINT, purpose="fault-injection tests")
     if created:
         structlog.get_logger().info("output_dir_created", directories=[str(path) for path in created])
     instance = uuid.uuid4().hex[:12]

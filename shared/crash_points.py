@@ -1,4 +1,6 @@
-"""Crash points for the fault-injection tests: inert unless IRW_CRASH_AT names one.
+"""TEST HOOK, not a feature: the crash points of the fault-injection tests.
+Inert unless IRW_CRASH_AT names one; the supervisor logs `crash_point_armed`
+as a warning when it does, so an armed point never runs unnoticed.
 
 The tests arm one point of the durable-step order (see workers/ledger.py) and
 check that a SIGKILL exactly there still ends every task exactly once. With

@@ -59,6 +59,8 @@ def test_kill_at_each_durable_step_ends_each_task_exactly_once(
     wait_for_queue_drained(redis_client, queue_name)
     assert pool.stop() == 0
     assert marker.exists(), f"nothing reached {point}"
+    # A test hook armed in a pool is said at start, never silent.
+    assert [e["point"] for e in pool.events("crash_point_armed")] == [point]
     deaths = pool.events("child_died")
     killed = [e for e in deaths if e["cause"] != "lost its channel to the ledger"]
     assert [e["role"] for e in killed] == [point.split("_", 1)[0]]

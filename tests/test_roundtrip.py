@@ -121,6 +121,7 @@ def test_shm_round_trip_of_real_photos(
         assert psnr(saved, frame) > 30, name
     names = [message["shm_info"]["shm_name"] for message in messages.values()]
     wait_until(lambda: not any(segment_exists(n) for n in names), 10, f"segments still in /dev/shm: {names}")
+    assert not pool.events("crash_point_armed"), "a pool without IRW_CRASH_AT has no test hook armed"
 
 
 def test_unlink_shm_false_keeps_the_segment(
