@@ -8,6 +8,7 @@ a /dev/shm segment behind.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -38,6 +39,73 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.get_closest_marker("fast") is not None and used:
             raise pytest.UsageError(f"{item.nodeid} is marked fast but uses {', '.join(sorted(used))}")
 
+
+class LeavingTheProcess:
+    """Counts what takes a test out of its process: a child started, a fork, a
+    socket connected or bound. Installed once for the session."""
+
+    count = 0
+
+    @classmethod
+    def install(cls) -> None:
+        def counting(original: Callable) -> Callable:
+            def call(*args: object, **kwargs: object) -> object:
+                cls.count += 1
+                return original(*args, **kwargs)
+
+            return call
+
+        subprocess.Popen._execute_child = counting(subprocess.Popen._execute_child)  # type: ignore[attr-defined]
+        os.fork = counting(os.fork)
+        for method in ("connect", "connect_ex", "bind"):
+            setattr(socket.socket, method, counting(getattr(socket.socket, method)))
+
+
+# Fixtures seen starting a process or opening a socket while being set up (any
+# scope): a test that uses one is not in-process, even when the resource was
+# made for an earlier test.
+RESOURCE_FIXTURES: set[str] = set(REAL_RESOURCES)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    LeavingTheProcess.install()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> Iterator[object]:
+    before = LeavingTheProcess.count
+    try:
+        return (yield)
+    finally:
+        if LeavingTheProcess.count != before:
+            RESOURCE_FIXTURES.add(fixturedef.argname)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    before = LeavingTheProcess.count
+    try:
+        return (yield)
+    finally:
+        item.stash[LEFT_THE_PROCESS] = LeavingTheProcess.count != before
+
+
+LEFT_THE_PROCESS = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
+    """The other half of the fast layer's promise: a test that passes without
+    leaving its process, and uses no fixture that did, belongs in `make
+    test-fast`, the loop run before each commit, so it must carry the mark."""
+    report = yield
+    in_process = not item.stash.get(LEFT_THE_PROCESS, True) and not RESOURCE_FIXTURES.intersection(
+        getattr(item, "fixturenames", ())
+    )
+    if report.when == "call" and report.passed and in_process and item.get_closest_marker("fast") is None:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} runs in process (no child, no socket, no such fixture): mark it @pytest.mark.fast"
+    return report
 
 @pytest.fixture(autouse=True)
 def fast_tests_stay_in_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -220,6 +220,7 @@ def test_frames_the_pool_would_refuse_are_refused_before_a_segment_exists(photos
     assert segments_with_prefix(prefix) == []
 
 
+@pytest.mark.fast
 def test_results_reader_follows_appends_torn_at_every_byte_and_a_repaired_tear(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
     ledger = ResultsFile(path)

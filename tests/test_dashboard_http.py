@@ -81,22 +81,26 @@ def headers(**overrides: str | None) -> dict[str, str]:
         ({"content_type": "application/x-www-form-urlencoded"}, TOKEN, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "json"),
     ],
 )
+@pytest.mark.fast
 def test_a_change_is_refused(overrides: dict, token: str | None, status: HTTPStatus, reason: str) -> None:
     with pytest.raises(Refused) as refused:
         authorize_change(headers(**overrides), token=token)
     assert refused.value.status == status and reason in refused.value.reason
 
 
+@pytest.mark.fast
 def test_a_change_with_token_same_origin_and_json_is_allowed() -> None:
     authorize_change(headers(), token=TOKEN)
     authorize_change(headers(sec_fetch_site=None, content_type="application/json; charset=utf-8"), token=TOKEN)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("host", ["127.0.0.1:8090", "localhost:8090", "[::1]:8090", "127.0.0.2", "localhost"])
 def test_loopback_host_names_are_served(host: str) -> None:
     check_host(host, bound_to_loopback=True)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("host", ["evil.example:8090", "evil.example", "", None, "127.0.0.1.evil.example"])
 def test_other_host_names_are_refused_on_loopback_only(host: str | None) -> None:
     with pytest.raises(Refused) as refused:
@@ -105,6 +109,7 @@ def test_other_host_names_are_refused_on_loopback_only(host: str | None) -> None
     check_host(host, bound_to_loopback=False)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("name", ["", ".", "..", "../results.json", "a/b.jpg", ".lock", "a\\b", "x\0.jpg", ".partial"])
 def test_thumbnail_names_with_a_path_are_refused(name: str) -> None:
     with pytest.raises(Refused):
@@ -349,6 +354,7 @@ def test_an_outage_keeps_the_last_figures_and_says_so(redis_server, redis_client
     assert overview.get() is overview.get()  # within the refresh period: no new attempt
 
 
+@pytest.mark.fast
 def test_thumbnails_are_made_at_a_bounded_rate_and_served_from_the_cache(tmp_path) -> None:
     """Each new thumbnail is a JPEG decode; a pool finishing 80 4K frames a
     second must not have the dashboard decode 80 a second beside it."""

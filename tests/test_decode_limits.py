@@ -221,6 +221,7 @@ def read_all(output_dir: Path) -> list[dict]:
         (".avif", "AVIF"),
     ],
 )
+@pytest.mark.fast
 def test_a_thumbnail_is_never_made_by_a_refused_decoder(tmp_path: Path, photo: np.ndarray, ext: str, name: str) -> None:
     """A file in OUTPUT_DIR named like the pool's JPEG may be anything."""
     from control.dashboard import Refused, Thumbnails
@@ -234,6 +235,7 @@ def test_a_thumbnail_is_never_made_by_a_refused_decoder(tmp_path: Path, photo: n
     assert refused.value.status == 404 and f"image format {name} is not accepted" in str(refused.value)
 
 
+@pytest.mark.fast
 def test_a_thumbnail_of_a_scan_bomb_is_refused_and_of_a_jpeg_made(tmp_path: Path, photo: np.ndarray) -> None:
     from control.dashboard import Refused, Thumbnails
 

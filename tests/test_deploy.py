@@ -153,6 +153,7 @@ def test_dockerfile_passes_hadolint(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.fast
 def test_dockerfile_keeps_the_image_contract() -> None:
     base = instructions_named("FROM")
     assert len(base) == 1, "one stage, one base"
@@ -301,6 +302,7 @@ def seconds(value: str | float) -> float:
     return sum(float(number) * units[unit] for number, unit in parts)
 
 
+@pytest.mark.fast
 def test_compose_file_shares_shm_between_producer_and_pool() -> None:
     services = load_compose()["services"]
     assert {"redis", "producer", "pool"} <= services.keys()
@@ -419,6 +421,7 @@ def timespan(value: str) -> float:
     return sum(float(number) * units[unit] for number, unit in parts)
 
 
+@pytest.mark.fast
 def test_unit_has_the_settings_the_readme_promises() -> None:
     service = read_unit()["Service"]
 

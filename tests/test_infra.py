@@ -33,6 +33,7 @@ from tools.local_redis import LocalRedis, answers_ping, find_redis_server, free_
 # ---------------------------------------------------------------- Redis
 
 
+@pytest.mark.fast
 def test_find_redis_server_returns_an_executable() -> None:
     path = find_redis_server()
     assert os.access(path, os.X_OK)
@@ -161,6 +162,7 @@ def test_trickle_starves_the_client_and_stop_does_not_hang() -> None:
 # ---------------------------------------------------------------- shared memory and photos
 
 
+@pytest.mark.fast
 def test_make_segment_holds_the_array(segments: SegmentTracker, photos: dict[str, np.ndarray]) -> None:
     image = photos["astronaut"]
     name = make_segment(image)
@@ -191,6 +193,7 @@ def test_segment_outlives_a_process_that_created_it(tmp_path: Path) -> None:
         unlink_segment(name)
 
 
+@pytest.mark.fast
 def test_shm_message_describes_its_segment(photos: dict[str, np.ndarray]) -> None:
     image = photos["camera"]
     message = shm_message("req-1", "img-1", image)
@@ -201,6 +204,7 @@ def test_shm_message_describes_its_segment(photos: dict[str, np.ndarray]) -> Non
     json.dumps(message)  # must be serializable as-is
 
 
+@pytest.mark.fast
 def test_photos_are_real_read_only_images(photos: dict[str, np.ndarray]) -> None:
     assert photos["astronaut"].shape == (512, 512, 3)
     assert photos["camera"].ndim == 2
@@ -209,6 +213,7 @@ def test_photos_are_real_read_only_images(photos: dict[str, np.ndarray]) -> None
         assert not image.flags.writeable
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("size", [(1024, 1024), (2160, 3840), (7, 5)])
 def test_photo_of_size(size: tuple[int, int]) -> None:
     image = photo_of_size(*size)
@@ -216,6 +221,7 @@ def test_photo_of_size(size: tuple[int, int]) -> None:
     assert image.flags.writeable
 
 
+@pytest.mark.fast
 def test_psnr_tells_a_jpeg_round_trip_from_noise(photos: dict[str, np.ndarray]) -> None:
     image = photos["coffee"]
     ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
@@ -230,10 +236,12 @@ def test_psnr_tells_a_jpeg_round_trip_from_noise(photos: dict[str, np.ndarray]) 
 # ---------------------------------------------------------------- ledger readers
 
 
+@pytest.mark.fast
 def test_read_results_missing_file_is_empty(tmp_path: Path) -> None:
     assert read_results(tmp_path) == []
 
 
+@pytest.mark.fast
 def test_read_results_retries_a_torn_tail(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
     whole = json.dumps([{"image_id": "a"}, {"image_id": "b"}])
@@ -246,12 +254,14 @@ def test_read_results_retries_a_torn_tail(tmp_path: Path) -> None:
         finisher.join()
 
 
+@pytest.mark.fast
 def test_read_results_gives_up_on_a_file_that_stays_torn(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text('[{"image_id": "a"')
     with pytest.raises(AssertionError, match="unparsable"):
         read_results(tmp_path, timeout=0.2)
 
 
+@pytest.mark.fast
 def test_wait_for_records_says_how_many_it_saw(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text(json.dumps([{"image_id": "a"}]))
     assert len(wait_for_records(tmp_path, 1, timeout=1)) == 1

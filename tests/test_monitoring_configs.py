@@ -105,6 +105,7 @@ def dashboard_panels() -> list[dict]:
     return panels
 
 
+@pytest.mark.fast
 def test_grafana_dashboard_is_well_formed() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     assert dashboard["title"] and dashboard["uid"] and isinstance(dashboard["schemaVersion"], int)
@@ -162,6 +163,7 @@ def alert_rules() -> list[dict]:
     return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]]
 
 
+@pytest.mark.fast
 def test_alert_rules_name_only_exported_metrics_and_cover_the_issue(exported: set[str]) -> None:
     rules = alert_rules()
     for rule in rules:

@@ -249,6 +249,7 @@ def test_a_restart_never_removes_a_file_a_record_names(
     assert all(Path(record["file_path"]).is_file() for record in records), request_ids
 
 
+@pytest.mark.fast
 def test_a_record_beyond_the_tail_read_at_start_keeps_its_file(tmp_path: Path) -> None:
     """What start-up reads of results.json is its end; a record further back is
     still found, by reading the whole file, before anything is removed for it."""

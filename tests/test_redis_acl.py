@@ -115,6 +115,7 @@ def server_acl_file(version: tuple[int, ...], passwords: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.fast
 def test_the_shipped_file_holds_no_password_and_limits_both_users() -> None:
     lines = acl_lines()
     assert sorted(lines) == sorted([POOL_USER, PRODUCER_USER])
@@ -153,6 +154,7 @@ def patterns_for(queue: str, stream: str) -> list[str]:
     return [queue, prefix + ":*", stream]
 
 
+@pytest.mark.fast
 def test_every_key_the_pool_names_is_under_the_pool_users_patterns() -> None:
     patterns = key_patterns(POOL_USER)
     assert patterns == patterns_for(QUEUE, STREAM)
@@ -161,6 +163,7 @@ def test_every_key_the_pool_names_is_under_the_pool_users_patterns() -> None:
     assert not any(fnmatch.fnmatchcase("other_app:x", pattern) for pattern in patterns)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("queue", ["jobs", "{jobs}", "tasks{eu}"])
 def test_the_documented_rule_for_other_queue_names_covers_their_keys(queue: str) -> None:
     patterns = patterns_for(queue, "results")
@@ -177,6 +180,7 @@ def lua_files(directory: str) -> dict[str, str]:
     return {str(path.relative_to(REPO_ROOT)): path.read_text() for path in (REPO_ROOT / directory).rglob("*.lua")}
 
 
+@pytest.mark.fast
 def test_every_command_in_the_lua_scripts_is_granted() -> None:
     """The pool's: what shared.state.redis_queue runs, and any .lua file under shared/.
     The producer's: what its module registers, and any .lua file beside it."""
@@ -214,6 +218,7 @@ def client_commands(paths: tuple[str, ...]) -> dict[str, set[str]]:
     return found
 
 
+@pytest.mark.fast
 def test_every_command_the_code_sends_is_granted() -> None:
     """A quick net: a command added anywhere fails here before the slow test runs it."""
     pool = client_commands(POOL_SOURCES)
@@ -229,6 +234,7 @@ def test_every_command_the_code_sends_is_granted() -> None:
 LOADS_CODE = frozenset({"script", "script|load", "eval", "eval_ro", "function", "function|load", "function|restore"})
 
 
+@pytest.mark.fast
 def test_producers_have_no_way_to_load_a_script() -> None:
     """They may EVALSHA (what the pool loaded), never load; and their client
     never tries: not through redis-py's Script either, which loads on NOSCRIPT."""
@@ -242,6 +248,7 @@ def test_producers_have_no_way_to_load_a_script() -> None:
     assert "script|load" in granted(POOL_USER) and not granted(POOL_USER) & (LOADS_CODE - {"script|load"})
 
 
+@pytest.mark.fast
 def test_nothing_is_granted_that_the_code_does_not_send() -> None:
     """The other direction: a grant the code no longer needs is taken away.
     SELECT is redis-py's, on connecting to a database other than 0."""

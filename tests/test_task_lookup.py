@@ -194,6 +194,7 @@ def test_messages_that_are_anything_do_not_break_the_search(setup, redis_client)
     assert [(p["state"], p["position"]) for p in search.found] == [("queued", 5), ("queued", 6)]
 
 
+@pytest.mark.fast
 def test_lines_from_end_reads_back_to_front_within_its_budget(tmp_path: Path) -> None:
     path = tmp_path / "f"
     lines = [f"line {index}".encode() for index in range(300_000)]

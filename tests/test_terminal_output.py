@@ -70,17 +70,20 @@ RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-
         ("a\u2028b\u2029", "a\\u2028b\\u2029"),
     ],
 )
+@pytest.mark.fast
 def test_printable_shows_control_characters_as_escapes(text: str, shown: str) -> None:
     assert printable(text) == shown
     assert has_control(text) == (text != shown)
 
 
+@pytest.mark.fast
 def test_printable_leaves_no_control_character_in_the_first_planes() -> None:
     every = "".join(chr(code) for code in range(0x3000))
     assert not RAW_CONTROL.search(printable(every).replace("\n", ""))
     assert not has_control(printable(every))
 
 
+@pytest.mark.fast
 def test_printable_keeps_newlines_only_when_multiline() -> None:
     assert printable("Traceback\n  bad\x1b[2K\n", multiline=True) == "Traceback\n  bad\\x1b[2K\n"
 
@@ -103,6 +106,7 @@ def console_log(capsys: pytest.CaptureFixture[str]):
         structlog.contextvars.clear_contextvars()
 
 
+@pytest.mark.fast
 def test_console_log_shows_hostile_values_escaped(console_log, capsys) -> None:
     log = console_log("console")
     log.warning("task_failed", **HOSTILE, attempts=3, detail={"id": "\x1b[2K"})
@@ -112,6 +116,7 @@ def test_console_log_shows_hostile_values_escaped(console_log, capsys) -> None:
     assert "bidi_override='\\u202egnp.exe'" in err and "attempts=3" in err
 
 
+@pytest.mark.fast
 def test_console_log_escapes_a_traceback_but_keeps_its_lines(console_log, capsys) -> None:
     log = console_log("console")
     try:
@@ -124,12 +129,14 @@ def test_console_log_escapes_a_traceback_but_keeps_its_lines(console_log, capsys
     assert "ValueError: bad image id \\x1b]0;pwned\\x07\\r" in err
 
 
+@pytest.mark.fast
 def test_console_log_in_colour_adds_only_its_own_colour_codes() -> None:
     render = structlog.dev.ConsoleRenderer(colors=True)
     line = render(None, "warning", escape_for_terminal(None, "warning", {"event": "task_failed", **HOSTILE}))
     assert not RAW_CONTROL.search(re.sub(r"\x1b\[[0-9;]*m", "", line))
 
 
+@pytest.mark.fast
 def test_json_log_keeps_hostile_values_exact_and_escaped(console_log, capsys) -> None:
     log = console_log("json")
     log.warning("task_failed", **HOSTILE)
@@ -182,6 +189,7 @@ def test_json_log_keeps_hostile_values_exact_and_escaped(console_log, capsys) ->
         ("redis://user:s3#cret@host?password=s3cret", "redis://user:***@host?password=***"),
     ],
 )
+@pytest.mark.fast
 def test_redact_url_hides_every_credential(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
@@ -264,6 +272,7 @@ def test_hostile_ids_through_a_real_pool_reach_no_terminal_raw(pool_factory, red
     assert not RAW_CONTROL.search(log), repr(log)
 
 
+@pytest.mark.fast
 def test_client_prints_records_escaped(capsys, tmp_path) -> None:
     records = [
         {"status": "failed", "request_id": "req" + HOSTILE["title"], "error": "cannot decode" + HOSTILE["erase_line"]},

@@ -98,6 +98,7 @@ def shm_task(request_id: str, name: str, *, shape: list[int] | None = None, dtyp
 # ------------------------------------------------------------ decisions, in-process
 
 
+@pytest.mark.fast
 def test_only_prefixed_regular_files_of_allowed_owners_are_opened(planted: Planted) -> None:
     access = SegmentAccess("img_shm_", frozenset({os.getuid()}))
     victim = planted.file(unique("victim_app_state"))
@@ -116,6 +117,7 @@ def test_only_prefixed_regular_files_of_allowed_owners_are_opened(planted: Plant
     assert size == 10
 
 
+@pytest.mark.fast
 def test_unlink_leaves_anything_not_ours_and_never_raises(planted: Planted) -> None:
     access = SegmentAccess("img_shm_", frozenset({os.getuid()}))
     victim = planted.file(unique("victim_app_state"))
@@ -133,6 +135,7 @@ def test_unlink_leaves_anything_not_ours_and_never_raises(planted: Planted) -> N
     assert unlink_segment(ours.name, access) == "unlinked" and not ours.exists()
 
 
+@pytest.mark.fast
 def test_an_empty_prefix_accepts_any_name(planted: Planted) -> None:
     access = SegmentAccess("", frozenset({os.getuid()}))
     fd, _ = open_segment(planted.file(unique("any_name")).name, access)

@@ -124,6 +124,7 @@ DECISIONS = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(("address", "flags", "expected"), DECISIONS, ids=[f"{a}-{f}" for a, f, _ in DECISIONS])
 def test_refusal_decides_each_address(address: str, flags: str, expected: str | None) -> None:
     allow_loopback, allow_private = FLAGS[flags]
@@ -373,6 +374,7 @@ def test_the_unspecified_address_is_refused_even_with_loopback_allowed(server: K
         ("http://224.0.0.251/", "multicast"),
     ],
 )
+@pytest.mark.fast
 def test_metadata_and_special_addresses_are_refused_before_any_connection(url: str, words: str) -> None:
     fetcher = url_fetch.UrlFetcher(settings(url_allow_loopback=True, url_connect_timeout=0.2))
     with capture_logs() as logs:
@@ -382,6 +384,7 @@ def test_metadata_and_special_addresses_are_refused_before_any_connection(url: s
     assert [entry["event"] for entry in logs] == ["url_address_refused"]  # and no connection tried
 
 
+@pytest.mark.fast
 def test_url_allow_private_false_refuses_private_networks() -> None:
     fetcher = url_fetch.UrlFetcher(settings(url_allow_private=False, url_connect_timeout=0.2))
     for url in ("http://10.0.0.1/a.jpg", "http://[fd00::1]/a.jpg", "http://100.64.1.1/a.jpg"):
@@ -835,6 +838,7 @@ def test_byte_cap_and_what_is_left_of_a_refused_body(server: KeepAliveServer) ->
     assert [number for _, _, number in server.requests] == [1, 1, 1, 2]
 
 
+@pytest.mark.fast
 def test_bad_urls_are_permanent_errors() -> None:
     fetcher = url_fetch.UrlFetcher(settings())
     for url, words in [
