@@ -66,11 +66,11 @@ from harness.pool import Pool
 from harness.results import read_requests, read_results, read_results_file
 from harness.segments import SegmentTracker, still_present
 from image_result_client.producer import unlink_segment
-from image_result_client.protocol import RESULTS_NAME, QueueKeys
+from image_result_client.protocol import RESULTS_NAME, SHM_DIR, QueueKeys
 from shared.config import Settings
 from shared.imaging.images import encode_segment
 from shared.imaging.rendering import Rendering
-from shared.imaging.segments import SHM_DIR, SegmentAccess
+from shared.imaging.segments import SegmentAccess
 from shared.ipc.records import COMPLETED, CompletionRecord
 from shared.messages import SegmentRef
 from shared.output.files import write_durably

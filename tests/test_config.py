@@ -22,7 +22,8 @@ import pytest
 
 from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
-from shared.config import ConfigError, Settings, misspelt_settings, read_dotenv, redact_url
+from image_result_client.redact import redact_url
+from shared.config import ConfigError, Settings, misspelt_settings, read_dotenv
 from shared.output.output_dir import check_output_dir
 from tests.conftest import PoolFactory
 

@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from image_result_client.protocol import QueueKeys
-from shared.state.request_state import CountedImage, RequestState, ScriptCall
+from shared.state.redis_queue import ScriptCall
+from shared.state.request_state import CountedImage, RequestState
 
 NOW = 1_800_000_000.0
 TTL = 60.0

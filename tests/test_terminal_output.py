@@ -29,8 +29,9 @@ import image_result_client.__main__ as client_main
 from harness import REPO_ROOT
 from harness.pool import environment_without
 from image_result_client.protocol import QueueKeys
+from image_result_client.redact import redact_url
 from image_result_client.terminal import has_control, printable
-from shared.config import Settings, redact_url
+from shared.config import Settings
 from shared.ipc.records import dead_letter_entry
 from shared.logs import configure_logging, escape_for_terminal
 from shared.output.files import LOCK_NAME

@@ -21,8 +21,8 @@ import redis
 
 from harness.photos import photo_of_size
 from harness.segments import SegmentTracker
-from image_result_client.protocol import QueueKeys
-from shared.imaging.segments import SHM_DIR, SegmentAccess, SegmentRefused, open_segment, unlink_segment
+from image_result_client.protocol import SHM_DIR, QueueKeys
+from shared.imaging.segments import SegmentAccess, SegmentRefused, open_segment, unlink_segment
 from tests.conftest import PoolFactory
 from tests.helpers import dead_letters, push, wait_for_records, wait_until
 

@@ -17,8 +17,8 @@ from image_result_client.protocol import QueueKeys
 from shared.config import Settings
 from shared.ipc.sdnotify import Notifier
 from shared.state.pool_registry import PoolRegistry
-from shared.state.redis_queue import ReliableQueue, connect
-from shared.state.request_state import EXPIRE_BATCH, CountedImage, ScriptCall
+from shared.state.redis_queue import ReliableQueue, ScriptCall, connect
+from shared.state.request_state import EXPIRE_BATCH, CountedImage
 from tools.local_redis import LocalRedis, free_port
 
 

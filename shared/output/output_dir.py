@@ -38,9 +38,9 @@ import pwd
 import stat
 from pathlib import Path
 
-from image_result_client.protocol import REQUESTS_NAME, RESULTS_NAME
+from image_result_client.protocol import PARTIAL_DIR, REQUESTS_NAME, RESULTS_NAME
 from shared.config import ConfigError
-from shared.output.files import PARTIAL_DIR, STATE_FILES, partial_dir_problem, state_file_problem
+from shared.output.files import STATE_FILES, partial_dir_problem, state_file_problem
 
 PROBE_PREFIX = ".probe-"
 
