@@ -1,0 +1,1 @@
+"""The pool's state in Redis: the one owner of its keys, their reads and writes, and the Lua scripts that move them."""
