@@ -65,7 +65,7 @@ SCRIPT_REFUSED = r"user executing the script can't|[Nn]o permissions"
 
 # What the pool's processes and its operator commands run (pool user), and
 # what producers run (producer user); read by the static checks.
-POOL_SOURCES = ("supervisor.py", "workers", "shared", "control")
+POOL_SOURCES = ("supervisor.py", "workers", "shared", "shared/state", "control")
 PRODUCER_MODULE = sys.modules[Producer.__module__]
 PRODUCER_SOURCES = (str(Path(PRODUCER_MODULE.__file__).parent.relative_to(REPO_ROOT)),)
 # redis-py methods whose command is not their upper-cased name.
