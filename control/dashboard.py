@@ -70,13 +70,14 @@ import structlog
 from control import dashboard_data
 from control.dashboard_data import ActionResult, Overview
 from control.http_base import LIMITS, HardenedHTTPServer, Limits, Request, Response
-from control.lookup import DASHBOARD_BUDGET, find_task, json_object
+from control.lookup import DASHBOARD_BUDGET, find_task
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.logs import configure_logging
 from shared.pool_registry import PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, QueueKeys, connect
+from shared.state.reading import json_object
 from shared.terminal import printable
 
 # Threads that answer requests the base has read whole: Redis reads, searches
