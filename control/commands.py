@@ -4,9 +4,10 @@ They read what the pool keeps in Redis: the queue, the processing lists, the
 delayed retries, the dead letters, the per-10-second counts the ledger adds
 with each acknowledgement, and each supervisor's lease, whose value is its
 state as of its last renewal (children, how recently each beat, the task each
-worker has in hand). `dead requeue|purge` and `host drain` (control/drain.py)
-change the queue; none touches results.json. `dead purge` asks first on a
-terminal and, without one, refuses unless given --yes.
+worker has in hand). They ask PoolRegistry and the owners it holds
+(shared/state/), never the Redis client. `dead requeue|purge` and `host
+drain` (control/drain.py) change the queue; none touches results.json. `dead
+purge` asks first on a terminal and, without one, refuses unless given --yes.
 
 Everything printed for a person goes through shared.terminal: host ids, list
 names, ids and errors come from Redis, where whoever can write may put terminal
