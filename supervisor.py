@@ -677,7 +677,7 @@ class Supervisor:
         attempt = 0
         while not self.stopping:
             try:
-                self.queue.client.ping()
+                self.queue.ping()
             except REDIS_ERRORS as exc:
                 if is_refusal(exc):  # credentials, ACL, database: no wait changes the answer
                     raise RedisRefused(str(exc)) from None

@@ -4,9 +4,10 @@ They read what the pool keeps in Redis: the queue, the processing lists, the
 delayed retries, the dead letters, the per-10-second counts the ledger adds
 with each acknowledgement, and each supervisor's lease, whose value is its
 state as of its last renewal (children, how recently each beat, the task each
-worker has in hand). `dead requeue|purge` and `host drain` (control/drain.py)
-change the queue; none touches results.json. `dead purge` asks first on a
-terminal and, without one, refuses unless given --yes.
+worker has in hand). They ask PoolRegistry and the owners it holds
+(shared/state/), never the Redis client. `dead requeue|purge` and `host
+drain` (control/drain.py) change the queue; none touches results.json. `dead
+purge` asks first on a terminal and, without one, refuses unless given --yes.
 
 Everything printed for a person goes through image_result_client.terminal: host ids, list
 names, ids and errors come from Redis, where whoever can write may put terminal
@@ -30,18 +31,18 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
-import redis
-
 from control.drain import HostStillServed, drain_host
-from control.lookup import dead_letter_message, json_object
-from image_result_client.protocol import STATS_BUCKET_SECONDS, QueueKeys
+from control.lookup import dead_letter_message
+from image_result_client.protocol import QueueKeys
 from image_result_client.terminal import printable, say
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.output.files import LOCK_NAME
 from shared.process import LEDGER_STALE_SECONDS
+from shared.state.dead_letters import DeadLetters
 from shared.state.pool_registry import PoolRegistry
+from shared.state.reading import json_object
 from shared.state.redis_queue import REDIS_ERRORS, ReliableQueue, connect
 
 UNHEALTHY = 1
@@ -152,8 +153,8 @@ def main(argv: list[str]) -> int:
 
 
 def collect_status(registry: PoolRegistry, *, now: float) -> dict:
-    keys, client = registry.keys, registry.client
-    supervisors = [json.loads(raw) for raw in _lease_values(client, keys)]
+    keys = registry.keys
+    supervisors = list(registry.leases.states().values())
     depths = registry.depths()
     hosts = registry.host_queues(served={str(supervisor.get("host_id")) for supervisor in supervisors})
     return {
@@ -168,8 +169,8 @@ def collect_status(registry: PoolRegistry, *, now: float) -> dict:
         "dead_letters_trimmed": depths.trimmed,
         "host_queues": hosts.listed,
         "host_queues_unlisted": hosts.unlisted_json(),
-        "committing": client.hlen(keys.committing),
-        "last_minute": _last_minute(client, keys, now),
+        "committing": registry.task_lists.committing_count(),
+        "last_minute": registry.stats.last_minute(now),
         "supervisors": supervisors,
     }
 
@@ -311,20 +312,6 @@ def _watch(args: argparse.Namespace, settings: Settings, registry: PoolRegistry)
         return exitcodes.OK
 
 
-def _lease_values(client: redis.Redis, keys: QueueKeys) -> list[bytes]:
-    lease_keys = list(client.scan_iter(match=keys.lease("*"), count=1000))  # 100k host queues: 100 calls, not 1000
-    return [value for value in client.mget(lease_keys) if value] if lease_keys else []
-
-
-def _last_minute(client: redis.Redis, keys: QueueKeys, now: float) -> dict[str, int]:
-    totals = {"completed": 0, "failed": 0, "retried": 0, "expired": 0}
-    for back in range(60 // STATS_BUCKET_SECONDS):
-        counts = client.hgetall(keys.stats(now - back * STATS_BUCKET_SECONDS))
-        for name in totals:
-            totals[name] += int(counts.get(name.encode(), 0))
-    return totals
-
-
 def _ago(seconds: float | None, stale: float = 0.0) -> str:
     return "never" if seconds is None else f"{_duration(seconds + stale)} ago"
 
@@ -381,10 +368,9 @@ def _holder_of(output_dir: Path) -> str:
 
 
 def _check_supervisor(registry: PoolRegistry, instance: str) -> None:
-    raw = registry.client.get(registry.keys.lease(instance))
-    if raw is None:
+    state = registry.leases.state(instance)
+    if state is None:
         raise Unhealthy(f"supervisor {instance} has not renewed its lease in Redis")
-    state = json.loads(raw)
     if not state["ready"]:
         raise Unhealthy("the pool is still starting")
     ledger = state["ledger"]
@@ -401,7 +387,7 @@ def _check_supervisor(registry: PoolRegistry, instance: str) -> None:
 
 
 def host(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -> int:
-    live_host_ids = {json.loads(raw).get("host_id") for raw in _lease_values(registry.client, registry.keys)}
+    live_host_ids = {state.get("host_id") for state in registry.leases.states().values()}
     try:
         requeuer = ReliableQueue(registry.client, registry.keys, max_message_bytes=settings.max_message_bytes)
         report = drain_host(
@@ -423,32 +409,23 @@ def host(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -
 # -- dead letters ------------------------------------------------------------
 
 
-class JunkKeys(QueueKeys):
-    """The keys of a queue with `dead` naming the junk dead letters' list: every
-    `dead` action works on either list the same way."""
-
-    @property
-    def dead(self) -> str:
-        return self.dead_junk
-
-
 def dead(args: argparse.Namespace, settings: Settings, registry: PoolRegistry) -> int:
-    if args.junk:
-        registry = PoolRegistry(registry.client, JunkKeys(registry.keys.queue))
+    # Every action works on either list the same way.
+    letters = registry.junk_dead_letters if args.junk else registry.dead_letters
     if args.dead_command == "list":
-        return _list_dead(args, registry)
+        return _list_dead(args, letters)
     if args.dead_command == "show":
-        return _show_dead(args, registry)
+        return _show_dead(args, letters)
     if args.dead_command == "purge":
-        return _purge_dead(args, registry)
-    return _requeue_dead(registry, limit=args.limit)
+        return _purge_dead(args, letters)
+    return _requeue_dead(letters, limit=args.limit)
 
 
-def _list_dead(args: argparse.Namespace, registry: PoolRegistry) -> int:
+def _list_dead(args: argparse.Namespace, letters: DeadLetters) -> int:
     """Oldest first, those that pass the filters, each with its number for `dead show`."""
     keep = _dead_filter(args, now=time.time())
     shown = 0
-    for index, entry in _dead_entries(registry):
+    for index, entry in _dead_entries(letters):
         if shown >= args.limit:
             break
         if not keep(entry):
@@ -461,27 +438,21 @@ def _list_dead(args: argparse.Namespace, registry: PoolRegistry) -> int:
                 f"{_shown(entry.get('image_id'))}  attempts={_shown(entry.get('attempts'))}  "
                 f"{_shown(entry.get('error'))}")
     if not shown and not args.json:
-        total = registry.client.llen(registry.keys.dead)
-        say(f"no dead letters in {registry.keys.dead}" if not total else
-            f"none of the {total} dead letters in {registry.keys.dead} match")
+        total = letters.count()
+        say(f"no dead letters in {letters.key}" if not total else
+            f"none of the {total} dead letters in {letters.key} match")
     return exitcodes.OK
 
 
 DEAD_PAGE = 500
 
 
-def _dead_entries(registry: PoolRegistry) -> Iterator[tuple[int, dict]]:
+def _dead_entries(letters: DeadLetters) -> Iterator[tuple[int, dict]]:
     """(number, entry), oldest first, a page at a time. The list may change
     meanwhile (new dead letters at its end, the oldest trimmed): numbers are
     positions as each page was read."""
-    start = 0
-    while True:
-        page = registry.client.lrange(registry.keys.dead, start, start + DEAD_PAGE - 1)
-        for offset, raw in enumerate(page):
-            yield start + offset, _dead_entry(raw)
-        if len(page) < DEAD_PAGE:
-            return
-        start += DEAD_PAGE
+    for index, raw in letters.entries(page_size=DEAD_PAGE):
+        yield index, _dead_entry(raw)
 
 
 def _dead_entry(raw: bytes) -> dict:
@@ -522,17 +493,16 @@ def _epoch(text: object) -> float | None:
         return None
 
 
-def _show_dead(args: argparse.Namespace, registry: PoolRegistry) -> int:
-    keys, client = registry.keys, registry.client
-    raw = client.lindex(keys.dead, args.index)
+def _show_dead(args: argparse.Namespace, letters: DeadLetters) -> int:
+    raw = letters.at(args.index)
     if raw is None:
-        complain(printable(f"no dead letter {args.index}: {keys.dead} holds {client.llen(keys.dead)}"))
+        complain(printable(f"no dead letter {args.index}: {letters.key} holds {letters.count()}"))
         return UNHEALTHY
     entry = _dead_entry(raw)
     if args.json:
         print(json.dumps(entry, sort_keys=True))
         return exitcodes.OK
-    say(f"dead letter {args.index} of {keys.dead}")
+    say(f"dead letter {args.index} of {letters.key}")
     for name in ("failed_at", "task_id", "request_id", "image_id", "attempts", "error"):
         say(f"{name:<11} {_shown(entry.get(name))}")
     for name in sorted(set(entry) - {"failed_at", "task_id", "request_id", "image_id", "attempts", "error"}):
@@ -554,26 +524,22 @@ def _message_lines(message: str) -> list[str]:
     return [f"message     {shown[0]}", *(" " * 12 + line for line in shown[1:])]
 
 
-def _purge_dead(args: argparse.Namespace, registry: PoolRegistry) -> int:
+def _purge_dead(args: argparse.Namespace, letters: DeadLetters) -> int:
     """Delete every dead letter; a person at a terminal says yes first, a
     script says --yes."""
-    keys, client = registry.keys, registry.client
-    count = client.llen(keys.dead)
+    count = letters.count()
     if not count:
-        say(f"no dead letters in {keys.dead}")
+        say(f"no dead letters in {letters.key}")
         return exitcodes.OK
     if not args.yes:
         if not sys.stdin.isatty():
-            complain(printable(f"dead purge would delete {count} dead letters from {keys.dead}; "
+            complain(printable(f"dead purge would delete {count} dead letters from {letters.key}; "
                                "without a terminal to ask on, pass --yes"))
             return exitcodes.CONFIG_ERROR
-        if not _confirm(f"delete {count} dead letters from {keys.dead}? [y/N] "):
+        if not _confirm(f"delete {count} dead letters from {letters.key}? [y/N] "):
             say("nothing deleted")
             return UNHEALTHY
-    with client.pipeline(transaction=True) as pipe:
-        pipe.llen(keys.dead)
-        pipe.delete(keys.dead)
-        removed, _ = pipe.execute()
+    removed = letters.purge()
     say(f"purged {removed} dead letters")
     return exitcodes.OK
 
@@ -591,18 +557,18 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def _requeue_dead(registry: PoolRegistry, *, limit: int | None) -> int:
+def _requeue_dead(letters: DeadLetters, *, limit: int | None) -> int:
     """Oldest first; each message goes back as the producer sent it, once."""
     moved = unreadable = 0
     end = -1 if limit is None else max(0, limit) - 1
-    for raw in registry.client.lrange(registry.keys.dead, 0, end):
+    for raw in letters.page(0, end):
         # Anyone who may write the list may have put anything there: such an
         # entry stays, for `dead show` to look at, and the rest go on.
         message = dead_letter_message(json_object(raw) or {})
         if message is None:
             unreadable += 1
             continue
-        moved += registry.requeue_dead_letter(raw, message)
+        moved += letters.requeue(raw, message)
     say(f"requeued {moved} dead letters")
     if unreadable:
         complain(f"{unreadable} entries hold no message the pool wrote and stay in the list (see `dead list`)")

@@ -70,7 +70,7 @@ import structlog
 from control import dashboard_data
 from control.dashboard_data import ActionResult, Overview
 from control.http_base import LIMITS, HardenedHTTPServer, Limits, Request, Response
-from control.lookup import DASHBOARD_BUDGET, find_task, json_object
+from control.lookup import DASHBOARD_BUDGET, find_task
 from image_result_client.protocol import QueueKeys
 from image_result_client.terminal import printable
 from shared import exitcodes
@@ -78,6 +78,7 @@ from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.logs import configure_logging
 from shared.state.pool_registry import PoolRegistry
+from shared.state.reading import json_object
 from shared.state.redis_queue import REDIS_ERRORS, connect
 
 # Threads that answer requests the base has read whole: Redis reads, searches

@@ -2,8 +2,9 @@
 what it changes (dead letters).
 
     every client's GET /api/overview --> Overview.get() --(at most once a second,
-        one thread at a time)--> refresh(): two pipelined round trips to Redis,
-        the tail of results.json --> one JSON body, shared by every client
+        one thread at a time)--> refresh(): two pipelined round trips to Redis
+        (shared.state.snapshot), the tail of results.json --> one JSON body,
+        shared by every client
 
 The pool must not notice the dashboard, however many browsers watch it:
 - One refresh serves every client for REFRESH_SECONDS: twenty browsers cost
@@ -47,22 +48,22 @@ from control.lookup import (
     dead_letter_message,
     dead_letter_view,
     file_of,
-    json_object,
     lines_from_end,
-    list_pages,
     record_of_line,
     results_path,
-    scan_keys,
 )
 from image_result_client.protocol import STATS_BUCKET_SECONDS, QueueKeys
 from shared.config import Settings
 from shared.state.pool_registry import HostQueues, PoolRegistry
+from shared.state.reading import json_object
 from shared.state.redis_queue import REDIS_ERRORS
 from shared.state.request_state import RequestState
+from shared.state.results_stream import StreamEntry
+from shared.state.stats import Counts
 
 REFRESH_SECONDS = 1.0
 SCAN_SECONDS = 15.0
-SCAN_CALLS = 50  # of COUNT 1000 each (control.lookup.scan_keys)
+SCAN_CALLS = 50  # of COUNT 1000 each (shared.state.reading.scan_prefix)
 # Stats buckets live 120 s in Redis: read the ones that can still exist.
 STATS_BUCKETS_READ = 120 // STATS_BUCKET_SECONDS + 1
 HISTORY_SECONDS = 15 * 60
@@ -110,6 +111,7 @@ class Overview:
         self.client = client
         self.settings = settings
         self.keys = QueueKeys(settings.queue)
+        self.registry = PoolRegistry(client, self.keys)
         self.requests = RequestState(client, self.keys, request_ttl=settings.request_ttl)
         self.refresh_seconds = refresh_seconds
         self.clock, self.wall_clock = clock, wall_clock
@@ -167,72 +169,49 @@ class Overview:
         return self.settings.dashboard_token is not None
 
     def _read(self, now: float) -> dict:
-        keys, client = self.keys, self.client
         if self.clock() - self._scanned_at >= SCAN_SECONDS:
             self._scan()
         results = results_path(self.settings)
         slot = int(now) // STATS_BUCKET_SECONDS
-        with client.pipeline(transaction=False) as pipe:
-            pipe.llen(keys.queue)
-            pipe.smembers(keys.registry)
-            pipe.zcard(keys.delayed)
-            pipe.llen(keys.dead)
-            pipe.hlen(keys.committing)
-            pipe.zrange(keys.delayed, 0, 0, withscores=True)
-            pipe.lrange(keys.dead, -RECENT_DEAD, -1)
-            for back in range(STATS_BUCKETS_READ):
-                pipe.hgetall(keys.stats((slot - back) * STATS_BUCKET_SECONDS))
-            for host_id in self._hosts.listed:
-                pipe.llen(keys.host(host_id))
-            if results is None and self.settings.results_stream_maxlen:
-                pipe.xrevrange(self.settings.results_stream, count=RECENT_RECORDS)
-            first = pipe.execute(raise_on_error=False)
-        waiting, registry, delayed, dead, committing, next_due, dead_raw = _raise_first_error(first[:7])
-        registry, dead_raw = registry or set(), dead_raw or []
-        buckets = first[7 : 7 + STATS_BUCKETS_READ]
-        host_depths = first[7 + STATS_BUCKETS_READ : 7 + STATS_BUCKETS_READ + len(self._hosts.listed)]
-        stream_page = first[7 + STATS_BUCKETS_READ + len(self._hosts.listed) :]
-        lists = sorted(registry)
-        lease_keys = sorted(self._scanned_leases | {keys.lease(i).encode() for i in _instances(keys, lists)})
-        with client.pipeline(transaction=False) as pipe:
-            for name in lists:
-                pipe.llen(name)
-            if lease_keys:
-                pipe.mget(lease_keys)
-            second = _raise_first_error(pipe.execute(raise_on_error=False))
-        in_flight = {name.decode(errors="backslashreplace"): _count(n) for name, n in zip(lists, second, strict=False)}
-        states = [s for s in map(json_object, (second[len(lists)] or []) if lease_keys else []) if s is not None]
-        self._note_throughput(slot, buckets)
+        read_stream = results is None and self.settings.results_stream_maxlen
+        snapshot = self.registry.snapshots.read(
+            slot=slot,
+            buckets=STATS_BUCKETS_READ,
+            hosts=list(self._hosts.listed),
+            known_leases=self._scanned_leases,
+            newest_dead=RECENT_DEAD,
+            stream=self.settings.results_stream if read_stream else None,
+            stream_count=RECENT_RECORDS,
+        )
+        self._note_throughput(slot, snapshot.buckets)
         totals = {
-            "waiting": _count(waiting),
-            "in_flight": sum(in_flight.values()),
-            "delayed": _count(delayed),
-            "dead": _count(dead),
-            "committing": _count(committing),
+            "waiting": snapshot.waiting,
+            "in_flight": snapshot.in_flight_total,
+            "delayed": snapshot.delayed,
+            "dead": snapshot.dead,
+            "committing": snapshot.committing,
         }
         self._note_sample(now, totals)
         return {
-            "queue": keys.queue,
+            "queue": self.keys.queue,
             "now": now,
             "read_at": now,
             "writable": self.writable,
             "totals": totals,
-            "host_queues": {
-                host_id: _count(depth) for host_id, depth in zip(self._hosts.listed, host_depths, strict=True)
-            },
+            "host_queues": snapshot.host_depths,
             "host_queues_unlisted": self._hosts.unlisted_json(),
-            "next_retry_in": round(next_due[0][1] - now, 1) if next_due else None,
+            "next_retry_in": None if snapshot.next_due is None else round(snapshot.next_due - now, 1),
             "last_minute": self._last_minute(slot),
-            "supervisors": [_supervisor(state, in_flight, now) for state in sorted(states, key=_host_order)],
+            "supervisors": [
+                _supervisor(state, snapshot.in_flight, now) for state in sorted(snapshot.leases, key=_host_order)
+            ],
             "history": {
                 "bucket_seconds": STATS_BUCKET_SECONDS,
                 "samples": list(self._samples),
                 "throughput": [[s * STATS_BUCKET_SECONDS, *c] for s, c in sorted(self._throughput.items())],
             },
-            "records": self._records(results, stream_page[0] if stream_page else None),
-            "dead_letters": [
-                _dead_view(raw, now) for raw in reversed(dead_raw)  # newest first
-            ],
+            "records": self._records(results, snapshot.stream_page),
+            "dead_letters": [_dead_view(raw, now) for raw in snapshot.newest_dead],  # newest first
             "requests": self._open_requests(now),
         }
 
@@ -258,19 +237,16 @@ class Overview:
         """The keys only SCAN finds: leases and host queues. Bounded: SCAN_CALLS
         calls of COUNT SCAN_COUNT each, whatever the size of the keyspace, and
         only the served hosts' and the fullest others' queues are listed."""
-        found, _ = scan_keys(self.client, self.keys.lease(""), max_calls=SCAN_CALLS)
-        states = [json_object(raw) for raw in (self.client.mget(found) if found else [])]
-        served = {str(state.get("host_id")) for state in states if state is not None}
-        self._hosts = PoolRegistry(self.client, self.keys).host_queues(served=served, scan_calls=SCAN_CALLS)
+        found = self.registry.leases.found(max_calls=SCAN_CALLS)
+        served = {str(state.get("host_id")) for state in self.registry.leases.states_at(found)}
+        self._hosts = self.registry.host_queues(served=served, scan_calls=SCAN_CALLS)
         self._scanned_leases = set(found)
         self._scanned_at = self.clock()
 
-    def _note_throughput(self, slot: int, buckets: list) -> None:
-        for back, counts in enumerate(buckets):
-            if isinstance(counts, dict) and counts:
-                self._throughput[slot - back] = [
-                    _int(counts.get(name)) for name in (b"completed", b"failed", b"retried")
-                ]
+    def _note_throughput(self, slot: int, buckets: dict[int, Counts]) -> None:
+        """Keep the counts of the buckets still in Redis; the charts' older history is kept here."""
+        for bucket, counts in buckets.items():
+            self._throughput[bucket] = [counts[name] for name in ("completed", "failed", "retried")]
         oldest = slot - HISTORY_SECONDS // STATS_BUCKET_SECONDS
         for old in [s for s in self._throughput if s < oldest]:
             del self._throughput[old]
@@ -286,7 +262,7 @@ class Overview:
         counts = [self._throughput.get(slot - back, [0, 0, 0]) for back in range(60 // STATS_BUCKET_SECONDS)]
         return {name: sum(c[i] for c in counts) for i, name in enumerate(("completed", "failed", "retried"))}
 
-    def _records(self, results: Path | None, stream_page: object) -> dict:
+    def _records(self, results: Path | None, stream_page: list[StreamEntry] | None) -> dict:
         """The newest records: from results.json here, else from the results stream."""
         lines: list[bytes] = []
         source = None
@@ -299,7 +275,7 @@ class Overview:
                         break
             except OSError:
                 lines, source = [], None
-        elif isinstance(stream_page, list):
+        elif stream_page is not None:
             source = f"stream {self.settings.results_stream}"
             lines = [fields.get(b"record", b"") for _, fields in stream_page]
         items = []
@@ -335,13 +311,13 @@ class Overview:
 def requeue_dead_letter(registry: PoolRegistry, letter_id: str) -> ActionResult:
     """Put one dead letter's message back onto the queue, named by its id
     (the SHA-1 of its entry, as the overview sends it)."""
-    for _, raw in list_pages(registry.client, registry.keys.dead, limit=FIND_DEAD_LIMIT, newest_first=True):
+    for _, raw in registry.dead_letters.entries(limit=FIND_DEAD_LIMIT, newest_first=True):
         if _letter_id(raw) != letter_id:
             continue
         message = dead_letter_message(json_object(raw) or {})
         if message is None:
             return ActionResult(False, "this dead letter holds no message that can be requeued")
-        if registry.requeue_dead_letter(raw, message):
+        if registry.dead_letters.requeue(raw, message):
             return ActionResult(True, "requeued 1 dead letter", moved=1)
         break  # someone else moved it meanwhile
     return ActionResult(False, "no such dead letter (requeued or purged meanwhile?)")
@@ -355,7 +331,7 @@ def requeue_all_dead_letters(
     moved, unreadable, deadline = 0, 0, time.monotonic() + seconds
     skip = 0  # entries at the head we cannot requeue, left where they are
     while moved + unreadable < limit and time.monotonic() < deadline:
-        page = registry.client.lrange(registry.keys.dead, skip, skip + 99)
+        page = registry.dead_letters.page(skip, skip + 99)
         if not page:
             break
         for raw in page:
@@ -363,22 +339,19 @@ def requeue_all_dead_letters(
             if message is None:
                 unreadable += 1
                 skip += 1
-            elif registry.requeue_dead_letter(raw, message):
+            elif registry.dead_letters.requeue(raw, message):
                 moved += 1
             if moved + unreadable >= limit or time.monotonic() >= deadline:
                 break
-    remaining = int(registry.client.llen(registry.keys.dead))
+    remaining = registry.dead_letters.count()
     note = f"; {unreadable} hold no message and stay" if unreadable else ""
     return ActionResult(True, f"requeued {moved} dead letters{note}", moved=moved, remaining=remaining)
 
 
 def purge_dead_letters(registry: PoolRegistry) -> ActionResult:
     """Delete every dead letter (UNLINK: Redis frees a long list in the background)."""
-    with registry.client.pipeline(transaction=True) as pipe:
-        pipe.llen(registry.keys.dead)
-        pipe.unlink(registry.keys.dead)
-        removed, _ = pipe.execute()
-    return ActionResult(True, f"purged {removed} dead letters", moved=int(removed))
+    removed = registry.dead_letters.purge(in_background=True)
+    return ActionResult(True, f"purged {removed} dead letters", moved=removed)
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -435,36 +408,8 @@ def _child(child: object, in_flight: dict[str, int]) -> dict | None:
     return view
 
 
-def _instances(keys: QueueKeys, lists: list[bytes]) -> set[str]:
-    instances = set()
-    for name in lists:
-        instance = keys.instance_of(name.decode(errors="surrogateescape"))
-        if instance:
-            instances.add(instance)
-    return instances
-
-
 def _host_order(state: dict) -> tuple[str, str]:
     return (str(state.get("host_id")), str(state.get("instance")))
-
-
-def _raise_first_error(results: list) -> list:
-    for result in results:
-        if isinstance(result, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-            raise result
-    return [None if isinstance(r, Exception) else r for r in results]
-
-
-def _count(value: object) -> int:
-    """A count Redis answered, or 0 for an error in its place (a key of the wrong type)."""
-    return value if isinstance(value, int) else 0
-
-
-def _int(raw: bytes | None) -> int:
-    try:
-        return int(raw or 0)
-    except ValueError:
-        return 0
 
 
 def _text(value: object) -> str | None:

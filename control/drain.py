@@ -64,18 +64,18 @@ def drain_host(
     orphans = registry.orphaned_lists()
     for key in orphans:
         queue.requeue(key)
-    keys, client = registry.keys, registry.client
+    keys, lists = registry.keys, registry.task_lists
     host_queue = keys.host(host_id)
     moved = {SHARED: 0, DEAD: 0}
     # A snapshot: what producers push meanwhile is reported as left, not chased forever.
-    for entry in client.lrange(host_queue, 0, -1):
+    for entry in lists.all_entries(host_queue):
         task_id, deliveries = registry.identity_left(host_queue, entry) or (None, 0)
         disposal = dispose(entry, host_id=host_id, task_id=task_id, deliveries=deliveries, now=datetime.now())
         target = keys.queue if disposal.target == SHARED else keys.dead
         keep = dead_letter_max if disposal.target == DEAD else 0
         if registry.drain_host_entry(host_queue, entry, target=target, value=disposal.value, keep=keep):
             moved[disposal.target] += 1
-    return DrainReport(len(orphans), moved[SHARED], moved[DEAD], client.llen(host_queue))
+    return DrainReport(len(orphans), moved[SHARED], moved[DEAD], lists.length(host_queue))
 
 
 def dispose(entry: bytes, *, host_id: str, task_id: str | None, deliveries: int, now: datetime) -> Disposal:

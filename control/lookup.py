@@ -55,13 +55,14 @@ from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope, InvalidMessage, parse_envelope, salvage
 from shared.state.pool_registry import HOST_SCAN_CALLS, PoolRegistry
+from shared.state.reading import json_object
 from shared.state.redis_queue import REDIS_ERRORS, connect
 from shared.state.request_state import RequestState
+from shared.state.results_stream import ResultsStream
 
 NOT_FOUND = 1
 PAGE = 1000
 FILE_CHUNK = 1 << 20
-SCAN_COUNT = 1000
 # Host queues `task` searches beside the served hosts': the fullest (producers
 # can make any number of them; the rest are counted, not read).
 HOST_QUEUES_SEARCHED = 200
@@ -97,56 +98,6 @@ class Search:
 
 
 # -- reading Redis and files, bounded ---------------------------------------------
-
-
-def scan_keys(client: redis.Redis, prefix: str, *, max_calls: int | None) -> tuple[list[bytes], bool]:
-    """Keys starting with `prefix`, and whether the whole keyspace was seen
-    (False: `max_calls` SCAN calls of COUNT SCAN_COUNT ran out first)."""
-    found: list[bytes] = []
-    cursor, calls = 0, 0
-    while max_calls is None or calls < max_calls:
-        cursor, keys = client.scan(cursor, match=glob_escape(prefix) + "*", count=SCAN_COUNT)
-        found.extend(keys)
-        calls += 1
-        if cursor == 0:
-            return found, True
-    return found, False
-
-
-def glob_escape(text: str) -> str:
-    """`text` matched literally by a SCAN MATCH pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def lease_states(client: redis.Redis, keys: QueueKeys, *, max_calls: int | None = None) -> dict[str, dict]:
-    """instance -> its supervisor's state (`Supervisor.state()`), for every
-    live lease; a value that is not a JSON object is skipped."""
-    found, _ = scan_keys(client, keys.lease(""), max_calls=max_calls)
-    states = {}
-    prefix = keys.lease("")
-    for key, raw in zip(found, client.mget(found) if found else [], strict=True):
-        state = json_object(raw)
-        if state is not None:
-            states[key.decode(errors="backslashreplace")[len(prefix):]] = state
-    return states
-
-
-def list_pages(client: redis.Redis, key: str | bytes, *, limit: int | None, newest_first: bool = False) -> Iterator[tuple[int, bytes]]:
-    """(index, entry) of a list, in pages of PAGE, up to `limit` entries; from
-    the tail when `newest_first` (negative indexes then, -1 the newest)."""
-    read = 0
-    while limit is None or read < limit:
-        size = PAGE if limit is None else min(PAGE, limit - read)
-        if newest_first:
-            page = client.lrange(key, -(read + size), -(read + 1))
-            entries = [(-(read + 1) - offset, entry) for offset, entry in enumerate(reversed(page))]
-        else:
-            page = client.lrange(key, read, read + size - 1)
-            entries = [(read + offset, entry) for offset, entry in enumerate(page)]
-        yield from entries
-        read += len(page)
-        if len(page) < size:
-            return
 
 
 def lines_from_end(path: Path, *, limit: int | None) -> Iterator[bytes]:
@@ -195,18 +146,6 @@ def dead_letter_message(entry: dict) -> bytes | None:
     return message.encode("utf-8", errors="surrogatepass") if isinstance(message, str) else None
 
 
-def json_object(raw: bytes | str | None) -> dict | None:
-    """`raw` as a JSON object, or None for anything else: what Redis holds may
-    have been written by anyone who can write there."""
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
 # -- matching -----------------------------------------------------------------------
 
 
@@ -249,16 +188,16 @@ def find_task(
 ) -> Search:
     """Every place the task with this request id (or task id) is now."""
     now = time.time() if now is None else now
-    keys = QueueKeys(settings.queue)
+    registry = PoolRegistry(client, QueueKeys(settings.queue))
     matcher = _Matcher(request_id)
     found: list[dict] = []
     not_searched: list[str] = []
-    states = lease_states(client, keys, max_calls=budget.scan_calls)
-    found += _in_flight(client, keys, matcher, states, now)
+    states = registry.leases.states(max_calls=budget.scan_calls)
+    found += _in_flight(registry, matcher, states, now)
     served = {str(state.get("host_id")) for state in states.values()}
-    found += _queued(client, keys, matcher, budget, not_searched, served)
-    found += _delayed(client, keys, matcher, budget, not_searched, now)
-    found += _dead(client, keys, matcher, budget, not_searched, now)
+    found += _queued(registry, matcher, budget, not_searched, served)
+    found += _delayed(registry, matcher, budget, not_searched, now)
+    found += _dead(registry, matcher, budget, not_searched, now)
     found += _recorded(client, settings, matcher, budget, not_searched)
     found += _request(client, settings, request_id, budget, not_searched, now)
     return Search(request_id, found, not_searched)
@@ -300,36 +239,36 @@ def _request_summary(record: dict) -> dict:
 
 
 def _queued(
-    client: redis.Redis, keys: QueueKeys, matcher: _Matcher, budget: Budget, skipped: list[str], served: set[str]
+    registry: PoolRegistry, matcher: _Matcher, budget: Budget, skipped: list[str], served: set[str]
 ) -> list[dict]:
-    found = []
+    found, keys, lists = [], registry.keys, registry.task_lists
     scan_calls = HOST_SCAN_CALLS if budget.scan_calls is None else min(budget.scan_calls, HOST_SCAN_CALLS)
-    hosts = PoolRegistry(client, keys).host_queues(served=served, listed=HOST_QUEUES_SEARCHED, scan_calls=scan_calls)
+    hosts = registry.host_queues(served=served, listed=HOST_QUEUES_SEARCHED, scan_calls=scan_calls)
     if hosts.others:
         skipped.append(f"{hosts.others} host queues with no supervisor, beyond the {HOST_QUEUES_SEARCHED} fullest")
     if not hosts.complete:
         skipped.append(f"host queues beyond the first {scan_calls} SCAN calls")
     for name in [keys.queue, *(keys.host(host_id) for host_id in hosts.listed)]:
         read = 0
-        for index, message in list_pages(client, name, limit=budget.list_entries):
+        for index, message in lists.entries(name, limit=budget.list_entries):
             read += 1
             if matcher.message(message):
                 found.append({"state": "queued", "list": name, "position": index, **_ids(message)})
         if budget.list_entries is not None and read >= budget.list_entries:
             skipped.append(f"{name} beyond its first {budget.list_entries} entries")
     if found:
-        lengths = dict(zip([f["list"] for f in found], _lengths(client, [f["list"] for f in found]), strict=True))
+        lengths = dict(zip([f["list"] for f in found], lists.lengths([f["list"] for f in found]), strict=True))
         for place in found:
             place["length"] = lengths[place["list"]]
     return found
 
 
-def _in_flight(client: redis.Redis, keys: QueueKeys, matcher: _Matcher, states: dict, now: float) -> list[dict]:
-    found = []
+def _in_flight(registry: PoolRegistry, matcher: _Matcher, states: dict, now: float) -> list[dict]:
+    found, keys, lists = [], registry.keys, registry.task_lists
     workers = _workers_by_list(states)
-    for raw_key in sorted(client.smembers(keys.registry)):
+    for raw_key in lists.processing_lists():
         name = raw_key.decode(errors="backslashreplace")  # shown; Redis is asked by the key's bytes
-        for index, entry in list_pages(client, raw_key, limit=None):
+        for index, entry in lists.entries(raw_key, limit=None):
             try:
                 envelope = parse_envelope(entry)
             except InvalidMessage:
@@ -370,13 +309,11 @@ def _flight(name: str, index: int, envelope: Envelope, keys: QueueKeys, states: 
     return place
 
 
-def _delayed(
-    client: redis.Redis, keys: QueueKeys, matcher: _Matcher, budget: Budget, skipped: list[str], now: float
-) -> list[dict]:
-    found, read = [], 0
+def _delayed(registry: PoolRegistry, matcher: _Matcher, budget: Budget, skipped: list[str], now: float) -> list[dict]:
+    found, read, keys = [], 0, registry.keys
     while budget.list_entries is None or read < budget.list_entries:
         size = PAGE if budget.list_entries is None else min(PAGE, budget.list_entries - read)
-        page = client.zrange(keys.delayed, read, read + size - 1, withscores=True)
+        page = registry.task_lists.delayed_page(read, size)
         for entry, due in page:
             try:
                 envelope = parse_envelope(entry)
@@ -399,17 +336,15 @@ def _delayed(
     return found
 
 
-def _dead(
-    client: redis.Redis, keys: QueueKeys, matcher: _Matcher, budget: Budget, skipped: list[str], now: float
-) -> list[dict]:
-    found, read = [], 0
-    for index, raw in list_pages(client, keys.dead, limit=budget.list_entries, newest_first=True):
+def _dead(registry: PoolRegistry, matcher: _Matcher, budget: Budget, skipped: list[str], now: float) -> list[dict]:
+    found, read, letters = [], 0, registry.dead_letters
+    for index, raw in letters.entries(limit=budget.list_entries, newest_first=True):
         read += 1
         entry = matcher.ours(raw)
         if entry is not None:
-            found.append({"state": "dead", "list": keys.dead, "position": index, **dead_letter_view(raw, entry, now)})
+            found.append({"state": "dead", "list": letters.key, "position": index, **dead_letter_view(raw, entry, now)})
     if budget.list_entries is not None and read >= budget.list_entries:
-        skipped.append(f"{keys.dead} beyond its newest {budget.list_entries} entries")
+        skipped.append(f"{letters.key} beyond its newest {budget.list_entries} entries")
     return found
 
 
@@ -459,11 +394,11 @@ def _in_results_file(path: Path, matcher: _Matcher, budget: Budget, skipped: lis
 
 
 def _in_stream(client: redis.Redis, stream: str, matcher: _Matcher, budget: Budget, skipped: list[str]) -> list[dict]:
-    found, read, last = [], 0, "+"
+    found, read, last = [], 0, None
     while budget.stream_entries is None or read < budget.stream_entries:
         size = PAGE if budget.stream_entries is None else min(PAGE, budget.stream_entries - read)
         try:
-            page = client.xrevrange(stream, max=last, min="-", count=size)
+            page = ResultsStream(client, stream).newest(size, before=last)
         except redis.exceptions.ResponseError:
             return found  # not a stream (WRONGTYPE): nothing recorded there
         for entry_id, fields in page:
@@ -473,7 +408,7 @@ def _in_stream(client: redis.Redis, stream: str, matcher: _Matcher, budget: Budg
         read += len(page)
         if len(page) < size:
             return found
-        last = "(" + page[-1][0].decode()
+        last = page[-1][0]
     skipped.append(f"stream {stream} before its newest {budget.stream_entries} entries")
     return found
 
@@ -494,13 +429,6 @@ def file_of(record: dict, output_dir: Path) -> dict:
 def _ids(body: bytes) -> dict:
     ids = salvage(body)
     return {"request_id": ids.request_id, "image_id": ids.image_id}
-
-
-def _lengths(client: redis.Redis, names: list[str]) -> list[int]:
-    with client.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.llen(name)
-        return [int(n) for n in pipe.execute()]
 
 
 def _workers_by_list(states: dict) -> dict[str, dict]:

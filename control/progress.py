@@ -3,7 +3,7 @@ every PROGRESS_SECONDS (0: never), from counts Redis keeps already.
 
     ledger's acknowledgement --HINCRBY--> {Q}:stats:<slot> (10-second buckets)
     supervisor, at most every SAMPLE_SECONDS: the buckets around now and the
-        waiting lists' lengths (one round trip) --what each bucket gained
+        waiting lists' lengths (one round trip: shared.state.stats) --what each bucket gained
         since the last read--> the counts since the last line
     every PROGRESS_SECONDS: `progress` (completed, failed, retried, rate,
         waiting, eta_s), unless nothing was done and nothing waits
@@ -25,9 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import redis
-
-from image_result_client.protocol import STATS_BUCKET_SECONDS, QueueKeys
+from image_result_client.protocol import STATS_BUCKET_SECONDS
+from shared.state.stats import OutcomeStats
 
 OUTCOMES = ("completed", "failed", "retried")
 SAMPLE_SECONDS = 10.0
@@ -69,8 +68,7 @@ def progress_fields(counts: Counts, *, seconds: float, waiting: int) -> dict | N
 class ProgressMeter:
     """The supervisor's reader of the stats buckets; one `step` per loop pass."""
 
-    def __init__(self, keys: QueueKeys) -> None:
-        self.keys = keys
+    def __init__(self) -> None:
         self.seen: dict[int, Counts] = {}
         self.counted = dict.fromkeys(OUTCOMES, 0)  # since the last line
         self.last_slot: int | None = None  # of the last read
@@ -78,7 +76,7 @@ class ProgressMeter:
         self.sample_due = 0.0
 
     def step(
-        self, client: redis.Redis, *, every: float, waiting_lists: tuple[str, ...], now: float, wall_now: float
+        self, stats: OutcomeStats, *, every: float, waiting_lists: tuple[str, ...], now: float, wall_now: float
     ) -> dict | None:
         """Read when due (now: time.monotonic()); the fields of a `progress`
         line when one is due and there is work, else None. `waiting_lists`:
@@ -90,7 +88,9 @@ class ProgressMeter:
             return None
         slot = int(wall_now) // STATS_BUCKET_SECONDS
         first = slot - 1 if self.last_slot is None else max(self.last_slot - 1, slot - OLDEST_BUCKETS)
-        read, waiting = self._read(client, range(first, slot + 2), waiting_lists)
+        slots = range(first, slot + 2)
+        buckets, waiting = stats.buckets_and_waiting(slots, waiting_lists)
+        read = {bucket: buckets.get(bucket, {}) for bucket in slots}  # a bucket gone counts as empty
         self.sample_due = now + min(every, SAMPLE_SECONDS)
         gained = tally(self.seen, read, forget_before=slot - OLDEST_BUCKETS)
         if self.last_slot is None:  # the first read only learns where the counts stand
@@ -104,16 +104,3 @@ class ProgressMeter:
         fields = progress_fields(self.counted, seconds=now - self.line_started, waiting=waiting)
         self.counted, self.line_started = dict.fromkeys(OUTCOMES, 0), now
         return fields
-
-    def _read(self, client: redis.Redis, slots: range, waiting_lists: tuple[str, ...]) -> tuple[dict[int, Counts], int]:
-        with client.pipeline(transaction=True) as pipe:
-            for slot in slots:
-                pipe.hgetall(self.keys.stats(slot * STATS_BUCKET_SECONDS))
-            for name in waiting_lists:
-                pipe.llen(name)
-            replies = pipe.execute()
-        buckets = {
-            slot: {name: int(reply.get(name.encode(), b"0") or 0) for name in OUTCOMES}
-            for slot, reply in zip(slots, replies, strict=False)
-        }
-        return buckets, sum(replies[len(slots):])

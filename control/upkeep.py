@@ -36,7 +36,7 @@ from control.progress import ProgressMeter
 from image_result_client.protocol import QueueKeys
 from shared.config import Settings
 from shared.ipc.sdnotify import Notifier
-from shared.ipc.task_board import TaskBoard, describe_task, read_entries
+from shared.ipc.task_board import TaskBoard, describe_task
 from shared.state.pool_registry import PoolRegistry
 from shared.state.redis_queue import REDIS_ERRORS, RedisRefused, ReliableQueue, is_refusal
 from shared.state.request_state import EXPIRE_BATCH, RequestState
@@ -70,7 +70,7 @@ class PoolUpkeep:
         self.replicas: int | None = None  # connected to the master, under Sentinel
         self.lease_due = 0.0  # 0: renew on the next pass (the state `status` shows has changed)
         self.orphan_scan_due = 0.0
-        self.progress = ProgressMeter(self.keys)
+        self.progress = ProgressMeter()
         self.redis_failing: set[str] = set()
         # Until the supervisor's first pass is done (before any child is forked),
         # a permanent refusal (a command the ACL lacks) stops the start: RedisRefused.
@@ -100,7 +100,7 @@ class PoolUpkeep:
             return
         renewed = self.redis_call(
             "lease_renewal_failed",
-            self.registry.renew_lease,
+            self.registry.leases.renew,
             self.instance,
             self.settings.lease_ttl,
             state(),
@@ -112,7 +112,7 @@ class PoolUpkeep:
     def drop_lease(self) -> None:
         """At a clean stop. The host's live key stays: another supervisor with our
         HOST_ID may be serving the host queue too. Ours expires within LEASE_TTL."""
-        self.redis_call("lease_drop_failed", self.registry.drop_lease, self.instance)
+        self.redis_call("lease_drop_failed", self.registry.leases.drop, self.instance)
 
     def tasks_in_hand(self, workers: Mapping[int, WorkerInHand], now: float) -> dict[int, dict]:
         """Slot -> the task that worker is on: its phase and age from the
@@ -125,7 +125,7 @@ class PoolUpkeep:
                 if reading is not None:
                     readings[slot] = reading
         wanted = {slot: (workers[slot].processing_key, reading.index) for slot, reading in readings.items() if reading.has_ids}
-        entries = self.redis_call("task_lookup_failed", read_entries, self.queue.client, wanted)
+        entries = self.redis_call("task_lookup_failed", self.registry.task_lists.entries_at, wanted)
         if entries is REDIS_FAILED:
             entries = {}
         wall_now = time.time()
@@ -232,7 +232,7 @@ class PoolUpkeep:
         fields = self.redis_call(
             "progress_read_failed",
             self.progress.step,
-            self.queue.client,
+            self.registry.stats,
             every=self.settings.progress_seconds,
             # A worker claims from its host's queue first, with HOST_QUEUE or not.
             waiting_lists=(self.keys.queue, self.keys.host(self.settings.host_id)),

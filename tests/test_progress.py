@@ -11,6 +11,7 @@ import pytest
 from control.progress import ProgressMeter, progress_fields, tally
 from harness.photos import photo_of_size
 from image_result_client.protocol import STATS_BUCKET_SECONDS, QueueKeys
+from shared.state.stats import OutcomeStats
 from tests.helpers import push, wait_for_records, wait_until
 
 
@@ -38,11 +39,12 @@ def test_progress_fields_say_rate_and_eta_and_nothing_when_idle():
 
 def test_meter_reads_the_buckets_the_ledger_counts_into(redis_client, queue_name):
     keys = QueueKeys(queue_name)
-    meter = ProgressMeter(keys)
+    meter = ProgressMeter()
+    stats = OutcomeStats(redis_client, keys)
     wall = 1_000_000.0 * STATS_BUCKET_SECONDS  # the start of a bucket
 
     def step(at: float):
-        return meter.step(redis_client, every=30, waiting_lists=(queue_name,), now=at, wall_now=wall + at)
+        return meter.step(stats, every=30, waiting_lists=(queue_name,), now=at, wall_now=wall + at)
 
     redis_client.hincrby(keys.stats(wall), "completed", 100)  # before the first read: not ours to report
     assert step(0) is None

@@ -8,7 +8,8 @@ import multiprocessing
 import pytest
 
 from image_result_client.protocol import QueueKeys
-from shared.ipc.task_board import ENCODE, LOAD, TaskBoard, describe_task, read_entries
+from shared.ipc.task_board import ENCODE, LOAD, TaskBoard, describe_task
+from shared.state.task_lists import TaskLists
 
 
 def envelope(task_id: str, deliveries: int, message: bytes) -> bytes:
@@ -60,7 +61,8 @@ def test_the_task_in_hand_is_found_from_the_tail_of_the_processing_list(redis_cl
     in_hand = envelope("hand", 1, b'{"request_id": "mine"}')
     unstarted = [envelope(f"later{i}", 1, b"{}") for i in range(2)]
     redis_client.rpush(key, *done, in_hand, *unstarted)
-    assert read_entries(redis_client, {0: (key, -(len(unstarted) + 1))}) == {0: in_hand}
+    read_entries = TaskLists(redis_client, QueueKeys(queue_name)).entries_at
+    assert read_entries({0: (key, -(len(unstarted) + 1))}) == {0: in_hand}
     redis_client.lrem(key, 1, done[1])  # the ledger acknowledges
-    assert read_entries(redis_client, {0: (key, -3), 1: (key + "x", -1)}) == {0: in_hand, 1: None}
-    assert read_entries(redis_client, {}) == {}
+    assert read_entries({0: (key, -3), 1: (key + "x", -1)}) == {0: in_hand, 1: None}
+    assert read_entries({}) == {}

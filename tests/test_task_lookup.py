@@ -85,7 +85,7 @@ def test_in_flight_names_the_supervisor_worker_and_the_task_in_hand(setup, redis
         }],
         "ledger": None,
     }
-    PoolRegistry(redis_client, queue.keys).renew_lease("inst1", 30, json.dumps(state).encode())
+    PoolRegistry(redis_client, queue.keys).leases.renew("inst1", 30, json.dumps(state).encode())
 
     [place] = find_task(redis_client, settings, "busy").found
 

@@ -84,6 +84,7 @@ from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
 from shared.output import files
 from shared.output.results_file import ResultsFile, ResultsFileError, encode_line
+from shared.state.dead_letters import DeadLetters
 from shared.state.redis_queue import REDIS_ERRORS, Acknowledgement, ReliableQueue, connect
 from shared.state.request_state import CountedImage, RequestState, record_id_of
 from workers.publication import Publisher
@@ -163,6 +164,7 @@ class Ledger:
         self.unlinks.finish_interrupted()
         self.queue = ReliableQueue(connect(self.settings), self.keys, max_message_bytes=self.settings.max_message_bytes)
         self.request_state = RequestState.for_pool(self.queue.client, self.keys, self.settings)
+        self.dead_letters = DeadLetters(self.queue.client, self.keys)
         self._note_trimmed(force=True)  # the counts so far: only what is trimmed from now on is logged
         listener = channel.listen(channel.ledger_address(self.instance))
         listener.setblocking(False)
@@ -407,7 +409,7 @@ class Ledger:
             return
         self.trimmed_logged_at = time.monotonic()
         try:
-            counts = {k.decode(): int(v) for k, v in self.queue.client.hgetall(self.keys.dead_trimmed).items()}
+            counts = self.dead_letters.trimmed()
         except (*REDIS_ERRORS, ValueError):
             return  # the next look tells
         seen, self.trimmed = self.trimmed, counts

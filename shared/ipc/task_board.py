@@ -5,7 +5,8 @@
         mapped before fork: no lock, no system call, no Redis)
     supervisor: at each lease renewal, reads every board, and for each worker
         with a task past "start" reads that task's entry of its processing
-        list (one LINDEX each, in one round trip) for its ids
+        list (one LINDEX each, in one round trip: TaskLists.entries_at in
+        shared/state/task_lists.py) for its ids
     --> the lease value --> `status`
 
 The task in hand is the entry `unstarted + 1` from the tail of the worker's
@@ -27,19 +28,13 @@ Hazards handled here:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.context import BaseContext
-from typing import TypeVar
-
-import redis
 
 from shared.messages import InvalidMessage, parse_envelope, salvage
 
 PHASES = ("idle", "start", "load", "encode", "write")
 IDLE, START, LOAD, ENCODE, WRITE = range(len(PHASES))
-
-K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,16 +87,6 @@ class TaskBoard:
     def still(self, reading: Reading) -> bool:
         """Whether the task read is still the one in hand."""
         return self._since.value == reading.since
-
-
-def read_entries(client: redis.Redis, wanted: Mapping[K, tuple[str, int]]) -> dict[K, bytes | None]:
-    """Each (processing list, index) wanted, read in one round trip."""
-    if not wanted:
-        return {}
-    with client.pipeline(transaction=True) as pipe:
-        for key, index in wanted.values():
-            pipe.lindex(key, index)
-        return dict(zip(wanted, pipe.execute(), strict=True))
 
 
 def describe_task(reading: Reading, entry: bytes | None, *, now: float, wall_now: float) -> dict:

@@ -1,8 +1,20 @@
 """What the pool keeps about itself in Redis, beside the task path
-(shared.state.redis_queue): each supervisor's lease (its state for `status`) and its
-host's live key, the processing lists whose owner died, how deep every list is,
-the host queues, and the operator's moves on dead letters and a lost host's
-queue.
+(shared.state.redis_queue): how deep every list is, the host queues, the processing
+lists whose owner died, and the operator's moves on a lost host's queue.
+
+    {Q}:host:<HOST_ID>  list: read here (host_queues), drained here (drain_host_entry)
+    {Q}:redelivery      hash: the identity a requeued message keeps (identity_left)
+
+The registry holds the owners of the rest, so that a caller asks the one
+registry it has (`registry.dead_letters.page(...)`):
+
+    leases             {Q}:lease:<instance>, {Q}:live_host:<HOST_ID>  (shared.state.leases)
+    stats              {Q}:stats:<slot>                             (shared.state.stats)
+    dead_letters       {Q}:dead, {Q}:dead:trimmed                   (shared.state.dead_letters)
+    junk_dead_letters  {Q}:dead:junk                                (shared.state.dead_letters)
+    task_lists         reads of {Q}, {Q}:host:*, {Q}:processing[:*],
+                       {Q}:delayed, {Q}:committing                  (shared.state.task_lists)
+    snapshots          the dashboard's batch of them all            (shared.state.snapshot)
 
 Each supervisor renews its lease every LEASE_TTL/3; the processing lists of an
 instance whose lease expired (the whole tree was killed) are requeued by
@@ -17,8 +29,14 @@ from dataclasses import dataclass, field
 
 import redis
 
-from image_result_client.protocol import PUSH_FOR_HOST_SCRIPT, QueueKeys
-from shared.state.redis_queue import DRAIN_ENTRY_SCRIPT, REQUEUE_DEAD_SCRIPT
+from image_result_client.protocol import QueueKeys
+from shared.state.dead_letters import DeadLetters
+from shared.state.leases import Leases
+from shared.state.reading import scan_prefix
+from shared.state.redis_queue import DRAIN_ENTRY_SCRIPT
+from shared.state.snapshot import SnapshotReader
+from shared.state.stats import OutcomeStats
+from shared.state.task_lists import TaskLists
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,24 +84,26 @@ class PoolRegistry:
     def __init__(self, client: redis.Redis, keys: QueueKeys) -> None:
         self.client = client
         self.keys = keys
-        self._requeue_dead = client.register_script(REQUEUE_DEAD_SCRIPT)
+        self.leases = Leases(client, keys)
+        self.stats = OutcomeStats(client, keys)
+        self.dead_letters = DeadLetters(client, keys)
+        self.junk_dead_letters = DeadLetters(client, keys, junk=True)
+        self.task_lists = TaskLists(client, keys)
+        self.snapshots = SnapshotReader(client, keys)
         self._drain_entry = client.register_script(DRAIN_ENTRY_SCRIPT)
 
     def depths(self) -> QueueDepths:
         """How many tasks wait, run, wait for a retry and lie dead: for `status` and metrics."""
-        client, keys = self.client, self.keys
-        in_flight = {key.decode(): client.llen(key) for key in client.smembers(keys.registry)}
+        lists = self.task_lists
+        in_flight = {key.decode(): lists.length(key) for key in lists.processing_lists()}
         return QueueDepths(
-            waiting=client.llen(keys.queue),
+            waiting=lists.length(self.keys.queue),
             in_flight_by_list=in_flight,
-            delayed=client.zcard(keys.delayed),
-            dead=client.llen(keys.dead),
-            junk=client.llen(keys.dead_junk),
-            trimmed={kind.decode(): int(count) for kind, count in client.hgetall(keys.dead_trimmed).items()},
+            delayed=lists.delayed_count(),
+            dead=self.dead_letters.count(),
+            junk=self.junk_dead_letters.count(),
+            trimmed=self.dead_letters.trimmed(),
         )
-
-    def requeue_dead_letter(self, entry: bytes, message: bytes) -> bool:
-        return bool(self._requeue_dead(keys=[self.keys.dead, self.keys.queue], args=[entry, message]))
 
     def drain_host_entry(self, host_queue: str, entry: bytes, *, target: str, value: bytes, keep: int = 0) -> bool:
         """Move one entry of a lost host's queue as `value` to the tail of
@@ -109,7 +129,7 @@ class PoolRegistry:
         the `listed` fullest others; the rest counted. Bounded: `scan_calls` SCAN calls, and the depths pipelined."""
         prefix = self.keys.host("")
         served = set(served)
-        names, complete = self._scan(prefix, max_calls=scan_calls)
+        names, complete = scan_prefix(self.client, prefix, max_calls=scan_calls, count=HOST_SCAN_COUNT)
         # Producers can make any key here: a name that is not UTF-8 is shown, escaped, not fatal.
         found = {name.decode(errors="backslashreplace")[len(prefix) :]: name for name in names}
         # A served host's queue is read whether or not a SCAN cut short came upon it.
@@ -134,45 +154,12 @@ class PoolRegistry:
         waiting = sum(depths[host_id] for host_id in rest) if not not_read else None
         return HostQueues({host_id: depths[host_id] for host_id in shown}, len(rest) + not_read, waiting, complete)
 
-    def _scan(self, prefix: str, *, max_calls: int) -> tuple[list[bytes], bool]:
-        """Keys under `prefix` (matched literally) from at most `max_calls`
-        SCAN calls, and whether SCAN went round the whole keyspace."""
-        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in prefix) + "*"
-        found, cursor = [], 0
-        for _ in range(max_calls):
-            cursor, keys = self.client.scan(cursor, match=pattern, count=HOST_SCAN_COUNT)
-            found.extend(keys)
-            if cursor == 0:
-                return found, True
-        return found, False
-
-    def renew_lease(self, instance: str, ttl: float, state: bytes = b"{}", *, serving_host: str | None = None) -> None:
-        """Renew this instance's lease; its value is the supervisor's state for
-        `status`. With `serving_host`, also say for as long that a pool serves
-        that host's queue (its live key, holding this instance's id).
-
-        Also loads the producers' script (push_for_host.lua): producers may
-        only run it (EVALSHA), never load a script of their own, so the pool
-        puts it there and puts it back within LEASE_TTL/3 after a Redis
-        restart, a SCRIPT FLUSH or a failover. In the same transaction as the
-        live key, so a live key set here never stands without the script.
-        Loading a cached script again is cheap and changes nothing."""
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.script_load(PUSH_FOR_HOST_SCRIPT)
-            pipe.set(self.keys.lease(instance), state, px=int(ttl * 1000))
-            if serving_host is not None:
-                pipe.set(self.keys.live_host(serving_host), instance, px=int(ttl * 1000))
-            pipe.execute()
-
-    def drop_lease(self, instance: str) -> None:
-        self.client.delete(self.keys.lease(instance))
-
     def orphaned_lists(self) -> list[str]:
         """Processing lists whose owner's lease has expired."""
         orphans = []
-        for raw_key in self.client.smembers(self.keys.registry):
+        for raw_key in self.task_lists.processing_lists():
             key = raw_key.decode()
             instance = self.keys.instance_of(key)
-            if instance is None or not self.client.exists(self.keys.lease(instance)):
+            if instance is None or not self.leases.held(instance):
                 orphans.append(key)
         return orphans

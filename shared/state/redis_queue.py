@@ -201,6 +201,10 @@ class ReliableQueue:
         self._promote = client.register_script(PROMOTE_SCRIPT)
         self._ack = client.register_script(ACK_SCRIPT)
 
+    def ping(self) -> None:
+        """Raise unless Redis answers (the supervisor waits for it at start)."""
+        self.client.ping()
+
     def register(self, processing_key: str) -> None:
         """List a worker's processing list, so that it is requeued if orphaned,
         with the list its blocking wait takes from (where a message not yet
