@@ -72,6 +72,7 @@ from pathlib import Path
 import structlog
 
 from image_result_client.protocol import REQUESTS_NAME
+from image_result_client.results_files import encode_line
 from shared import channel, exitcodes, output, process
 from shared.backoff import compute_backoff
 from shared.config import Settings
@@ -81,7 +82,7 @@ from shared.messages import InvalidMessage, segment_name
 from shared.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.redis_queue import REDIS_ERRORS, Acknowledgement, QueueKeys, ReliableQueue, connect
 from shared.request_state import CountedImage, RequestState, record_id_of
-from shared.results_file import ResultsFile, ResultsFileError, encode_line
+from shared.results_file import ResultsFile, ResultsFileError
 from shared.segments import SegmentAccess, unlink_segment
 from shared.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
 from workers.publication import Publisher
