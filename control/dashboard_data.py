@@ -48,12 +48,11 @@ from control.lookup import (
     dead_letter_view,
     file_of,
     json_object,
-    lines_from_end,
     list_pages,
-    record_of_line,
     results_path,
     scan_keys,
 )
+from image_result_client.results_files import lines_from_end, parse_line
 from shared.config import Settings
 from shared.pool_registry import HostQueues, PoolRegistry
 from shared.redis_queue import REDIS_ERRORS, STATS_BUCKET_SECONDS, QueueKeys
@@ -303,7 +302,7 @@ class Overview:
             lines = [fields.get(b"record", b"") for _, fields in stream_page]
         items = []
         for line in lines:
-            record = record_of_line(line)
+            record = parse_line(line)
             if record is None:
                 continue
             item = {key: record.get(key) for key in (

@@ -49,6 +49,7 @@ from pathlib import Path
 import redis
 
 from image_result_client.protocol import REQUESTS_NAME
+from image_result_client.results_files import lines_from_end, parse_line
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
@@ -61,7 +62,6 @@ from shared.terminal import printable, say
 
 NOT_FOUND = 1
 PAGE = 1000
-FILE_CHUNK = 1 << 20
 SCAN_COUNT = 1000
 # Host queues `task` searches beside the served hosts': the fullest (producers
 # can make any number of them; the rest are counted, not read).
@@ -150,35 +150,6 @@ def list_pages(client: redis.Redis, key: str | bytes, *, limit: int | None, newe
             return
 
 
-def lines_from_end(path: Path, *, limit: int | None) -> Iterator[bytes]:
-    """Complete lines of a file, last first, reading at most `limit` bytes
-    from its end (None: all of it). A symlink is not followed."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        size = os.fstat(fd).st_size
-        position, carry, read = size, b"", 0
-        while position > 0 and (limit is None or read < limit):
-            size_now = min(FILE_CHUNK, position) if limit is None else min(FILE_CHUNK, position, limit - read)
-            position -= size_now
-            chunk = os.pread(fd, size_now, position) + carry
-            read += size_now
-            lines = chunk.split(b"\n")
-            carry = lines[0]  # may continue before this chunk
-            yield from reversed(lines[1:])
-        if position == 0 and carry:
-            yield carry
-    finally:
-        os.close(fd)
-
-
-def record_of_line(line: bytes) -> dict | None:
-    """A results.json line (or a stream event) as a dict; None for anything else."""
-    text = line.strip().rstrip(b",]").strip()
-    if not text.startswith(b"{"):
-        return None
-    return json_object(text)
-
-
 def results_path(settings: Settings) -> Path | None:
     """results.json, if this host can read it (the pool's host, or a shared mount)."""
     path = settings.output_dir / RESULTS_NAME
@@ -231,7 +202,7 @@ class _Matcher:
         """A record or a dead letter, written by the pool: the dict, if it matches."""
         if not any(needle in line for needle in self.in_ours):
             return None
-        record = record_of_line(line)
+        record = parse_line(line)
         if record is None:
             return None
         return record if self.wanted in (record.get("request_id"), record.get("task_id")) else None
@@ -282,7 +253,7 @@ def _request(
     if path.is_file() and os.access(path, os.R_OK):
         try:
             for line in lines_from_end(path, limit=budget.file_bytes):
-                record = record_of_line(line)
+                record = parse_line(line)
                 if record is not None and record.get("request_id") == request_id:
                     found.append({"state": "request_ended", "source": str(path), "record": _request_summary(record)})
         except OSError as exc:
