@@ -246,9 +246,16 @@ def test_read_records_of_a_missing_an_empty_and_a_full_file(path: Path) -> None:
 
 def test_read_records_reads_a_torn_tail_again_until_the_append_ends(path: Path) -> None:
     ledger_file(path, [record(0)])
-    whole = path.read_bytes()
-    path.write_bytes(torn_states(whole, [record(1)])[10])
-    finisher = threading.Timer(0.1, ledger_file, args=(path, [record(1)]))
+    states = torn_states(path.read_bytes(), [record(1)])
+    torn = states[10]
+    path.write_bytes(torn)
+
+    def finish_the_append() -> None:
+        with open(path, "r+b") as raw:
+            raw.seek(len(torn))
+            raw.write(states[-1][len(torn) :])
+
+    finisher = threading.Timer(0.1, finish_the_append)
     finisher.start()
     try:
         assert read_records(path, timeout=5.0) == [record(0), record(1)]
