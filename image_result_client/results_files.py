@@ -110,13 +110,7 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
     which holds the same bytes); None for "[", "]", a torn line, or anything
     that is not a JSON object."""
     text = _record_text(line)
-    if text is None:
-        return None
-    try:
-        record = json.loads(text)
-    except (ValueError, RecursionError):  # ValueError covers a torn UTF-8 sequence too
-        return None
-    return record if isinstance(record, dict) else None
+    return None if text is None else _object_of(text)
 
 
 def complete_records(data: bytes) -> tuple[list[dict[str, Any]], int | None]:
@@ -126,7 +120,7 @@ def complete_records(data: bytes) -> tuple[list[dict[str, Any]], int | None]:
     records: list[dict[str, Any]] = []
     end_of_last: int | None = None
     for text, end in record_lines(data, through_end=True):
-        record = parse_line(text)
+        record = _object_of(text)
         if record is not None:
             records.append(record)
             end_of_last = end
@@ -136,6 +130,15 @@ def complete_records(data: bytes) -> tuple[list[dict[str, Any]], int | None]:
 def _record_text(line: bytes) -> bytes | None:
     text = line.rstrip(b",]")
     return text if text.startswith(b"{") and text.endswith(b"}") else None
+
+
+def _object_of(text: bytes) -> dict[str, Any] | None:
+    """A record line's text (as record_lines gives it) parsed, if it is a JSON object."""
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):  # ValueError covers a torn UTF-8 sequence too
+        return None
+    return record if isinstance(record, dict) else None
 
 
 # -- reading --------------------------------------------------------------------------
@@ -219,8 +222,8 @@ class ResultsFollower:
 
     def records(self) -> Iterator[dict[str, Any]]:
         """poll(), each line parsed; a line that is not a JSON object is passed over."""
-        for line in self.poll():
-            record = parse_line(line)
+        for text in self.poll():
+            record = _object_of(text)
             if record is not None:
                 yield record
 
