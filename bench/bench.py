@@ -67,6 +67,7 @@ from harness.results import read_requests, read_results, read_results_file
 from harness.segments import SegmentTracker, still_present
 from image_result_client.producer import unlink_segment
 from image_result_client.protocol import RESULTS_NAME, SHM_DIR, QueueKeys
+from image_result_client.results_files import ResultsFollower, encode_file, encode_line
 from shared.config import Settings
 from shared.imaging.images import encode_segment
 from shared.imaging.rendering import Rendering
@@ -465,52 +466,28 @@ def encode_cpu_us(pool: Pool) -> tuple[int, float]:
 
 
 class ResultsTail:
-    """Counts the records in results.json as the ledger appends them.
-
-    Bytes before the end of the last complete record never change (an append
-    only overwrites the closing "\\n]\\n"), so each poll reads from there on.
-    """
+    """Counts the records in results.json as the ledger appends them, with the
+    client's ResultsFollower; on_record gets each record line, unparsed, and the
+    time of the poll that found it."""
 
     def __init__(self, path: Path, *, on_record: Callable[[bytes, float], None] | None = None) -> None:
         self.path = path
         self.on_record = on_record
-        self.count = 0
-        self._fd = -1
-        self._consumed = 0
-        self._seen_size = -1
+        self._follower = ResultsFollower(path)
+
+    @property
+    def count(self) -> int:
+        return self._follower.count
 
     def poll(self) -> int:
-        if self._fd < 0:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return self.count
-        size = os.fstat(self._fd).st_size
-        if size == self._seen_size:
-            return self.count
         now = time.perf_counter()
-        data = os.pread(self._fd, size - self._consumed, self._consumed)
-        position = self._consumed
-        complete = True
-        pieces = data.split(b"\n")
-        for piece in pieces[:-1]:  # the last piece has no newline yet: maybe torn
-            start = position
-            position += len(piece) + 1
-            text = piece.rstrip(b",")
-            if text.startswith(b"{") and text.endswith(b"}"):
-                self.count += 1
-                self._consumed = start + len(text)
-                if self.on_record is not None:
-                    self.on_record(text, now)
-        if pieces[-1]:
-            complete = False
-        self._seen_size = size if complete else -1
-        return self.count
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self.on_record is None:
+            for _ in self._follower.poll():
+                pass
+        else:
+            for line in self._follower.poll():
+                self.on_record(line, now)
+        return self._follower.count
 
 
 def verify_pool_output(pool: Pool, tasks: list[BenchTask], client: redis.Redis, exit_code: int) -> None:
@@ -683,22 +660,19 @@ def run_pool_batch(bench: Bench, tasks: list[BenchTask], label: str) -> PoolResu
             unclaimed = int(bench.client.llen(queue))
             tail = ResultsTail(pool.output_dir / RESULTS_NAME)
             deadline = time.monotonic() + 60 + len(tasks) * 0.2
-            try:
-                while tail.poll() < len(tasks):
-                    if pool.poll() is not None:
-                        raise CheckFailed(
-                            f"pool exited with {pool.poll()} after {tail.count} records\n{pool.stderr_tail()}"
-                        )
-                    if time.monotonic() > deadline:
-                        raise CheckFailed(
-                            f"pool stalled: {tail.count} of {len(tasks)} records, "
-                            f"{bench.client.llen(queue)} still queued\n"
-                            + pool.stderr_tail()
-                        )
-                    time.sleep(THROUGHPUT_POLL_SECONDS if tail.count < 0.9 * len(tasks) else POLL_SECONDS)
-                done_at = time.perf_counter()
-            finally:
-                tail.close()
+            while tail.poll() < len(tasks):
+                if pool.poll() is not None:
+                    raise CheckFailed(
+                        f"pool exited with {pool.poll()} after {tail.count} records\n{pool.stderr_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise CheckFailed(
+                        f"pool stalled: {tail.count} of {len(tasks)} records, "
+                        f"{bench.client.llen(queue)} still queued\n"
+                        + pool.stderr_tail()
+                    )
+                time.sleep(THROUGHPUT_POLL_SECONDS if tail.count < 0.9 * len(tasks) else POLL_SECONDS)
+            done_at = time.perf_counter()
             role_ns = dict.fromkeys(("workers", "ledger", "supervisor"), 0)
             for pid in pids:
                 # A child forked after the window opened counts whole (its boot takes ms).
@@ -876,24 +850,21 @@ def latency_run(bench: Bench, frames: list[np.ndarray], rate: float, count: int)
             others = ForeignLoad().start()
             started = time.perf_counter()
             next_poll = started
-            try:
-                for index, task in enumerate(tasks):
-                    due = started + index * interval
-                    while (now := time.perf_counter()) < due:
-                        if now >= next_poll:
-                            tail.poll()
-                            next_poll = now + POLL_SECONDS
-                        time.sleep(max(0.0, min(due, next_poll) - time.perf_counter()))
-                    pushed_at[task.request_id] = time.perf_counter()
-                    bench.client.rpush(queue, task.message())
-                deadline = time.monotonic() + 30
-                while tail.poll() < count:
-                    if time.monotonic() > deadline or pool.poll() is not None:
-                        raise CheckFailed(f"latency run: {tail.count} of {count} records\n{pool.stderr_tail()}")
-                    time.sleep(POLL_SECONDS)
-                foreign = others.percent()
-            finally:
-                tail.close()
+            for index, task in enumerate(tasks):
+                due = started + index * interval
+                while (now := time.perf_counter()) < due:
+                    if now >= next_poll:
+                        tail.poll()
+                        next_poll = now + POLL_SECONDS
+                    time.sleep(max(0.0, min(due, next_poll) - time.perf_counter()))
+                pushed_at[task.request_id] = time.perf_counter()
+                bench.client.rpush(queue, task.message())
+            deadline = time.monotonic() + 30
+            while tail.poll() < count:
+                if time.monotonic() > deadline or pool.poll() is not None:
+                    raise CheckFailed(f"latency run: {tail.count} of {count} records\n{pool.stderr_tail()}")
+                time.sleep(POLL_SECONDS)
+            foreign = others.percent()
             code = pool.stop(timeout=STOP_TIMEOUT)
         verify_pool_output(pool, tasks, bench.client, code)
     finally:
@@ -927,12 +898,12 @@ def realistic_record(index: int, run: str) -> dict:
 
 def write_results_file(path: Path, count: int) -> None:
     """A results.json of `count` records in the ledger's format, written directly."""
-    template = json.dumps(realistic_record(0, "RUN"), ensure_ascii=True)
-    head, _, rest = template.partition("RUN-0")
-    middle, _, tail = rest.partition("RUN-0")
-    lines = [f"{head}old-{i}{middle}old-{i}{tail}" for i in range(count)]
+    template = encode_line(realistic_record(0, "RUN"))
+    head, _, rest = template.partition(b"RUN-0")
+    middle, _, tail = rest.partition(b"RUN-0")
+    lines = [b"%sold-%d%sold-%d%s" % (head, i, middle, i, tail) for i in range(count)]
     with open(path, "wb") as out:
-        out.write(b"[\n" + ",\n".join(lines).encode() + b"\n]\n")
+        out.write(encode_file(lines))
         out.flush()
         os.fsync(out.fileno())
 

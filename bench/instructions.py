@@ -224,7 +224,6 @@ def count_pool(
         pool.start()
         pool.wait_ready(timeout=STARTUP_TIMEOUT)
         tail = throughput.ResultsTail(pool.output_dir / RESULTS_NAME)
-        stack.callback(tail.close)
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while tail.poll() < len(tasks):
             if pool.poll() is not None or time.monotonic() > deadline:

@@ -48,11 +48,10 @@ from control.lookup import (
     dead_letter_message,
     dead_letter_view,
     file_of,
-    lines_from_end,
-    record_of_line,
     results_path,
 )
 from image_result_client.protocol import STATS_BUCKET_SECONDS, QueueKeys
+from image_result_client.results_files import lines_from_end, parse_line
 from shared.config import Settings
 from shared.state.pool_registry import HostQueues, PoolRegistry
 from shared.state.reading import json_object
@@ -280,7 +279,7 @@ class Overview:
             lines = [fields.get(b"record", b"") for _, fields in stream_page]
         items = []
         for line in lines:
-            record = record_of_line(line)
+            record = parse_line(line)
             if record is None:
                 continue
             item = {key: record.get(key) for key in (

@@ -41,7 +41,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -49,20 +48,19 @@ from pathlib import Path
 import redis
 
 from image_result_client.protocol import REQUESTS_NAME, RESULTS_NAME, QueueKeys
+from image_result_client.results_files import lines_from_end, parse_line
 from image_result_client.terminal import printable, say
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
 from shared.messages import Envelope, InvalidMessage, parse_envelope, salvage
 from shared.state.pool_registry import HOST_SCAN_CALLS, PoolRegistry
-from shared.state.reading import json_object
 from shared.state.redis_queue import REDIS_ERRORS, connect
 from shared.state.request_state import RequestState
 from shared.state.results_stream import ResultsStream
 
 NOT_FOUND = 1
 PAGE = 1000
-FILE_CHUNK = 1 << 20
 # Host queues `task` searches beside the served hosts': the fullest (producers
 # can make any number of them; the rest are counted, not read).
 HOST_QUEUES_SEARCHED = 200
@@ -100,33 +98,6 @@ class Search:
 # -- reading Redis and files, bounded ---------------------------------------------
 
 
-def lines_from_end(path: Path, *, limit: int | None) -> Iterator[bytes]:
-    """Complete lines of a file, last first, reading at most `limit` bytes
-    from its end (None: all of it). A symlink is not followed."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    try:
-        size = os.fstat(fd).st_size
-        position, carry, read = size, b"", 0
-        while position > 0 and (limit is None or read < limit):
-            size_now = min(FILE_CHUNK, position) if limit is None else min(FILE_CHUNK, position, limit - read)
-            position -= size_now
-            chunk = os.pread(fd, size_now, position) + carry
-            read += size_now
-            lines = chunk.split(b"\n")
-            carry = lines[0]  # may continue before this chunk
-            yield from reversed(lines[1:])
-        if position == 0 and carry:
-            yield carry
-    finally:
-        os.close(fd)
-
-
-def record_of_line(line: bytes) -> dict | None:
-    """A results.json line (or a stream event) as a dict; None for anything else."""
-    text = line.strip().rstrip(b",]").strip()
-    if not text.startswith(b"{"):
-        return None
-    return json_object(text)
 
 
 def results_path(settings: Settings) -> Path | None:
@@ -169,7 +140,7 @@ class _Matcher:
         """A record or a dead letter, written by the pool: the dict, if it matches."""
         if not any(needle in line for needle in self.in_ours):
             return None
-        record = record_of_line(line)
+        record = parse_line(line)
         if record is None:
             return None
         return record if self.wanted in (record.get("request_id"), record.get("task_id")) else None
@@ -220,7 +191,7 @@ def _request(
     if path.is_file() and os.access(path, os.R_OK):
         try:
             for line in lines_from_end(path, limit=budget.file_bytes):
-                record = record_of_line(line)
+                record = parse_line(line)
                 if record is not None and record.get("request_id") == request_id:
                     found.append({"state": "request_ended", "source": str(path), "record": _request_summary(record)})
         except OSError as exc:

@@ -43,7 +43,7 @@ Hazards handled here:
   not served. Never a wrong place: a pool on any host can download it.
 - wait() reads results.json while the ledger appends to it: only complete
   lines are parsed, and the offset already scanned is kept, so each poll reads
-  only what was appended since (the pool's shared/output/results_file.py writes it).
+  only what was appended since (image_result_client.results_files follows it).
 
 Depends on redis, numpy and the standard library (the wire format's names and
 limits are in image_result_client.protocol, which the pool imports too); no OpenCV.
@@ -88,15 +88,13 @@ from image_result_client.protocol import (
     awaiting_publication,
     is_unicode,
 )
+from image_result_client.results_files import ResultsFollower
 
 DEFAULT_PREFIX = DEFAULT_SEGMENT_PREFIX
 URL_SCHEMES = ("http", "https")
 CONNECT_TIMEOUT = 5.0
 SOCKET_TIMEOUT = 10.0
 POLL_SECONDS = 0.05
-# results.json is read in pieces of at most this many bytes, so a first scan of
-# a large file never holds all of it in memory.
-READ_CHUNK = 4 * 1024 * 1024
 
 Progress = Callable[[list[dict[str, Any]], int], None]
 
@@ -471,21 +469,12 @@ def _is_for(record: dict[str, Any], wanted: set[str], image_ids: Mapping[str, st
 
 
 class ResultsReader:
-    """Follows results.json as the ledger appends to it, one record per line.
-
-    An append overwrites the closing "\\n]\\n" with ",\\n<records>\\n]\\n". So the
-    bytes up to the end of the last complete record line never change, except
-    that the newline after it becomes a comma, which we have already passed.
-    The offset only moves past record lines (never past "]"), so an append always
-    lands at or after it; a line without its newline yet is a torn tail, read
-    again next time. A file that shrank or was replaced (the ledger's one-off
-    migration of a seed file) is read again from the start.
-    """
+    """The records of wanted requests in results.json (or requests.json), followed
+    as the ledger appends to it (image_result_client.results_files.ResultsFollower)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._offset = 0
-        self._identity: tuple[int, int] | None = None
+        self._follower = ResultsFollower(path)
         self._by_request: dict[str, dict[str, Any]] = {}
         self._wanted: set[str] = set()
         self._published: set[str] = set()  # request ids whose record find() may hand out
@@ -513,54 +502,10 @@ class ResultsReader:
         return found
 
     def _scan(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        try:
-            stat = os.fstat(fd)
-            identity = (stat.st_dev, stat.st_ino)
-            if identity != self._identity or stat.st_size < self._offset:
-                self._identity, self._offset = identity, 0
-            while self._offset < stat.st_size:
-                chunk = os.pread(fd, min(READ_CHUNK, stat.st_size - self._offset), self._offset)
-                consumed = self._take_lines(chunk)
-                if consumed == 0:
-                    break  # only a torn tail (or "]") left; the next poll sees more
-                self._offset += consumed
-        finally:
-            os.close(fd)
+        for record in self._follower.records():
+            self._keep(record)
 
-    def _take_lines(self, chunk: bytes) -> int:
-        """Parse the record lines in chunk; returns the bytes safe to skip from now on."""
-        consumed = 0
-        position = 0
-        while True:
-            end = chunk.find(b"\n", position)
-            if end < 0:
-                return consumed
-            line = chunk[position:end]
-            position = end + 1
-            # Only the comma: a torn one-byte append shows "{...},]", and taking
-            # that line would put the offset inside the record being written.
-            text = line.rstrip(b",")
-            if line == b"[":
-                consumed = position
-            elif text.startswith(b"{") and text.endswith(b"}"):
-                try:
-                    record = json.loads(text)
-                except ValueError:
-                    continue  # see below
-                self._keep(record)
-                consumed = position
-            # Anything else ("]", an empty line left by a repaired tear, a line
-            # that does not parse) is passed over without moving the offset: it
-            # may be the tail an append is rewriting. Once a good record follows
-            # it, it is not the tail, and the offset moves past it.
-
-    def _keep(self, record: Any) -> None:
-        if not isinstance(record, dict):
-            return
+    def _keep(self, record: dict[str, Any]) -> None:
         request_id = record.get("request_id")
         if isinstance(request_id, int) and not isinstance(request_id, bool):
             request_id = str(request_id)  # the pool accepts integer ids and records them as given

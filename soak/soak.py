@@ -82,7 +82,8 @@ from harness.photos import load_photos, photo_of_size
 from harness.pool import Pool
 from harness.results import read_requests, read_results
 from harness.segments import SegmentTracker
-from image_result_client.protocol import DEFAULT_RESULTS_STREAM, QueueKeys
+from image_result_client.protocol import DEFAULT_RESULTS_STREAM, REQUESTS_NAME, RESULTS_NAME, QueueKeys
+from image_result_client.results_files import ResultsFollower
 from tools.local_redis import LocalRedis
 
 QUEUE = "soak"
@@ -373,6 +374,11 @@ class Soak:
         self.failures: list[str] = []
         self.pool_exit: int | None = None
         self.last_record_at: float | None = None
+        # The records of results.json and requests.json, counted as they come.
+        self.progress = (
+            ResultsFollower(self.output_dir / RESULTS_NAME),
+            ResultsFollower(self.output_dir / REQUESTS_NAME),
+        )
 
     # -- phases --------------------------------------------------------
 
@@ -501,13 +507,10 @@ class Soak:
             raise RuntimeError(f"supervisor exited with {self.pool.poll()} in the middle of the run")
 
     def print_progress(self, phase: str) -> None:
-        counts = []
-        for name in ("results.json", "requests.json"):
-            try:
-                counts.append((self.output_dir / name).read_bytes().count(b"\n{"))
-            except FileNotFoundError:
-                counts.append(0)
-        records, request_records = counts
+        for follower in self.progress:
+            for _ in follower.poll():
+                pass
+        records, request_records = (follower.count for follower in self.progress)
         kills = self.chaos.kills
         print(f"  [{phase}] pushed={self.producer.pushed} records={records} request records={request_records} "
               f"kills: workers={kills['worker']} ledger={kills['ledger']}", flush=True)

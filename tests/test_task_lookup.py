@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from control.lookup import Budget, describe, find_task, lines_from_end
+from control.lookup import Budget, describe, find_task
 from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
 from image_result_client.protocol import QueueKeys
@@ -192,18 +192,6 @@ def test_messages_that_are_anything_do_not_break_the_search(setup, redis_client)
     search = find_task(redis_client, settings, "wanted")
 
     assert [(p["state"], p["position"]) for p in search.found] == [("queued", 5), ("queued", 6)]
-
-
-@pytest.mark.fast
-def test_lines_from_end_reads_back_to_front_within_its_budget(tmp_path: Path) -> None:
-    path = tmp_path / "f"
-    lines = [f"line {index}".encode() for index in range(300_000)]
-    path.write_bytes(b"\n".join(lines))
-    assert list(lines_from_end(path, limit=None)) == lines[::-1]
-    assert list(lines_from_end(path, limit=30))[:2] == [b"line 299999", b"line 299998"]
-    (tmp_path / "link").symlink_to(path)
-    with pytest.raises(OSError):
-        list(lines_from_end(tmp_path / "link", limit=None))
 
 
 def test_the_command_on_a_real_pool_escapes_what_it_prints(pool_factory, redis_client, queue_name, tmp_path) -> None:

@@ -72,6 +72,7 @@ from pathlib import Path
 import structlog
 
 from image_result_client.protocol import REQUESTS_NAME, RESULTS_NAME, QueueKeys
+from image_result_client.results_files import encode_line
 from shared import exitcodes, process
 from shared.backoff import compute_backoff
 from shared.config import Settings
@@ -83,7 +84,7 @@ from shared.ipc.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
 from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
 from shared.output import files
-from shared.output.results_file import ResultsFile, ResultsFileError, encode_line
+from shared.output.results_file import ResultsFile, ResultsFileError
 from shared.state.dead_letters import DeadLetters
 from shared.state.redis_queue import REDIS_ERRORS, Acknowledgement, ReliableQueue, connect
 from shared.state.request_state import CountedImage, RequestState, record_id_of

@@ -1,18 +1,11 @@
-"""results.json (and requests.json) as an append-only JSON array: one record per line.
+"""The ledger's durable writer of results.json (and requests.json, in the same form).
 
-    [
-    {"timestamp": ..., "status": "completed"},
-    {"timestamp": ..., "status": "failed", "error": ...}
-    ]
-
-An append overwrites only the closing "\\n]\\n" with ",\\n<records>\\n]\\n", so
-its cost does not grow with the file. A crash mid-append leaves a torn tail;
-`open()` repairs it before anything new is written: it truncates after the last
-complete record line and writes the closing bracket again. Records after that
-point were never acknowledged, so their tasks are redelivered.
-
-A reader that races an append may see a torn tail for a moment; it should
-retry, as harness/results.py does.
+The format, its append rule and its readers are in image_result_client.results_files.
+Each append is written and fdatasync'ed before append() returns. A crash mid-append
+leaves a torn tail; `open()` repairs it before anything new is written: it
+truncates after the last complete record line and writes the closing bracket
+again. Records after that point were never acknowledged, so their tasks are
+redelivered.
 """
 
 from __future__ import annotations
@@ -21,12 +14,19 @@ import json
 import os
 from pathlib import Path
 
+from image_result_client.results_files import (
+    CLOSING,
+    EMPTY,
+    complete_records,
+    encode_append,
+    encode_file,
+    encode_line,
+    parse_line,
+    starts_as_line_format,
+)
 from shared.crash_points import armed, crash_point
 from shared.output.files import fsync_directory, open_state_file
 
-OPENING = b"[\n"
-CLOSING = b"\n]\n"
-EMPTY = OPENING + b"]\n"
 # How much of the end of the file is read at start for repair and for the
 # ids of recent records (about 30,000 records).
 TAIL_WINDOW = 8 * 1024 * 1024
@@ -57,7 +57,7 @@ class ResultsFile:
             return []
         head = os.pread(self._fd, 3, 0)
         # A torn first append can leave just "[" or "[\n": ours, to be repaired.
-        if not (head.startswith(b"[\n{") or EMPTY.startswith(head)):
+        if not starts_as_line_format(head):
             self._migrate_foreign_array()
             size = os.fstat(self._fd).st_size
         return self._repair_tail(size)
@@ -71,7 +71,7 @@ class ResultsFile:
         ledger sends the same bytes on to the results stream."""
         if not lines:
             return
-        text = (b",\n" if self._has_records else b"\n") + b",\n".join(lines) + CLOSING
+        text = encode_append(lines, after_records=self._has_records)
         offset = self._size - len(CLOSING)
         try:
             if armed(self.torn_point):
@@ -94,8 +94,9 @@ class ResultsFile:
         with open(self.path, "rb") as whole:
             for line in whole:
                 if any(needle in line for needle in needles):
-                    records, _ = _complete_records(line.rstrip(b"\n"))
-                    found.extend(r for r in records if r.get("task_id") in task_ids)
+                    record = parse_line(line.rstrip(b"\n"))
+                    if record is not None and record.get("task_id") in task_ids:
+                        found.append(record)
         return found
 
     def close(self) -> None:
@@ -106,7 +107,7 @@ class ResultsFile:
     def _repair_tail(self, size: int) -> list[dict]:
         window = min(size, TAIL_WINDOW)
         tail = os.pread(self._fd, window, size - window)
-        records, end_of_last = _complete_records(tail)
+        records, end_of_last = complete_records(tail)
         if end_of_last is None:
             if window < size:
                 raise ResultsFileError(f"{self.path}: no complete record in its last {window} bytes")
@@ -147,8 +148,7 @@ class ResultsFile:
         if not isinstance(records, list):
             raise ResultsFileError(f"{self.path} holds JSON but not an array")
         staging = self.path.with_name(self.path.name + ".migrating")
-        body = b"".join([OPENING, b",\n".join(encode_line(r) for r in records), CLOSING])
-        staging.write_bytes(EMPTY if not records else body)
+        staging.write_bytes(encode_file([encode_line(r) for r in records]))
         fd = os.open(staging, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
@@ -158,36 +158,9 @@ class ResultsFile:
         self._fd = open_state_file(self.path, os.O_RDWR)
 
 
-def _complete_records(tail: bytes) -> tuple[list[dict], int | None]:
-    """Records on the complete lines of `tail`, and the offset just past the last one."""
-    records: list[dict] = []
-    end_of_last: int | None = None
-    position = 0
-    for line in tail.split(b"\n"):
-        start = position
-        position += len(line) + 1
-        # A record line ends with "}"; a torn append may leave "," or ",]" after it.
-        text = line.rstrip(b",]")
-        if not text.startswith(b"{") or not text.endswith(b"}"):
-            continue
-        try:
-            record = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-            end_of_last = start + len(text)
-    return records, end_of_last
-
-
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
-
-
-def encode_line(record: dict) -> bytes:
-    """One record as results.json holds it (ASCII JSON, one line)."""
-    return json.dumps(record, ensure_ascii=True).encode()
