@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("index", type=int, metavar="N", help="its number in `dead list` (0: the oldest, -1: the newest)")
     show.add_argument("--json", action="store_true", help="the entry as stored, as one JSON object")
     requeue = _subcommand(dead_commands, "requeue", "push dead letters' messages back onto the queue, oldest first")
-    requeue.add_argument("--limit", type=int, default=None, metavar="N", help="at most N, oldest first")
+    requeue.add_argument("--limit", type=_count, default=None, metavar="N", help="at most N, oldest first")
     purge = _subcommand(dead_commands, "purge", "delete every dead letter (asks first on a terminal)")
     purge.add_argument("--yes", action="store_true", help="do not ask; needed without a terminal")
     for action in (listing, show, requeue, purge):
@@ -560,7 +560,7 @@ def _confirm(question: str) -> bool:
 def _requeue_dead(letters: DeadLetters, *, limit: int | None) -> int:
     """Oldest first; each message goes back as the producer sent it, once."""
     moved = unreadable = 0
-    end = -1 if limit is None else max(0, limit) - 1
+    end = -1 if limit is None else limit - 1  # LRANGE is inclusive; -1: to the end
     for raw in letters.page(0, end):
         # Anyone who may write the list may have put anything there: such an
         # entry stays, for `dead show` to look at, and the rest go on.

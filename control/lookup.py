@@ -95,9 +95,7 @@ class Search:
         return {"request_id": self.request_id, "found": self.found, "not_searched": self.not_searched}
 
 
-# -- reading Redis and files, bounded ---------------------------------------------
-
-
+# -- where records and messages are ----------------------------------------------
 
 
 def results_path(settings: Settings) -> Path | None:

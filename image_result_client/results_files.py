@@ -185,7 +185,7 @@ class ResultsFollower:
         self.count = 0
         self._offset = 0  # just past the "}" of the last record line handed out
         self._identity: tuple[int, int] | None = None
-        self._size_read = -1  # the size of the file when it was last read through
+        self._size_read = -1  # the size last read through to a tail a newline ends; -1: none
 
     def poll(self) -> Iterator[bytes]:
         """The record lines appended since the last poll, in order, each without
@@ -194,8 +194,11 @@ class ResultsFollower:
             seen = os.stat(self.path)
         except FileNotFoundError:
             return
-        # An append that completes always grows the file (past any torn state of
-        # it), so an unchanged size means there is nothing new to read.
+        # Past a tail that a newline ends, the file only changes by growing (an
+        # append that completes is longer than any torn state of it), so the
+        # same size means nothing new. A torn tail is read again whatever its
+        # size: the next ledger cuts it and appends again, which can bring the
+        # file back to the size last read with a whole record in it.
         if (seen.st_dev, seen.st_ino) == self._identity and seen.st_size == self._size_read:
             return
         try:
@@ -207,16 +210,18 @@ class ResultsFollower:
             identity = (stat.st_dev, stat.st_ino)
             if identity != self._identity or stat.st_size < self._offset:
                 self._identity, self._offset, self.count = identity, 0, 0
+            ends_with_newline = False
             while self._offset < stat.st_size:
                 base = self._offset
                 chunk = os.pread(fd, min(READ_CHUNK, stat.st_size - base), base)
+                ends_with_newline = base + len(chunk) == stat.st_size and chunk.endswith(b"\n")
                 for text, end in record_lines(chunk):
                     self._offset = base + end
                     self.count += 1
                     yield text
                 if self._offset == base:
                     break  # only a torn tail (or "]") is left; a later poll sees more
-            self._size_read = stat.st_size
+            self._size_read = stat.st_size if ends_with_newline else -1
         finally:
             os.close(fd)
 

@@ -326,6 +326,22 @@ def test_dead_requeue_replays_what_it_can_and_leaves_entries_that_are_not_dead_l
     assert redis_client.lrange(dead_key, 0, -1) == [b"not json at all", b'{"error": "an entry without its message"}']
 
 
+
+def test_dead_requeue_refuses_a_limit_below_one_instead_of_requeuing_every_entry(
+    redis_server, redis_client, queue_name, tmp_path
+):
+    for n in range(3):
+        dead_letter(redis_client, queue_name, failed_at=datetime.now(), request_id=f"r{n}", error="HTTP 404 Not Found",
+                    message=b'{"request_id": "r%d", "image_url": "http://x/a.jpg"}' % n)
+
+    for limit in ("0", "-1"):
+        done = operator_command(
+            "dead", "requeue", "--limit", limit, redis_url=redis_server.url, queue=queue_name, output_dir=tmp_path
+        )
+        assert done.returncode == 2, done
+        assert "is not a count; expected 1 or more" in done.stderr
+    assert redis_client.llen(QueueKeys(queue_name).dead) == 3 and redis_client.llen(queue_name) == 0
+
 def test_dead_list_filters_by_error_and_age_and_show_prints_one_whole(redis_server, redis_client, queue_name, tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         done = operator_command(*args, redis_url=redis_server.url, queue=queue_name, output_dir=tmp_path)

@@ -193,6 +193,26 @@ def test_the_follower_starts_again_when_a_repair_shrinks_the_file(path: Path) ->
     assert follower.count == 3
 
 
+def test_the_follower_reads_again_a_torn_tail_rewritten_to_the_same_size(path: Path) -> None:
+    # A ledger killed mid-append leaves a line without its newline; the next
+    # ledger cuts it, puts the closing back and appends the redelivered task's
+    # record, whose line may be shorter: the file can come back to the very size
+    # the follower last read, with a whole record in it now.
+    ledger_file(path, [record(0)])
+    before = path.read_bytes()
+    follower = ResultsFollower(path)
+    assert list(follower.records()) == [record(0)]
+    redelivered = encode_line(record(1))
+    torn = encode_line(record(1, error="x" * 40))[: len(redelivered) + len(b"\n]\n")]
+    path.write_bytes(before[:-3] + b",\n" + torn)
+    assert list(follower.records()) == []
+    repaired = before[:-3] + b",\n" + redelivered + b"\n]\n"
+    assert len(repaired) == path.stat().st_size  # the same size, the same inode
+    path.write_bytes(repaired)
+    assert list(follower.records()) == [record(1)]
+    assert follower.count == 2
+
+
 def test_the_follower_starts_again_when_the_file_is_replaced(path: Path) -> None:
     # A file of the original module, indented: not this format until the ledger migrates it.
     seed = [record(0), record(1)]

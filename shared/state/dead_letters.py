@@ -11,8 +11,9 @@
 Entries are pushed, and trimmed and counted, by the ledger's acknowledgement
 (shared/state/lua/ack.lua, run by ReliableQueue) and by `host drain`
 (shared/state/lua/drain_entry.lua, run by PoolRegistry). Everything else, reading
-them (`status`, `dead`, `task`, the dashboard, the ledger's log of the trimmed)
-and the operator's requeue and purge, is here. One DeadLetters works on one of
+them (`status`, `dead`, `task`, the dashboard's actions, the ledger's log of the
+trimmed) and the operator's requeue and purge, is here; the dashboard's Overview
+reads the count and the newest entries within its batch (shared.state.snapshot). One DeadLetters works on one of
 the two lists (`junk`), the same way.
 """
 

@@ -5,8 +5,8 @@
                     (field "request"); added to by the ledger's acknowledgement
                     (shared/state/lua/ack.lua, shared/state/lua/requests.lua) and capped there
 
-Read by `task` (a record not in a local results.json) and the dashboard (the
-newest records, in its snapshot: shared.state.snapshot).
+Read here by `task` (a record not in a local results.json); the dashboard reads
+its newest records within its batch (shared.state.snapshot).
 """
 
 from __future__ import annotations
