@@ -26,14 +26,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from image_result_client.protocol import STATS_BUCKET_SECONDS
-from shared.state.stats import OutcomeStats
+from shared.state.stats import Counts, OutcomeStats
 
+# The outcomes a progress line reports; the buckets also count how many of the failed expired.
 OUTCOMES = ("completed", "failed", "retried")
 SAMPLE_SECONDS = 10.0
 # A bucket lives 120 s after its last count: older ones are not worth reading.
 OLDEST_BUCKETS = 110 // STATS_BUCKET_SECONDS
 
-Counts = dict[str, int]
 
 
 def tally(seen: dict[int, Counts], read: Mapping[int, Counts], *, forget_before: int) -> Counts:

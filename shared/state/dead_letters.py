@@ -51,10 +51,6 @@ class DeadLetters:
         counts (negative: from the newest, -1 the newest)."""
         return self.client.lrange(self.key, start, stop)
 
-    def newest(self, count: int) -> list[bytes]:
-        """The `count` newest entries, newest first."""
-        return list(reversed(self.client.lrange(self.key, -count, -1))) if count > 0 else []
-
     def entries(
         self, *, limit: int | None = None, newest_first: bool = False, page_size: int = LIST_PAGE
     ) -> Iterator[tuple[int, bytes]]:

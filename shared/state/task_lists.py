@@ -75,11 +75,6 @@ class TaskLists:
     def delayed_count(self) -> int:
         return int(self.client.zcard(self.keys.delayed))
 
-    def earliest_due(self) -> float | None:
-        """When the first delayed retry is due (epoch seconds); None without one."""
-        first = self.client.zrange(self.keys.delayed, 0, 0, withscores=True)
-        return first[0][1] if first else None
-
     def delayed_page(self, start: int, size: int) -> list[tuple[bytes, float]]:
         """(envelope, due time) of `size` delayed retries from `start`, soonest first."""
         return self.client.zrange(self.keys.delayed, start, start + size - 1, withscores=True)
