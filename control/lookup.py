@@ -48,7 +48,7 @@ from pathlib import Path
 import redis
 
 from image_result_client.protocol import REQUESTS_NAME, RESULTS_NAME, QueueKeys
-from image_result_client.results_files import lines_from_end, parse_line
+from image_result_client.results_files import encoded_field, lines_from_end, parse_line
 from image_result_client.terminal import printable, say
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
@@ -124,9 +124,8 @@ class _Matcher:
     def __init__(self, wanted: str) -> None:
         self.wanted = wanted
         self.raw = wanted.encode("utf-8", errors="surrogatepass")
-        # What our own JSON (ensure_ascii, default separators) holds for the id.
-        encoded = json.dumps(wanted).encode()
-        self.in_ours = (b'"request_id": ' + encoded, b'"task_id": ' + encoded)
+        # What our own JSON lines (records and dead letters, encoded alike) hold for the id.
+        self.in_ours = (encoded_field("request_id", wanted), encoded_field("task_id", wanted))
 
     def message(self, body: bytes) -> bool:
         """A producer's message: it may be anything."""

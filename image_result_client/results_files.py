@@ -63,6 +63,12 @@ def encode_line(record: dict) -> bytes:
     return json.dumps(record, ensure_ascii=True).encode()
 
 
+def encoded_field(name: str, value: str) -> bytes:
+    """The bytes encode_line writes for one string field, `"name": "value"`: a
+    cheap test of a raw line before parse_line, for a search by id."""
+    return json.dumps(name).encode() + b": " + json.dumps(value, ensure_ascii=True).encode()
+
+
 def encode_file(lines: list[bytes]) -> bytes:
     """A whole file holding these record lines (made by encode_line)."""
     if not lines:

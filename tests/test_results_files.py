@@ -21,6 +21,7 @@ from image_result_client.results_files import (
     encode_append,
     encode_file,
     encode_line,
+    encoded_field,
     lines_from_end,
     parse_line,
     read_records,
@@ -307,3 +308,11 @@ def test_lines_from_end_give_the_records_newest_first(path: Path) -> None:
     ledger_file(path, [record(n) for n in range(3)])
     parsed = [parse_line(line) for line in lines_from_end(path, limit=None)]
     assert [r for r in parsed if r is not None] == [record(2), record(1), record(0)]
+
+
+def test_encoded_field_is_what_a_written_line_holds_for_an_id() -> None:
+    for task_id in ["plain", 'quo"te', "back\\slash", "ünï 文字", "new\nline", "\x00"]:
+        line = encode_line({"request_id": "r", "task_id": task_id, "status": "completed"})
+        assert encoded_field("task_id", task_id) in line
+        assert encoded_field("task_id", task_id + "x") not in line
+        assert encoded_field("request_id", task_id) not in line or task_id == "r"

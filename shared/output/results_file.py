@@ -21,6 +21,7 @@ from image_result_client.results_files import (
     encode_append,
     encode_file,
     encode_line,
+    encoded_field,
     parse_line,
     starts_as_line_format,
 )
@@ -89,7 +90,7 @@ class ResultsFile:
         """Every record, anywhere in the file, of these task ids. A read of the
         whole file, for what open()'s tail window may not reach: at start, and
         only when the last ledger left something to decide by it."""
-        needles = [f'"task_id": {json.dumps(task_id)}'.encode() for task_id in task_ids]
+        needles = [encoded_field("task_id", task_id) for task_id in task_ids]
         found = []
         with open(self.path, "rb") as whole:
             for line in whole:
