@@ -230,6 +230,15 @@ def test_every_command_the_code_sends_is_granted() -> None:
     assert not missing, f"configs/redis-acl.conf does not grant {PRODUCER_USER}: {missing}"
 
 
+
+@pytest.mark.fast
+def test_only_the_state_owners_send_commands() -> None:
+    """Each key has one owner (docs/development.md, "A new Redis key"): outside
+    shared/state/, the pool's code asks the owners and sends nothing itself."""
+    pool = client_commands(POOL_SOURCES)
+    elsewhere = sorted(where for places in pool.values() for where in places if not where.startswith("shared/state/"))
+    assert pool and not elsewhere, f"Redis commands sent outside shared/state/: {elsewhere}"
+
 # Every way to put code into Redis: a producer that had one could run any loop there.
 LOADS_CODE = frozenset({"script", "script|load", "eval", "eval_ro", "function", "function|load", "function|restore"})
 
