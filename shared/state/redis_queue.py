@@ -339,23 +339,6 @@ class ReliableQueue:
         if task_ids:
             self.client.hset(self.keys.committing, mapping=dict.fromkeys(task_ids, host_queue))
 
-    def acknowledge(
-        self,
-        acks: list[Acknowledgement],
-        *,
-        counts: dict[str, int],
-        dead_letter_max: int,
-        now: float,
-        stream: str = "",
-        stream_maxlen: int = 0,
-    ) -> None:
-        """Remove tasks from their processing lists, announce their outcomes,
-        schedule their retries and count the batch for `status`, atomically."""
-        call = self.acknowledgement(
-            acks, counts=counts, dead_letter_max=dead_letter_max, now=now, stream=stream, stream_maxlen=stream_maxlen
-        )
-        call.script(keys=call.keys, args=call.args)
-
     def acknowledgement(
         self,
         acks: list[Acknowledgement],
@@ -366,8 +349,10 @@ class ReliableQueue:
         stream: str = "",
         stream_maxlen: int = 0,
     ) -> ScriptCall:
-        """acknowledge() as a script call, for a transaction that does more in
-        the same round trip (shared.state.request_state)."""
+        """Remove tasks from their processing lists, announce their outcomes,
+        schedule their retries and count the batch for `status`, atomically: a
+        script call for the ledger's transaction, which counts requests in the
+        same round trip (shared.state.request_state)."""
         keys = [
             self.keys.dead, self.keys.announced, self.keys.delayed, self.keys.stats(now), stream or self.keys.dead,
             self.keys.committing, self.keys.dead_junk, self.keys.dead_trimmed,
