@@ -107,6 +107,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         report.longrepr = f"{item.nodeid} runs in process (no child, no socket, no such fixture): mark it @pytest.mark.fast"
     return report
 
+
 @pytest.fixture(autouse=True)
 def fast_tests_stay_in_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """A test marked fast starts no Python interpreter and no redis-server: the
