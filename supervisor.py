@@ -81,11 +81,11 @@ from shared.imaging.shm_usage import ShmMeter
 from shared.ipc.sdnotify import Notifier
 from shared.ipc.task_board import TaskBoard
 from shared.logs import configure_logging
-from shared.output.files import LOCK_NAME, open_state_file
-from shared.output.output_dir import check_output_dir
 from shared.process import LEDGER_STALE_SECONDS
 from shared.state.pool_registry import PoolRegistry
 from shared.state.redis_queue import REDIS_ERRORS, RedisRefused, ReliableQueue, connect, is_refusal
+from shared.storage.files import LOCK_NAME, open_state_file
+from shared.storage.output_dir import check_output_dir
 
 LOOP_SECONDS = 1.0
 LEDGER_STOP_TIMEOUT = 15.0

@@ -74,8 +74,8 @@ from shared.imaging.rendering import Rendering
 from shared.imaging.segments import SegmentAccess
 from shared.ipc.records import COMPLETED, CompletionRecord
 from shared.messages import SegmentRef
-from shared.output.files import write_durably
-from shared.output.results_file import ResultsFile
+from shared.storage.files import write_durably
+from shared.storage.results_file import ResultsFile
 from tools.local_redis import LocalRedis
 
 # OpenCV starts a thread pool on its first parallel call (cv2.resize of the

@@ -38,12 +38,12 @@ from image_result_client.terminal import printable, say
 from shared import exitcodes
 from shared.cli import OneLineParser, complain
 from shared.config import ConfigError, Settings
-from shared.output.files import LOCK_NAME
 from shared.process import LEDGER_STALE_SECONDS
 from shared.state.dead_letters import DeadLetters
 from shared.state.pool_registry import PoolRegistry
 from shared.state.reading import json_object
 from shared.state.redis_queue import REDIS_ERRORS, ReliableQueue, connect
+from shared.storage.files import LOCK_NAME
 
 UNHEALTHY = 1
 # Home the cursor and clear the screen: `status --watch` draws each refresh anew.

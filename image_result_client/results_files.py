@@ -7,7 +7,7 @@
 
 Each file is a JSON array with one record per line: "[\\n", the record lines
 joined by ",\\n", then "\\n]\\n" (an empty file is "[\\n]\\n"). The pool's ledger
-(shared/output/results_file.py) is the only writer; everything here is what a reader
+(shared/storage/results_file.py) is the only writer; everything here is what a reader
 may rely on.
 
 The append rule: an append overwrites only the closing "\\n]\\n", with

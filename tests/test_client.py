@@ -30,8 +30,8 @@ from harness.segments import segment_exists, unlink_segment
 from image_result_client import Producer, Submission, WaitTimeout
 from image_result_client.producer import ResultsReader
 from image_result_client.protocol import PUSH_FOR_HOST_SCRIPT, SHM_DIR, QueueKeys, partial_path
-from shared.output.files import prepare_output_dir, publish, write_partial
-from shared.output.results_file import ResultsFile
+from shared.storage.files import prepare_output_dir, publish, write_partial
+from shared.storage.results_file import ResultsFile
 from tests.conftest import PoolFactory
 from tests.helpers import psnr, wait_until
 from tools.local_redis import LocalRedis, free_port

@@ -24,7 +24,7 @@ from harness import REPO_ROOT
 from harness.pool import POOL_ENV_VARS
 from image_result_client.redact import redact_url
 from shared.config import ConfigError, Settings, misspelt_settings, read_dotenv
-from shared.output.output_dir import check_output_dir
+from shared.storage.output_dir import check_output_dir
 from tests.conftest import PoolFactory
 
 SUPERVISOR = REPO_ROOT / "supervisor.py"

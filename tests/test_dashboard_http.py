@@ -40,7 +40,7 @@ from control.http_base import LIMITS
 from image_result_client.protocol import QueueKeys
 from shared.config import Settings
 from shared.ipc.records import dead_letter_entry
-from shared.output.results_file import ResultsFile
+from shared.storage.results_file import ResultsFile
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -16,7 +16,7 @@ import pytest
 
 from harness.photos import photo_of_size
 from harness.results import read_results
-from shared.output.results_file import ResultsFile
+from shared.storage.results_file import ResultsFile
 from tests.helpers import assert_exactly_once, push, push_photos, wait_for_records, wait_until, worker_pids
 
 

@@ -21,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.fast  # in-process: make test-fast
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_PACKAGES = ("state", "imaging", "output", "ipc")
+SHARED_PACKAGES = ("state", "imaging", "storage", "ipc")
 OURS = ("supervisor", "control", "workers", "shared", "image_result_client", "harness", "tools", "bench", "soak", "tests")
 
 

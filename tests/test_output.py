@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.output.files import final_name, publish, safe_stem, write_durably
+from shared.storage.files import final_name, publish, safe_stem, write_durably
 
 pytestmark = pytest.mark.fast  # in-process: make test-fast
 

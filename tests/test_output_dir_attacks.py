@@ -31,7 +31,7 @@ import redis
 from harness.pool import environment_without
 from harness.results import read_results
 from harness.segments import SegmentTracker
-from shared.output.results_file import ResultsFile
+from shared.storage.results_file import ResultsFile
 from tests.conftest import PoolFactory
 from tests.helpers import (
     REPO_ROOT,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.output.results_file import ResultsFile, ResultsFileError
+from shared.storage.results_file import ResultsFile, ResultsFileError
 
 pytestmark = pytest.mark.fast  # in-process: make test-fast
 

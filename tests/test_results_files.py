@@ -27,7 +27,7 @@ from image_result_client.results_files import (
     read_records,
     record_lines,
 )
-from shared.output.results_file import ResultsFile
+from shared.storage.results_file import ResultsFile
 
 pytestmark = pytest.mark.fast  # in-process: make test-fast
 

@@ -25,9 +25,9 @@ from harness.pool import POOL_ENV_VARS
 from image_result_client.protocol import QueueKeys
 from shared.config import Settings
 from shared.ipc.records import dead_letter_entry
-from shared.output.results_file import ResultsFile
 from shared.state.pool_registry import PoolRegistry
 from shared.state.redis_queue import ReliableQueue
+from shared.storage.results_file import ResultsFile
 from tests.helpers import push, wait_for_records
 
 pytestmark = pytest.mark.timeout(60)

@@ -34,7 +34,7 @@ from image_result_client.terminal import has_control, printable
 from shared.config import Settings
 from shared.ipc.records import dead_letter_entry
 from shared.logs import configure_logging, escape_for_terminal
-from shared.output.files import LOCK_NAME
+from shared.storage.files import LOCK_NAME
 from tests.helpers import command, operator_command, push, wait_for_records, wait_until
 from tools.local_redis import free_port
 

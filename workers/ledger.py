@@ -83,11 +83,11 @@ from shared.ipc.records import COMPLETED, FAILED, RETRY, CompletionRecord
 from shared.ipc.task_stats import MAX_SNAPSHOT_BYTES, TaskStats
 from shared.logs import configure_logging
 from shared.messages import InvalidMessage, segment_name
-from shared.output import files
-from shared.output.results_file import ResultsFile, ResultsFileError
 from shared.state.dead_letters import DeadLetters
 from shared.state.redis_queue import REDIS_ERRORS, Acknowledgement, ReliableQueue, connect
 from shared.state.request_state import CountedImage, RequestState, record_id_of
+from shared.storage import files
+from shared.storage.results_file import ResultsFile, ResultsFileError
 from workers.publication import Publisher
 
 log = structlog.get_logger()
@@ -95,7 +95,7 @@ log = structlog.get_logger()
 MAX_BATCH = 1024
 # And at most this many bytes of datagrams: a batch's lines in results.json
 # (ids escaped, at most about 3 bytes for each of theirs) must fit well within
-# the tail that a start reads back (shared.output.results_file.TAIL_WINDOW), where the
+# the tail that a start reads back (shared.storage.results_file.TAIL_WINDOW), where the
 # next ledger recognises a redelivery of an appended but unacknowledged task.
 MAX_BATCH_BYTES = 1 << 20
 # While the queue has a backlog, a batch is committed once it holds

@@ -34,8 +34,8 @@ from image_result_client.protocol import PARTIAL_DIR
 from shared.backoff import compute_backoff
 from shared.config import Settings
 from shared.ipc.records import COMPLETED, FAILED, RETRY, CompletionRecord
-from shared.output import files
-from shared.output.results_file import ResultsFile
+from shared.storage import files
+from shared.storage.results_file import ResultsFile
 
 log = structlog.get_logger()
 

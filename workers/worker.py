@@ -76,8 +76,8 @@ from shared.messages import (
     parse_task,
     salvage,
 )
-from shared.output import files
 from shared.state.redis_queue import BLOCK_SECONDS, REDIS_ERRORS, ReliableQueue, connect
+from shared.storage import files
 from workers.decode_watchdog import DecodeWatchdog
 
 log = structlog.get_logger()

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from image_result_client.protocol import PARTIAL_DIR, REQUESTS_NAME, RESULTS_NAME
 from shared.config import ConfigError
-from shared.output.files import STATE_FILES, partial_dir_problem, state_file_problem
+from shared.storage.files import STATE_FILES, partial_dir_problem, state_file_problem
 
 PROBE_PREFIX = ".probe-"
 

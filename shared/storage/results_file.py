@@ -26,7 +26,7 @@ from image_result_client.results_files import (
     starts_as_line_format,
 )
 from shared.crash_points import armed, crash_point
-from shared.output.files import fsync_directory, open_state_file
+from shared.storage.files import fsync_directory, open_state_file
 
 # How much of the end of the file is read at start for repair and for the
 # ids of recent records (about 30,000 records).
