@@ -192,9 +192,14 @@ class QueueKeys:
         return processing_key[len(prefix):].split(":", 1)[0]
 
 
+def partial_name(task_id: str, delivery: int) -> str:
+    """The file name, within PARTIAL_DIR, of the JPEG of one delivery of a task."""
+    return f"{task_id}.{delivery}.jpg"
+
+
 def partial_path(output_dir: Path, task_id: str, delivery: int) -> Path:
     """Where a worker writes the JPEG of one delivery of a task, before the ledger publishes it."""
-    return output_dir / PARTIAL_DIR / f"{task_id}.{delivery}.jpg"
+    return output_dir / PARTIAL_DIR / partial_name(task_id, delivery)
 
 
 def awaiting_publication(output_dir: Path, record: Mapping[str, Any]) -> bool:

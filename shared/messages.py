@@ -282,9 +282,22 @@ def _deadline(value: object) -> float:
     return deadline
 
 
+# How the error of every task failed for its deadline starts: the ledger counts
+# such failures as expired by it (shared.ipc.records.CompletionRecord.expired).
+EXPIRED_PREFIX = "expired:"
+
+
 def expired_reason(deadline: float, now: float) -> str:
     """The failed record's error for a task that was not started by its deadline."""
-    return f"expired: its deadline {deadline:.3f} passed {now - deadline:.3f}s before it could start"
+    return f"{EXPIRED_PREFIX} its deadline {deadline:.3f} passed {now - deadline:.3f}s before it could start"
+
+
+def expired_before_retry_reason(deadline: float, retry_at: float, error: object) -> str:
+    """The failed record's error for a task whose retry would come due after its deadline."""
+    return (
+        f"{EXPIRED_PREFIX} its deadline {deadline:.3f} comes {retry_at - deadline:.3f}s "
+        f"before its retry is due; last error: {error}"
+    )
 
 
 def _segment_ref(info: object, *, max_pixels: int) -> SegmentRef:

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.ipc.records import FAILED, CompletionRecord
 from shared.messages import (
     InvalidMessage,
     SegmentRef,
     Task,
+    expired_before_retry_reason,
+    expired_reason,
     parse_envelope,
     parse_task,
     salvage,
@@ -312,3 +316,35 @@ def test_deadline_that_is_not_a_finite_number_is_invalid(raw: bytes) -> None:
     body = b'{"request_id": "r", "image_id": "i", "image_url": "%s", "deadline": %s}' % (URL.encode(), raw)
     with pytest.raises(InvalidMessage, match="deadline"):
         parse(body)
+
+
+def failed_with(error: str) -> CompletionRecord:
+    return CompletionRecord(
+        task_id="t1",
+        delivery=2,
+        envelope=b"e",
+        processing_key="p",
+        request_id="r",
+        image_id="i",
+        status=FAILED,
+        finished_at=datetime(2026, 1, 1),
+        error=error,
+    )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        expired_reason(1_000.0, 1_002.5),
+        expired_before_retry_reason(1_000.0, 1_030.0, "HTTP 503"),
+    ],
+)
+def test_both_errors_of_a_task_past_its_deadline_count_it_as_expired(error: str) -> None:
+    assert failed_with(error).expired
+    assert not failed_with("HTTP 404").expired
+
+
+def test_the_error_of_a_retry_past_the_deadline_names_both_times_and_the_last_error() -> None:
+    assert expired_before_retry_reason(1_000.0, 1_030.0, "HTTP 503") == (
+        "expired: its deadline 1000.000 comes 30.000s before its retry is due; last error: HTTP 503"
+    )

@@ -381,12 +381,15 @@ class Ledger:
                 stream=self.settings.results_stream,
                 stream_maxlen=self.settings.results_stream_maxlen,
             )
-            # The request count rides in the acknowledgement's transaction: one round trip.
-            forget = self.requests_to_forget if images else []
-            ended = self.request_state.count_with(call, images, now=now, forget=forget) if images else []
-            if not images:
+            if images:
+                # The request count rides in the acknowledgement's transaction, and the
+                # request records written since the last one leave the unwritten list
+                # in it: one round trip.
+                ended = self.request_state.count_with(call, images, now=now, forget=self.requests_to_forget)
+                self.requests_to_forget = []
+            else:
                 call.script(keys=call.keys, args=call.args)
-            self.requests_to_forget = self.requests_to_forget[len(forget):]
+                ended = []
         except REDIS_ERRORS as exc:
             self.ack_failures += 1
             self.ack_retry_at = time.monotonic() + compute_backoff(self.ack_failures, base=0.2, cap=10.0)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import structlog
 
-from image_result_client.protocol import PARTIAL_DIR
+from image_result_client.protocol import PARTIAL_DIR, partial_name
 from shared.backoff import compute_backoff
 from shared.config import Settings
 from shared.ipc.records import COMPLETED, FAILED, RETRY, CompletionRecord
@@ -164,7 +164,7 @@ class Publisher:
         if record.task_id is None:
             return
         for delivery in range(1, record.delivery):
-            files.remove_quietly(f"{record.task_id}.{delivery}.jpg", dir_fd=self.directories.partial_fd)
+            files.remove_quietly(partial_name(record.task_id, delivery), dir_fd=self.directories.partial_fd)
 
     def finish_interrupted(self, recent: list[dict], results: ResultsFile) -> None:
         """At start, what the last ledger left between publishing and recording.
@@ -201,7 +201,7 @@ class Publisher:
     def _publish_recorded(self, task_id: str, attempts: int, line: dict) -> None:
         """A record whose JPEG is still under .partial (a power cut undid the
         rename, or a ledger of the previous version, which appended first, died)."""
-        partial = f"{task_id}.{attempts}.jpg"
+        partial = partial_name(task_id, attempts)
         partial_fd, output_fd = self.directories.partial_fd, self.directories.output_fd
         try:
             kept = os.stat(partial, dir_fd=partial_fd, follow_symlinks=False)

@@ -71,6 +71,7 @@ from shared.messages import (
     Envelope,
     InvalidMessage,
     Task,
+    expired_before_retry_reason,
     expired_reason,
     parse_envelope,
     parse_task,
@@ -393,10 +394,7 @@ class Worker:
         retry_at = time.time() + delay
         if task.deadline is not None and retry_at >= task.deadline:
             # It would expire while it waits: end it now, not at the retry.
-            reason = (
-                f"expired: its deadline {task.deadline:.3f} comes {retry_at - task.deadline:.3f}s "
-                f"before its retry is due; last error: {exc}"
-            )
+            reason = expired_before_retry_reason(task.deadline, retry_at, exc)
             return self._failed(envelope, envelope.raw, task, reason, started)
         log.warning("task_retry_scheduled", error=str(exc), retry_in=round(delay, 2), attempt=envelope.deliveries)
         return self._record(

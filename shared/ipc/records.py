@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from shared.messages import EXPIRED_PREFIX
+
 COMPLETED = "completed"
 FAILED = "failed"
 # Not a results.json status: the task goes to the delayed-retry set instead.
@@ -53,9 +55,10 @@ class CompletionRecord:
 
     @property
     def expired(self) -> bool:
-        """A task failed because its deadline passed before it could start
-        (the worker's errors for it start so: shared.messages.expired_reason)."""
-        return self.status == FAILED and (self.error or "").startswith("expired:")
+        """A task failed because its deadline passed before it could start or
+        before its retry came due (the worker's errors for it start with
+        shared.messages.EXPIRED_PREFIX)."""
+        return self.status == FAILED and (self.error or "").startswith(EXPIRED_PREFIX)
 
     def too_large(self, size: int) -> CompletionRecord:
         """This task's failure, small enough to send, for a record of `size`
