@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import io
 import struct
+import zlib
 from collections.abc import Sequence
 from itertools import product
+
+from harness.hostile_images import png_chunk
 
 # Display P3's primaries adapted to D50 and its white (as in Apple's profile).
 P3_RED = (0.515121, 0.241196, -0.001053)
@@ -158,10 +161,7 @@ def srgb_to_lab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
 
 def embedded_png(png: bytes, profile: bytes) -> bytes:
     """`png` with an iCCP chunk holding `profile` after its IHDR."""
-    import zlib
-
-    body = b"test\x00\x00" + zlib.compress(profile)
-    chunk = struct.pack(">I", len(body)) + b"iCCP" + body + struct.pack(">I", zlib.crc32(b"iCCP" + body))
+    chunk = png_chunk(b"iCCP", b"test\x00\x00" + zlib.compress(profile))
     ihdr_end = 8 + 8 + 13 + 4
     return png[:ihdr_end] + chunk + png[ihdr_end:]
 

@@ -484,10 +484,11 @@ class Soak:
         next_progress = time.monotonic() + PROGRESS_SECONDS
         while time.monotonic() < give_up:
             self.check_alive()
-            if declared <= {r.get("request_id") for r in read_requests(self.output_dir)}:
+            request_records = read_requests(self.output_dir)
+            if declared <= {r.get("request_id") for r in request_records}:
                 return
             if time.monotonic() >= next_progress:
-                print(f"  [requests ending] request records={len(read_requests(self.output_dir))} "
+                print(f"  [requests ending] request records={len(request_records)} "
                       f"of {len(declared)}", flush=True)
                 next_progress += PROGRESS_SECONDS
             time.sleep(0.5)

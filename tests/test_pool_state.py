@@ -199,6 +199,34 @@ def test_depths_and_orphaned_lists_come_from_the_owners(registry, redis_client, 
     assert registry.orphaned_lists() == [orphan]
 
 
+def test_depths_take_two_round_trips_however_many_processing_lists(registry, redis_client, queue_name):
+    keys = registry.keys
+    lists = [keys.processing("inst1", f"w{n}") for n in range(5)]
+    redis_client.sadd(keys.registry, *lists)
+    for name in lists:
+        redis_client.rpush(name, b"e")
+    redis_client.rpush(keys.dead, letter(1))
+    redis_client.hset(keys.dead_trimmed, "failed", 3)
+    pipelines, commands = [], []
+    execute, execute_command = redis.client.Pipeline.execute, redis.Redis.execute_command
+
+    def counted(pipe, *args, **kwargs):
+        pipelines.append(len(pipe.command_stack))
+        return execute(pipe, *args, **kwargs)
+
+    def direct(client, *args, **kwargs):
+        commands.append(args[0])
+        return execute_command(client, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(redis.client.Pipeline, "execute", counted)
+        patch.setattr(redis.Redis, "execute_command", direct)
+        depths = registry.depths()
+    assert len(pipelines) == 2 and commands == []
+    assert depths.in_flight_by_list == dict.fromkeys(lists, 1) and depths.in_flight == 5
+    assert (depths.waiting, depths.delayed, depths.dead, depths.junk, depths.trimmed) == (0, 0, 1, 0, {"failed": 3})
+
+
 def test_the_snapshot_reads_everything_the_overview_shows_in_two_round_trips(registry, redis_client, queue_name):
     keys = registry.keys
     listed = keys.processing("inst1", "w1")

@@ -28,6 +28,12 @@ from shared.state.reading import LIST_PAGE, list_pages
 from shared.state.redis_queue import REQUEUE_DEAD_SCRIPT
 
 
+def trimmed_counts(reply: dict[bytes, bytes]) -> dict[str, int]:
+    """{Q}:dead:trimmed's HGETALL as counts by kind; a count that is not a
+    number raises ValueError."""
+    return {kind.decode(): int(count) for kind, count in reply.items()}
+
+
 class DeadLetters:
     """One dead-letter list ({Q}:dead, or {Q}:dead:junk with `junk`), on one client."""
 
@@ -61,7 +67,7 @@ class DeadLetters:
     def trimmed(self) -> dict[str, int]:
         """How many entries the caps have pushed out so far, by kind ("failed",
         "junk"); a count that is not a number raises ValueError."""
-        return {kind.decode(): int(count) for kind, count in self.client.hgetall(self.keys.dead_trimmed).items()}
+        return trimmed_counts(self.client.hgetall(self.keys.dead_trimmed))
 
     # -- the operator's changes --------------------------------------------------------
 

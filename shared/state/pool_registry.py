@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import redis
 
 from image_result_client.protocol import QueueKeys
-from shared.state.dead_letters import DeadLetters
+from shared.state.dead_letters import DeadLetters, trimmed_counts
 from shared.state.leases import Leases
 from shared.state.reading import scan_prefix
 from shared.state.redis_queue import DRAIN_ENTRY_SCRIPT
@@ -93,16 +93,26 @@ class PoolRegistry:
         self._drain_entry = client.register_script(DRAIN_ENTRY_SCRIPT)
 
     def depths(self) -> QueueDepths:
-        """How many tasks wait, run, wait for a retry and lie dead: for `status` and metrics."""
-        lists = self.task_lists
-        in_flight = {key.decode(): lists.length(key) for key in lists.processing_lists()}
+        """How many tasks wait, run, wait for a retry and lie dead: for `status`
+        and metrics. Two round trips, however many processing lists there are:
+        the counts with the registry set, then each listed processing list's length."""
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.smembers(self.keys.registry)
+            pipe.llen(self.keys.queue)
+            pipe.zcard(self.keys.delayed)
+            pipe.llen(self.dead_letters.key)
+            pipe.llen(self.junk_dead_letters.key)
+            pipe.hgetall(self.keys.dead_trimmed)
+            registered, waiting, delayed, dead, junk, trimmed = pipe.execute()
+        lists = sorted(registered)
+        in_flight = {key.decode(): length for key, length in zip(lists, self.task_lists.lengths(lists), strict=True)}
         return QueueDepths(
-            waiting=lists.length(self.keys.queue),
+            waiting=int(waiting),
             in_flight_by_list=in_flight,
-            delayed=lists.delayed_count(),
-            dead=self.dead_letters.count(),
-            junk=self.junk_dead_letters.count(),
-            trimmed=self.dead_letters.trimmed(),
+            delayed=int(delayed),
+            dead=int(dead),
+            junk=int(junk),
+            trimmed=trimmed_counts(trimmed),
         )
 
     def drain_host_entry(self, host_queue: str, entry: bytes, *, target: str, value: bytes, keep: int = 0) -> bool:
